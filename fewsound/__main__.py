@@ -1,0 +1,3 @@
+from fewsound.cli import main
+
+raise SystemExit(main())

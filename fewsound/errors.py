@@ -1,0 +1,28 @@
+"""One exception type per kind of user mistake.
+
+Each carries *what* (a path or a config key) and *why*, so a job can print it on one line and exit non-zero
+instead of showing a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+
+class FewsoundError(Exception):
+    """Base class of every error that is the user's input's fault (not a bug in fewsound)."""
+
+    def __init__(self, where: object, problem: str):
+        self.where = str(where)
+        self.problem = problem
+        super().__init__(f"{self.where}: {problem}")
+
+
+class AudioError(FewsoundError):
+    """An audio file (or array) is unreadable, empty, too short, silent or contains NaN/Inf."""
+
+
+class ConfigError(FewsoundError):
+    """A configuration key or value is invalid (unknown family, bad width, wrong type, ...)."""
+
+
+class DataError(FewsoundError):
+    """A prepared corpus (Parquet shards + manifest.json) or a source folder is missing or malformed."""
