@@ -62,20 +62,34 @@ def from_flat(cls: type[C], flat: dict[str, Any]) -> C:
 
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     """Build a (possibly nested) dataclass from a plain dict, coercing lists to tuples."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where or cls.__name__}", f"unknown key(s) {sorted(unknown)}; valid: {sorted(names)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        hint = hints.get(name)
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        hint = _dataclass_type(cls, fields[name])
+        if hint is not None and isinstance(value, dict):
             value = from_dict(hint, value, where=f"{where}{name}.")
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _dataclass_type(cls: type, f: dataclasses.Field) -> type | None:
+    """The dataclass type of a nested-config field, from its default (robust to string annotations)."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        probe = f.default_factory()  # type: ignore[misc]
+        return type(probe) if dataclasses.is_dataclass(probe) else None
+    if dataclasses.is_dataclass(f.default):
+        return type(f.default)
+    try:
+        hint = typing.get_type_hints(cls).get(f.name)
+    except NameError:
+        return None
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
 
 
 def override(cfg: C, **dotted: Any) -> C:

@@ -1,0 +1,246 @@
+"""MLflow, behind one small adapter (and a no-op logger with the same methods).
+
+The embedded default is a real MLflow tracking server on 127.0.0.1 over a SQLite file with proxied artifacts,
+started on first use and left running so the user can browse results (`mlflow ui` at the printed address).
+Never a bare file store: thousands of runs make a file store slow, and only a server lets trials on other
+Ray nodes log artifacts over HTTP. On a cluster, set MLFLOW_TRACKING_URI to the head node's server.
+
+Runs are addressed by id through `MlflowClient` (no global "active run"), so many trials in one process, or
+the driver and its trials, never step on each other's runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+
+from fewsound.errors import ConfigError
+
+DEFAULT_PORT = 5000
+PARENT_TAG = "mlflow.parentRunId"
+
+
+# --------------------------------------------------------------------------------------------- the server
+
+
+def default_home() -> Path:
+    """Where the embedded server keeps its SQLite file, artifacts and log: $FEWSOUND_HOME or ~/.fewsound."""
+    return Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound")).expanduser()
+
+
+def _healthy(uri: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_server(home: Path | None = None, port: int | None = None, timeout: float = 90.0) -> str:
+    """Start (or reuse) the local MLflow server of `home`; return its URI (http://127.0.0.1:PORT).
+
+    The server's address is remembered in `home/server.json`, so later jobs reuse it while it is alive.
+    It runs in its own session, so it outlives the job that started it.
+    """
+    home = Path(home or default_home()).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    state = home / "server.json"
+    if state.exists():
+        try:
+            uri = json.loads(state.read_text())["uri"]
+        except (ValueError, KeyError):
+            uri = None
+        if uri and _healthy(uri):
+            return uri
+    if port is None:
+        port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
+    elif not _port_free(port):
+        raise ConfigError(f"port {port}", "is in use by something that is not this fewsound MLflow server")
+    uri = f"http://127.0.0.1:{port}"
+    (home / "artifacts").mkdir(exist_ok=True)
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name("mlflow").exists() else "mlflow",
+        "server",
+        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination", str(home / "artifacts"),
+        "--serve-artifacts",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",  # light: the server shares the laptop (or CI's 2 cores) with the fits
+    ]
+    log = open(home / "server.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=home)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _healthy(uri):
+            state.write_text(json.dumps({"uri": uri, "pid": proc.pid, "home": str(home)}))
+            return uri
+        if proc.poll() is not None:
+            raise ConfigError(home / "server.log", f"the MLflow server exited with code {proc.returncode}; see the log")
+        time.sleep(0.5)
+    proc.terminate()
+    raise ConfigError(home / "server.log", f"the MLflow server did not answer on {uri} within {timeout:.0f} s")
+
+
+def stop_local_server(home: Path | None = None) -> bool:
+    """Stop the server recorded in `home/server.json` (tests and `--stop-mlflow`). True if one was stopped."""
+    import signal
+
+    state = Path(home or default_home()) / "server.json"
+    if not state.exists():
+        return False
+    info = json.loads(state.read_text())
+    state.unlink()
+    try:
+        os.killpg(os.getpgid(info["pid"]), signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def tracking_uri(start: bool = True) -> str:
+    """MLFLOW_TRACKING_URI when set (a cluster's server), else the embedded local server (started if needed).
+
+    A file store is refused: it does not scale to thousands of runs and trials on other nodes cannot reach it.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if not uri.startswith(("http://", "https://", "databricks")):
+            raise ConfigError("MLFLOW_TRACKING_URI", f"{uri!r} is not a tracking server (http[s]://...); "
+                              "a file or database store cannot be reached by trials on other nodes")
+        return uri
+    if not start:
+        raise ConfigError("MLFLOW_TRACKING_URI", "is not set and starting a local server was not allowed")
+    uri = start_local_server()
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # Ray workers started after this inherit it
+    return uri
+
+
+# --------------------------------------------------------------------------------------------- loggers
+
+
+class Logger(Protocol):
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+class NullLogger:
+    """Logs nothing; the default wherever a logger is optional (library code never requires MLflow)."""
+
+    run_id = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowRun:
+    """One MLflow run addressed by id (create a new one, or attach to an existing `run_id`)."""
+
+    def __init__(self, experiment: str, *, uri: str | None = None, run_name: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, Any] | None = None, run_id: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = get_or_create_experiment(self.client, experiment)
+        if run_id is None:
+            all_tags = {k: str(v) for k, v in (tags or {}).items()}
+            commit = git_commit()
+            if commit:
+                all_tags.setdefault("mlflow.source.git.commit", commit)
+            if parent_run_id:
+                all_tags[PARENT_TAG] = parent_run_id
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+            run_id = run.info.run_id
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params per call
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def get_or_create_experiment(client: Any, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created concurrently by another trial
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str | None:
+    """The commit of the fewsound checkout, for `mlflow.source.git.commit` (None outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
