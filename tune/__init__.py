@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna orchestration of INR fits (imports Ray; the library under fewsound/ does not)."""
