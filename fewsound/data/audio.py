@@ -14,8 +14,19 @@ import soundfile as sf
 
 from fewsound.errors import AudioError
 
+
+class TooShort(AudioError):
+    """The audio is valid but shorter than a crop or segment needs (a protocol's choice, not a faulty file)."""
+
 DEFAULT_SR = 22_050
 SILENCE_PEAK = 1e-4  # a clip whose peak |x| is below this is "silent" (about -80 dBFS)
+# Suffixes of the formats libsndfile reads; importers look for these (case-insensitive).
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf", ".rf64"})
+# The paper resampled with librosa 0.9's default `kaiser_best` (resampy); these are torchaudio's documented
+# equivalent settings of that filter, so our 22,050 Hz audio matches the paper's to within filter precision.
+_KAISER_BEST = dict(
+    lowpass_filter_width=64, rolloff=0.9475937167399596, resampling_method="sinc_interp_kaiser", beta=14.769656459379492
+)
 
 
 def load_audio(path: str | Path, sr: int | None = DEFAULT_SR, *, normalize: bool = False) -> np.ndarray:
@@ -39,6 +50,8 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         raise AudioError(path, "no such file")
     if path.is_dir():
         raise AudioError(path, "is a directory, not an audio file")
+    if path.stat().st_size == 0:
+        raise AudioError(path, "zero-length file (0 bytes)")
     try:
         x, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports corrupt/unknown formats with several exception types
@@ -53,7 +66,7 @@ def check_samples(x: np.ndarray, where: object, *, min_length: int = 1, allow_si
     if x.size == 0:
         raise AudioError(where, "empty audio (zero samples)")
     if x.shape[-1] < min_length:
-        raise AudioError(where, f"too short: {x.shape[-1]} samples, need at least {min_length}")
+        raise TooShort(where, f"too short: {x.shape[-1]} samples, need at least {min_length}")
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).sum())
         raise AudioError(where, f"contains {bad} NaN/Inf sample(s)")
@@ -76,15 +89,30 @@ def resample(x: np.ndarray, orig_sr: int, sr: int) -> np.ndarray:
     import torch
     import torchaudio.functional as AF
 
-    y = AF.resample(torch.from_numpy(np.ascontiguousarray(x)), int(orig_sr), int(sr))
+    y = AF.resample(torch.from_numpy(np.ascontiguousarray(x)), int(orig_sr), int(sr), **_KAISER_BEST)
     return y.numpy().astype(np.float32, copy=False)
 
 
 def crop(x: np.ndarray, length: int, start: int = 0, where: object = "<array>") -> np.ndarray:
     """x[start:start+length]; AudioError if the clip is shorter than that."""
     if x.shape[-1] < start + length:
-        raise AudioError(where, f"too short: {x.shape[-1]} samples, need {start + length} for a crop of {length}")
+        raise TooShort(where, f"too short: {x.shape[-1]} samples, need {start + length} for a crop of {length}")
     return x[..., start : start + length]
+
+
+def segment(x: np.ndarray, length: int, *, skip: int = 0) -> list[int]:
+    """Starts of the non-overlapping `length`-sample segments of `x[skip:]` (the remainder is dropped).
+
+    x: [N] -> starts s with x[s:s+length] inside x; empty when N - skip < length.
+    """
+    assert length > 0 and skip >= 0, (length, skip)
+    n = (x.shape[-1] - skip) // length
+    return [skip + i * length for i in range(max(n, 0))]
+
+
+def is_silent(x: np.ndarray) -> bool:
+    """True when the peak |x| is below SILENCE_PEAK (also for empty x)."""
+    return x.size == 0 or float(np.abs(x).max()) < SILENCE_PEAK
 
 
 def save_audio(path: str | Path, x: np.ndarray, sr: int = DEFAULT_SR, subtype: str = "FLOAT") -> Path:
