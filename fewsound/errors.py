@@ -15,6 +15,10 @@ class FewsoundError(Exception):
         self.problem = problem
         super().__init__(f"{self.where}: {problem}")
 
+    def __reduce__(self):
+        # pickle (Ray ships a task's exception to the driver) must rebuild it from (where, problem)
+        return type(self), (self.where, self.problem)
+
 
 class AudioError(FewsoundError):
     """An audio file (or array) is unreadable, empty, too short, silent or contains NaN/Inf."""

@@ -64,13 +64,14 @@ def run(args: argparse.Namespace) -> int:
         shard = pending.pop(ref)
         try:
             r = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
+        except Exception as e:  # noqa: BLE001 - a task's failure becomes one line, whatever it is
             for other in pending:
                 ray.cancel(other)
+            cause = getattr(e, "cause", None)
             if isinstance(cause, FewsoundError):
                 raise cause from None
-            raise RuntimeError(f"shard {shard.name} failed: {cause or e}") from None
+            last = str(cause or e).strip().splitlines()[-1:] or [type(e).__name__]
+            raise RuntimeError(f"shard {shard.name} failed: {last[0]}") from None
         results.append(r)
         done, total = len(results), len(plan.shards)
         eta = (time.perf_counter() - t_work) / done * (total - done)

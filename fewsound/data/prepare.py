@@ -14,9 +14,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from fewsound.data.importers import SourceRecord, builtin_records, scan
+from fewsound.data.importers import LAYOUTS, SourceRecord, builtin_records, scan
 from fewsound.data.protocols import Protocol, get_protocol, plan_items
 from fewsound.data.shards import ShardPlan, ShardResult, plan_shards, process_shard, write_manifest
+from fewsound.errors import DataError
 
 DEFAULT_SHARD_SIZE = 64  # source files per shard: ~10 s of work per Ray task on VCTK, shards of ~10-20 MB
 
@@ -38,6 +39,8 @@ def plan_corpus(source: str | Path = "builtin", *, out: str | Path, layout: str 
 
     DataError for a missing source, unknown layout or no audio; ConfigError for an unknown protocol.
     """
+    if layout not in LAYOUTS:  # checked even for the built-in source, so a typo never passes silently
+        raise DataError(layout, f"unknown layout; choose one of {', '.join(LAYOUTS)}")
     proto = get_protocol(protocol) if isinstance(protocol, str) else protocol
     if seed is not None:
         proto = dataclasses.replace(proto, seed=seed)
