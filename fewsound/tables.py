@@ -1,0 +1,210 @@
+"""The paper's tables, regenerated from per-fit results: mean ± std per row, best in bold, the paper's own numbers
+side by side, as Markdown, LaTeX and CSV.
+
+Input rows are flat dicts, one per fit, as the sweeps collect them from MLflow:
+    {"label": "KAN", "length": 32768, "eval/mse": 8e-4, "eval/psnr": 39.7, ..., "model/params": 33768}
+Rows are grouped by clip length (the paper's "1.5 s audio" / "3 s audio" groups) and by label (a family, or an
+ablation value such as "grid_size=5"). The paper's numbers ship with the package (`paper_tables.json`, a copy
+of the paper's Tables 1-19 as data).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+# (column title as in the paper, metric key as logged, which direction is better)
+COLUMNS: list[tuple[str, str, str]] = [
+    ("MSE", "eval/mse", "lower"),
+    ("PSNR", "eval/psnr", "higher"),
+    ("LSD", "eval/lsd", "lower"),
+    ("SI-SNR", "eval/si_snr", "higher"),
+    ("PESQ", "eval/pesq", "higher"),
+    ("STOI", "eval/stoi", "higher"),
+    ("CDPAM", "eval/cdpam", "lower"),
+    ("WD", "eval/wd_hf", "lower"),
+]
+LENGTH_NAMES = {32_768: "1.5 s audio", 65_536: "3 s audio"}
+SECONDS = {32_768: 1.5, 65_536: 3.0}
+
+
+@dataclasses.dataclass
+class Row:
+    label: str
+    n: int
+    params: int | None
+    values: dict[str, tuple[float, float]]  # column -> (mean, std) over clips
+    paper: dict[str, tuple[float, float | None]]  # column -> the paper's (mean, std), where the protocol matches
+
+
+@dataclasses.dataclass
+class Group:
+    name: str
+    columns: list[str]
+    rows: list[Row]
+
+
+@dataclasses.dataclass
+class Table:
+    title: str
+    row_header: str
+    groups: list[Group]
+
+
+@functools.lru_cache(maxsize=1)
+def paper_tables() -> dict[int, dict]:
+    """The paper's Tables 1-19 as data, by table id."""
+    data = json.loads((Path(__file__).parent / "paper_tables.json").read_text())
+    return {t["id"]: t for t in data["tables"]}
+
+
+def paper_values(table_id: int, label: str, clip_seconds: float | None) -> dict[str, tuple[float, float | None]]:
+    """The paper's (mean, std) per column for row `label` of table `table_id` (case-insensitive), or {}."""
+    table = paper_tables().get(table_id)
+    if table is None:
+        return {}
+    for group in table["groups"]:
+        g_sec = group.get("clip_seconds")
+        if clip_seconds is not None and g_sec is not None and abs(float(g_sec) - clip_seconds) > 1e-6:
+            continue
+        for row in group["rows"]:
+            if str(row["label"]).lower() == label.lower():
+                return {c: (v["mean"], v.get("std")) for c, v in row["values"].items()}
+    return {}
+
+
+def build_table(rows: list[dict[str, Any]], *, title: str, row_header: str = "INR",
+                paper_table: int | None = None, label_order: list[str] | None = None) -> Table:
+    """Mean ± std of every metric column present in `rows`, grouped by clip length then label."""
+    by_len: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by_len[int(r["length"])][str(r["label"])].append(r)
+    groups = []
+    for length in sorted(by_len):
+        labels = by_len[length]
+        order = [lab for lab in (label_order or []) if lab in labels] + sorted(set(labels) - set(label_order or []))
+        columns = [c for c, key, _ in COLUMNS if any(key in r for lab in labels for r in labels[lab])]
+        out_rows = []
+        for lab in order:
+            clip_rows = labels[lab]
+            values = {}
+            for c, key, _ in COLUMNS:
+                xs = [float(r[key]) for r in clip_rows if key in r and r[key] is not None and math.isfinite(r[key])]
+                if xs:
+                    mean = sum(xs) / len(xs)
+                    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))  # population std over clips
+                    values[c] = (mean, std)
+            params = next((int(r["model/params"]) for r in clip_rows if r.get("model/params") is not None), None)
+            paper = paper_values(paper_table, lab, SECONDS.get(length)) if paper_table else {}
+            out_rows.append(Row(lab, len(clip_rows), params, values, paper))
+        groups.append(Group(LENGTH_NAMES.get(length, f"{length} samples"), columns, out_rows))
+    return Table(title, row_header, groups)
+
+
+def _fmt(column: str, v: float) -> str:
+    if column == "MSE" or (v != 0 and abs(v) < 1e-2):
+        return f"{v:.1e}"
+    return f"{v:.2f}"
+
+
+def _best(group: Group, column: str) -> str | None:
+    better = {c: b for c, _, b in COLUMNS}[column]
+    cands = [(r.values[column][0], r.label) for r in group.rows if column in r.values]
+    if len(cands) < 2:
+        return None
+    return (min(cands) if better == "lower" else max(cands))[1]
+
+
+def _cell(row: Row, column: str, bold: bool, latex: bool) -> str:
+    if column not in row.values:
+        return "-"
+    mean, std = row.values[column]
+    pm = r" $\pm$ " if latex else " ± "
+    text = f"{_fmt(column, mean)}{pm}{_fmt(column, std)}"
+    if bold:
+        text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
+    if column in row.paper:
+        pmean, pstd = row.paper[column]
+        text += f" ({_fmt(column, pmean)}" + (f"{pm}{_fmt(column, pstd)})" if pstd is not None else ")")
+    return text
+
+
+def to_markdown(table: Table) -> str:
+    out = [f"### {table.title}", ""]
+    has_paper = any(r.paper for g in table.groups for r in g.rows)
+    for g in table.groups:
+        out += [f"**{g.name}**" + (" (paper's value in parentheses)" if has_paper else ""), ""]
+        head = [table.row_header, "# params", "n"] + g.columns
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        best = {c: _best(g, c) for c in g.columns}
+        for r in g.rows:
+            cells = [r.label, f"{r.params:,}" if r.params else "-", str(r.n)]
+            cells += [_cell(r, c, best[c] == r.label, latex=False) for c in g.columns]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def to_latex(table: Table) -> str:
+    out = []
+    for g in table.groups:
+        cols = g.columns
+        out += [r"\begin{table}[t]", r"\centering", rf"\caption{{{table.title} ({g.name})}}",
+                r"\begin{tabular}{l r " + "c " * len(cols) + "}", r"\toprule",
+                " & ".join([table.row_header, r"\# params"] + cols) + r" \\", r"\midrule"]
+        best = {c: _best(g, c) for c in cols}
+        for r in g.rows:
+            cells = [r.label.replace("_", r"\_"), f"{r.params:,}" if r.params else "-"]
+            cells += [_cell(dataclasses.replace(r, paper={}), c, best[c] == r.label, latex=True) for c in cols]
+            out.append(" & ".join(cells) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(out)
+
+
+def to_csv(table: Table) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["group", table.row_header, "params", "n", "metric", "mean", "std", "paper_mean", "paper_std"])
+    for g in table.groups:
+        for r in g.rows:
+            for c in g.columns:
+                if c in r.values:
+                    pm, ps = r.paper.get(c, (None, None))
+                    w.writerow([g.name, r.label, r.params or "", r.n, c, repr(r.values[c][0]), repr(r.values[c][1]),
+                                "" if pm is None else pm, "" if ps is None else ps])
+    return buf.getvalue()
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    """The per-fit results (one line per fit, every column)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def write_results(out_dir: Path, rows: list[dict[str, Any]], *, title: str = "Reconstruction metrics",
+                  row_header: str = "INR", paper_table: int | None = None,
+                  label_order: list[str] | None = None) -> list[Path]:
+    """results.csv (per fit) + table.md / table.tex / table.csv (per row) in `out_dir`. Returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = build_table(rows, title=title, row_header=row_header, paper_table=paper_table, label_order=label_order)
+    files = {"results.csv": rows_to_csv(rows), "table.md": to_markdown(table), "table.tex": to_latex(table),
+             "table.csv": to_csv(table)}
+    paths = []
+    for name, text in files.items():
+        (out_dir / name).write_text(text)
+        paths.append(out_dir / name)
+    return paths

@@ -1,0 +1,89 @@
+"""What the sweep jobs (jobs/fit_inrs.py, jobs/kan_ablation.py, ...) share: options, corpus, clip choice, output."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from fewsound.errors import ConfigError, DataError
+
+BUILTIN_PROTOCOL = {32_768: "inr-1.5s", 65_536: "inr-3s"}
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default=None, help="a prepared corpus folder (jobs/prepare_data.py --protocol "
+                   "inr-3s); default: the built-in corpus, prepared on first use under $FEWSOUND_HOME/corpora")
+    p.add_argument("--clips", default=None, help="how many clips (a number: the first N of the corpus) or a "
+                   "comma-separated list of clip ids (default: every clip)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: each family's, see fewsound.fit)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of every fit (default: 0)")
+    p.add_argument("--pack-size", type=int, default=16, help="fits per Ray Tune trial, fitted at once by the packed "
+                   "engine (default: 16)")
+    p.add_argument("--max-retries", type=int, default=1, help="refits (with a new seed) of a diverged fit before "
+                   "it is recorded FAILED (default: 1)")
+    p.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU share of one trial on a cluster with GPUs: "
+                   "1, 0.5, 0.25 or 0.125 (default: 0.25); trials ask for one CPU where there are no GPUs")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, e.g. under `ray job "
+                   "submit`, else a local Ray)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the job's name)")
+    p.add_argument("--smoke-test", action="store_true", help="a few fits of a few steps: seconds on a CPU")
+
+
+def parse_list(text: str, valid: Any, option: str) -> list[str]:
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    bad = [x for x in items if x not in valid]
+    if bad or not items:
+        raise ConfigError(option, f"unknown value(s) {bad or [text]}; valid: {', '.join(map(str, valid))}")
+    return items
+
+
+def resolve_corpus(corpus: str | None, length: int) -> str:
+    """The corpus folder; the built-in corpus is prepared (once, cached) with the INR protocol of `length`."""
+    if corpus is not None:
+        from fewsound.data.shards import open_corpus
+
+        c = open_corpus(corpus)
+        if c.manifest["stored_length"] < length:
+            raise DataError(corpus, f"stores {c.manifest['stored_length']}-sample clips, the sweep needs {length} "
+                            "(prepare it with --protocol inr-3s)")
+        return str(Path(corpus).resolve())
+    from fewsound.data.prepare import prepare_corpus
+    from fewsound.tracking import default_home
+
+    proto = BUILTIN_PROTOCOL.get(length, "inr-3s")
+    out = default_home() / "corpora" / f"builtin-{proto}"
+    if not (out / "manifest.json").exists():
+        prepare_corpus("builtin", out=out, protocol=proto)
+    return str(out)
+
+
+def corpus_clips(corpus: str, clips: str | None, kind: str) -> list[Any]:
+    """The corpus's clips of `kind` ('all' for every kind), narrowed by --clips (a count or a list of ids)."""
+    from fewsound.data.shards import open_corpus
+
+    every = [c for c in open_corpus(corpus).clips() if kind == "all" or c.kind == kind]
+    if not every:
+        raise DataError(corpus, f"has no clips of kind {kind!r}")
+    if clips is None:
+        return every
+    if clips.isdigit():
+        return every[: int(clips)]
+    wanted = [x.strip() for x in clips.split(",") if x.strip()]
+    by_id = {c.clip_id: c for c in every}
+    missing = [x for x in wanted if x not in by_id]
+    if missing:
+        raise ConfigError("--clips", f"not in the corpus (kind {kind}): {missing}; e.g. {list(by_id)[:5]}")
+    return [by_id[x] for x in wanted]
+
+
+def print_summary(s: Any) -> None:
+    print()
+    if s.table_markdown:
+        print(s.table_markdown)
+    print(f"{s.n_fits} fits: {s.done} done now, {s.skipped} already finished, {s.failed} failed, "
+          f"in {s.seconds:.1f} s")
+    print(f"MLflow UI: {s.ui_url}  (experiment {s.experiment!r}, parent run {s.parent_run_id})")
+    if os.environ.get("FEWSOUND_HOME") is None:
+        print("browse it any time: the local MLflow server keeps running after this job")

@@ -1,0 +1,270 @@
+"""The sweep driver: one MLflow parent run, one Ray Tune trial per pack of fits, idempotent resume.
+
+    summary = run_sweep("fit_inrs", tasks, corpus=DIR)
+
+1. Start or join Ray (a local Ray unless an address is given or RAY_ADDRESS is set, as under `ray job submit`).
+2. Open (or, when re-run, reopen) the sweep's parent run; list the keys that already have a FINISHED child run
+   and skip them; mark runs of unfinished keys left RUNNING by a killed driver as KILLED.
+3. Pack the remaining fits and run one Tune trial per pack, with actor reuse; trials ask for a GPU fraction
+   when the cluster has GPUs, one CPU otherwise.
+4. Record a FAILED child run for every fit whose trial crashed beyond its retries (the sweep goes on), then
+   log the per-clip results and the paper-style tables to the parent run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fewsound.config import cfg_hash
+from fewsound.errors import ConfigError
+from fewsound.tracking import PARENT_TAG, MlflowRun, tracking_uri
+from tune.plan import FitTask, pack, pack_to_config
+from tune.trial import KEY_TAG, REASON_TAG, SWEEP_TAG, TrialContext, tune_trainable
+
+ROLE_TAG = "fewsound.role"
+GPU_FRACTIONS = (1.0, 0.5, 0.25, 0.125)  # fractions that divide one GPU exactly
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray. Returns the cluster resources."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        # workers must log to the same tracking server as the driver
+        env = {"env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}} \
+            if os.environ.get("MLFLOW_TRACKING_URI") else None
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                     runtime_env=env, log_to_driver=False)
+    return ray.cluster_resources()
+
+
+def trial_resources(cluster: dict, gpu_fraction: float = 0.25) -> dict[str, float]:
+    """What one trial asks for: a GPU fraction when the cluster has GPUs, else one CPU (never a GPU request on a
+    cluster without GPUs: it would pend forever)."""
+    if gpu_fraction not in GPU_FRACTIONS:
+        raise ConfigError("gpu_fraction", f"{gpu_fraction} does not divide one GPU; use one of {GPU_FRACTIONS}")
+    if cluster.get("GPU", 0) > 0:
+        return {"cpu": 1, "gpu": gpu_fraction}
+    return {"cpu": 1}
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    sweep: str
+    experiment: str
+    parent_run_id: str
+    tracking_uri: str
+    n_fits: int
+    skipped: int
+    done: int
+    failed: int
+    seconds: float
+    resources: dict[str, float]
+    rows: list[dict[str, Any]]  # one per finished fit: key, label, family, clip_id, length, kind, metrics...
+    table_markdown: str = ""  # the paper-style table regenerated from `rows`
+
+    @property
+    def ui_url(self) -> str:
+        return f"{self.tracking_uri}/#/experiments"
+
+
+def sweep_id(name: str, tasks: list[FitTask]) -> str:
+    return f"{name}-{cfg_hash(sorted(t.key for t in tasks))}"
+
+
+def _search(client: Any, exp_id: str, filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], filter_string=filter_string, max_results=5000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def finished_runs(client: Any, exp_id: str) -> dict[str, Any]:
+    """key -> its FINISHED child run, over the whole experiment (any sweep that finished a fit counts)."""
+    runs = _search(client, exp_id, "attributes.status = 'FINISHED'")
+    return {r.data.tags[KEY_TAG]: r for r in runs if KEY_TAG in r.data.tags}
+
+
+def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment: str | None = None,
+              pack_size: int = 16, address: str | None = None, gpu_fraction: float = 0.25,
+              max_retries: int = 1, trial_failures: int = 1, curve_every_n_packs: int = 10,
+              num_cpus: int | None = None, num_gpus: int | None = None, storage: str | None = None,
+              progress: bool = True, table: dict[str, Any] | None = None) -> SweepSummary:
+    """Run every fit of `tasks` not already finished in MLflow. See the module docstring.
+
+    table: keyword arguments of `fewsound.tables.build_table` for the parent run's table (title, row_header,
+    paper_table, label_order).
+    """
+    import ray
+    from ray import tune
+
+    if not tasks:
+        raise ConfigError(name, "the sweep has no fits (check --families/--clips/--lengths)")
+    keys = [t.key for t in tasks]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(name, "the sweep lists the same fit (family, clip, config, length) twice")
+    t0 = time.perf_counter()
+    uri = tracking_uri()
+    experiment = experiment or name
+    sid = sweep_id(name, tasks)
+
+    parent = _open_parent(experiment, uri, sid, name, len(tasks))
+    client = parent.client
+    finished = finished_runs(client, parent.experiment_id)
+    todo = [t for t in tasks if t.key not in finished]
+    _mark_stale(client, parent.experiment_id, {t.key for t in todo})
+    skipped = len(tasks) - len(todo)
+
+    cluster = init_ray(address, num_cpus=num_cpus, num_gpus=num_gpus)
+    resources = trial_resources(cluster, gpu_fraction)
+    packs = pack(todo, pack_size)
+    ctx = TrialContext(corpus=str(Path(corpus).resolve()), experiment=experiment, parent_run_id=parent.run_id,
+                       sweep=sid, tracking_uri=uri, max_retries=max_retries,
+                       curve_every_n_packs=curve_every_n_packs)
+    if progress:
+        print(f"[{name}] {len(tasks)} fits: {skipped} already finished, {len(todo)} to run in {len(packs)} trials "
+              f"(each {resources}); MLflow {uri} experiment {experiment!r}", flush=True)
+    if packs:
+        trainable = tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), resources)
+        # the packs travel inside the param_space as plain data: one grid point (trial) per pack
+        space = {"pack": tune.grid_search([dict(pack_to_config(p), index=i) for i, p in enumerate(packs)])}
+        callback = _Progress(name, len(todo), t0) if progress else None
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(reuse_actors=True,
+                                        trial_dirname_creator=lambda trial: f"pack{trial.config['pack']['index']}"),
+            run_config=tune.RunConfig(
+                name=sid,
+                storage_path=storage or str(Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound"))
+                                            / "ray_results"),
+                failure_config=tune.FailureConfig(max_failures=trial_failures),
+                verbose=0,
+                callbacks=[callback] if callback else None,
+            ),
+        )
+        grid = tuner.fit()
+        _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
+
+    finished = finished_runs(client, parent.experiment_id)
+    rows = [_row(t, finished[t.key]) for t in tasks if t.key in finished]
+    failed = len(tasks) - len(rows)
+    summary = SweepSummary(sid, experiment, parent.run_id, uri, len(tasks), skipped, len(rows) - skipped, failed,
+                           time.perf_counter() - t0, resources, rows)
+    _finish_parent(parent, summary, table or {})
+    return summary
+
+
+def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> MlflowRun:
+    from mlflow.tracking import MlflowClient
+
+    from fewsound.tracking import get_or_create_experiment
+
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = get_or_create_experiment(client, experiment)
+    existing = _search(client, exp_id, f"tags.`{ROLE_TAG}` = 'parent' and tags.`{SWEEP_TAG}` = '{sid}'")
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return MlflowRun(experiment, uri=uri, run_id=run_id)
+    run = MlflowRun(experiment, uri=uri, run_name=sid, tags={ROLE_TAG: "parent", SWEEP_TAG: sid,
+                                                               "fewsound.job": name, "fewsound.n_fits": n,
+                                                               "fewsound.command": " ".join(sys.argv)})
+    return run
+
+
+def _mark_stale(client: Any, exp_id: str, todo_keys: set[str]) -> None:
+    """Runs of unfinished fits left RUNNING by a killed driver: KILLED (the fit is redone)."""
+    for r in _search(client, exp_id, "attributes.status = 'RUNNING'"):
+        if r.data.tags.get(KEY_TAG) in todo_keys:
+            client.set_terminated(r.info.run_id, status="KILLED")
+
+
+def _record_crashed_trials(grid: Any, packs: list[list[FitTask]], ctx: TrialContext, client: Any,
+                           exp_id: str) -> None:
+    """A trial that crashed beyond its retries leaves its fits without a run: record each as FAILED."""
+    finished = finished_runs(client, exp_id)
+    for result in grid:
+        if result.error is None:
+            continue
+        idx = int(result.config["pack"]["index"])
+        reason = f"trial crashed: {type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
+        for t in packs[idx]:
+            if t.key in finished:
+                continue
+            run = MlflowRun(ctx.experiment, uri=ctx.tracking_uri, run_name=t.key, parent_run_id=ctx.parent_run_id,
+                            tags={KEY_TAG: t.key, SWEEP_TAG: ctx.sweep, REASON_TAG: reason,
+                                  "fewsound.family": t.family, "fewsound.label": t.label})
+            run.log_params(t.params())
+            run.end("FAILED")
+
+
+def _row(t: FitTask, run: Any) -> dict[str, Any]:
+    row = {"key": t.key, "label": t.label or t.family, "family": t.family, "clip_id": t.clip_id,
+           "length": t.length, "kind": t.kind, "run_id": run.info.run_id}
+    row.update(run.data.metrics)
+    return row
+
+
+def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any]) -> None:
+    from fewsound import tables
+
+    parent.log_metrics({"sweep/fits": s.n_fits, "sweep/done": s.done + s.skipped, "sweep/failed": s.failed,
+                        "sweep/seconds": s.seconds})
+    with tempfile.TemporaryDirectory() as d:
+        if s.rows:
+            for p in tables.write_results(Path(d), s.rows, **table):
+                parent.log_artifact(p, "tables")
+            s.table_markdown = (Path(d) / "table.md").read_text()
+    parent.end("FINISHED" if s.failed == 0 else "FAILED")
+
+
+def _progress_class():
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        """One line per finished trial: done / failed / remaining / ETA / fits per hour."""
+
+        def __init__(self, name: str, total: int, t0: float):
+            self.name, self.total, self.t0 = name, total, t0
+            self.done = self.failed = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.done += int(result.get("fits_done", 0))
+            self.failed += int(result.get("fits_failed", 0))
+            elapsed = time.perf_counter() - self.t0
+            n = self.done + self.failed
+            rate = n / elapsed * 3600 if elapsed > 0 else 0.0
+            remaining = self.total - n
+            eta = remaining / (n / elapsed) if n else float("nan")
+            print(f"[{self.name}] done {self.done}  failed {self.failed}  remaining {remaining}  "
+                  f"ETA {_fmt_s(eta)}  {rate:.0f} fits/h", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[{self.name}] trial {trial.trial_id} crashed (its fits are recorded as FAILED)", flush=True)
+
+    return Progress
+
+
+def _Progress(name: str, total: int, t0: float):
+    return _progress_class()(name, total, t0)
+
+
+def _fmt_s(s: float) -> str:
+    if s != s:  # NaN
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
