@@ -138,66 +138,130 @@ def _uniform_bspline_polynomials(k: int) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(c) for c in poly) for poly in polys)
 
 
-def bspline_local(x: Tensor, grid_size: int, spline_order: int, grid_range=(-1.0, 1.0)) -> tuple[Tensor, Tensor]:
-    """The k + 1 possibly non-zero bases at each x, in closed form.
+def _local_values(x: Tensor, grid_size: int, spline_order: int, grid_range, with_derivative: bool):
+    """Interval index and the k + 1 non-zero basis values (and d/dx) at each x, in closed form.
 
-    x: [...] -> (m: [...] int64 interval index of x among the G + 2k knot intervals, clamped into range;
-                 w: [..., k + 1] values of bases j = m - k + r, zero where x is outside [t_0, t_{G+2k}))
-    Differentiable w.r.t. x through f (floor has zero derivative, so df/dx = 1/h).
+    x: [...] -> m: [...] int64, the interval [t_m, t_{m+1}) holding x (searchsorted on the same knot tensor as
+    the recursion, so ties at knots fall exactly as there), clamped into 0 .. G + 2k - 1;
+    w: [..., k + 1], w[..., r] = value of basis j = m - k + r, zero outside [t_0, t_{G+2k});
+    dw: [..., k + 1] = dw/dx (None unless asked).
     """
     k = spline_order
     a, b = grid_range
     h = (b - a) / grid_size
-    u = (x - a) / h + k
-    m = torch.floor(u)
-    f = u - m
-    poly = _uniform_bspline_polynomials(k)
-    # Horner over the stacked k + 1 polynomials: one [..., k + 1] tensor per degree.
-    coef = torch.tensor(poly, dtype=x.dtype, device=x.device)  # [k + 1 (r), k + 1 (power)]
-    w = coef[:, k].expand(*f.shape, k + 1)
-    fe = f.unsqueeze(-1)
-    for power in range(k - 1, -1, -1):
-        w = w * fe + coef[:, power]
     n_intervals = grid_size + 2 * k
-    inside = (m >= 0) & (m < n_intervals)
-    w = w * inside.unsqueeze(-1).to(x.dtype)
-    return m.clamp(0, n_intervals - 1).long(), w
+    grid = knots(grid_size, spline_order, grid_range, dtype=x.dtype, device=x.device)
+    m = torch.searchsorted(grid, x.detach().contiguous(), right=True) - 1  # -1 below t_0, G + 2k at/after the end
+    inside = ((m >= 0) & (m < n_intervals)).to(x.dtype).unsqueeze(-1)
+    m = m.clamp_(0, n_intervals - 1)
+    # Fractional position; within rounding of [0, 1) because m comes from the knots, and the pieces are
+    # continuous there (k >= 1), so this matches the recursion to machine precision.
+    f = ((x.detach() - a) / h + k - m.to(x.dtype)).unsqueeze(-1)
+    poly = torch.tensor(_uniform_bspline_polynomials(k), dtype=x.dtype, device=x.device)  # [r, power]
+    w = poly[:, k].expand(*x.shape, k + 1)
+    for power in range(k - 1, -1, -1):  # Horner over all k + 1 pieces at once
+        w = w * f + poly[:, power]
+    w = w * inside
+    if not with_derivative:
+        return m, w, None
+    if k == 0:
+        return m, w, torch.zeros_like(w)
+    dpoly = poly[:, 1:] * torch.arange(1, k + 1, dtype=x.dtype, device=x.device) / h  # d/dx = d/df / h
+    dw = dpoly[:, k - 1].expand(*x.shape, k + 1)
+    for power in range(k - 2, -1, -1):
+        dw = dw * f + dpoly[:, power]
+    return m, w, dw * inside
 
 
 def bspline_basis_fast(x: Tensor, grid_size: int, spline_order: int, grid_range=(-1.0, 1.0)) -> Tensor:
-    """Dense [..., G + k] basis built from `bspline_local` (for tests and plots; the layer never builds it)."""
+    """Dense basis [..., G + k] from the closed-form local values (values only, no autograd through x).
+
+    For tests and plots; the layer never builds the whole dense basis (see `_SplineContract`).
+    """
+    m, w, _ = _local_values(x, grid_size, spline_order, grid_range, with_derivative=False)
+    return _scatter_dense(m, w, grid_size, spline_order)
+
+
+def _scatter_dense(m: Tensor, w: Tensor, grid_size: int, spline_order: int) -> Tensor:
+    """[..., k + 1] local values at interval m -> dense [..., G + k] (bases j = m - k + r outside 0..G+k-1 dropped)."""
     k = spline_order
-    m, w = bspline_local(x, grid_size, spline_order, grid_range)
-    n = grid_size + k
-    # padded index m + r of basis j = m - k + r, in a [G + 3k] axis whose first/last k slots are dropped
-    idx = m.unsqueeze(-1) + torch.arange(k + 1, device=x.device)
-    dense = torch.zeros(*x.shape, n + 2 * k, dtype=x.dtype, device=x.device)
-    dense = dense.scatter_add(-1, idx, w)
-    return dense[..., k : k + n]
+    n_bases = grid_size + k
+    j = m.unsqueeze(-1) - k + torch.arange(k + 1, device=m.device)
+    valid = (j >= 0) & (j < n_bases)
+    dense = torch.zeros(*m.shape, n_bases, dtype=w.dtype, device=w.device)
+    # Invalid slots are redirected to index 0 with weight 0, so scatter_add leaves the dense basis unchanged.
+    return dense.scatter_add_(-1, torch.where(valid, j, 0), torch.where(valid, w, 0.0))
+
+
+def _gather_local(dense: Tensor, m: Tensor, grid_size: int, spline_order: int) -> Tensor:
+    """Inverse pairing of `_scatter_dense`: dense [..., G + k] -> [..., k + 1] at bases m - k + r (0 if invalid)."""
+    k = spline_order
+    j = m.unsqueeze(-1) - k + torch.arange(k + 1, device=m.device)
+    valid = (j >= 0) & (j < grid_size + k)
+    return torch.where(valid, dense.gather(-1, torch.where(valid, j, 0)), 0.0)
+
+
+# Rows of N per tile: bounds the transient dense basis tile [B, rows, in, G + k] (a few MB) whatever N is.
+_TILE_ELEMENTS = 1 << 21
+
+
+class _SplineContract(torch.autograd.Function):
+    """y[b, n, o] = sum_{i, c} coef[b, o, i, c] B_c(x[b, n, i]), tiled over N; saves only x and coef.
+
+    Forward and backward rebuild one tile of the basis at a time from the closed-form local values (k + 1
+    scatters into a zeroed tile) and use batched matmuls, so peak memory is one tile, not [N, in, G + k]
+    per recursion level as in the reference, and autograd keeps nothing but the layer input. Gradients:
+    d coef = basis^T dy (bmm); dx[n, i] = sum_r w'_r(x) * (dy coef)[n, i, m - k + r] (bmm, then a gather).
+    First-order only (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, coef, grid_size, spline_order, grid_range):
+        bsz, n, n_in = x.shape
+        n_out = coef.shape[1]
+        flat = coef.reshape(bsz, n_out, -1)  # [B, out, in * (G + k)]
+        rows = _tile_rows(n, n_in * (grid_size + spline_order) * bsz)
+        y = x.new_empty(bsz, n, n_out)
+        for s in range(0, n, rows):
+            xs = x[:, s : s + rows]
+            m, w, _ = _local_values(xs, grid_size, spline_order, grid_range, with_derivative=False)
+            basis = _scatter_dense(m, w, grid_size, spline_order).reshape(bsz, xs.shape[1], -1)
+            y[:, s : s + rows] = torch.bmm(basis, flat.transpose(1, 2))
+        ctx.save_for_backward(x, coef)
+        ctx.spline = (grid_size, spline_order, grid_range)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, coef = ctx.saved_tensors
+        grid_size, spline_order, grid_range = ctx.spline
+        bsz, n, n_in = x.shape
+        n_out = coef.shape[1]
+        flat = coef.reshape(bsz, n_out, -1)
+        gy = gy.contiguous()
+        need_x, need_coef = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = torch.empty_like(x) if need_x else None
+        gflat = torch.zeros_like(flat) if need_coef else None
+        rows = _tile_rows(n, n_in * (grid_size + spline_order) * bsz)
+        for s in range(0, n, rows):
+            xs, gys = x[:, s : s + rows], gy[:, s : s + rows]
+            m, w, dw = _local_values(xs, grid_size, spline_order, grid_range, with_derivative=need_x)
+            if need_coef:
+                basis = _scatter_dense(m, w, grid_size, spline_order).reshape(bsz, xs.shape[1], -1)
+                gflat.baddbmm_(gys.transpose(1, 2), basis)
+            if need_x:
+                d = torch.bmm(gys, flat).reshape(bsz, xs.shape[1], n_in, -1)  # dL/dB_c per (n, i, c)
+                gx[:, s : s + rows] = (_gather_local(d, m, grid_size, spline_order) * dw).sum(-1)
+        return gx, (gflat.view_as(coef) if need_coef else None), None, None, None
+
+
+def _tile_rows(n: int, per_row: int) -> int:
+    return max(1, min(n, _TILE_ELEMENTS // max(per_row, 1)))
 
 
 def spline_contract_fast(x: Tensor, coef: Tensor, grid_size: int, spline_order: int, grid_range) -> Tensor:
-    """sum_{i, c} coef[b, o, i, c] * B_c(x[b, n, i]) without the dense basis.
-
-    x: [B, N, in], coef: [B, out, in, G + k] -> [B, N, out]. One `embedding_bag` over a table holding every
-    network's coefficients (zero-padded by k on both sides of the basis axis, so bases j = m - k + r outside
-    0..G+k-1 read zeros): row (b, n) sums the in * (k + 1) rows (b, i, m + r) weighted by w.
-    """
-    bsz, n, n_in = x.shape
-    n_out = coef.shape[1]
-    k = spline_order
-    width = grid_size + 3 * k
-    m, w = bspline_local(x, grid_size, spline_order, grid_range)  # [B, N, in], [B, N, in, k + 1]
-    table = F.pad(coef, (k, k)).permute(0, 2, 3, 1).reshape(bsz * n_in * width, n_out)
-    row0 = (torch.arange(bsz, device=x.device).view(bsz, 1, 1) * n_in + torch.arange(n_in, device=x.device)) * width
-    idx = (row0 + m).unsqueeze(-1) + torch.arange(k + 1, device=x.device)  # [B, N, in, k + 1]
-    y = F.embedding_bag(
-        idx.reshape(bsz * n, n_in * (k + 1)),
-        table,
-        per_sample_weights=w.reshape(bsz * n, n_in * (k + 1)),
-        mode="sum",
-    )
-    return y.view(bsz, n, n_out)
+    """x: [B, N, in], coef: [B, out, in, G + k] -> [B, N, out] (closed-form local basis, tiled, custom backward)."""
+    return _SplineContract.apply(x.contiguous(), coef.contiguous(), grid_size, spline_order, tuple(grid_range))
 
 
 def spline_contract_recursion(x: Tensor, coef: Tensor, grid_size: int, spline_order: int, grid_range) -> Tensor:
