@@ -239,15 +239,14 @@ def test_non_speech_kinds_report_not_applicable(speech):
 def test_no_utterance_and_too_short_are_not_applicable(speech):
     from fewsound.metrics.pesq import pesq_pair
 
-    quiet = 1e-3 * np.random.default_rng(3).standard_normal(16000).astype(np.float32)
+    # evaluate() rejects a silent reference outright (AudioError); PESQ's own failure modes come back as reasons.
     loud = speech[0, :16000].astype(np.float32)
     assert "no utterance" in pesq_pair(np.zeros(16000, np.float32), loud).reason
+    assert "1/4 s" in pesq_pair(loud[:3000], loud[:3000]).reason
     # A 0.3 s clip: pystoi keeps < 30 frames and would return 1e-5; we say why instead.
     short = speech[:1, : int(0.3 * SR)]
     row = evaluate(short, add_noise(short, 20.0), SR, metrics=["stoi", "mse"])[0]
     assert "stoi" not in row and "30" in row["not_applicable"]["stoi"] and row["mse"] > 0
-    row = evaluate(quiet[None], loud[None], 16000, metrics=["pesq"])[0]
-    assert "pesq" in row["not_applicable"] or 1.0 <= row["pesq"] <= 4.7  # PESQ's VAD decides; never a crash
 
 
 def test_all_zero_reconstruction_is_reported_not_nan(speech):
