@@ -11,7 +11,14 @@ Presets (hypernetwork MLP H hidden widths, ELU):
   H for the same KAN comes out at 41,015,784 (within 0.5% of 41.2M; the paper's code holds no 41.2M network -
   reference-code-facts 1.5 - so the widths are ours).
 - "tiny": for tests and smoke runs: 4,096-sample clips, a small encoder, H [64, 64], small targets.
-Note that H's count scales with the target size (its last layer has (w_last + 1) * N_target weights).
+Note that H's count scales with the target size (its last layer has (w_last + 1) * N_target weights): with the
+"17.5M" widths it is 17,487,624 for KAN(L8), 17,532,135 for SIREN, 18,362,205 for the default NeRF (L = 12).
+Counts of the whole model (`param_counts()`), e.g. FewSound-KAN(L8) "17.5M": encoder 1,177,408 + G 1,693,168 +
+H 17,487,624 + theta 31,080; with encoder_norm="layer" and weight_encoder="reference" it is the reference's
+87,628,476 (21,045,792 + 49,063,980 + 17,487,624 + 31,080).
+
+Preset-derived fields are filled once, at construction: `dataclasses.replace(cfg, preset="tiny")` keeps the old
+preset's clip_length/widths; build a new `HyperConfig(preset="tiny", ...)` instead.
 """
 
 from __future__ import annotations
