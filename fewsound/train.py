@@ -1,0 +1,468 @@
+"""Training FewSound and HyperSound: config, one optimizer step, the epoch loop, validation, training state.
+
+Pure torch, no Ray and no MLflow: the same functions run in one process (tests, benchmarks, a laptop) and inside
+every Ray Train worker (tune/train_job.py wraps the model in DDP and feeds the batches from Ray Data).
+
+    cfg = TrainConfig(model=HyperConfig(target="kan", preset="tiny"), epochs=20, samples_per_epoch=64)
+    model = build_model(cfg.model); optimizer, scheduler = make_optimizer(model, cfg)
+    stream = random_batches(train_segments, cfg.batch_size, cfg.model.clip_length, seed=cfg.seed)
+    for epoch in range(cfg.epochs):
+        stats = run_epoch(model, stream, optimizer, scheduler, cfg, epoch)
+    rows = validate(model, val_clips, val_kinds, cfg)
+
+Decisions (reference-code-facts 1.7 and errata 9-10):
+- The loss is the paper's (fewsound.losses): lambda_t * L1 + lambda_f * multi-resolution mel-STFT, averaged over
+  the clips of the (global) batch.
+- AdamW (torch's default weight decay 0.01) and OneCycleLR as in the paper's code: `lr` is the code's
+  `learning_rate`, the schedule's START rate; the peak is `lr * div_factor` (div_factor 25, pct_start 0.05,
+  final rate peak / final_div_factor), planned over epochs * steps_per_epoch steps. Default lr: the paper's text,
+  1e-5 (SIREN 1e-6); the code's runs used 5e-5.
+- `schedule_step="batch"` (our default) steps the schedule after every optimizer step, i.e. the schedule that
+  the code's `steps_per_epoch=625` describes actually happens: warm-up to the peak over the first 5% of all
+  steps, then cosine annealing. `"epoch"` steps it once per epoch, which is what the paper's code most likely
+  did (Lightning's default interval for a scheduler returned that way): after 2,500 of 1,562,500 planned steps
+  the rate has moved from lr to lr * 1.06, i.e. it trained at a practically constant `lr`. Pick "epoch" to
+  reproduce that; tests/test_train.py checks both behaviours.
+- An epoch is `samples_per_epoch` (10,000) random training clips, not a pass over the corpus (the code's
+  RandomSampler(num_samples=10,000)): `steps_per_epoch = samples_per_epoch // batch_size` (drop_last).
+  Each clip is a random `clip_length` crop of a stored 65,536-sample segment, peak-normalised after the crop.
+  The paper's code also applies a random all-pass "phase mangle" (p = 0.8) and 16-bit dequantisation noise to
+  training crops; neither is in the paper's text and neither is implemented here.
+- `batch_size` is the GLOBAL batch: with W data-parallel workers each takes batch_size / W clips, and DDP's
+  gradient averaging makes one step equal to one single-process step on the whole batch (tested).
+- The delta warm-up lives in the model (HyperConfig.delta_warmup_epochs); the loop calls
+  `model.set_epoch(epoch + 1)`: 1-based, as the paper's code counted, so warm-up 50 gives factor 0.02 in the
+  first epoch.
+- Validation: the deterministic crop (start 0) of a fixed subset of the validation clips (up to `val_clips`,
+  512 as in the code, chosen with seed 0); every metric of fewsound.metrics (`val_metrics`, default all) for
+  FewSound's reconstructions AND for its universal weights alone (delta = 0): the gap is what the
+  hypernetwork contributes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from fewsound.config import from_dict, to_dict
+from fewsound.errors import ConfigError
+from fewsound.hyper import HyperConfig
+from fewsound.losses import fit_loss
+
+# The paper's rates (its text): 1e-5, SIREN 1e-6 (the code's siren.yaml).
+DEFAULT_LR: dict[str, float] = {"nerf": 1e-5, "kan": 1e-5, "siren": 1e-6}
+SCHEDULE_STEPS = ("batch", "epoch")
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+SILENCE_PEAK = 1e-6  # a crop quieter than this is left as is instead of being blown up by peak normalisation
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops (Ray Train's FailureConfig then retries from the last checkpoint)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (with the corpus). Defaults: the paper's (section 1.7)."""
+
+    model: HyperConfig = field(default_factory=lambda: HyperConfig(target="kan"))
+    lr: float | None = None  # OneCycle's start rate; None: DEFAULT_LR[model.target]
+    schedule_step: str = "batch"  # "batch" | "epoch" (see the module docstring)
+    div_factor: float = 25.0  # OneCycle peak = lr * div_factor
+    pct_start: float = 0.05
+    final_div_factor: float = 1e4
+    weight_decay: float = 0.01
+    batch_size: int = 16  # global batch (split over the data-parallel workers)
+    samples_per_epoch: int = 10_000
+    epochs: int = 2_500
+    lambda_t: float = 1.0
+    lambda_f: float = 1.0
+    val_every: int = 3  # epochs between validations (the code's check_val_every_n_epoch); the last is always one
+    val_clips: int = 512  # at most this many validation clips (random subset, seed 0), as the code's
+    val_metrics: tuple[str, ...] | None = None  # None: every metric of fewsound.metrics
+    log_clips: int = 4  # validation clips whose audio and spectrograms are logged
+    audio_every: int = 60  # epochs between audio/spectrogram logs (also at the first and last validation)
+    seed: int = 0  # data order and crops (the model's init has its own seed: model.seed)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", from_dict(HyperConfig, self.model, where="model."))
+        if self.schedule_step not in SCHEDULE_STEPS:
+            raise ConfigError("schedule_step", f"must be one of {list(SCHEDULE_STEPS)}, got {self.schedule_step!r}")
+        for name in ("batch_size", "samples_per_epoch", "epochs", "val_every", "audio_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        for name in ("val_clips", "log_clips", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(name, f"must be a non-negative integer, got {v!r}")
+        if self.samples_per_epoch < self.batch_size:
+            raise ConfigError("samples_per_epoch", f"{self.samples_per_epoch} is less than one batch of {self.batch_size}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError("lr", f"must be a positive finite number, got {self.lr!r}")
+        if not (0 < self.pct_start < 1):
+            raise ConfigError("pct_start", f"must be in (0, 1), got {self.pct_start!r}")
+        if self.div_factor < 1 or self.final_div_factor <= 0 or self.weight_decay < 0:
+            raise ConfigError("div_factor/final_div_factor/weight_decay",
+                              f"need div_factor >= 1, final_div_factor > 0, weight_decay >= 0; got "
+                              f"{self.div_factor}, {self.final_div_factor}, {self.weight_decay}")
+        if self.lambda_t < 0 or self.lambda_f < 0 or self.lambda_t + self.lambda_f == 0:
+            raise ConfigError("lambda_t/lambda_f", f"need both >= 0 and not both 0, got {self.lambda_t}, {self.lambda_f}")
+        if self.val_metrics is not None:
+            from fewsound.metrics import EXTRA_METRICS, METRICS
+
+            metrics = tuple(self.val_metrics)
+            bad = [m for m in metrics if m not in METRICS + EXTRA_METRICS]
+            if bad or not metrics:
+                raise ConfigError("val_metrics", f"unknown metric(s) {bad or metrics}; valid: {METRICS + EXTRA_METRICS}")
+            object.__setattr__(self, "val_metrics", metrics)
+
+    @property
+    def resolved_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.model.target]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.samples_per_epoch // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def is_val_epoch(self, epoch: int) -> bool:
+        """epoch: 0-based. Validate every `val_every` epochs (1-based count) and after the last."""
+        return (epoch + 1) % self.val_every == 0 or epoch == self.epochs - 1
+
+    def is_audio_epoch(self, epoch: int) -> bool:
+        return self.is_val_epoch(epoch) and (
+            epoch == self.epochs - 1 or epoch + 1 == self.val_every or (epoch + 1) % self.audio_every == 0)
+
+
+def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    return from_dict(TrainConfig, d)
+
+
+# --------------------------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """AdamW over every trainable parameter and the OneCycle schedule of `cfg` -> (optimizer, scheduler)."""
+    lr = cfg.resolved_lr
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=cfg.weight_decay)
+    # "epoch" plans the schedule over epochs * steps_per_epoch steps but takes one per epoch, as the paper's code.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr * cfg.div_factor, total_steps=cfg.total_steps, pct_start=cfg.pct_start,
+        div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
+    return optimizer, scheduler
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The FewSound/HyperSound module inside a DDP wrapper (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def train_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer, *,
+               lambda_t: float = 1.0, lambda_f: float = 1.0, sample_rate: int = 22_050,
+               scheduler: Any = None) -> torch.Tensor:
+    """One optimizer step on `batch` [b, N] (b: this process's share of the global batch). Returns the per-clip
+    losses [b] (detached). The loss is the batch MEAN, so DDP's gradient averaging over W workers with b = B / W
+    clips each equals one step on all B clips. `scheduler`: stepped after the update (schedule_step="batch")."""
+    assert batch.dim() == 2, f"batch must be [b, N], got {tuple(batch.shape)}"
+    model.train()
+    recon = model(batch)
+    per_clip = fit_loss(recon, batch, lambda_t=lambda_t, lambda_f=lambda_f, sr=sample_rate)  # [b]
+    loss = per_clip.mean()
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"non-finite training loss {float(loss)}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return per_clip.detach()
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    losses: list[float]  # mean loss of each step (this process's share of the batch)
+    lr: float  # the rate of the epoch's last step
+    seconds: float
+    samples: int  # clips this process trained on
+
+    @property
+    def loss(self) -> float:
+        return float(np.mean(self.losses))
+
+
+def run_epoch(model: torch.nn.Module, batches: Iterator[torch.Tensor], optimizer: torch.optim.Optimizer,
+              scheduler: Any, cfg: TrainConfig, epoch: int, *, device: torch.device | None = None) -> EpochStats:
+    """`cfg.steps_per_epoch` steps on batches drawn from `batches` (an endless iterator of [b, N] tensors)."""
+    unwrap(model).set_epoch(epoch + 1)  # 1-based, as the paper's code (delta warm-up factor epoch / w)
+    per_batch = scheduler if cfg.schedule_step == "batch" else None
+    losses, samples, t0 = [], 0, time.perf_counter()
+    lr = optimizer.param_groups[0]["lr"]
+    for batch in itertools.islice(batches, cfg.steps_per_epoch):
+        if device is not None:
+            batch = batch.to(device, non_blocking=True)
+        lr = optimizer.param_groups[0]["lr"]
+        per_clip = train_step(model, batch, optimizer, lambda_t=cfg.lambda_t, lambda_f=cfg.lambda_f,
+                              sample_rate=cfg.model.sample_rate, scheduler=per_batch)
+        losses.append(float(per_clip.mean()))
+        samples += batch.shape[0]
+    if len(losses) != cfg.steps_per_epoch:
+        raise RuntimeError(f"the batch stream ended after {len(losses)} of {cfg.steps_per_epoch} steps")
+    if cfg.schedule_step == "epoch":
+        scheduler.step()
+    return EpochStats(epoch, losses, lr, time.perf_counter() - t0, samples)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def crop_batch(segments: np.ndarray, length: int, rng: np.random.Generator) -> torch.Tensor:
+    """Random `length`-sample crops (uniform start) of stored segments [b, L], each peak-normalised after the
+    crop (as the paper's AudioDataset) -> float32 [b, length]."""
+    segments = np.asarray(segments, dtype=np.float32)
+    assert segments.ndim == 2 and segments.shape[1] >= length, (segments.shape, length)
+    starts = rng.integers(0, segments.shape[1] - length + 1, size=len(segments))
+    x = np.stack([s[a : a + length] for s, a in zip(segments, starts)])
+    return torch.from_numpy(peak_normalize_batch(x))
+
+
+def peak_normalize_batch(x: np.ndarray) -> np.ndarray:
+    """x / max|x| per row; a (near-)silent row is left unscaled rather than amplified to noise."""
+    peak = np.abs(x).max(axis=1, keepdims=True)
+    return (x / np.where(peak < SILENCE_PEAK, 1.0, peak)).astype(np.float32)
+
+
+def validation_crop(segments: np.ndarray, length: int) -> np.ndarray:
+    """The deterministic validation view: the first `length` samples, peak-normalised. [V, L] -> [V, length]."""
+    return peak_normalize_batch(np.asarray(segments, dtype=np.float32)[:, :length])
+
+
+def random_batches(segments: np.ndarray, batch_size: int, length: int, *, seed: int = 0,
+                   rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+    """Endless stream of this rank's share of global batches of random crops from in-memory segments [n, L].
+
+    Sampling as the code's RandomSampler(num_samples=...): back-to-back random permutations of the segments.
+    Every rank draws the same global batch order (seeded) and takes rows rank::world_size of each batch, so the
+    W shares of a step are exactly the global batch one process would see (used by the DDP test and benchmarks;
+    the Ray job streams from Ray Data instead).
+    """
+    assert batch_size % world_size == 0, (batch_size, world_size)
+    order_rng = np.random.default_rng([seed, 0])
+    crop_rng = np.random.default_rng([seed, 1])
+    pool: list[int] = []
+    while True:
+        while len(pool) < batch_size:
+            pool.extend(order_rng.permutation(len(segments)).tolist())
+        idx, pool = pool[:batch_size], pool[batch_size:]
+        batch = crop_batch(segments[idx], length, crop_rng)
+        yield batch[rank::world_size]
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def choose_validation(clip_ids: Sequence[str], kinds: Sequence[str], n: int, n_log: int, seed: int = 0):
+    """(indices of the validation subset, indices of the clips to log audio for), both into `clip_ids`.
+
+    The subset: `n` clips picked at random with a fixed seed (the code's randperm(seed 0)[:512]), kept in corpus
+    order. The logged clips: round-robin over the kinds present (speech, music, environment), in subset order.
+    """
+    total = len(clip_ids)
+    rng = np.random.default_rng(seed)
+    subset = sorted(rng.permutation(total)[: min(n, total)].tolist()) if n < total else list(range(total))
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for i in subset:
+        by_kind[kinds[i]].append(i)
+    logged, queues = [], [list(v) for _, v in sorted(by_kind.items())]
+    while len(logged) < min(n_log, len(subset)):
+        for q in queues:
+            if q and len(logged) < n_log:
+                logged.append(q.pop(0))
+    return subset, sorted(logged)
+
+
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, clips: np.ndarray, *, batch_size: int = 16,
+                device: torch.device | None = None) -> np.ndarray:
+    """The model's reconstructions of validation clips [V, N] -> [V, N] (eval mode, no grad)."""
+    m = unwrap(model)
+    was_training = m.training
+    m.eval()
+    device = device or next(m.parameters()).device
+    out = [m(torch.from_numpy(np.ascontiguousarray(clips[i : i + batch_size])).to(device)).float().cpu().numpy()
+           for i in range(0, len(clips), batch_size)]
+    m.train(was_training)
+    return np.concatenate(out) if out else np.zeros_like(clips)
+
+
+@torch.no_grad()
+def universal_reconstruction(model: torch.nn.Module, n_samples: int) -> np.ndarray | None:
+    """FewSound's universal INR alone (delta = 0): [n_samples]; None for HyperSound (no universal weights)."""
+    m = unwrap(model)
+    if m.config.kind != "fewsound":
+        return None
+    return m.universal(n_samples).float().cpu().numpy().reshape(-1)
+
+
+def validate(model: torch.nn.Module, clips: np.ndarray, kinds: Sequence[str], cfg: TrainConfig,
+             ids: Sequence[str] | None = None, *, device: torch.device | None = None) -> list[dict[str, Any]]:
+    """Per-clip validation rows for clips [V, N] (already the validation crop): the loss and every metric of
+    `cfg.val_metrics` for the model's reconstruction, and (FewSound) for the universal weights alone.
+
+    Row: {"clip_id", "kind", "loss", "universal_loss", "metrics": {...}, "universal": {...}}.
+    """
+    from fewsound.metrics import evaluate
+
+    clips = np.asarray(clips, dtype=np.float32)
+    ids = list(ids) if ids is not None else [f"clip {i}" for i in range(len(clips))]
+    recs = reconstruct(model, clips, device=device)
+    uni = universal_reconstruction(model, clips.shape[1])
+    ref_t = torch.from_numpy(clips)
+    kw = dict(lambda_t=cfg.lambda_t, lambda_f=cfg.lambda_f, sr=cfg.model.sample_rate)
+    losses = fit_loss(torch.from_numpy(recs), ref_t, **kw).numpy()
+    rows = [{"clip_id": ids[i], "kind": kinds[i], "loss": float(losses[i]), "metrics": {}} for i in range(len(clips))]
+    if uni is not None:
+        uni_b = np.broadcast_to(uni, clips.shape).copy()
+        uni_losses = fit_loss(torch.from_numpy(uni_b), ref_t, **kw).numpy()
+        for r, ul in zip(rows, uni_losses):
+            r["universal_loss"], r["universal"] = float(ul), {}
+    for kind in sorted(set(kinds)):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        names = [ids[i] for i in idx]
+        for i, res in zip(idx, evaluate(clips[idx], recs[idx], cfg.model.sample_rate, kind, cfg.val_metrics,
+                                        names=names)):
+            rows[i]["metrics"] = res
+        if uni is not None:
+            for i, res in zip(idx, evaluate(clips[idx], np.broadcast_to(uni, (len(idx), uni.shape[0])),
+                                            cfg.model.sample_rate, kind, cfg.val_metrics, names=names)):
+                rows[i]["universal"] = res
+    return rows
+
+
+def summarize_validation(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean over clips: `val/loss`, `eval/<metric>` (the model) and `universal/<metric>`, `universal/loss`.
+    A metric is averaged over the clips it applies to (PESQ/STOI/CDPAM: speech only); +/-inf values are skipped."""
+    out: dict[str, float] = {}
+    acc: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        acc["val/loss"].append(r["loss"])
+        if "universal_loss" in r:
+            acc["universal/loss"].append(r["universal_loss"])
+        for prefix, res in (("eval", r["metrics"]), ("universal", r.get("universal", {}))):
+            for k, v in res.items():
+                if k != "not_applicable" and isinstance(v, (int, float)) and math.isfinite(v):
+                    acc[f"{prefix}/{k}"].append(float(v))
+    for k, vs in acc.items():
+        out[k] = float(np.mean(vs))
+    out["val/clips"] = float(len(rows))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- training state
+
+
+def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> str:
+    """sha256 of every tensor of the model and the optimizer and of the scheduler's state: two processes hold
+    the same training state iff their digests are equal (the resume test compares them)."""
+    h = hashlib.sha256()
+    for k, v in sorted(unwrap(model).state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    opt = optimizer.state_dict()
+    for pid in sorted(opt["state"]):
+        for k, v in sorted(opt["state"][pid].items()):
+            h.update(f"{pid}.{k}".encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes() if torch.is_tensor(v) else repr(v).encode())
+    h.update(json.dumps([g["lr"] for g in opt["param_groups"]]).encode())
+    h.update(json.dumps({k: v for k, v in scheduler.state_dict().items() if isinstance(v, (int, float, str))},
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def save_training_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, cfg: TrainConfig, *, epoch: int, step: int,
+                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the state after 0-based `epoch` (model, optimizer, scheduler) to `folder`/train_state.pt and a
+    readable `folder`/meta.json (epoch, step, digest, config). Returns the meta dict."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    m = unwrap(model)
+    payload = {"model": {k: v.detach().cpu() for k, v in m.state_dict().items()},
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    (folder / STATE_FILE).write_bytes(buf.getvalue())
+    meta = {"epoch": epoch, "step": step, "digest": state_digest(model, optimizer, scheduler),
+            "config": to_dict(cfg), **(extra or {})}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def load_training_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, *, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Restore what `save_training_state` wrote into model/optimizer/scheduler (built from the same config).
+    Returns the meta dict, with "digest_loaded" = the digest of the restored state."""
+    folder = Path(folder)
+    meta = json.loads((folder / META_FILE).read_text())
+    payload = torch.load(folder / STATE_FILE, map_location=device, weights_only=False)
+    unwrap(model).load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    unwrap(model).set_epoch(int(payload["epoch"]) + 1)
+    meta["digest_loaded"] = state_digest(model, optimizer, scheduler)
+    return meta
+
+
+def torch_threads(cpus: float) -> int:
+    """Intra-op threads for a worker holding `cpus` logical CPUs (at least 1)."""
+    return max(1, int(cpus)) if cpus else max(1, (os.cpu_count() or 1))
+
+
+def train(cfg: TrainConfig, train_segments: np.ndarray, val_segments: np.ndarray | None = None,
+          val_kinds: Sequence[str] | None = None, *, device: str | torch.device = "cpu",
+          on_epoch: Any = None) -> tuple[torch.nn.Module, list[EpochStats], list[dict[str, float]]]:
+    """Single-process training on in-memory segments (tests, benchmarks, notebooks; the job uses Ray Train).
+
+    Returns (model, per-epoch stats, validation summaries). `on_epoch(stats, summary_or_None)` is called after
+    every epoch.
+    """
+    from fewsound.hyper import build_model
+
+    device = torch.device(device)
+    model = build_model(cfg.model, verbose=False).to(device)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    stream = random_batches(train_segments, cfg.batch_size, cfg.model.clip_length, seed=cfg.seed)
+    val = None
+    if val_segments is not None and len(val_segments):
+        kinds = list(val_kinds or ["speech"] * len(val_segments))
+        subset, _ = choose_validation([str(i) for i in range(len(val_segments))], kinds, cfg.val_clips, 0)
+        val = (validation_crop(val_segments[subset], cfg.model.clip_length), [kinds[i] for i in subset])
+    history, summaries = [], []
+    for epoch in range(cfg.epochs):
+        stats = run_epoch(model, stream, optimizer, scheduler, cfg, epoch, device=device)
+        history.append(stats)
+        summary = None
+        if val is not None and cfg.is_val_epoch(epoch):
+            summary = {"epoch": epoch, **summarize_validation(validate(model, val[0], val[1], cfg, device=device))}
+            summaries.append(summary)
+        if on_epoch is not None:
+            on_epoch(stats, summary)
+    return model, history, summaries

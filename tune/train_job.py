@@ -1,0 +1,429 @@
+"""FewSound / HyperSound training on Ray Train (V2 API): what jobs/train_fewsound.py runs.
+
+    summary = run_training(TrainConfig(...), corpus=None)      # None: the built-in corpus (fewsound protocol)
+
+Driver (this process):
+1. Start or join Ray: `--address`, else $RAY_ADDRESS (set by `ray job submit`), else a new LOCAL Ray
+   (address="local": never attach by accident to another Ray running on the same machine).
+2. Workers from the cluster: one per GPU with use_gpu when it has GPUs, else CPU workers (default 2) that share
+   all CPUs but one, which is left to Ray Data's readers (a 2-core laptop: 2 workers x 0.5 CPU).
+3. The run's key `train-{kind}-{target}-{hash8 of config + corpus}` names both the Ray Train run (its folder
+   under the storage path, local or a cloud URI) and the MLflow run (tag fewsound.train_key). Re-running the same
+   command finds both: Ray Train V2 restores its run from the storage folder and hands the workers the latest
+   checkpoint; the unfinished MLflow run is reopened, so curves continue in the same run. A run already FINISHED
+   in MLflow is not trained again.
+4. Data: `ray.data.read_parquet` of the corpus's shards. "train" is split between the workers
+   (`get_dataset_shard`, a streaming split: no process holds the corpus); each worker crops its rows at random
+   and peak-normalises them. "validation" (filtered to the fixed validation subset) is not split: worker r
+   keeps the subset's clips r, r + W, ... and caches its crops.
+
+Workers (`train_loop_per_worker`): build the model from the config (same seed on every rank), restore the latest
+checkpoint if any, wrap in DDP (`prepare_model`), then per epoch: `fewsound.train.run_epoch`, the mean loss
+over ranks, validation every `val_every` epochs (metrics per rank, gathered on rank 0), and
+`ray.train.report` with a checkpoint written by rank 0 (state + meta.json with the state digest). Rank 0 alone
+talks to MLflow: curves, validation metrics, audio and spectrograms of the logged clips, and at the end the
+model (fewsound's own file and an MLflow PyTorch model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewsound.config import cfg_hash, flatten, to_dict
+from fewsound.errors import ConfigError, DataError
+from fewsound.train import TrainConfig
+
+KEY_TAG = "fewsound.train_key"
+RESUME_TAG = "fewsound.resumed"
+DEFAULT_CPU_WORKERS = 2
+MODEL_FILE = "fewsound_model.pt"
+
+
+# --------------------------------------------------------------------------------------------- driver helpers
+
+
+def resolve_train_corpus(corpus: str | None, clip_length: int) -> str:
+    """The corpus folder; the built-in corpus is prepared once (cached) with the fewsound protocol."""
+    from fewsound.data.shards import open_corpus
+
+    if corpus is None:
+        from fewsound.data.prepare import prepare_corpus
+        from fewsound.tracking import default_home
+
+        out = default_home() / "corpora" / "builtin-fewsound"
+        if not (out / "manifest.json").exists():
+            prepare_corpus("builtin", out=out, protocol="fewsound")
+        corpus = str(out)
+    c = open_corpus(corpus)
+    for split in ("train", "validation"):
+        if c.count(split) == 0:
+            raise DataError(corpus, f"has no {split!r} clips; prepare it with `jobs/prepare_data.py --protocol fewsound`")
+    if c.manifest["stored_length"] < clip_length:
+        raise DataError(corpus, f"stores {c.manifest['stored_length']}-sample clips, the model needs {clip_length}")
+    return str(Path(corpus).resolve())
+
+
+def run_key(cfg: TrainConfig, corpus: str) -> str:
+    return f"train-{cfg.model.kind}-{cfg.model.target}-{cfg_hash({'cfg': to_dict(cfg), 'corpus': corpus})}"
+
+
+def choose_scaling(resources: dict[str, float], num_workers: int | None = None):
+    """(ScalingConfig, CPUs per worker) for the cluster: one GPU per worker when it has GPUs (default: all of
+    them), else CPU workers sharing all CPUs but one (left to Ray Data)."""
+    from ray.train import ScalingConfig
+
+    if num_workers is not None and num_workers < 1:
+        raise ConfigError("--num-workers", f"must be >= 1, got {num_workers}")
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    if gpus > 0:
+        n = num_workers or gpus
+        cpu_each = max(1.0, min(4.0, float(int((cpus - 1) // n)))) if cpus > n else 0.5
+        return ScalingConfig(num_workers=n, use_gpu=True, resources_per_worker={"CPU": cpu_each, "GPU": 1}), cpu_each
+    n = num_workers or DEFAULT_CPU_WORKERS
+    spare = cpus - 1  # one CPU for Ray Data's read tasks: without it the data pipeline starves next to the workers
+    if spare / n < 0.25:
+        raise ConfigError("--num-workers", f"{n} CPU workers do not fit a cluster of {cpus:g} CPUs (one is kept for "
+                          "Ray Data); ask for fewer workers")
+    cpu_each = spare / n if spare / n < 1 else float(int(spare // n))
+    return ScalingConfig(num_workers=n, use_gpu=False, resources_per_worker={"CPU": cpu_each}), cpu_each
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars: redrawn many times a second by every worker, they bury the training log."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def init_ray(address: str | None = None) -> dict[str, float]:
+    """Join `address` or $RAY_ADDRESS, else start a new local Ray. Returns the cluster's resources."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        env = {"env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}} \
+            if os.environ.get("MLFLOW_TRACKING_URI") else None
+        if address:
+            ray.init(address=address, runtime_env=env)
+        else:
+            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                     runtime_env=env)
+    return ray.cluster_resources()
+
+
+def open_mlflow_run(experiment: str, key: str, params: dict[str, Any], tags: dict[str, Any]):
+    """(MlflowRun, finished): the FINISHED run of `key` if any, else its latest unfinished run (reopened, for a
+    resume), else a new one with the params logged."""
+    from fewsound.tracking import MlflowRun, get_or_create_experiment, tracking_uri
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = get_or_create_experiment(client, experiment)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    if done:
+        return MlflowRun(experiment, uri=uri, run_id=done[0].info.run_id), True
+    if runs:
+        run = MlflowRun(experiment, uri=uri, run_id=runs[0].info.run_id)
+        client.update_run(run.run_id, status="RUNNING")
+        return run, False
+    run = MlflowRun(experiment, uri=uri, run_name=key, tags={KEY_TAG: key, **tags})
+    run.log_params(params)
+    return run, False
+
+
+def validation_plan(corpus: str, cfg: TrainConfig) -> tuple[list[str], list[str], list[str]]:
+    """(subset clip ids, their kinds, ids whose audio is logged), from the clip_id/kind columns only."""
+    from fewsound.data.shards import open_corpus
+    from fewsound.train import choose_validation
+
+    t = open_corpus(corpus).table("validation", columns=["clip_id", "kind"])
+    ids, kinds = t.column("clip_id").to_pylist(), t.column("kind").to_pylist()
+    subset, logged = choose_validation(ids, kinds, cfg.val_clips, cfg.log_clips, seed=0)
+    return [ids[i] for i in subset], [kinds[i] for i in subset], [ids[i] for i in logged]
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    key: str
+    experiment: str
+    run_id: str
+    tracking_uri: str
+    storage: str
+    already_finished: bool
+    epochs_done: int
+    metrics: dict[str, float]
+    checkpoint: str | None
+    seconds: float
+    workers: int
+    use_gpu: bool
+
+
+def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | None = None,
+                 name: str | None = None, experiment: str = "train_fewsound", num_workers: int | None = None,
+                 address: str | None = None, max_failures: int = 3, keep_checkpoints: int = 2) -> TrainSummary:
+    """Train (or resume, or report an already finished run of) `cfg` with Ray Train. See the module docstring."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from fewsound.tracking import default_home, tracking_uri
+
+    t0 = time.perf_counter()
+    if keep_checkpoints < 1:
+        raise ConfigError("--keep-checkpoints", f"must be >= 1, got {keep_checkpoints}")
+    corpus = resolve_train_corpus(corpus, cfg.model.clip_length)
+    uri = tracking_uri()  # before Ray starts, so that workers inherit MLFLOW_TRACKING_URI
+    resources = init_ray(address)
+    scaling, cpu_each = choose_scaling(resources, num_workers)
+    if cfg.batch_size % scaling.num_workers:
+        raise ConfigError("batch_size", f"the global batch {cfg.batch_size} does not split evenly over "
+                          f"{scaling.num_workers} workers")
+    key = name or run_key(cfg, corpus)
+    storage = storage or str(default_home() / "train")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    val_ids, val_kinds, log_ids = validation_plan(corpus, cfg)
+    params = {**flatten(cfg), "data.corpus": corpus, "data.val_subset": len(val_ids),
+              "ray.num_workers": scaling.num_workers, "ray.use_gpu": scaling.use_gpu, "ray.cpus_per_worker": cpu_each,
+              "ray.storage": storage, "lr.resolved": cfg.resolved_lr, "lr.peak": cfg.resolved_lr * cfg.div_factor,
+              "steps_per_epoch": cfg.steps_per_epoch}
+    run, finished = open_mlflow_run(experiment, key, params, {"fewsound.kind": cfg.model.kind,
+                                                               "fewsound.target": cfg.model.target})
+    if finished:
+        m = run.client.get_run(run.run_id).data.metrics
+        return TrainSummary(key, experiment, run.run_id, uri, storage, True, int(m.get("epoch", -1)) + 1, m, None,
+                            time.perf_counter() - t0, scaling.num_workers, scaling.use_gpu)
+
+    from fewsound.data.shards import open_corpus
+
+    quiet_ray_data()
+    c = open_corpus(corpus)
+    columns = ["clip_id", "audio"]
+    train_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("train")], columns=columns, shuffle="files")
+    wanted = set(val_ids)
+    val_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("validation")], columns=columns) \
+        .filter(lambda row: row["clip_id"] in wanted)
+    loop_config = {"train": to_dict(cfg), "run_id": run.run_id, "tracking_uri": uri, "experiment": experiment,
+                   "val_ids": val_ids, "val_kinds": val_kinds, "log_ids": log_ids, "cpus_per_worker": cpu_each,
+                   "key": key}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+        run_config=ray.train.RunConfig(
+            name=key, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+        datasets={"train": train_ds, "validation": val_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        run.end("FAILED")  # re-running the same command reopens this run and resumes from the last checkpoint
+        raise
+    run.end("FINISHED")
+    metrics = dict(result.metrics or {})
+    return TrainSummary(key, experiment, run.run_id, uri, storage, False, int(metrics.get("epoch", -1)) + 1,
+                        metrics, result.checkpoint.path if result.checkpoint else None, time.perf_counter() - t0,
+                        scaling.num_workers, scaling.use_gpu)
+
+
+# --------------------------------------------------------------------------------------------- workers
+
+
+def _audio_matrix(batch: dict[str, Any]) -> np.ndarray:
+    a = batch["audio"]
+    return a.astype(np.float32) if a.dtype != object else np.stack([np.asarray(x, dtype=np.float32) for x in a])
+
+
+def ray_batches(shard: Any, local_batch: int, length: int, *, seed: int, rank: int, start_epoch: int):
+    """Endless stream of this worker's [local_batch, length] random crops from its Ray Data shard: pass after
+    pass over the shard (each pass a new streaming-split epoch, locally shuffled), cropped at random."""
+    import torch  # noqa: F401  (crop_batch returns tensors)
+
+    from fewsound.train import crop_batch
+
+    n_pass = 0
+    while True:
+        rng = np.random.default_rng([seed, rank, start_epoch, n_pass])
+        got = 0
+        for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=max(4 * local_batch, 32),
+                                        local_shuffle_seed=int(rng.integers(2**31))):
+            got += 1
+            yield crop_batch(_audio_matrix(batch), length, rng)
+        if got == 0:
+            raise DataError("train split", f"yields no full batch of {local_batch} clips per worker; use a smaller "
+                            "--batch-size or fewer workers")
+        n_pass += 1
+
+
+def _my_validation(shard: Any, val_ids: list[str], val_kinds: list[str], rank: int, world: int, length: int):
+    """This rank's validation clips (subset positions rank, rank + W, ...): (crops [v, length], ids, kinds)."""
+    from fewsound.train import validation_crop
+
+    mine = {cid: i for i, cid in enumerate(val_ids) if i % world == rank}
+    found: dict[str, np.ndarray] = {}
+    for batch in shard.iter_batches(batch_size=32, batch_format="numpy"):
+        audio = _audio_matrix(batch)
+        for cid, a in zip(batch["clip_id"], audio):
+            if str(cid) in mine:
+                found[str(cid)] = a
+    order = sorted(found, key=mine.__getitem__)
+    if len(found) != len(mine):
+        raise DataError("validation split", f"rank {rank} found {len(found)} of its {len(mine)} validation clips")
+    crops = validation_crop(np.stack([found[c] for c in order]), length) if order else np.zeros((0, length), np.float32)
+    return crops, order, [val_kinds[mine[c]] for c in order]
+
+
+def _log_audio(run: Any, epoch: int, rows: list[dict], sr: int) -> None:
+    from fewsound.data.audio import save_audio
+    from fewsound.report import save_spectrogram_png
+
+    with tempfile.TemporaryDirectory() as d:
+        for r in rows:
+            stem = r["clip_id"].replace("/", "_").replace("@", "_at_")
+            folder = Path(d) / f"epoch_{epoch + 1:05d}" / stem
+            save_audio(folder / "gt.wav", r["ref"], sr)
+            save_audio(folder / "pred.wav", r["rec"], sr)
+            save_spectrogram_png(folder / "spectrogram.png", r["ref"], r["rec"], sr,
+                                 title=f"{r['clip_id']} ({r['kind']}), epoch {epoch + 1}")
+            if r.get("uni") is not None:
+                save_audio(folder / "universal.wav", r["uni"], sr)
+        run.log_artifact(Path(d) / f"epoch_{epoch + 1:05d}", f"reconstructions/epoch_{epoch + 1:05d}")
+
+
+def _log_curve(run: Any, key: str, values: list[float], first_step: int) -> None:
+    """Rank 0's per-step losses of one epoch (its share of each batch), in one request."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    run.client.log_batch(run.run_id, metrics=[Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)])
+
+
+def _log_final_model(run: Any, model: Any, uri: str) -> None:
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from fewsound.hyper import save_model
+
+    with tempfile.TemporaryDirectory() as d:
+        run.log_artifact(save_model(Path(d) / MODEL_FILE, model), "model_file")
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run.run_id):
+        # explicit requirements: inferring them would load the model in a subprocess (slow, and needs the GPU)
+        mlflow.pytorch.log_model(model.cpu(), name="model", serialization_format="pickle",
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (see the module docstring)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from fewsound.hyper import build_model
+    from fewsound.tracking import MlflowRun, NullLogger
+    from fewsound.train import (load_training_state, make_optimizer, run_epoch, save_training_state,
+                                summarize_validation, torch_threads, train_config_from_dict, unwrap, validate)
+
+    cfg = train_config_from_dict(config["train"])
+    quiet_ray_data()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(torch_threads(config["cpus_per_worker"]))
+    device = ray.train.torch.get_device()
+    sr, length = cfg.model.sample_rate, cfg.model.clip_length
+
+    model = build_model(cfg.model, verbose=rank == 0).to(device)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    run = MlflowRun(config["experiment"], uri=config["tracking_uri"], run_id=config["run_id"]) if rank == 0 \
+        else NullLogger()
+    start_epoch, step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            meta = load_training_state(d, model, optimizer, scheduler, device=device)
+        start_epoch, step = meta["epoch"] + 1, meta["step"]
+        assert meta["digest_loaded"] == meta["digest"], "restored state differs from the checkpoint's"
+        if rank == 0:
+            print(f"[train] resumed after epoch {meta['epoch'] + 1} (step {step}); state digest "
+                  f"{meta['digest_loaded']}", flush=True)
+            run.set_tags({RESUME_TAG: "true", f"fewsound.resume.epoch_{meta['epoch'] + 1}": meta["digest_loaded"]})
+    elif rank == 0:
+        run.log_metrics({"model/params": float(model.param_counts()["total"])}, step=0)
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False)
+
+    local_batch = cfg.batch_size // world
+    stream = ray_batches(ray.train.get_dataset_shard("train"), local_batch, length, seed=cfg.seed, rank=rank,
+                         start_epoch=start_epoch)
+    val_cache = None
+    log_ids = set(config["log_ids"])
+    for epoch in range(start_epoch, cfg.epochs):
+        stats = run_epoch(ddp, stream, optimizer, scheduler, cfg, epoch, device=device)
+        step += cfg.steps_per_epoch
+        losses = torch.tensor(stats.losses, dtype=torch.float64)
+        if world > 1:  # each rank's loss is the mean over its equal share: the global mean is the mean of means
+            dist.all_reduce(losses)
+            losses /= world
+        metrics = {"epoch": float(epoch), "train/loss": float(losses.mean()), "train/lr": stats.lr,
+                   "cost/samples_per_s": stats.samples * world / max(stats.seconds, 1e-9),
+                   "cost/epoch_seconds": stats.seconds}
+        if cfg.is_val_epoch(epoch):
+            if val_cache is None:
+                val_cache = _my_validation(ray.train.get_dataset_shard("validation"), config["val_ids"],
+                                           config["val_kinds"], rank, world, length)
+            clips, ids, kinds = val_cache
+            rows = validate(model, clips, kinds, cfg, ids, device=device) if len(ids) else []
+            audio_rows = []
+            if cfg.is_audio_epoch(epoch):
+                from fewsound.train import reconstruct, universal_reconstruction
+
+                pick = [i for i, c in enumerate(ids) if c in log_ids]
+                recs = reconstruct(model, clips[pick], device=device) if pick else []
+                uni = universal_reconstruction(model, length)
+                audio_rows = [{"clip_id": ids[i], "kind": kinds[i], "ref": clips[i], "rec": recs[j], "uni": uni}
+                              for j, i in enumerate(pick)]
+            gathered: list[Any] = [None] * world
+            if world > 1:
+                dist.all_gather_object(gathered, (rows, audio_rows))
+            else:
+                gathered = [(rows, audio_rows)]
+            if rank == 0:
+                all_rows = [r for g in gathered for r in g[0]]
+                metrics.update(summarize_validation(all_rows))
+                audio = [a for g in gathered for a in g[1]]
+                if audio:
+                    _log_audio(run, epoch, audio, sr)
+        if rank == 0:
+            _log_curve(run, "train/loss_step", stats.losses, first_step=step - cfg.steps_per_epoch + 1)
+            run.log_metrics(metrics, step=step)
+            with tempfile.TemporaryDirectory() as d:
+                meta = save_training_state(d, model, optimizer, scheduler, cfg, epoch=epoch, step=step,
+                                           extra={"run_id": config["run_id"], "key": config["key"]})
+                ray.train.report({**metrics, "digest": meta["digest"]},
+                                 checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"epoch_{epoch + 1:05d}")
+            print(f"[train] epoch {epoch + 1}/{cfg.epochs} step {step} loss {metrics['train/loss']:.4f}"
+                  + (f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
+                  + (f" universal {metrics['universal/loss']:.4f}" if "universal/loss" in metrics else ""),
+                  flush=True)
+        else:
+            ray.train.report(metrics)
+    if rank == 0:
+        _log_final_model(run, unwrap(model), config["tracking_uri"])
