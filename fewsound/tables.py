@@ -80,9 +80,23 @@ def paper_values(table_id: int, label: str, clip_seconds: float | None) -> dict[
     return {}
 
 
+def paper_wd(label: str) -> dict[str, tuple[float, None]]:
+    """The paper's Table 11 (WD of each INR on the Table 1 clips, 1.5 s) as {"WD": (value, None)}, or {}."""
+    for group in paper_tables().get(11, {}).get("groups", []):
+        for row in group["rows"]:
+            for name, v in row["values"].items():
+                if name.lower() == label.lower():
+                    return {"WD": (v["mean"], v.get("std"))}
+    return {}
+
+
 def build_table(rows: list[dict[str, Any]], *, title: str, row_header: str = "INR",
-                paper_table: int | None = None, label_order: list[str] | None = None) -> Table:
-    """Mean ± std of every metric column present in `rows`, grouped by clip length then label."""
+                paper_table: int | dict[int, int] | None = None, label_order: list[str] | None = None) -> Table:
+    """Mean ± std of every metric column present in `rows`, grouped by clip length then label.
+
+    paper_table: the paper's table with the same protocol, or {clip length in samples: table id} where the paper
+    prints each length in its own table (the ablations: Table 7 for 1.5 s, Table 12 for 3 s).
+    """
     by_len: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by_len[int(r["length"])][str(r["label"])].append(r)
@@ -102,7 +116,11 @@ def build_table(rows: list[dict[str, Any]], *, title: str, row_header: str = "IN
                     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))  # population std over clips
                     values[c] = (mean, std)
             params = next((int(r["model/params"]) for r in clip_rows if r.get("model/params") is not None), None)
-            paper = paper_values(paper_table, lab, SECONDS.get(length)) if paper_table else {}
+            table_id = paper_table.get(length) if isinstance(paper_table, dict) else paper_table
+            # the paper's numbers only for its own clip lengths (1.5 s / 3 s), never beside e.g. a smoke test's crops
+            paper = paper_values(table_id, lab, SECONDS[length]) if table_id and length in SECONDS else {}
+            if table_id == 1 and length == 32_768:
+                paper.update(paper_wd(lab))
             out_rows.append(Row(lab, len(clip_rows), params, values, paper))
         groups.append(Group(LENGTH_NAMES.get(length, f"{length} samples"), columns, out_rows))
     return Table(title, row_header, groups)
@@ -195,7 +213,7 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def write_results(out_dir: Path, rows: list[dict[str, Any]], *, title: str = "Reconstruction metrics",
-                  row_header: str = "INR", paper_table: int | None = None,
+                  row_header: str = "INR", paper_table: int | dict[int, int] | None = None,
                   label_order: list[str] | None = None) -> list[Path]:
     """results.csv (per fit) + table.md / table.tex / table.csv (per row) in `out_dir`. Returns the paths."""
     out_dir = Path(out_dir)
@@ -208,3 +226,10 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], *, title: str = "Re
         (out_dir / name).write_text(text)
         paths.append(out_dir / name)
     return paths
+
+
+def quality_points(table: Table) -> dict[str, list[tuple[str, int, dict[str, float]]]]:
+    """Per group (clip length): (row label, # params, {column: mean}) of every row with a parameter count,
+    the input of `fewsound.report.quality_vs_params_figure`."""
+    return {g.name: [(r.label, r.params, {c: m for c, (m, _) in r.values.items()}) for r in g.rows if r.params]
+            for g in table.groups}

@@ -350,7 +350,7 @@ def run_search(ctx_args: dict[str, Any], *, trials: int, max_params: int | None,
     from ray.tune.schedulers import ASHAScheduler
 
     from fewsound.tracking import MlflowRun, tracking_uri
-    from tune.sweep import ROLE_TAG, init_ray, trial_resources
+    from tune.sweep import ROLE_TAG, init_ray, quiet_defaults, trial_resources
 
     family, objective = ctx_args["family"], ctx_args["objective"]
     if family not in SPACES:
@@ -359,6 +359,7 @@ def run_search(ctx_args: dict[str, Any], *, trials: int, max_params: int | None,
     if trials < 1 or ctx_args["chunks"] < 1 or ctx_args["steps"] < ctx_args["chunks"]:
         raise ConfigError("--trials/--chunks/--steps", "need trials >= 1, chunks >= 1 and steps >= chunks")
     mode = MODES[objective]
+    quiet_defaults()
     t0 = time.perf_counter()
     uri = tracking_uri()
     parent = MlflowRun(ctx_args["experiment"], uri=uri, run_name=f"search-{family}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}",
