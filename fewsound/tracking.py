@@ -26,6 +26,10 @@ from fewsound.errors import ConfigError
 DEFAULT_PORT = 5000
 PARENT_TAG = "mlflow.parentRunId"
 
+# MLflow prints two "View run ..." lines (and makes one more HTTP request) every time a run ends: with thousands
+# of child runs that drowns the sweep's progress line. Users can still opt back in by setting it to false.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 
 # --------------------------------------------------------------------------------------------- the server
 
@@ -75,14 +79,36 @@ def start_local_server(home: Path | None = None, port: int | None = None, timeou
             uri = None
         if uri and _healthy(uri):
             return uri
-    if port is None:
-        port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
-    elif not _port_free(port):
+    fixed = port is not None
+    if fixed and not _port_free(port):
         raise ConfigError(f"port {port}", "is in use by something that is not this fewsound MLflow server")
-    uri = f"http://127.0.0.1:{port}"
     (home / "artifacts").mkdir(exist_ok=True)
+    for _attempt in range(3):  # a free port can be taken by another process while the server starts: retry
+        if not fixed:
+            port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
+        uri = f"http://127.0.0.1:{port}"
+        proc = _spawn_server(home, port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if _healthy(uri):
+                state.write_text(json.dumps({"uri": uri, "pid": proc.pid, "home": str(home)}))
+                return uri
+            time.sleep(0.5)
+        else:
+            proc.terminate()
+            raise ConfigError(home / "server.log", f"the MLflow server did not answer on {uri} within {timeout:.0f} s")
+        lost_port = "address already in use" in (home / "server.log").read_text(errors="replace")[-2000:]
+        if fixed or not lost_port:
+            break
+    raise ConfigError(home / "server.log", f"the MLflow server exited with code {proc.returncode}; see the log")
+
+
+def _spawn_server(home: Path, port: int) -> subprocess.Popen:
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [
-        str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name("mlflow").exists() else "mlflow",
+        str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
         "server",
         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
         "--artifacts-destination", str(home / "artifacts"),
@@ -91,19 +117,12 @@ def start_local_server(home: Path | None = None, port: int | None = None, timeou
         "--port", str(port),
         "--workers", "1",  # light: the server shares the laptop (or CI's 2 cores) with the fits
     ]
-    log = open(home / "server.log", "ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, cwd=home)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _healthy(uri):
-            state.write_text(json.dumps({"uri": uri, "pid": proc.pid, "home": str(home)}))
-            return uri
-        if proc.poll() is not None:
-            raise ConfigError(home / "server.log", f"the MLflow server exited with code {proc.returncode}; see the log")
-        time.sleep(0.5)
-    proc.terminate()
-    raise ConfigError(home / "server.log", f"the MLflow server did not answer on {uri} within {timeout:.0f} s")
+    # MLflow 3's server also starts a job runner with a dozen huey worker processes (for GenAI jobs we never
+    # submit): switched off to keep the embedded server light on a laptop or CI's 2 cores.
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with open(home / "server.log", "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=home, env=env)
 
 
 def stop_local_server(home: Path | None = None) -> bool:
