@@ -52,7 +52,10 @@ def resolve_corpus(corpus: str | None, length: int) -> str:
     from fewsound.data.prepare import prepare_corpus
     from fewsound.tracking import default_home
 
-    proto = BUILTIN_PROTOCOL.get(length, "inr-3s")
+    fits = [p for n, p in sorted(BUILTIN_PROTOCOL.items()) if n >= length]
+    if not fits:
+        raise ConfigError("length", f"{length} samples: the built-in corpus stores at most {max(BUILTIN_PROTOCOL)}")
+    proto = fits[0]  # the shortest protocol that stores clips of `length` samples
     out = default_home() / "corpora" / f"builtin-{proto}"
     if not (out / "manifest.json").exists():
         prepare_corpus("builtin", out=out, protocol=proto)

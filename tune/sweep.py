@@ -2,18 +2,27 @@
 
     summary = run_sweep("fit_inrs", tasks, corpus=DIR)
 
-1. Start or join Ray (a local Ray unless an address is given or RAY_ADDRESS is set, as under `ray job submit`).
-2. Open (or, when re-run, reopen) the sweep's parent run; list the keys that already have a FINISHED child run
+1. Open (or, when re-run, reopen) the sweep's parent run; list the keys that already have a FINISHED child run
    and skip them; mark runs of unfinished keys left RUNNING by a killed driver as KILLED.
+2. Start or join Ray (a local Ray unless an address is given or RAY_ADDRESS is set, as under `ray job submit`).
 3. Pack the remaining fits and run one Tune trial per pack, with actor reuse; trials ask for a GPU fraction
-   when the cluster has GPUs, one CPU otherwise.
+   when the cluster has GPUs, one CPU otherwise (see trial_resources).
 4. Record a FAILED child run for every fit whose trial crashed beyond its retries (the sweep goes on), then
    log the per-clip results and the paper-style tables to the parent run.
+
+Output is one line per finished trial (done / failed / remaining / ETA / fits per hour). Two documented switches
+keep the libraries quiet; each is only a default (os.environ.setdefault), so a user can turn it back on:
+- RAY_AIR_NEW_OUTPUT=0 with RunConfig(verbose=0): Tune's legacy reporter at verbosity 0 prints nothing (the new
+  engine prints its configuration box, results path and TensorBoard hint even at verbose=0);
+- MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true: no "View run ... at" lines (and no get_run call) per child run.
+(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 would also drop Tune's per-trial result files, but then the ResultGrid
+warns that it cannot read them; they cost little.) ray.init(logging_level=WARNING) drops Ray's INFO lines.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import tempfile
@@ -23,12 +32,19 @@ from typing import Any
 
 from fewsound.config import cfg_hash
 from fewsound.errors import ConfigError
-from fewsound.tracking import PARENT_TAG, MlflowRun, tracking_uri
+from fewsound.tracking import MlflowRun, git_commit, tracking_uri
 from tune.plan import FitTask, pack, pack_to_config
-from tune.trial import KEY_TAG, REASON_TAG, SWEEP_TAG, TrialContext, tune_trainable
+from tune.trial import KEY_TAG, REASON_TAG, SWEEP_TAG, TrialContext, pack_id, tune_trainable
 
 ROLE_TAG = "fewsound.role"
 GPU_FRACTIONS = (1.0, 0.5, 0.25, 0.125)  # fractions that divide one GPU exactly
+QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def quiet_defaults() -> None:
+    """Turn the libraries' chatter off unless the user set these variables (see the module docstring)."""
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
@@ -37,20 +53,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        # workers must log to the same tracking server as the driver
-        env = {"env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}} \
-            if os.environ.get("MLFLOW_TRACKING_URI") else None
+        # workers log to the same tracking server as the driver, as quietly
+        env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", *QUIET_ENV) if k in os.environ}
+        kw = dict(runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False,
+                  logging_level=logging.WARNING)
         if address:
-            ray.init(address=address, runtime_env=env, log_to_driver=False)
+            ray.init(address=address, **kw)
         else:
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                     runtime_env=env, log_to_driver=False)
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kw)
     return ray.cluster_resources()
 
 
 def trial_resources(cluster: dict, gpu_fraction: float = 0.25) -> dict[str, float]:
     """What one trial asks for: a GPU fraction when the cluster has GPUs, else one CPU (never a GPU request on a
-    cluster without GPUs: it would pend forever)."""
+    cluster without GPUs: it would pend forever). Either way one CPU, hence one torch thread (tune_trainable)."""
     if gpu_fraction not in GPU_FRACTIONS:
         raise ConfigError("gpu_fraction", f"{gpu_fraction} does not divide one GPU; use one of {GPU_FRACTIONS}")
     if cluster.get("GPU", 0) > 0:
@@ -72,6 +88,10 @@ class SweepSummary:
     resources: dict[str, float]
     rows: list[dict[str, Any]]  # one per finished fit: key, label, family, clip_id, length, kind, metrics...
     table_markdown: str = ""  # the paper-style table regenerated from `rows`
+    # One dict per trial that reported: what run_pack returned (fits_done, fit_seconds, eval_seconds, log_seconds,
+    # start, end, pid, torch_threads) plus assigned_CPU / assigned_GPU, the resources the scheduler granted.
+    trials: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per driver phase
 
     @property
     def ui_url(self) -> str:
@@ -102,13 +122,18 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
               pack_size: int = 16, address: str | None = None, gpu_fraction: float = 0.25,
               max_retries: int = 1, trial_failures: int = 1, curve_every_n_packs: int = 10,
               num_cpus: int | None = None, num_gpus: int | None = None, storage: str | None = None,
-              progress: bool = True, table: dict[str, Any] | None = None) -> SweepSummary:
+              progress: bool = True, table: dict[str, Any] | None = None,
+              metrics: tuple[str, ...] | None = None, log_artifacts: bool = True) -> SweepSummary:
     """Run every fit of `tasks` not already finished in MLflow. See the module docstring.
 
+    pack_size: fits per trial (fitted at once). max_retries: refits of a diverged fit (new seed) before it is
+    FAILED. trial_failures: Tune's retries of a crashed trial (FailureConfig.max_failures).
+    num_cpus/num_gpus: of a local Ray started here (ignored when joining a cluster or when Ray is initialised).
     table: keyword arguments of `fewsound.tables.build_table` for the parent run's table (title, row_header,
     paper_table, label_order).
+    metrics: the metrics to compute (None: all that apply; see TrialContext.metrics). log_artifacts: audio and
+    spectrogram per fit (benchmarks turn both down to isolate orchestration; the child runs are logged anyway).
     """
-    import ray
     from ray import tune
 
     if not tasks:
@@ -116,7 +141,10 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
     keys = [t.key for t in tasks]
     if len(set(keys)) != len(keys):
         raise ConfigError(name, "the sweep lists the same fit (family, clip, config, length) twice")
+    trial_resources({}, gpu_fraction)  # a bad fraction fails now, not after Ray has started
+    quiet_defaults()
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     uri = tracking_uri()
     experiment = experiment or name
     sid = sweep_id(name, tasks)
@@ -127,17 +155,24 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
     todo = [t for t in tasks if t.key not in finished]
     _mark_stale(client, parent.experiment_id, {t.key for t in todo})
     skipped = len(tasks) - len(todo)
+    timings["mlflow_setup"] = time.perf_counter() - t0
 
+    t = time.perf_counter()
     cluster = init_ray(address, num_cpus=num_cpus, num_gpus=num_gpus)
+    timings["ray_init"] = time.perf_counter() - t
     resources = trial_resources(cluster, gpu_fraction)
     packs = pack(todo, pack_size)
     ctx = TrialContext(corpus=str(Path(corpus).resolve()), experiment=experiment, parent_run_id=parent.run_id,
                        sweep=sid, tracking_uri=uri, max_retries=max_retries,
-                       curve_every_n_packs=curve_every_n_packs)
+                       curve_every_n_packs=curve_every_n_packs, log_artifacts=log_artifacts,
+                       experiment_id=parent.experiment_id, git_commit=git_commit(),
+                       metrics=tuple(metrics) if metrics is not None else None)
     if progress:
         print(f"[{name}] {len(tasks)} fits: {skipped} already finished, {len(todo)} to run in {len(packs)} trials "
               f"(each {resources}); MLflow {uri} experiment {experiment!r}", flush=True)
+    trials: list[dict[str, Any]] = []
     if packs:
+        t = time.perf_counter()
         trainable = tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), resources)
         # the packs travel inside the param_space as plain data: one grid point (trial) per pack
         space = {"pack": tune.grid_search([dict(pack_to_config(p), index=i) for i, p in enumerate(packs)])}
@@ -157,14 +192,21 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
             ),
         )
         grid = tuner.fit()
+        timings["tune"] = time.perf_counter() - t
+        trials = [dict(r.metrics, index=int(r.config["pack"]["index"])) for r in grid
+                  if r.metrics and "fits_done" in r.metrics]
         _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
+        _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
 
+    t = time.perf_counter()
     finished = finished_runs(client, parent.experiment_id)
     rows = [_row(t, finished[t.key]) for t in tasks if t.key in finished]
     failed = len(tasks) - len(rows)
     summary = SweepSummary(sid, experiment, parent.run_id, uri, len(tasks), skipped, len(rows) - skipped, failed,
-                           time.perf_counter() - t0, resources, rows)
+                           time.perf_counter() - t0, resources, rows, trials=trials, timings=timings)
     _finish_parent(parent, summary, table or {})
+    timings["report"] = time.perf_counter() - t
+    summary.seconds = time.perf_counter() - t0
     return summary
 
 
@@ -187,7 +229,7 @@ def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> Mlfl
 
 
 def _mark_stale(client: Any, exp_id: str, todo_keys: set[str]) -> None:
-    """Runs of unfinished fits left RUNNING by a killed driver: KILLED (the fit is redone)."""
+    """Child runs of unfinished fits still RUNNING (left by a killed driver or a dead worker): KILLED."""
     for r in _search(client, exp_id, "attributes.status = 'RUNNING'"):
         if r.data.tags.get(KEY_TAG) in todo_keys:
             client.set_terminated(r.info.run_id, status="KILLED")
@@ -195,18 +237,21 @@ def _mark_stale(client: Any, exp_id: str, todo_keys: set[str]) -> None:
 
 def _record_crashed_trials(grid: Any, packs: list[list[FitTask]], ctx: TrialContext, client: Any,
                            exp_id: str) -> None:
-    """A trial that crashed beyond its retries leaves its fits without a run: record each as FAILED."""
+    """A trial that crashed beyond its retries leaves fits without a run: record each as FAILED with the reason."""
+    crashed = [r for r in grid if r.error is not None]
+    if not crashed:
+        return
     finished = finished_runs(client, exp_id)
-    for result in grid:
-        if result.error is None:
-            continue
+    for result in crashed:
         idx = int(result.config["pack"]["index"])
-        reason = f"trial crashed: {type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
+        lines = str(result.error).strip().splitlines() or [""]
+        reason = f"trial crashed: {type(result.error).__name__}: {lines[-1][:300]}"
+        pid = pack_id(packs[idx])
         for t in packs[idx]:
             if t.key in finished:
                 continue
             run = MlflowRun(ctx.experiment, uri=ctx.tracking_uri, run_name=t.key, parent_run_id=ctx.parent_run_id,
-                            tags={KEY_TAG: t.key, SWEEP_TAG: ctx.sweep, REASON_TAG: reason,
+                            tags={KEY_TAG: t.key, SWEEP_TAG: ctx.sweep, REASON_TAG: reason, "fewsound.pack": pid,
                                   "fewsound.family": t.family, "fewsound.label": t.label})
             run.log_params(t.params())
             run.end("FAILED")
@@ -226,8 +271,8 @@ def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any]) ->
                         "sweep/seconds": s.seconds})
     with tempfile.TemporaryDirectory() as d:
         if s.rows:
-            for p in tables.write_results(Path(d), s.rows, **table):
-                parent.log_artifact(p, "tables")
+            tables.write_results(Path(d), s.rows, **table)
+            parent.log_artifact(d, "tables")  # results.csv, table.md, table.tex, table.csv
             s.table_markdown = (Path(d) / "table.md").read_text()
     parent.end("FINISHED" if s.failed == 0 else "FAILED")
 
@@ -242,19 +287,24 @@ def _progress_class():
             self.name, self.total, self.t0 = name, total, t0
             self.done = self.failed = 0
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.done += int(result.get("fits_done", 0))
-            self.failed += int(result.get("fits_failed", 0))
+        def _line(self, note: str = "") -> None:
             elapsed = time.perf_counter() - self.t0
             n = self.done + self.failed
             rate = n / elapsed * 3600 if elapsed > 0 else 0.0
             remaining = self.total - n
             eta = remaining / (n / elapsed) if n else float("nan")
             print(f"[{self.name}] done {self.done}  failed {self.failed}  remaining {remaining}  "
-                  f"ETA {_fmt_s(eta)}  {rate:.0f} fits/h", flush=True)
+                  f"ETA {_fmt_s(eta)}  {rate:.0f} fits/h{note}", flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.done += int(result.get("fits_done", 0)) + int(result.get("fits_skipped", 0))
+            self.failed += int(result.get("fits_failed", 0))
+            self._line()
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[{self.name}] trial {trial.trial_id} crashed (its fits are recorded as FAILED)", flush=True)
+            self.failed += len(trial.config["pack"]["clips"])
+            self._line(f"  (a trial crashed beyond its retries: its {len(trial.config['pack']['clips'])} fits are "
+                       "recorded FAILED)")
 
     return Progress
 

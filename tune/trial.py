@@ -1,10 +1,19 @@
 """What one Ray Tune trial does: fit a pack of clips with one config, evaluate, and log one MLflow child run per fit.
 
-Runs in a Ray worker process (actors are reused across trials, so caches here live for many trials). Logging
-goes over HTTP to the tracking server, so artifacts reach it from any node of a cluster.
+Runs in a Ray worker process. Actors are reused across trials, so the per-process caches here (the corpus index,
+the MLflow client, and fewsound.metrics' CDPAM model) are built once per worker and live for many trials.
+Logging goes over HTTP to the tracking server, so artifacts reach it from any node of a cluster.
 
-A fit that diverges is retried with a fresh seed up to `max_retries` times; if it still diverges its child run
-ends FAILED with the reason, and the other fits of the pack are unaffected.
+Per fit, the child run costs a fixed, small number of HTTP calls: create_run (with every tag), one log_batch
+(params + metrics + not-applicable reasons), the artifact uploads, set_terminated. MLflow's per-run "View run"
+print (and the extra get_run behind it) is off via MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by the driver.
+
+Failure handling, from the inside out:
+- a fit that diverges (non-finite loss) is refitted with a fresh seed up to `max_retries` times; if it still
+  diverges its child run ends FAILED with the reason (tag fewsound.failure_reason); the rest of the pack goes on;
+- a fit whose evaluation or logging raises is FAILED with that reason; the rest of the pack goes on;
+- anything else (the fit itself raising, the worker dying) crashes the trial: Tune retries it (FailureConfig),
+  and a retry skips the fits of the pack that already have a FINISHED run (looked up by the pack's tag).
 """
 
 from __future__ import annotations
@@ -15,19 +24,20 @@ import math
 import os
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fewsound.data.audio import peak_normalize, save_audio
-from fewsound.tracking import MlflowRun
+from fewsound.tracking import PARENT_TAG
 from tune.plan import FitTask, pack_from_config
 
 KEY_TAG = "fewsound.fit_key"
 SWEEP_TAG = "fewsound.sweep"
+PACK_TAG = "fewsound.pack"
 REASON_TAG = "fewsound.failure_reason"
+COMMIT_TAG = "mlflow.source.git.commit"
 INF_DB = 200.0  # PSNR/SNR of an exact reconstruction is +inf; MLflow stores finite floats only
 
 
@@ -42,7 +52,13 @@ class TrialContext:
     tracking_uri: str
     max_retries: int = 1
     curve_every_n_packs: int = 10  # per-step curves only for a sample of fits (the UI slows with thousands)
-    log_artifacts: bool = True
+    log_artifacts: bool = True  # audio/gt.wav, audio/pred.wav, plots/spectrogram.png per fit
+    experiment_id: str | None = None  # resolved once by the driver (None: looked up by name, once per process)
+    git_commit: str | None = None  # mlflow.source.git.commit of every child run (resolved once by the driver)
+    # Which metrics of fewsound.metrics to compute (None: every metric of the paper that applies to the clip's
+    # kind). A subset (e.g. ("mse",)) skips the costly ones (CDPAM, PESQ); benchmarks use it to isolate
+    # orchestration. The child runs are logged either way.
+    metrics: tuple[str, ...] | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -50,6 +66,20 @@ def _corpus_clips(corpus: str) -> dict[str, Any]:
     from fewsound.data.shards import open_corpus
 
     return {c.clip_id: c for c in open_corpus(corpus).clips()}
+
+
+@functools.lru_cache(maxsize=4)
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+@functools.lru_cache(maxsize=16)
+def _experiment_id(uri: str, experiment: str) -> str:
+    from fewsound.tracking import get_or_create_experiment
+
+    return get_or_create_experiment(_client(uri), experiment)
 
 
 def load_clip(corpus: str, clip_id: str, length: int) -> np.ndarray:
@@ -60,62 +90,121 @@ def load_clip(corpus: str, clip_id: str, length: int) -> np.ndarray:
     return peak_normalize(np.asarray(x, dtype=np.float32), where=clip_id)
 
 
+def pack_id(tasks: list[FitTask]) -> str:
+    """A stable id of a pack (its fits' keys), tagged on its child runs so a retried trial finds its own."""
+    from fewsound.config import cfg_hash
+
+    return cfg_hash(sorted(t.key for t in tasks), 12)
+
+
 def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> dict[str, float]:
-    """Fit, evaluate and log every fit of one pack. Returns counts for Tune's result."""
+    """Fit, evaluate and log every fit of one pack (one child run each). Returns counts and timings.
+
+    Result keys: fits_done, fits_failed, fits_skipped (already FINISHED: a retried trial), fit_seconds (the
+    packed fit() calls, retries included), eval_seconds, log_seconds, seconds (the whole call), the same as
+    process CPU seconds (fit_cpu, eval_cpu, log_cpu, cpu: less sensitive than wall time to a loaded machine),
+    start/end (epoch seconds, for concurrency accounting), pid, torch_threads.
+    """
     import torch
 
     from fewsound.fit import fit
+
+    start = time.time()
+    t0, c0 = time.perf_counter(), time.process_time()
+    tasks = pack_from_config(pack)
+    pid = pack_id(tasks)
+    client = _client(ctx.tracking_uri)
+    exp_id = ctx.experiment_id or _experiment_id(ctx.tracking_uri, ctx.experiment)
+    finished = _finished_keys(client, exp_id, ctx.sweep, pid)
+    skipped = sum(t.key in finished for t in tasks)
+    tasks = [t for t in tasks if t.key not in finished]
+
+    cfg = tasks[0].cfg if tasks else None
+    results: list[Any] = [None] * len(tasks)
+    attempts = [0] * len(tasks)
+    fit_seconds = fit_cpu = 0.0
+    if tasks:
+        clips = np.stack([load_clip(ctx.corpus, t.clip_id, t.length) for t in tasks])
+        todo = list(range(len(tasks)))
+        while todo:  # refit the diverged ones, each with a fresh seed, up to max_retries times
+            seeds = [cfg.seed + 1_000_003 * attempts[i] + i for i in todo]
+            t, c = time.perf_counter(), time.process_time()
+            out = fit(cfg, clips[todo], seeds=seeds)
+            fit_seconds += time.perf_counter() - t
+            fit_cpu += time.process_time() - c
+            retry = []
+            for i, r in zip(todo, out):
+                results[i] = r
+                attempts[i] += 1
+                if r.diverged and attempts[i] <= ctx.max_retries:
+                    retry.append(i)
+            todo = retry
+
+    t, c = time.perf_counter(), time.process_time()
+    evals, eval_errors = _evaluate(tasks, results, clips if tasks else None, ctx)
+    eval_seconds, eval_cpu = time.perf_counter() - t, time.process_time() - c
+
+    t, c = time.perf_counter(), time.process_time()
+    done = failed = 0
+    log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
+    for i, task in enumerate(tasks):
+        r = results[i]
+        reason = None
+        if r.diverged:
+            reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts[i]} attempt(s)"
+        elif i in eval_errors:
+            reason = f"evaluation failed: {eval_errors[i]}"
+        try:
+            _log_child(client, exp_id, task, r, evals[i], clips[i], ctx, pid, reason, attempts[i],
+                       curve=log_curves and i == 0)
+            ok = reason is None
+        except Exception as e:  # logging failed: this fit is lost (re-run it), the other fits of the pack are not
+            print(f"[{task.key}] logging to MLflow failed: {type(e).__name__}: {e}", flush=True)
+            ok = False
+        done += ok
+        failed += not ok
+    log_seconds, log_cpu = time.perf_counter() - t, time.process_time() - c
+    return {"fits_done": done, "fits_failed": failed, "fits_skipped": skipped, "fit_seconds": fit_seconds,
+            "eval_seconds": eval_seconds, "log_seconds": log_seconds, "seconds": time.perf_counter() - t0,
+            "fit_cpu": fit_cpu, "eval_cpu": eval_cpu, "log_cpu": log_cpu, "cpu": time.process_time() - c0,
+            "start": start, "end": time.time(), "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
+
+
+def _finished_keys(client: Any, exp_id: str, sweep: str, pid: str) -> set[str]:
+    """Keys of this pack that already have a FINISHED run (a trial retried by Tune after it crashed)."""
+    runs = client.search_runs([exp_id], filter_string=f"attributes.status = 'FINISHED' and "
+                              f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{PACK_TAG}` = '{pid}'", max_results=5000)
+    return {r.data.tags[KEY_TAG] for r in runs if KEY_TAG in r.data.tags}
+
+
+def _evaluate(tasks: list[FitTask], results: list[Any], clips: np.ndarray | None,
+              ctx: TrialContext) -> tuple[list[dict | None], dict[int, str]]:
+    """Metrics of every fit that did not diverge, batched per clip kind. A batch that raises is redone fit by fit,
+    so one bad fit (e.g. a silent reconstruction) only fails itself. Returns (evals, {index: error})."""
     from fewsound.metrics import evaluate
 
-    tasks = pack_from_config(pack)
-    cfg = tasks[0].cfg
-    clips = np.stack([load_clip(ctx.corpus, t.clip_id, t.length) for t in tasks])
-    sr = cfg.sample_rate
-    t0 = time.perf_counter()
-    results: list[Any] = [None] * len(tasks)
-    todo = list(range(len(tasks)))
-    attempts = [0] * len(tasks)
-    base_seed = cfg.seed
-    while todo:
-        seeds = [base_seed + 1_000_003 * attempts[i] + i for i in todo]
-        out = fit(cfg, clips[todo], seeds=seeds)
-        retry = []
-        for i, r in zip(todo, out):
-            results[i] = r
-            attempts[i] += 1
-            if r.diverged and attempts[i] <= ctx.max_retries:
-                retry.append(i)
-        todo = retry
-    fit_seconds = time.perf_counter() - t0
-
-    done = failed = 0
+    evals: list[dict | None] = [None] * len(tasks)
+    errors: dict[int, str] = {}
     by_kind: dict[str, list[int]] = {}
     for i, t in enumerate(tasks):
-        by_kind.setdefault(t.kind, []).append(i)
-    evals: list[dict | None] = [None] * len(tasks)
+        if not results[i].diverged:
+            by_kind.setdefault(t.kind, []).append(i)
+    sr = tasks[0].cfg.sample_rate if tasks else 0
     for kind, idx in by_kind.items():
-        ok = [i for i in idx if not results[i].diverged]
-        if ok:
-            recs = np.stack([results[i].reconstruction for i in ok])
-            for i, row in zip(ok, evaluate(clips[ok], recs, sr, kind=kind, names=[tasks[i].key for i in ok])):
-                evals[i] = row
-    log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
-    for i, t in enumerate(tasks):
-        status, reason = "FINISHED", None
-        r = results[i]
-        if r.diverged:
-            status = "FAILED"
-            reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts[i]} attempt(s)"
-        try:
-            _log_child(t, r, evals[i], clips[i], ctx, status, reason, attempts[i], log_curves and i == 0)
-        except Exception:  # logging failed: record it, do not lose the other fits of the pack
-            traceback.print_exc()
-            status = "FAILED"
-        done += status == "FINISHED"
-        failed += status != "FINISHED"
-    torch_threads = torch.get_num_threads()
-    return {"fits_done": done, "fits_failed": failed, "fit_seconds": fit_seconds,
-            "seconds": time.perf_counter() - t0, "torch_threads": torch_threads}
+        groups = [idx]
+        while groups:
+            g = groups.pop()
+            try:
+                recs = np.stack([results[i].reconstruction for i in g])
+                rows = evaluate(clips[g], recs, sr, kind=kind, metrics=ctx.metrics, names=[tasks[i].key for i in g])
+                for i, row in zip(g, rows):
+                    evals[i] = row
+            except Exception as e:
+                if len(g) > 1:
+                    groups.extend([i] for i in g)
+                else:
+                    errors[g[0]] = f"{type(e).__name__}: {e}"[:500]
+    return evals, errors
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -127,42 +216,50 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _log_child(task: FitTask, r: Any, ev: dict | None, ref: np.ndarray, ctx: TrialContext, status: str,
-               reason: str | None, attempts: int, curve: bool) -> None:
+def _log_child(client: Any, exp_id: str, task: FitTask, r: Any, ev: dict | None, ref: np.ndarray,
+               ctx: TrialContext, pid: str, reason: str | None, attempts: int, curve: bool) -> None:
+    """One child run: create (all tags) -> one batch (params, metrics, n/a reasons) -> artifacts -> terminate."""
+    from mlflow.entities import Metric, Param, RunTag
+
     from fewsound.metrics import to_mlflow
 
-    tags = {KEY_TAG: task.key, SWEEP_TAG: ctx.sweep, "fewsound.family": task.family, "fewsound.label": task.label,
-            "fewsound.attempts": attempts}
+    tags = {KEY_TAG: task.key, SWEEP_TAG: ctx.sweep, PACK_TAG: pid, PARENT_TAG: ctx.parent_run_id,
+            "fewsound.family": task.family, "fewsound.label": task.label, "fewsound.attempts": attempts}
+    if ctx.git_commit:
+        tags[COMMIT_TAG] = ctx.git_commit
     if reason:
-        tags[REASON_TAG] = reason
-    run = MlflowRun(ctx.experiment, uri=ctx.tracking_uri, run_name=task.key, parent_run_id=ctx.parent_run_id,
-                    tags=tags)
+        tags[REASON_TAG] = reason[:5000]
+    run_id = client.create_run(exp_id, run_name=task.key, tags={k: str(v) for k, v in tags.items()}).info.run_id
     try:
-        run.log_params(task.params())
         metrics = dict(r.metrics())
+        extra_tags = {}
         if ev is not None:
             metrics.update(to_mlflow(ev))
-            if ev.get("not_applicable"):
-                run.set_tags({f"fewsound.na.{k}": v[:250] for k, v in ev["not_applicable"].items()})
-        run.log_metrics(_finite(metrics))
+            extra_tags = {f"fewsound.na.{k}": v[:250] for k, v in ev.get("not_applicable", {}).items()}
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, 0) for k, v in _finite(metrics).items()]
         if curve:
-            for step, loss in r.history:
-                run.log_metrics(_finite({"fit/loss_curve": loss}), step=step)
+            ms += [Metric("fit/loss_curve", v, now, step) for step, v in r.history if math.isfinite(v)]
+        ps = [Param(k, str(v)[:6000]) for k, v in task.params().items()]
+        ts = [RunTag(k, v) for k, v in extra_tags.items()]
+        # MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags (1000 entities in all) per call
+        while ms or ps or ts:
+            client.log_batch(run_id, metrics=ms[:800], params=ps[:100], tags=ts[:100])
+            ms, ps, ts = ms[800:], ps[100:], ts[100:]
         if ctx.log_artifacts and not r.diverged:
             from fewsound.report import save_spectrogram_png
 
             with tempfile.TemporaryDirectory() as d:
                 sr = task.cfg.sample_rate
-                save_audio(Path(d) / "gt.wav", ref, sr)
-                save_audio(Path(d) / "pred.wav", r.reconstruction, sr)
-                run.log_artifact(Path(d) / "gt.wav", "audio")
-                run.log_artifact(Path(d) / "pred.wav", "audio")
-                save_spectrogram_png(Path(d) / "spectrogram.png", ref, r.reconstruction, sr)
-                run.log_artifact(Path(d) / "spectrogram.png", "plots")
+                save_audio(Path(d) / "audio" / "gt.wav", ref, sr)
+                save_audio(Path(d) / "audio" / "pred.wav", r.reconstruction, sr)
+                save_spectrogram_png(Path(d) / "plots" / "spectrogram.png", ref, r.reconstruction, sr,
+                                     title=task.key)
+                client.log_artifacts(run_id, d)
     except BaseException:
-        run.end("FAILED")
+        client.set_terminated(run_id, status="FAILED")
         raise
-    run.end(status)
+    client.set_terminated(run_id, status="FINISHED" if reason is None else "FAILED")
 
 
 def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -171,9 +268,9 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     import ray.tune
     import torch
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    torch.set_num_threads(max(1, int(cpus)))  # one torch thread per CPU the trial was given
-    os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # also when Ray was started elsewhere
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # one torch thread per CPU the trial was given
     res = run_pack(config["pack"], ctx, int(config["pack"]["index"]))
+    res.update({f"assigned_{k}": float(v) for k, v in assigned.items()})
     ray.tune.report(res)
-

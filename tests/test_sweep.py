@@ -1,0 +1,226 @@
+"""Sweeps end to end on a real local Ray, a real MLflow server over HTTP and the built-in corpus's real speech.
+
+One Ray (2 CPUs) and one MLflow server serve the whole module: the smoke job, its report, a divergence, a
+crashing trial and the jobs' bad-input errors. Resume after SIGKILL is in test_sweep_resume.py, GPU fractions in
+test_sweep_gpu.py (each needs its own Ray).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fewsound import tracking
+from fewsound.fit import FitConfig
+from tune.plan import FitTask
+from tune.trial import KEY_TAG, REASON_TAG
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_KEYS = ("eval/mse", "eval/psnr", "eval/snr", "eval/si_snr", "eval/lsd", "eval/wd_hf", "eval/pesq", "eval/stoi",
+             "eval/cdpam")
+FIT_KEYS = ("fit/loss", "cost/seconds", "cost/steps_per_s", "model/params")
+
+
+def sweep_home(tmp_path_factory, request) -> tuple[Path, str]:
+    """One FEWSOUND_HOME and MLflow server (on a free port) for every sweep test module of this pytest session."""
+    home = tmp_path_factory.getbasetemp() / "sweep-home"
+    home.mkdir(exist_ok=True)
+    uri = tracking.start_local_server(home=home, port=tracking._free_port())
+    if not getattr(request.config, "_sweep_server_cleanup", False):
+        request.config._sweep_server_cleanup = True
+        request.config.add_cleanup(lambda: tracking.stop_local_server(home))
+    return home, uri
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, request):
+    home, uri = sweep_home(tmp_path_factory, request)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEWSOUND_HOME", str(home))
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield home, uri
+
+
+@pytest.fixture(scope="module")
+def ray_local(env):
+    import ray
+
+    from tune.sweep import init_ray, quiet_defaults
+
+    quiet_defaults()
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(env):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=env[1])
+
+
+def children(client, experiment: str) -> tuple[object, list]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("fewsound.role") == "parent"]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    kids = [r for r in runs if r.data.tags.get(tracking.PARENT_TAG) == parents[0].info.run_id]
+    return parents[0], kids
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_local, client):
+    """`jobs/fit_inrs.py --smoke-test`, in this process (on this module's Ray): its exit code and output."""
+    import contextlib
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    import fit_inrs
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        rc = fit_inrs.main(["--smoke-test"])
+    return rc, buf.getvalue()
+
+
+def test_smoke_job_logs_parent_and_six_children_with_metrics_and_artifacts(smoke, client, tmp_path):
+    rc, out = smoke
+    assert rc == 0, out
+    _, kids = children(client, "fit_inrs-smoke")
+    assert len(kids) == 6
+    assert {r.data.tags["fewsound.family"] for r in kids} == {"nerf", "kan"}
+    for r in kids:
+        assert r.info.status == "FINISHED", (r.info.run_name, r.data.tags.get(REASON_TAG))
+        assert r.data.tags[KEY_TAG] == r.info.run_name
+        assert r.data.tags.get("mlflow.source.git.commit")
+        missing = [k for k in EVAL_KEYS + FIT_KEYS if k not in r.data.metrics]
+        assert not missing, (r.info.run_name, missing, r.data.tags)
+        assert all(math.isfinite(v) for v in r.data.metrics.values())
+        assert r.data.params["clip.length"] == "16384" and r.data.params["fit.steps"] == "5"
+    # artifacts travel over HTTP: read one fit's back and check they are its audio and a PNG
+    run = kids[0]
+    d = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
+    import soundfile as sf
+
+    gt, sr = sf.read(d / "audio" / "gt.wav", dtype="float32")
+    pred, _ = sf.read(d / "audio" / "pred.wav", dtype="float32")
+    assert sr == 22_050 and gt.shape == pred.shape == (16_384,)
+    assert np.isclose(np.abs(gt).max(), 1.0)  # peak-normalised, as fitted
+    mse = float(np.mean((gt - pred) ** 2))
+    assert mse == pytest.approx(run.data.metrics["eval/mse"], rel=1e-4)
+    assert (d / "plots" / "spectrogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every other run has its three files too
+    for r in kids[1:]:
+        files = {a.path for a in client.list_artifacts(r.info.run_id, "audio")}
+        files |= {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
+        assert files == {"audio/gt.wav", "audio/pred.wav", "plots/spectrogram.png"}
+
+
+def test_smoke_output_is_quiet_progress_lines_table_and_ui_address(smoke):
+    rc, out = smoke
+    progress = [line for line in out.splitlines() if line.startswith("[fit_inrs] done")]
+    assert len(progress) == 2  # one per trial (2 packs of 3 fits)
+    assert progress[-1].split()[1:7] == ["done", "6", "failed", "0", "remaining", "0"]
+    assert "fits/h" in progress[-1] and "ETA" in progress[-1]
+    assert "| NERF |" in out and "| KAN |" in out
+    assert "MLflow UI: http://127.0.0.1:" in out
+    for noise in ("View run", "View experiment", "Configuration for experiment", "View detailed results",
+                  "tensorboard", "Traceback"):
+        assert noise not in out, noise
+
+
+def test_parent_tables_parse_and_match_the_child_runs(smoke, client, tmp_path):
+    parent, kids = children(client, "fit_inrs-smoke")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["sweep/done"] == 6 and parent.data.metrics["sweep/failed"] == 0
+    d = Path(client.download_artifacts(parent.info.run_id, "tables", str(tmp_path)))
+    rows = list(csv.DictReader(io.StringIO((d / "table.csv").read_text())))
+    label = {"nerf": "NERF", "kan": "KAN"}
+    seen = set()
+    for row in rows:
+        key = {"MSE": "eval/mse", "PSNR": "eval/psnr", "LSD": "eval/lsd", "SI-SNR": "eval/si_snr",
+               "PESQ": "eval/pesq", "STOI": "eval/stoi", "CDPAM": "eval/cdpam", "WD": "eval/wd_hf"}[row["metric"]]
+        xs = [r.data.metrics[key] for r in kids if label[r.data.tags["fewsound.family"]] == row["INR"]]
+        assert int(row["n"]) == len(xs) == 3
+        assert float(row["mean"]) == pytest.approx(np.mean(xs), rel=1e-9, abs=1e-12)
+        assert float(row["std"]) == pytest.approx(np.std(xs), rel=1e-6, abs=1e-12)  # population std over clips
+        params = {int(r.data.metrics["model/params"]) for r in kids if label[r.data.tags["fewsound.family"]] == row["INR"]}
+        assert {int(row["params"])} == params
+        seen.add((row["INR"], row["metric"]))
+    assert len(seen) == 2 * 8  # both families x every metric column
+    md = (d / "table.md").read_text()
+    lines = [x for x in md.splitlines() if x.startswith("| NERF") or x.startswith("| KAN")]
+    assert len(lines) == 2
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[2] == "3" and len(cells) == 3 + 8
+        assert all("±" in c for c in cells[3:])
+    per_fit = list(csv.DictReader(io.StringIO((d / "results.csv").read_text())))
+    assert sorted(r["key"] for r in per_fit) == sorted(r.info.run_name for r in kids)
+
+
+def test_a_diverging_fit_is_failed_with_its_reason_and_the_others_finish(ray_local, client, env):
+    from tune.jobs import corpus_clips, resolve_corpus
+    from tune.sweep import run_sweep
+
+    corpus = resolve_corpus(None, 4096)
+    clips = corpus_clips(corpus, "2", "speech")
+    # SIREN at lr=1e6 really diverges (non-finite loss at step 2); NERF at its default rate does not
+    tasks = [FitTask(FitConfig(family=f, steps=4, lr=lr), c.clip_id, c.kind, 4096, f)
+             for f, lr in (("nerf", None), ("siren", 1e6)) for c in clips]
+    s = run_sweep("diverge", tasks, corpus=corpus, experiment="test-diverge", max_retries=1, progress=False,
+                  metrics=("mse", "psnr"), log_artifacts=False)
+    assert (s.done, s.failed) == (2, 2)
+    parent, kids = children(client, "test-diverge")
+    assert parent.info.status == "FAILED"  # the sweep finished, and says that some fits failed
+    by_family = {}
+    for r in kids:
+        by_family.setdefault(r.data.tags["fewsound.family"], []).append(r)
+    assert all(r.info.status == "FINISHED" and "eval/mse" in r.data.metrics for r in by_family["nerf"])
+    for r in by_family["siren"]:
+        assert r.info.status == "FAILED"
+        assert r.data.tags[REASON_TAG].startswith("diverged at step ")
+        assert r.data.tags["fewsound.attempts"] == "2"  # the first fit and one retry with a new seed
+        assert "fit/loss" in r.data.metrics and "eval/mse" not in r.data.metrics
+    assert not client.list_artifacts(by_family["siren"][0].info.run_id)
+
+
+def test_a_crashing_trial_is_retried_then_its_fits_are_failed_with_the_reason(ray_local, client, env):
+    from tune.jobs import corpus_clips, resolve_corpus
+    from tune.sweep import run_sweep
+
+    corpus = resolve_corpus(None, 4096)
+    good = corpus_clips(corpus, "1", "speech")[0]
+    # a clip the corpus does not have: the trial raises (KeyError) on every attempt
+    tasks = [FitTask(FitConfig(family="nerf", steps=2), good.clip_id, "speech", 4096, "nerf"),
+             FitTask(FitConfig(family="rff", steps=2), "no-such-clip", "speech", 4096, "rff")]
+    s = run_sweep("crash", tasks, corpus=corpus, experiment="test-crash", trial_failures=1, progress=False,
+                  metrics=("mse",), log_artifacts=False)
+    assert (s.done, s.failed) == (1, 1)
+    _, kids = children(client, "test-crash")
+    failed = [r for r in kids if r.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags["fewsound.family"] == "rff"
+    assert failed[0].data.tags[REASON_TAG].startswith("trial crashed:") and "no-such-clip" in \
+        failed[0].data.tags[REASON_TAG]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--families", "nerf,transformer"], "--families: unknown value(s) ['transformer']"),
+    (["--corpus", "/nonexistent/corpus", "--steps", "2"], "/nonexistent/corpus: no such corpus folder"),
+    (["--gpu-fraction", "0.3", "--families", "nerf"], "gpu_fraction: 0.3 does not divide one GPU"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(env, args, expect):
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "fit_inrs.py"), *args], capture_output=True, text=True,
+                       timeout=300, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr + p.stdout
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], p.stderr

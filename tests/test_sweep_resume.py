@@ -1,0 +1,74 @@
+"""Resume: SIGKILL the job's driver mid-sweep, run the same command again, and every fit ends with exactly one
+FINISHED run; the fits finished before the kill are not redone. The job runs as a subprocess, as a user runs it
+(its own local Ray, the shared MLflow server of the test session)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from test_sweep import REPO, children, sweep_home  # tests/ is on sys.path (rootdir-relative imports)
+from tune.trial import KEY_TAG
+
+EXPERIMENT = "test-resume"
+CMD = [sys.executable, str(REPO / "jobs" / "fit_inrs.py"), "--smoke-test", "--pack-size", "1",
+       "--experiment", EXPERIMENT]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, request):
+    home, uri = sweep_home(tmp_path_factory, request)
+    return dict(os.environ, FEWSOUND_HOME=str(home), MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(REPO)), uri
+
+
+def finished(client) -> dict[str, str]:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000)
+    return {r.info.run_id: r.data.tags[KEY_TAG] for r in runs if KEY_TAG in r.data.tags}
+
+
+def test_sigkill_mid_sweep_then_rerun_finishes_every_fit_exactly_once(env, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    environ, uri = env
+    client = MlflowClient(tracking_uri=uri)
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(CMD, cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    try:
+        while not finished(client):  # kill as soon as one fit is FINISHED (6 fits, 1 per trial, 2 at a time)
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline, "no fit finished within 10 minutes"
+            time.sleep(0.2)
+        family = psutil.Process(proc.pid).children(recursive=True)  # its local Ray: GCS, raylet, workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Ray's processes share the driver's fate: wait until they are gone, so none logs anything afterwards
+    _, alive = psutil.wait_procs(family, timeout=60)
+    assert not alive, [p.pid for p in alive]
+    before = finished(client)
+    assert 1 <= len(before) < 6, f"{len(before)} fits finished before the kill: not mid-sweep"
+
+    again = subprocess.run(CMD, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"6 fits: {len(before)} already finished, {6 - len(before)} to run" in again.stdout
+    assert f"6 fits: {6 - len(before)} done now, {len(before)} already finished, 0 failed" in again.stdout
+
+    after = finished(client)
+    keys = list(after.values())
+    assert len(keys) == 6 and len(set(keys)) == 6  # every fit exactly one FINISHED run
+    assert set(before) <= set(after)  # the runs finished before the kill are the ones that count: not redone
+    parent, kids = children(client, EXPERIMENT)  # the re-run reopened the same parent run
+    assert parent.info.status == "FINISHED"
+    assert not [r for r in kids if r.info.status == "RUNNING"]  # a fit in flight at the kill was marked KILLED
