@@ -16,9 +16,11 @@ Defaults (the paper gives none; its code defaults omega = k = 1 cannot represent
 omega_i = 30 as SIREN (the FINER layer reduces to SIREN's for |z| << 1), and k = 1. One unit of t is
 16,383.5 samples (0.743 s), so omega_0 * W t oscillates at up to 2000/(2 pi * 0.743) = 430 Hz; the (|z|+1)
 factor raises a unit's local frequency up to (2|z| + 1) times that, and the first-layer bias spread k sets how
-far: k = 1 covers up to 3x (1.3 kHz) at the first layer, and the sine layers compose higher harmonics. A short
-fit on real speech ranked omega_0 in {500, 1000, 2000, 4000} x k in {0.5, 1, 2}; the Optuna search tunes
-`omega_0`, `omega_i` and `first_bias_scale`.
+far: k = 1 covers up to 3x (1.3 kHz) at the first layer, and the sine layers compose higher harmonics.
+Sanity check (150 Adam steps, lr 1e-4, MSE, 8,192 samples of a built-in speech clip on the coordinates of a
+32,768-sample clip): PSNR 41.3 dB at the defaults, 40.4 (k = 5), 40.8 (omega_0 = 500, k = 5), 41.6 (k = 0.2) -
+flat around the defaults - against 36.5 for SIREN. The Optuna search tunes `omega_0`, `omega_i`,
+`first_bias_scale`.
 """
 
 from __future__ import annotations

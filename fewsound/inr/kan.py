@@ -17,15 +17,19 @@ scale_spline when there is no standalone scaler); ss ~ kaiming_uniform(a = sqrt(
 `scale_spline` changes an init gain; `enable_scale_spline` adds the scaler parameters.
 
 Fast path (`implementation="fast"`, default). The paper's code evaluates the basis with the Cox-de Boor
-recursion over all G + k bases, materialising several [N, in, G + 2k] tensors per layer and keeping them for
-backward. On a uniform grid only k + 1 bases are non-zero at any x: with u = (x - t_0) / h, the interval is
-m = floor(u) and the k + 1 values are fixed polynomials of the fractional position f = u - m (the uniform
-B-spline's pieces, `_uniform_bspline_polynomials`). The layer then is a sparse product: output row (b, n)
-sums in * (k + 1) rows of the coefficient table, weighted by those values - exactly `F.embedding_bag` with
-per-sample weights, which never builds the dense basis. Outside the extended knot range, and at its right end
-(half-open intervals), every basis is zero, as in the recursion. `implementation="recursion"` is the
-straightforward dense formulation (`bspline_basis_recursion`), kept as the reference for tests and the
-speed benchmark.
+recursion over all G + k bases, materialising several [N, in, G + 2k] tensors per layer and keeping them all
+for backward. On a uniform grid only k + 1 bases are non-zero at any x: with u = (x - t_0) / h, the interval
+is m = floor(u) and the k + 1 values are fixed polynomials of the fractional position f = u - m (the uniform
+B-spline's pieces, `_uniform_bspline_polynomials`, derived exactly from the recursion). `_SplineContract`
+(a custom autograd.Function) walks N in small tiles: per tile it scatters those k + 1 values per input into
+one reused, zeroed basis tile (a few hundred rows) and contracts it with the coefficients by a batched
+matmul; backward re-derives the values (and their closed-form derivatives) per tile the same way. Autograd
+keeps only the layer input, so memory no longer grows with N * in * (G + k), and the work is k + 1 scatters
+plus BLAS instead of the recursion's O(k (G + 2k)) elementwise passes.
+Outside the extended knot range, and at its right end (half-open intervals), every basis is zero, as in the
+recursion; ties at knots fall as in the recursion to rounding (exactly for k = 0, where it matters).
+`implementation="recursion"` is the straightforward dense formulation (`bspline_basis_recursion` + one bmm),
+kept as the reference for the tests and the speed benchmark (benchmarks/kan_speed.py).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class KanConfig:
     scale_noise: float = 0.1
     scale_base: float = 1.0
     scale_spline: float = 1.0
-    implementation: str = "fast"  # "fast" (closed-form local basis + embedding_bag) | "recursion" (reference)
+    implementation: str = "fast"  # "fast" (closed-form local basis, tiled) | "recursion" (reference)
 
     def __post_init__(self):
         check_positive(self, "encoding_length", integer=True)

@@ -6,12 +6,13 @@
 39,201 parameters (B is not counted): the MLP's first layer maps the 90 features to 90 (as in the paper's
 code, which builds the MLP with input size = hidden[0]).
 
-Default sigma = 500 (the paper gives none; its code default 1.0 is useless for audio). With t in [-1, 1] over
+Default sigma = 300 (the paper gives none; its code default 1.0 is useless for audio). With t in [-1, 1] over
 32,768 samples at 22,050 Hz, one unit of t is 16,383.5 samples = 0.743 s, so a feature cos(2 pi B t) oscillates
-at |B| / 0.743 Hz. sigma = 1 would give frequencies around 1.3 Hz; sigma = 500 spreads the 45 frequencies with a
-standard deviation of about 670 Hz (most of them below 2 kHz, where speech has its energy; the ReLU MLP
-creates the harmonics above). A short fit on real speech ranked sigma in {100, 300, 500, 1000, 3000} and 500 did
-best at few hundred steps; the Optuna search tunes it (`sigma`).
+at |B| / 0.743 Hz: sigma = 1 gives frequencies around 1.3 Hz, sigma = 300 spreads the 45 frequencies with a
+standard deviation of about 400 Hz (speech's fundamentals and first formants; the ReLU MLP adds harmonics).
+Sanity check (150 Adam steps, lr 1e-3, MSE, on 8,192 samples of a built-in speech clip with the coordinates of
+a 32,768-sample clip): PSNR 25.5 / 31.4 / 38.6 / 36.8 / 27.2 dB for sigma = 30 / 100 / 300 / 1000 / 3000.
+The Optuna search tunes `sigma`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class RffConfig:
     family: ClassVar[str] = "rff"
     widths: tuple[int, ...] = (90, 90, 90, 90, 70)
     num_frequencies: int = 45  # m; the encoding has 2m features
-    sigma: float = 500.0  # std of B, in cycles per unit of t
+    sigma: float = 300.0  # std of B, in cycles per unit of t
 
     def __post_init__(self):
         check_widths(self)
