@@ -164,8 +164,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=cfg.weight_decay)
     # "epoch" plans the schedule over epochs * steps_per_epoch steps but takes one per epoch, as the paper's code.
+    total = cfg.total_steps
+    if total < 4:  # too short for a cycle (OneCycleLR would start at its final rate): constant start rate
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    # Short runs (smoke tests): at least 2 warm-up steps, else torch's phase boundaries collapse.
+    pct = cfg.pct_start if cfg.pct_start * total >= 2 else min(0.5, 2 / total)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr * cfg.div_factor, total_steps=cfg.total_steps, pct_start=cfg.pct_start,
+        optimizer, max_lr=lr * cfg.div_factor, total_steps=total, pct_start=pct,
         div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
     return optimizer, scheduler
 
@@ -466,3 +471,42 @@ def train(cfg: TrainConfig, train_segments: np.ndarray, val_segments: np.ndarray
         if on_epoch is not None:
             on_epoch(stats, summary)
     return model, history, summaries
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def model_from_training_state(folder: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model of a training checkpoint folder (train_state.pt + meta.json), in eval mode."""
+    from fewsound.hyper import build_model
+
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file() or not (folder / META_FILE).is_file():
+        raise ConfigError(folder, f"not a training checkpoint (no {STATE_FILE} and {META_FILE})")
+    cfg = train_config_from_dict(json.loads((folder / META_FILE).read_text())["config"])
+    model = build_model(cfg.model, verbose=False)
+    payload = torch.load(folder / STATE_FILE, map_location=map_location, weights_only=False)
+    model.load_state_dict(payload["model"])
+    model.set_epoch(int(payload["epoch"]) + 1)
+    return model.to(map_location).eval()
+
+
+def evaluate_model(model: torch.nn.Module, segments: np.ndarray, kinds: Sequence[str], ids: Sequence[str], *,
+                   label: str, metrics: Sequence[str] | None = None, device: torch.device | None = None,
+                   batch_size: int = 16) -> list[dict[str, Any]]:
+    """Paper-table rows (fewsound.tables) for a trained model on stored validation segments [V, L]: the
+    deterministic crop of the model's clip length, every metric that applies per kind. One row per clip."""
+    from fewsound.metrics import evaluate, to_mlflow
+
+    m = unwrap(model)
+    length, sr = m.config.clip_length, m.config.sample_rate
+    clips = validation_crop(segments, length)
+    recs = reconstruct(m, clips, batch_size=batch_size, device=device)
+    params = float(m.param_counts()["total"])
+    rows: list[dict[str, Any]] = [{} for _ in range(len(clips))]
+    for kind in sorted(set(kinds)):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        for i, res in zip(idx, evaluate(clips[idx], recs[idx], sr, kind, metrics, names=[ids[i] for i in idx])):
+            rows[i] = {"label": label, "length": length, "clip_id": ids[i], "kind": kind, **to_mlflow(res),
+                       "model/params": params}
+    return rows

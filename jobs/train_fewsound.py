@@ -24,7 +24,7 @@ from fewsound.errors import ConfigError, FewsoundError
 from fewsound.hyper import HyperConfig
 from fewsound.train import TrainConfig
 
-SMOKE = dict(preset="tiny", epochs=2, batch_size=4, samples_per_epoch=8, val_every=1, val_clips=4, log_clips=2,
+SMOKE = dict(preset="tiny", epochs=3, batch_size=4, samples_per_epoch=8, val_every=1, val_clips=4, log_clips=2,
              val_metrics=("mse", "psnr", "snr", "si_snr", "lsd"), lr=1e-4)
 
 

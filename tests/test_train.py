@@ -128,3 +128,37 @@ def test_fewsound_learns_and_beats_its_universal_weights(speech_segments):
     assert v["eval/mse"] < v["universal/mse"] and v["eval/psnr"] > v["universal/psnr"], v
     assert v["eval/si_snr"] > v["universal/si_snr"] + 10, v
     assert v["val/clips"] == 6
+
+
+def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segments, capsys):
+    """jobs/evaluate_fewsound.py on a real prepared corpus: a FewSound training checkpoint folder and a
+    HyperSound model file give Table 2's two rows; a bad --model is one line and exit code 2."""
+    import csv
+    import importlib.util
+
+    from fewsound.data.prepare import prepare_corpus
+    from fewsound.hyper import save_model
+
+    corpus = tmp_path / "corpus"
+    prepare_corpus("builtin", out=corpus, protocol="fewsound")
+    cfg = tiny()
+    fs = build_model(cfg.model, verbose=False)
+    opt, sched = make_optimizer(fs, cfg)
+    train_step(fs, next(random_batches(speech_segments, 4, CLIP, seed=0)), opt, scheduler=sched)
+    save_training_state(tmp_path / "ckpt" / "epoch_00001", fs, opt, sched, cfg, epoch=0, step=1)
+    hs = build_model(cfg.model.replace(kind="hypersound"), verbose=False)
+    save_model(tmp_path / "hs.pt", hs)
+
+    spec = importlib.util.spec_from_file_location("evaluate_fewsound", "jobs/evaluate_fewsound.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    rc = job.main(["--model", str(tmp_path / "ckpt"), "--model", str(tmp_path / "hs.pt"), "--corpus", str(corpus),
+                   "--smoke-test", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| FewSound tiny |" in table and "| HyperSound |" in table, table
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert sorted({r["label"] for r in rows}) == ["FewSound tiny", "HyperSound"] and len(rows) == 8
+    assert all(float(r["eval/mse"]) > 0 for r in rows)
+    assert job.main(["--model", str(tmp_path / "missing.pt"), "--corpus", str(corpus)]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0

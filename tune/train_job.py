@@ -177,6 +177,7 @@ def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | 
     import ray
     import ray.data
     import ray.train
+    from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
 
     from fewsound.tracking import default_home, tracking_uri
@@ -213,9 +214,8 @@ def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | 
     c = open_corpus(corpus)
     columns = ["clip_id", "audio"]
     train_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("train")], columns=columns, shuffle="files")
-    wanted = set(val_ids)
     val_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("validation")], columns=columns) \
-        .filter(lambda row: row["clip_id"] in wanted)
+        .filter(expr=col("clip_id").is_in(val_ids))
     loop_config = {"train": to_dict(cfg), "run_id": run.run_id, "tracking_uri": uri, "experiment": experiment,
                    "val_ids": val_ids, "val_kinds": val_kinds, "log_ids": log_ids, "cpus_per_worker": cpu_each,
                    "key": key}
@@ -427,3 +427,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
     if rank == 0:
         _log_final_model(run, unwrap(model), config["tracking_uri"])
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def load_trained(source: str, *, tracking: str | None = None):
+    """A trained model from: a fewsound model file (save_model), a training checkpoint folder, a run's storage
+    folder (its latest epoch_* checkpoint), or an MLflow run id (its model_file artifact)."""
+    import re
+
+    from fewsound.hyper import load_model
+    from fewsound.train import STATE_FILE, model_from_training_state
+
+    p = Path(source).expanduser()
+    if p.is_file():
+        return load_model(p)
+    if p.is_dir():
+        if (p / STATE_FILE).exists():
+            return model_from_training_state(p)
+        epochs = sorted(q for q in p.glob("epoch_*") if (q / STATE_FILE).exists())
+        if epochs:
+            return model_from_training_state(epochs[-1])
+        raise ConfigError(source, "folder holds no training checkpoint (train_state.pt) nor epoch_* checkpoints")
+    if re.fullmatch(r"[0-9a-f]{32}", source):
+        import mlflow.artifacts
+
+        from fewsound.tracking import tracking_uri
+
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=source, artifact_path=f"model_file/{MODEL_FILE}",
+                                                        tracking_uri=tracking or tracking_uri())
+        except Exception as e:  # noqa: BLE001 - an unknown run or a run without the artifact is the user's input
+            raise ConfigError(source, f"MLflow run has no model_file/{MODEL_FILE} ({type(e).__name__})") from None
+        return load_model(local)
+    raise ConfigError(source, "not a model file, a checkpoint folder, nor an MLflow run id")

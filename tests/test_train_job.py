@@ -1,0 +1,241 @@
+"""The training job on real Ray: DDP correctness, and `ray job submit` of the smoke test against a dedicated
+`ray start --head` with Ray 2.60's token authentication, stopped mid-training and resubmitted (resume).
+
+The head node is ours alone: its own temp dir, ports and auth token file; it runs as `ray start --head --block`
+in its own session, so the test stops it (and only it) with SIGTERM to that process - never `ray stop`, which
+would kill every Ray on the machine, other people's test clusters included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+CLIP = 2048
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+
+
+def _ddp_step(config):
+    """Ray Train worker: one DDP train_step on this rank's half of the global batch; rank 0 saves the result."""
+    import ray.train
+    import ray.train.torch
+
+    from fewsound.hyper import HyperConfig, build_model
+    from fewsound.train import TrainConfig, make_optimizer, train_step
+
+    torch.set_num_threads(1)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = TrainConfig(model=HyperConfig(target="kan", preset="tiny", clip_length=CLIP), lr=1e-4, batch_size=4,
+                      samples_per_epoch=4, epochs=100)
+    model = build_model(cfg.model, verbose=False)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    ddp = ray.train.torch.prepare_model(model)
+    batch = torch.from_numpy(np.load(config["batch"]))
+    losses = train_step(ddp, batch[rank::world], optimizer, scheduler=scheduler)
+    if rank == 0:
+        torch.save({"state": model.state_dict(), "grads": {n: p.grad for n, p in model.named_parameters()},
+                    "wrapped": type(ddp).__name__, "losses": losses}, config["out"])
+    ray.train.report({"rank": rank})
+
+
+def test_ddp_step_equals_single_process_step_on_the_whole_batch(tmp_path, speech_clips):
+    """Two CPU workers (gloo), two clips each: the averaged gradients and the updated weights equal one
+    single-process step on all four clips."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from fewsound.hyper import HyperConfig, build_model
+    from fewsound.train import TrainConfig, make_optimizer, peak_normalize_batch, train_step
+
+    batch = peak_normalize_batch(np.stack([c.load()[11_025 : 11_025 + CLIP] for c in speech_clips[:4]]))
+    np.save(tmp_path / "batch.npy", batch)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        TorchTrainer(_ddp_step, train_loop_config={"batch": str(tmp_path / "batch.npy"), "out": str(tmp_path / "r0.pt")},
+                     scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False,
+                                                            resources_per_worker={"CPU": 1}),
+                     run_config=ray.train.RunConfig(name="ddp", storage_path=str(tmp_path / "ray"))).fit()
+    finally:
+        ray.shutdown()
+    ddp = torch.load(tmp_path / "r0.pt", weights_only=False)
+    assert ddp["wrapped"] == "DistributedDataParallel"
+
+    cfg = TrainConfig(model=HyperConfig(target="kan", preset="tiny", clip_length=CLIP), lr=1e-4, batch_size=4,
+                      samples_per_epoch=4, epochs=100)
+    torch.set_num_threads(1)
+    model = build_model(cfg.model, verbose=False)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train_step(model, torch.from_numpy(batch), optimizer, scheduler=scheduler)
+    assert torch.allclose(ddp["losses"], losses[0::2], rtol=1e-5, atol=1e-7)  # rank 0 saw clips 0 and 2
+    for name, p in model.named_parameters():
+        g = ddp["grads"][name]
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6 * float(p.grad.abs().max()) + 1e-12), name
+    moved = 0
+    for k, v in model.state_dict().items():
+        # AdamW's first step moves each weight by about lr: the DDP result must agree far below that
+        assert torch.allclose(ddp["state"][k], v, rtol=0, atol=2e-6), (k, float((ddp["state"][k] - v).abs().max()))
+        moved += int((v - before[k]).abs().max() > 5e-5)
+    assert moved > 10  # the step did change the weights (lr 1e-4), so agreeing is not trivial
+
+
+# ------------------------------------------------------------------------------------------------ ray job submit
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A private `ray start --head --block` with token authentication: (env for the CLI, dashboard address)."""
+    root = tmp_path_factory.mktemp("rayhead")
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))  # the documented way: RAY_AUTH_MODE=token + a token (here a file)
+    token.chmod(0o600)
+    home = root / "fewsound_home"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FEWSOUND_HOME": str(home),
+           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    dash = _free_port()
+    temp_dir = Path(f"/tmp/fsrt_{secrets.token_hex(3)}")  # short: Ray's unix socket paths have a length limit
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+           "--temp-dir", str(temp_dir), "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(dash), "--ray-client-server-port", str(_free_port()),
+           "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+           "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
+           "--disable-usage-stats"]
+    log = open(root / "ray_head.log", "wb")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            r = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env,
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            assert head.poll() is None, (root / "ray_head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, r.stderr[-2000:]
+            time.sleep(2)
+        yield env, address, home, head.pid
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started, then exits
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        from fewsound.tracking import stop_local_server
+
+        stop_local_server(home)  # the MLflow server the job started for this FEWSOUND_HOME
+
+
+def _train_workers(head_pid: int) -> list:
+    """The Ray Train worker processes under OUR head node (other Ray clusters on the machine are left alone)."""
+    import psutil
+
+    out = []
+    for proc in psutil.Process(head_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                out.append(proc)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _ray(env, *args, timeout=600):
+    return subprocess.run([str(VENV_BIN / "ray"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
+    """`ray job submit --working-dir . -- python jobs/train_fewsound.py --smoke-test` on a token-authenticated
+    head. The first submission is stopped after its first checkpoint; resubmitting the same command resumes
+    from that checkpoint (same state digest, later epochs only), finishes, and completes the same MLflow run."""
+    env, address, home, head_pid = ray_head
+    entry = ["--", "python", "jobs/train_fewsound.py", "--smoke-test"]
+    # without the token the cluster refuses us: authentication is really on
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    no_token["HOME"] = str(home.parent)  # no ~/.ray/auth_token there either
+    r = _ray(no_token, "job", "list", "--address", address, timeout=120)
+    assert r.returncode != 0, r.stdout
+
+    first = _ray(env, "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", *entry)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job_id = re.search(r"raysubmit_\w+", first.stdout + first.stderr).group(0)
+    storage = home / "train"
+    deadline = time.monotonic() + 400
+    while not any("epoch_00001" in p.read_text() for p in storage.glob("*/checkpoint_manager_snapshot.json")):
+        assert time.monotonic() < deadline, _ray(env, "job", "logs", "--address", address, job_id).stdout[-4000:]
+        time.sleep(0.3)
+    # Freeze the training workers at once (SIGSTOP: no CLI start-up latency, so the job cannot finish
+    # meanwhile on a fast machine), then stop the job the ordinary way: a kill in the middle of epoch 2 or 3.
+    frozen = _train_workers(head_pid)
+    assert frozen, "no RayTrainWorker process under our head node"
+    for proc in frozen:
+        proc.send_signal(signal.SIGSTOP)
+    stop = _ray(env, "job", "stop", "--address", address, job_id, timeout=180)
+    for proc in frozen:
+        if proc.is_running():
+            proc.send_signal(signal.SIGCONT)  # let anything Ray did not reap exit on its own SIGTERM/SIGKILL
+    status = _ray(env, "job", "status", "--address", address, job_id).stdout
+    assert "stopped" in status.lower(), (status, stop.stdout[-2000:], stop.stderr[-2000:])
+    (run_dir,) = [p.parent for p in storage.glob("*/checkpoint_manager_snapshot.json")]
+    digests = {int(p.parent.name.split("_")[1]): json.loads(p.read_text())["digest"]
+               for p in run_dir.glob("epoch_*/meta.json")}
+    assert digests and max(digests) < 3, digests  # stopped before the last (3rd) epoch
+
+    second = _ray(env, "job", "submit", "--address", address, "--working-dir", ".", *entry)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-5000:]
+    m = re.search(r"resumed after epoch (\d+) \(step (\d+)\); state digest (\w+)", out)
+    assert m, out[-5000:]
+    resumed = int(m.group(1))
+    assert resumed in digests and m.group(3) == digests[resumed], (m.groups(), digests)
+    trained = sorted({int(e) for e in re.findall(r"\[train\] epoch (\d+)/3", out)})
+    assert trained == list(range(resumed + 1, 4)), trained
+    assert "trained in" in out and "3 epochs on 2 CPU worker(s)" in out, out[-3000:]
+
+    from mlflow.tracking import MlflowClient
+
+    from fewsound.tracking import start_local_server
+
+    client = MlflowClient(tracking_uri=start_local_server(home))
+    exp = client.get_experiment_by_name("train_fewsound-smoke")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags.get("fewsound.resumed") == "true"
+    epochs = sorted(int(x.value) for x in client.get_metric_history(run.info.run_id, "epoch"))
+    assert epochs[-1] == 2 and set(epochs) == {0, 1, 2}
+    assert {"val/loss", "eval/psnr", "universal/psnr", "train/loss_step", "model/params"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model_file", "reconstructions"} <= artifacts, artifacts
+    recon = client.list_artifacts(run.info.run_id, "reconstructions")
+    assert recon and client.list_artifacts(run.info.run_id, recon[-1].path)
+    logged = [lm for lm in client.search_logged_models([exp.experiment_id])
+              if lm.source_run_id == run.info.run_id]
+    assert logged, "the final model was not logged with mlflow.pytorch.log_model"
