@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", default="speech", help="which clips of the corpus (default: speech, as the paper)")
     add_common_arguments(p)
     p.set_defaults(clips="10")  # the paper: 10 clips
+    # the shared options, as this job reads them: the rate is a knob here, and the clip count defaults to 10
+    p._option_string_actions["--lr"].help = argparse.SUPPRESS
+    p._option_string_actions["--clips"].help = ("how many clips (a number: the first N of the corpus) or a "
+                                                "comma-separated list of clip ids (default: 10, the paper's)")
     args = p.parse_args(argv)
     if args.lr is not None:
         print("error: --lr: the learning rate is a knob of this ablation (--knobs lr), not an option", file=sys.stderr)

@@ -25,20 +25,21 @@ def job(name: str):
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """A private FEWSOUND_HOME: its own MLflow server on a free port, its own Ray."""
+def home(tmp_path_factory, request):
+    """A FEWSOUND_HOME private to this pytest session (its own MLflow server on a free port, its prepared
+    corpus), shared by the sweep-job test modules so the server, corpus and Ray start once; stopped at the end."""
     import ray
 
     from fewsound import tracking
 
     saved = {k: os.environ.get(k) for k in ("FEWSOUND_HOME", "MLFLOW_TRACKING_URI")}
-    path = tmp_path_factory.mktemp("fewsound-home")
+    path = tmp_path_factory.getbasetemp() / "fewsound-sweep-jobs-home"
+    if not path.exists():
+        path.mkdir()
+        request.config.add_cleanup(lambda: (ray.shutdown(), tracking.stop_local_server(path)))
     os.environ["FEWSOUND_HOME"] = str(path)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    ray.shutdown()
     yield path
-    ray.shutdown()
-    tracking.stop_local_server(path)
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 

@@ -275,6 +275,7 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, role: str, repo
     watch = _Watch(cfg)
     metrics = objective_metrics(ctx.objective, ctx.weights)
     base = {"mlflow_run_id": run.run_id, "num_params": n_params, "final": 0}
+    reached = [0]  # the last step reported
 
     class ChunkLogger:
         def log_metrics(self, logged: dict[str, float], step: int) -> None:
@@ -283,6 +284,7 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, role: str, repo
                 return  # the last chunk is reported once, with the final metrics
             value, means = _evaluate(ctx, clips, watch.pred.cpu().numpy(), metrics)
             run.log_metrics({"search/objective": value, "fit/loss": logged["fit/loss"]}, step=done)
+            reached[0] = done
             if report is not None:
                 report({**base, "objective": value, "steps": done})
 
@@ -295,6 +297,10 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, role: str, repo
                  "fit/loss": float(np.mean([r.loss for r in results])), "cost/seconds": time.perf_counter() - t0,
                  "fit/diverged": float(sum(r.diverged for r in results))}
         run.log_metrics(final, step=cfg.steps)
+    except SystemExit:  # how Tune ends a trial its scheduler stopped: inside report(), in the trial's thread
+        run.set_tags({"fewsound.stopped_early": f"ASHA at step {reached[0]}"})
+        run.end("KILLED")
+        raise
     except BaseException:
         run.end("FAILED")
         raise
@@ -410,7 +416,7 @@ def run_search(ctx_args: dict[str, Any], *, trials: int, max_params: int | None,
             finished.append({"params": dict(result.config), **m})
         else:  # stopped by ASHA inside tune.report: its run is still RUNNING
             stopped.append(m)
-            if run_id:
+            if run_id:  # the trial closes its run itself (SystemExit); this covers a worker that died first
                 parent.client.set_tag(run_id, "fewsound.stopped_early", f"ASHA at step {m.get('steps')}")
                 parent.client.set_terminated(run_id, status="KILLED")
     best = None
