@@ -1,0 +1,422 @@
+"""Fitting INRs to audio clips: one clip, or B clips packed into one batched fit.
+
+    results = fit(FitConfig(family="kan", steps=2000), clips)      # clips: [B, N] -> B FitResults
+
+A packed fit trains B independent networks at once: every parameter tensor has a leading axis B (the batched
+functional INRs of fewsound.inr), the loss is the *sum* of per-clip losses, and Adam/AdamW update each element
+from its own gradient and moments. So clip b's trajectory depends only on its target and seed, exactly as in a
+fit of that clip alone (tests/test_fit.py checks packed == separate); nothing here may mix clips (no global
+gradient-norm clipping, no loss mean over the pack).
+
+Each step: forward all B networks, per-clip loss [B], then per clip:
+- a non-finite loss (divergence, e.g. SIREN at too high a rate) freezes that clip: its parameters go back to the
+  last weights whose loss was finite and stay there (gradients zeroed, optimizer drift undone), and the step is
+  recorded; the other clips go on. All of this is tensor ops on the device, with no host sync per step.
+- the running best loss is tracked.
+Every `checkpoint_every` steps the full state (params, optimizer moments, divergence masks, best losses) is
+written atomically to `checkpoint_dir/fit.pt`; a later call with the same config, seeds and clips resumes from
+it and ends bit-identical to an uninterrupted fit on the same device (same ops in the same order, no RNG after
+init).
+
+Learning rates (FitConfig.lr=None picks the family default, DEFAULT_LR): the paper gives only KAN's, 5e-3 (its
+ablation base; Table 16 shows KAN stable from 1e-3 to 1e-2). The others are our choice, each the best of
+{1e-4, 3e-4, 1e-3, 3e-3, 1e-2} after 300 steps on real speech crops with the paper's loss (see DEFAULT_LR).
+Optimizer: AdamW (the paper's text; torch's default weight decay 0.01) by default; "adam" (the paper's code:
+Adam, constant rate, no weight decay) selectable. The rate is constant, as in the paper's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from fewsound.config import cfg_hash, to_dict
+from fewsound.errors import AudioError, ConfigError
+from fewsound.losses import RESOLUTIONS, ReconstructionLoss
+
+# Per-family default learning rate (constant). KAN: the paper's ablation base. Others: our sweep, see docstring.
+DEFAULT_LR: dict[str, float] = {
+    "kan": 5e-3,
+    "nerf": 1e-3,
+    "siren": 1e-4,
+    "finer": 1e-4,
+    "wire": 1e-3,
+    "rff": 1e-3,
+}
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+# AdamW: torch's default decoupled decay (the paper's hypernetwork runs use it too). Adam: the paper's INR code.
+DEFAULT_WEIGHT_DECAY: dict[str, float] = {"adamw": 0.01, "adam": 0.0}
+
+# Fields that change how a fit runs but not what it computes: left out of the fit's key hash.
+RUNTIME_FIELDS = ("checkpoint_every", "log_every", "device")
+CHECKPOINT_NAME = "fit.pt"
+MIN_SAMPLES = max(n_fft for n_fft, _, _ in RESOLUTIONS) // 2 + 1  # a centred, reflect-padded 2048-point STFT
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that determines a fit (with the clip and the seed). Defaults: the paper's Table 1 protocol."""
+
+    family: str = "kan"
+    inr: dict[str, Any] = field(default_factory=dict)  # overrides of the family's INR config fields
+    steps: int = 10_000
+    lr: float | None = None  # None: DEFAULT_LR[family]
+    optimizer: str = "adamw"
+    weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY[optimizer]
+    betas: tuple[float, float] = (0.9, 0.999)
+    lambda_t: float = 1.0
+    lambda_f: float = 1.0
+    sample_rate: int = 22_050  # the rate the mel filterbanks of the loss are built for
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: no checkpoints
+    log_every: int = 100
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    dtype: str = "float32"  # "float64" for numerical checks (e.g. packed == separate for SIREN, see tests)
+
+    def __post_init__(self) -> None:
+        from fewsound.inr import FAMILIES
+
+        if self.family not in FAMILIES:
+            raise ConfigError("family", f"unknown INR family {self.family!r}; valid: {sorted(FAMILIES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError("optimizer", f"unknown optimizer {self.optimizer!r}; valid: {sorted(OPTIMIZERS)}")
+        for name in ("steps", "checkpoint_every", "log_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(name, f"must be a non-negative integer, got {value!r}")
+        if self.log_every == 0:
+            raise ConfigError("log_every", "must be >= 1")
+        if self.lr is not None and not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ConfigError("lr", f"must be a positive finite number, got {self.lr!r}")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        if self.lambda_t < 0 or self.lambda_f < 0 or self.lambda_t + self.lambda_f == 0:
+            raise ConfigError("lambda_t/lambda_f", f"need both >= 0 and not both 0, got {self.lambda_t}, {self.lambda_f}")
+        # lists (from JSON / flattened MLflow params) -> tuples, so equal configs compare and hash equal
+        object.__setattr__(self, "inr", {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.inr).items()})
+        object.__setattr__(self, "betas", tuple(self.betas))
+        from fewsound.inr import family_config
+
+        family_config(self.family, **self.inr)  # ConfigError naming a bad INR key, now rather than mid-sweep
+
+    @property
+    def resolved_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.family]
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        return float(self.weight_decay) if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer]
+
+    def key_hash(self, n: int = 8) -> str:
+        """Hash of what determines the result (runtime fields excluded): the `cfg_hash8` of a fit's key."""
+        d = to_dict(self)
+        for name in RUNTIME_FIELDS:
+            d.pop(name)
+        d["lr"], d["weight_decay"] = self.resolved_lr, self.resolved_weight_decay
+        return cfg_hash(d, n)
+
+    def build_inr(self):
+        from fewsound.inr import build_inr
+
+        return build_inr(self.family, **self.inr)
+
+
+class MetricLogger(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class _NoLogger:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+
+@dataclass
+class FitResult:
+    """The outcome of one clip's fit. `params`/`buffers`: that clip's tensors (CPU, no batch axis)."""
+
+    reconstruction: np.ndarray  # float32 [N], from the final (or, if diverged, last good) weights
+    loss: float  # loss of `reconstruction`
+    best_loss: float  # lowest loss seen during the fit (at some step <= steps)
+    best_step: int
+    steps: int  # optimizer steps applied to this clip (the divergence step if it diverged)
+    steps_per_s: float  # fit steps per second of this call (a packed fit advances every clip at this rate)
+    seconds: float  # wall seconds of this call (init, loop and final evaluation)
+    num_params: int
+    diverged: bool
+    diverged_step: int | None
+    seed: int
+    family: str
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    history: list[tuple[int, float]]  # (step, loss) every log_every steps
+
+    def metrics(self) -> dict[str, float]:
+        """The DESIGN.md metric keys this fit provides."""
+        return {
+            "fit/loss": self.loss,
+            "cost/seconds": self.seconds,
+            "cost/steps_per_s": self.steps_per_s,
+            "model/params": float(self.num_params),
+        }
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError("device", str(e)) from None
+
+
+def as_clip_batch(clips: Any) -> torch.Tensor:
+    """[N] / [B, N] tensor or array, or a list of equal-length [N] arrays -> float32 CPU tensor [B, N]."""
+    if isinstance(clips, (list, tuple)):
+        if not clips:
+            raise AudioError("clips", "no clips to fit")
+        lengths = {int(np.shape(c)[-1]) for c in clips}
+        if len(lengths) != 1 or any(np.ndim(c) != 1 for c in clips):
+            raise AudioError("clips", f"a packed fit needs equal-length 1-D clips, got lengths {sorted(lengths)}")
+        x = torch.stack([torch.as_tensor(np.asarray(c, dtype=np.float32)) for c in clips])
+    else:
+        x = torch.as_tensor(clips).detach().to("cpu", torch.float32)
+        if x.dim() == 1:
+            x = x[None]
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise AudioError("clips", f"expected [B, N] clips, got shape {tuple(x.shape)}")
+    if x.shape[1] < MIN_SAMPLES:
+        raise AudioError("clips", f"too short: {x.shape[1]} samples, the loss needs at least {MIN_SAMPLES}")
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bad.any():
+        raise AudioError(f"clip {int(bad.nonzero()[0])}", "contains NaN/Inf samples")
+    return x.contiguous()
+
+
+def fit(
+    config: FitConfig,
+    clips: Any,
+    *,
+    seeds: Sequence[int] | None = None,
+    logger: MetricLogger | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> list[FitResult]:
+    """Fit one INR per clip, all B at once. Returns one FitResult per clip, in order.
+
+    clips: [B, N] (tensor/array) or a list of B equal-length [N] arrays; one [N] clip is B = 1.
+    seeds: one init seed per clip; default `config.seed` for every clip, so a clip's result does not depend on
+        which pack it was fitted in.
+    checkpoint_dir: where `fit.pt` is written every `config.checkpoint_every` steps and at the end; with
+        `resume`, an existing checkpoint of the same fit (config, seeds, clips) is continued.
+    loss_fn: `(pred [B, N], target [B, N]) -> [B]` replacing the paper's loss (e.g. to inject faults in tests).
+    """
+    t_start = time.perf_counter()
+    logger = logger or _NoLogger()
+    target_cpu = as_clip_batch(clips)
+    n_clips, n_samples = target_cpu.shape
+    seeds = [config.seed] * n_clips if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != n_clips:
+        raise ConfigError("seeds", f"{len(seeds)} seeds for {n_clips} clips")
+    device = resolve_device(config.device)
+    dtype = DTYPES[config.dtype]
+    inr = config.build_inr()
+    target = target_cpu.to(device, dtype)
+    t = _coordinates(n_samples, device, dtype)
+
+    params, buffers = inr.init(seeds, device=device, dtype=dtype)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    optimizer = OPTIMIZERS[config.optimizer](
+        list(params.values()),
+        lr=config.resolved_lr,
+        betas=config.betas,
+        weight_decay=config.resolved_weight_decay,
+    )
+    if loss_fn is None:
+        paper_loss = ReconstructionLoss(target, lambda_t=config.lambda_t, lambda_f=config.lambda_f, sr=config.sample_rate)
+        loss_fn = lambda pred, _target: paper_loss(pred)  # noqa: E731
+
+    # Per-clip state, all on the device (no host sync per step).
+    state = {
+        "active": torch.ones(n_clips, dtype=torch.bool, device=device),
+        "diverged_at": torch.full((n_clips,), -1, dtype=torch.long, device=device),
+        "best": torch.full((n_clips,), float("inf"), device=device, dtype=dtype),
+        "best_step": torch.zeros(n_clips, dtype=torch.long, device=device),
+    }
+    good = {k: v.detach().clone() for k, v in params.items()}  # last weights whose loss was finite
+    history: list[list[float]] = [[] for _ in range(n_clips)]
+    start_step = 0
+
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    identity = {"key": config.key_hash(), "family": config.family, "seeds": seeds, "clips_sha": _sha(target_cpu)}
+    if ckpt_path is not None and resume and ckpt_path.exists():
+        start_step, history = _load_checkpoint(ckpt_path, identity, params, good, state, optimizer, device)
+
+    def masked(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return mask.view(-1, *([1] * (like.dim() - 1)))
+
+    with _flush_denormals(device):
+        t_loop = time.perf_counter()
+        for step in range(start_step, config.steps):
+            pred = inr(params, t, buffers)  # [B, N]
+            per_clip = loss_fn(pred, target)  # [B]
+            assert per_clip.shape == (n_clips,), tuple(per_clip.shape)
+            optimizer.zero_grad(set_to_none=False)
+            with torch.no_grad():
+                # a non-finite weight can hide behind a finite output (e.g. under a Gabor envelope that is exactly 0)
+                finite = torch.isfinite(per_clip)
+                for p in params.values():
+                    finite = finite & torch.isfinite(p).flatten(1).all(dim=1)
+                newly = state["active"] & ~finite
+                state["diverged_at"] = torch.where(newly, step, state["diverged_at"])
+                state["active"] = active = state["active"] & finite
+            torch.where(active, per_clip, torch.zeros_like(per_clip)).sum().backward()
+            with torch.no_grad():
+                improved = active & (per_clip < state["best"])
+                state["best"] = torch.where(improved, per_clip, state["best"])
+                state["best_step"] = torch.where(improved, step, state["best_step"])
+                for k, p in params.items():
+                    m = masked(active, p)
+                    p.copy_(torch.where(m, p, good[k]))  # a clip that just diverged goes back to its last good weights
+                    good[k].copy_(p)
+                    # a frozen clip's gradient may be NaN (0 * inf upstream); it must not reach its moments
+                    p.grad.masked_fill_(~m, 0)
+                optimizer.step()
+                for k, p in params.items():
+                    p.copy_(torch.where(masked(active, p), p, good[k]))  # undo weight decay / momentum on frozen clips
+
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                losses = per_clip.detach().cpu().tolist()
+                for b, value in enumerate(losses):
+                    if value == value and abs(value) != float("inf"):
+                        history[b].append([step, value])
+                logger.log_metrics(_log_record(losses, state["active"].cpu().tolist()), step)
+            if ckpt_path is not None and config.checkpoint_every and (done % config.checkpoint_every == 0):
+                _save_checkpoint(ckpt_path, identity, done, params, good, state, optimizer, history)
+        loop_seconds = time.perf_counter() - t_loop
+        steps_run = max(config.steps - start_step, 0)
+        saved_at_end = config.checkpoint_every and config.steps % config.checkpoint_every == 0
+        if ckpt_path is not None and steps_run and not saved_at_end:
+            _save_checkpoint(ckpt_path, identity, config.steps, params, good, state, optimizer, history)
+
+        # Final evaluation of the weights we return (for a diverged clip: its last good weights).
+        with torch.no_grad():
+            pred = inr(params, t, buffers)
+            final = loss_fn(pred, target).cpu()
+            pred = pred.cpu()
+    seconds = time.perf_counter() - t_start
+    steps_per_s = steps_run / loop_seconds if steps_run and loop_seconds > 0 else float("nan")
+
+    diverged_at = state["diverged_at"].cpu().tolist()
+    best, best_step = state["best"].cpu(), state["best_step"].cpu()
+    results = []
+    for b in range(n_clips):
+        # the final weights were never scored during the loop: they may beat the best in-loop loss
+        best_b, best_step_b = float(best[b]), int(best_step[b])
+        if diverged_at[b] < 0 and float(final[b]) <= best_b:
+            best_b, best_step_b = float(final[b]), config.steps
+        results.append(
+            FitResult(
+                reconstruction=pred[b].numpy().astype(np.float32),
+                loss=float(final[b]),
+                best_loss=best_b,
+                best_step=best_step_b,
+                steps=diverged_at[b] if diverged_at[b] >= 0 else config.steps,
+                steps_per_s=steps_per_s,
+                seconds=seconds,
+                num_params=int(inr.num_params()),
+                diverged=diverged_at[b] >= 0,
+                diverged_step=diverged_at[b] if diverged_at[b] >= 0 else None,
+                seed=seeds[b],
+                family=config.family,
+                params={k: v[b].detach().cpu().clone() for k, v in params.items()},
+                buffers={k: v[b].detach().cpu().clone() for k, v in buffers.items()},
+                history=[(int(s), float(v)) for s, v in history[b]],
+            )
+        )
+    return results
+
+
+@contextlib.contextmanager
+def _flush_denormals(device: torch.device):
+    """Flush denormal floats to zero on the CPU while fitting (restored after).
+
+    Denormals (e.g. WIRE's Gabor envelopes far from their centre) make CPU arithmetic many times slower - a WIRE
+    fit was measured slowing from 2 to 11 s/step - and flushing them changes nothing measurable in a fit.
+    """
+    flushed = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def _coordinates(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    from fewsound.inr import coordinates
+
+    return coordinates(n, device=device, dtype=dtype)
+
+
+def _log_record(losses: list[float], active: list[bool]) -> dict[str, float]:
+    live = [v for v, a in zip(losses, active) if a]
+    record = {"fit/loss": float(np.mean(live)) if live else float("nan")}
+    if len(losses) > 1:
+        record["fit/active"] = float(sum(active))
+        record.update({f"fit/loss/clip{b}": v for b, v in enumerate(losses) if active[b]})
+    return record
+
+
+def _sha(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16]
+
+
+def _save_checkpoint(path, identity, step, params, good, state, optimizer, history) -> None:
+    """Write the whole fit state to `path` atomically (temp file in the same folder + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "version": 1,
+        **identity,
+        "step": step,
+        "params": {k: v.detach().cpu() for k, v in params.items()},
+        "good": {k: v.cpu() for k, v in good.items()},
+        "state": {k: v.cpu() for k, v in state.items()},
+        "optimizer": optimizer.state_dict(),
+        "history": history,
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path, identity, params, good, state, optimizer, device):
+    """Restore a checkpoint into the fit's tensors in place; ConfigError if it belongs to another fit."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated/corrupt file: atomic writes make this unlikely, but say so clearly
+        raise ConfigError(path, f"unreadable checkpoint ({type(e).__name__}: {e})") from None
+    for key, want in identity.items():
+        if ckpt.get(key) != want:
+            raise ConfigError(path, f"checkpoint is for another fit ({key}: {ckpt.get(key)!r} != {want!r})")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(ckpt["params"][k])
+            good[k].copy_(ckpt["good"][k])
+    for k in state:
+        state[k] = ckpt["state"][k].to(device)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return int(ckpt["step"]), ckpt["history"]
+
