@@ -208,6 +208,7 @@ class SearchContext:
     parent_run_id: str
     tracking_uri: str
     final_metrics: tuple[str, ...] = FINAL_METRICS
+    sample_rate: int = 22_050  # of the corpus's clips (the paper's protocol)
 
     @property
     def chunk_steps(self) -> int:
@@ -237,7 +238,7 @@ def _evaluate(ctx: SearchContext, clips: np.ndarray, recs: np.ndarray, metrics) 
     ok = np.isfinite(recs).all(axis=1)
     rows = [{} for _ in range(len(recs))]
     if ok.any():
-        for i, row in zip(np.flatnonzero(ok), evaluate(clips[ok], recs[ok], 22_050, kind=ctx.kind,
+        for i, row in zip(np.flatnonzero(ok), evaluate(clips[ok], recs[ok], ctx.sample_rate, kind=ctx.kind,
                                                         metrics=list(metrics))):
             rows[i] = row
     value = float(np.mean([score(ctx.objective, ctx.weights, r) for r in rows]))
