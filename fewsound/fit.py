@@ -150,12 +150,12 @@ class FitResult:
     loss: float  # loss of `reconstruction`
     best_loss: float  # lowest loss seen during the fit (at some step <= steps)
     best_step: int
-    steps: int  # optimizer steps applied to this clip (the divergence step if it diverged)
+    steps: int  # optimizer updates in the returned weights (diverged at step d: d - 1, its last finite-loss weights)
     steps_per_s: float  # fit steps per second of this call (a packed fit advances every clip at this rate)
     seconds: float  # wall seconds of this call (init, loop and final evaluation)
     num_params: int
     diverged: bool
-    diverged_step: int | None
+    diverged_step: int | None  # the first step whose loss (or weights) was non-finite
     seed: int
     family: str
     params: dict[str, torch.Tensor]
@@ -334,7 +334,8 @@ def fit(
                 loss=float(final[b]),
                 best_loss=best_b,
                 best_step=best_step_b,
-                steps=diverged_at[b] if diverged_at[b] >= 0 else config.steps,
+                # a clip that diverged at step d keeps the weights scored at step d - 1 (after d - 1 updates)
+                steps=max(diverged_at[b] - 1, 0) if diverged_at[b] >= 0 else config.steps,
                 steps_per_s=steps_per_s,
                 seconds=seconds,
                 num_params=int(inr.num_params()),

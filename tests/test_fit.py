@@ -1,0 +1,239 @@
+"""The fitting engine: packed == separate, divergence isolation, checkpoint resume, and real learning per family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fewsound.errors import AudioError, ConfigError
+from fewsound.fit import CHECKPOINT_NAME, DEFAULT_LR, FitConfig, fit
+from fewsound.inr import FAMILIES
+from fewsound.losses import fit_loss
+from fewsound.metrics.signal import psnr
+
+SR = 22_050
+
+
+def speech_crops(speech_clips, n_clips: int, length: int) -> np.ndarray:
+    """[n_clips, length] peak-normalised crops of different real recordings (past their leading silence)."""
+    crops = []
+    for clip in speech_clips[:n_clips]:
+        x = clip.load(sr=SR)
+        start = int(np.argmax(np.abs(x) > 0.1 * np.abs(x).max()))  # first loud sample: skip the silence
+        x = x[start : start + length]
+        assert x.size == length, clip.clip_id
+        crops.append(x / np.abs(x).max())
+    return np.stack(crops).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def crops(speech_clips):
+    return speech_crops(speech_clips, 3, 4096)
+
+
+# --- config ---------------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_validation():
+    cfg = FitConfig()
+    assert (cfg.family, cfg.steps, cfg.optimizer, cfg.lambda_t, cfg.lambda_f) == ("kan", 10_000, "adamw", 1.0, 1.0)
+    assert cfg.resolved_lr == 5e-3 and cfg.resolved_weight_decay == 0.01
+    assert FitConfig(optimizer="adam").resolved_weight_decay == 0.0
+    assert set(DEFAULT_LR) == set(FAMILIES)
+    with pytest.raises(ConfigError, match="family"):
+        FitConfig(family="mlp")
+    with pytest.raises(ConfigError, match="optimizer"):
+        FitConfig(optimizer="sgd")
+    with pytest.raises(ConfigError, match="lr"):
+        FitConfig(lr=-1.0)
+    with pytest.raises(ConfigError):
+        FitConfig(lambda_t=0.0, lambda_f=0.0)
+    with pytest.raises(ConfigError, match="grid"):
+        FitConfig(inr={"grid": 3})
+
+
+def test_key_hash_ignores_runtime_fields_only():
+    base = FitConfig(family="nerf", inr={"widths": [90, 90]})
+    assert base.inr["widths"] == (90, 90)  # lists from JSON become tuples
+    same = FitConfig(family="nerf", inr={"widths": (90, 90)}, device="cpu", log_every=7, checkpoint_every=50)
+    assert base.key_hash() == same.key_hash()
+    assert base.key_hash() == FitConfig(family="nerf", inr={"widths": (90, 90)}, lr=DEFAULT_LR["nerf"]).key_hash()
+    for changed in (FitConfig(family="nerf", inr={"widths": (90, 80)}), FitConfig(family="nerf", steps=9),
+                    FitConfig(family="nerf", inr={"widths": (90, 90)}, seed=1)):
+        assert changed.key_hash() != base.key_hash()
+
+
+def test_bad_clips_raise_audio_error():
+    cfg = FitConfig(family="nerf", steps=1)
+    with pytest.raises(AudioError, match="too short"):
+        fit(cfg, np.zeros(1000, np.float32))
+    bad = np.zeros((2, 4096), np.float32)
+    bad[1, 7] = np.nan
+    with pytest.raises(AudioError, match="clip 1"):
+        fit(cfg, bad)
+    with pytest.raises(AudioError, match="equal-length"):
+        fit(cfg, [np.zeros(4096, np.float32), np.zeros(4000, np.float32)])
+
+
+# --- packed == separate -----------------------------------------------------------------------------------------
+
+
+# Packed and single fits take different matmul kernels, which round differently. In float64 the fits agree to
+# ~1e-12, so the exact check is done there for every family shape (real MLP, sine, complex Gabor, KAN). In float32
+# the rounding differences get amplified - by SIREN's/WIRE's omega_0 = 2000 (one ulp of a pre-activation of ~1e3
+# is a phase error of ~1e-4: measured 2e-4 at init, 2e-2 after 8 steps) and by Adam's 1/sqrt(v) for weights with
+# ~0 gradient - so float32 is checked at the level that matters for audio (1e-3, i.e. -60 dB of the peak).
+# WIRE (at its current defaults) is chaotic even in float64: its Gabor magnitude exp(-omega b - ...) with omega up to
+# 2000 multiplies a difference by ~1e3 per step (measured: 5e-10 at init, 9e-8, 3e-4, 0.45 after 3 steps), so
+# its check (the complex-parameter path of the engine: one AdamW step on complex weights) runs 1 step.
+@pytest.mark.parametrize("family, steps", [("kan", 8), ("nerf", 8), ("siren", 8), ("wire", 1)])
+def test_packed_fit_equals_separate_fits(crops, family, steps):
+    """B clips fitted in one pack end where each ends when fitted alone (same seed), to float tolerance."""
+    cfg = FitConfig(family=family, steps=steps, log_every=1, dtype="float64")
+    seeds = [3, 4, 5]
+    packed = fit(cfg, crops, seeds=seeds)
+    for b, clip in enumerate(crops):
+        (alone,) = fit(cfg, clip, seeds=[seeds[b]])
+        np.testing.assert_allclose(packed[b].reconstruction, alone.reconstruction, rtol=1e-5, atol=1e-6)
+        assert packed[b].loss == pytest.approx(alone.loss, rel=1e-7)
+        assert [v for _, v in packed[b].history] == pytest.approx([v for _, v in alone.history], rel=1e-7)
+        for k, v in alone.params.items():
+            torch.testing.assert_close(packed[b].params[k], v, rtol=1e-6, atol=1e-8)
+    # the clips really were fitted to different targets (a mix-up would make them agree)
+    assert abs(packed[0].loss - packed[1].loss) > 1e-3
+    assert packed[0].num_params == FAMILIES[family]().num_params()
+
+
+@pytest.mark.parametrize("family", ["kan", "nerf"])
+def test_packed_fit_equals_separate_fits_float32(crops, family):
+    cfg = FitConfig(family=family, steps=8)
+    packed = fit(cfg, crops[:2], seeds=[1, 2])
+    for b in range(2):
+        (alone,) = fit(cfg, crops[b], seeds=[b + 1])
+        np.testing.assert_allclose(packed[b].reconstruction, alone.reconstruction, rtol=0, atol=1e-3)
+        assert packed[b].loss == pytest.approx(alone.loss, rel=1e-3)
+
+
+def test_default_seed_makes_a_clip_independent_of_its_pack(crops):
+    cfg = FitConfig(family="nerf", steps=5)
+    pack = fit(cfg, crops)
+    (alone,) = fit(cfg, crops[2])
+    np.testing.assert_allclose(pack[2].reconstruction, alone.reconstruction, rtol=1e-4, atol=1e-5)
+
+
+# --- divergence -------------------------------------------------------------------------------------------------
+
+
+class FaultyLoss:
+    """The paper's loss, except that clip `bad` gets a NaN loss from step `at` on (a diverging fit)."""
+
+    def __init__(self, bad: int, at: int):
+        self.bad, self.at, self.calls = bad, at, 0
+
+    def __call__(self, pred, target):
+        loss = fit_loss(pred, target)
+        if self.calls >= self.at:
+            loss = loss.clone()
+            loss[self.bad] = float("nan")
+        self.calls += 1
+        return loss
+
+
+def test_divergence_freezes_only_that_clip(crops):
+    cfg = FitConfig(family="kan", steps=12, log_every=1)
+    clean = fit(cfg, crops)
+    faulty = fit(cfg, crops, loss_fn=FaultyLoss(bad=1, at=5))
+    # the diverged clip: marked with its step, frozen at its last weights with a finite loss (after 4 updates)
+    r = faulty[1]
+    assert r.diverged and r.diverged_step == 5 and r.steps == 4
+    (four_steps,) = fit(FitConfig(family="kan", steps=4), crops[1])
+    for k, v in four_steps.params.items():
+        torch.testing.assert_close(r.params[k], v, rtol=1e-4, atol=2e-5)
+    assert np.isfinite(r.reconstruction).all()
+    assert r.history == clean[1].history[:5]  # logged up to the divergence, nothing after
+    assert r.best_loss == min(v for _, v in clean[1].history[:5])
+    # the other clips go on exactly as in a pack without the fault
+    for b in (0, 2):
+        assert not faulty[b].diverged and faulty[b].diverged_step is None and faulty[b].steps == 12
+        np.testing.assert_array_equal(faulty[b].reconstruction, clean[b].reconstruction)
+        for k in clean[b].params:
+            assert torch.equal(faulty[b].params[k], clean[b].params[k])
+
+
+def test_a_real_blow_up_is_caught(crops):
+    """NeRF (ReLU, unbounded) at an absurd rate overflows to Inf/NaN; the fit stops it and keeps finite weights."""
+    (r,) = fit(FitConfig(family="nerf", steps=60, lr=1e4), crops[0])
+    assert r.diverged and 0 < r.diverged_step < 60
+    assert all(torch.isfinite(v).all() for v in r.params.values())
+    assert np.isfinite(r.reconstruction).all() and np.isfinite(r.loss)
+
+
+# --- checkpoint / resume ----------------------------------------------------------------------------------------
+
+
+class StopAt:
+    """A logger that simulates a preemption (KeyboardInterrupt) when it is called at step `at`."""
+
+    def __init__(self, at: int):
+        self.at, self.records = at, []
+
+    def log_metrics(self, metrics, step):
+        self.records.append((step, metrics))
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_from_checkpoint_is_bit_identical(crops, tmp_path):
+    cfg = FitConfig(family="kan", steps=20, checkpoint_every=8, log_every=1)
+    pack = crops[:2]
+    uninterrupted = fit(cfg, pack, checkpoint_dir=tmp_path / "a")
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, pack, checkpoint_dir=tmp_path / "b", logger=StopAt(13))  # dies after the step-8 checkpoint
+    ckpt = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["step"] == 8
+    logger = StopAt(-1)
+    resumed = fit(cfg, pack, checkpoint_dir=tmp_path / "b", logger=logger)
+    assert logger.records[0][0] == 8  # it continued from step 8, not from 0
+    for a, b in zip(uninterrupted, resumed):
+        # same ops in the same order on the same device, and no randomness after init: bitwise equal
+        np.testing.assert_array_equal(a.reconstruction, b.reconstruction)
+        assert a.loss == b.loss and a.best_loss == b.best_loss and a.history == b.history
+        for k in a.params:
+            assert torch.equal(a.params[k], b.params[k])
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [CHECKPOINT_NAME]  # no temp files left
+
+    # a finished fit resumes instantly to the same result; another clip's checkpoint is refused
+    again = fit(cfg, pack, checkpoint_dir=tmp_path / "b")
+    np.testing.assert_array_equal(again[0].reconstruction, uninterrupted[0].reconstruction)
+    with pytest.raises(ConfigError, match="another fit"):
+        fit(cfg, crops[1:3], checkpoint_dir=tmp_path / "b")
+    fresh = fit(cfg, crops[1:3], checkpoint_dir=tmp_path / "b", resume=False)  # explicit restart overwrites
+    assert fresh[0].steps == 20
+
+
+# --- each family learns real speech -----------------------------------------------------------------------------
+
+# PSNR threshold (dB) after 150 steps at the family's default lr on a 2,048-sample crop of real speech. Measured
+# (this crop, CPU): NeRF 39.0, SIREN 42.6, FINER 37.8, RFF 29.1, KAN 43.5, WIRE 12.3 (untrained nets: ~5-12 dB).
+LEARNS = {"nerf": 30.0, "siren": 30.0, "finer": 30.0, "rff": 22.0, "kan": 30.0, "wire": 20.0}
+WIRE_STUCK = pytest.mark.xfail(
+    reason="WIRE at its current defaults (omega_0 2000, omega_i 20, s0 10) does not learn in 150 steps at any lr in "
+    "1e-4..2e-2 (loss 1.12 -> 1.06); s0 2 / omega_i 30 overflows at init. Reported to the INR owner. Not run: "
+    "40 s of CPU to confirm a known failure.",
+    run=False,
+)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=WIRE_STUCK) if f == "wire" else f for f in FAMILIES])
+def test_each_family_learns_real_speech(crops, family):
+    clip = crops[0][:2048]
+    (untrained,) = fit(FitConfig(family=family, steps=0), clip)
+    (r,) = fit(FitConfig(family=family, steps=150, log_every=50), clip)
+    got = float(psnr(clip[None], r.reconstruction[None])[0])
+    before = float(psnr(clip[None], untrained.reconstruction[None])[0])
+    assert not r.diverged
+    assert got > LEARNS[family], f"{family}: PSNR {got:.1f} dB after 150 steps (untrained {before:.1f} dB)"
+    assert r.loss < 0.5 * untrained.loss
+    assert r.history[0][1] > r.history[-1][1]

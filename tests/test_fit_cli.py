@@ -1,0 +1,111 @@
+"""`python -m fewsound fit`: the real command on a real recording, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fewsound.cli import main
+from fewsound.data.audio import load_audio
+
+SR = 22_050
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real command in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "fewsound", "fit", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """The same command line through fewsound.cli.main in this process (no interpreter start-up per case)."""
+    code = main(["fit", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def speech_wav(speech_clips, tmp_path_factory):
+    """A real speech recording written as a WAV at 16 kHz (the command resamples it to 22,050 Hz)."""
+    clip = next(c for c in speech_clips if c.n_samples >= 2 * 8192)
+    path = tmp_path_factory.mktemp("audio") / "speech.wav"
+    x = clip.load(sr=16_000)
+    sf.write(path, x, 16_000, subtype="PCM_16")
+    return path
+
+
+def test_fit_round_trip(speech_wav, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(speech_wav, "--inr", "nerf", "--steps", "40", "--length", "8192", "--offset", "4000",
+                   "--out", out, "--metrics", "mse,psnr,si_snr,lsd", "--log-every", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert "step     40" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["gt.wav", "metrics.json", "params.pt", "pred.wav",
+                                                     "spectrogram.png"]
+    gt, gt_sr = sf.read(out / "gt.wav", dtype="float32")
+    pred, pred_sr = sf.read(out / "pred.wav", dtype="float32")
+    assert gt_sr == pred_sr == SR and gt.shape == pred.shape == (8192,)
+    assert np.abs(gt).max() == pytest.approx(1.0)  # peak-normalised target
+    # gt.wav is the requested crop of the resampled file
+    np.testing.assert_allclose(gt, (lambda x: x / np.abs(x).max())(load_audio(speech_wav, sr=SR)[4000:12192]),
+                               atol=1e-6)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("fit/loss", "eval/mse", "eval/psnr", "eval/si_snr", "eval/lsd", "cost/steps_per_s", "model/params"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["eval/mse"] == pytest.approx(float(np.mean((gt - pred) ** 2)), rel=1e-3)
+    assert metrics["model/params"] == 33_261 and metrics["fit/steps"] == 40 and metrics["fit/diverged"] is False
+    assert metrics["config"]["family"] == "nerf" and metrics["config"]["lr"] == 1e-3
+    assert (out / "spectrogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_the_checkpoint(speech_wav, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = [speech_wav, "--inr", "kan", "--steps", "6", "--length", "4096", "--out", out, "--metrics", "mse",
+              "--checkpoint-every", "3", "--log-every", "1"]
+    assert run_main(capsys, *common)[0] == 0
+    first = json.loads((out / "metrics.json").read_text())
+    code, stdout, stderr = run_main(capsys, *common, "--resume")
+    assert code == 0, stderr
+    assert "step " not in stdout  # nothing left to run: the finished checkpoint was reused
+    assert json.loads((out / "metrics.json").read_text())["fit/loss"] == first["fit/loss"]
+
+
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (None, [], "no such file"),
+        ("garbage", [], "unreadable audio"),
+        ("silent", ["--length", "0"], "silent"),
+        ("short", [], "too short"),
+        ("short", ["--length", "0"], "too short"),
+        ("speech", ["--inr", "transformer"], "unknown INR family"),
+        ("speech", ["--set", "grid=3"], "kan.grid"),
+        ("speech", ["--metrics", "psnr,bogus"], "bogus"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, speech_wav, capsys, make, args, message):
+    path = tmp_path / "clip.wav"
+    if make == "garbage":
+        path.write_bytes(b"this is not audio" * 100)
+    elif make == "silent":
+        sf.write(path, np.zeros(8000, np.float32), SR)
+    elif make == "short":
+        sf.write(path, 0.5 * np.sin(np.arange(900) / 5.0).astype(np.float32), SR)
+    elif make == "speech":
+        path = speech_wav
+    code, _, stderr = run_main(capsys, path, "--steps", "1", "--out", tmp_path / "out", *args)
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_bad_input_exit_code_from_a_real_process(tmp_path):
+    proc = run_cli(tmp_path / "missing.wav", "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.wav'}: no such file"]
