@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from fewsound.errors import ConfigError
-from tune.search import SPACES, count_params, parse_weights, score, to_fit_config
+from tune.search import SPACES, count_params, parse_weights, score, smallest_params, to_fit_config
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET = 34_000
@@ -59,6 +59,8 @@ def test_every_space_gives_buildable_configs_and_the_paper_kan_fits_the_budget()
     paper = {"lr": 5e-3, "encoding_length": 10, "grid_size": 10, "spline_order": 2, "enable_scale_spline": True,
              "depth": 3, "width0": 48, "width1": 24, "width2": 12}
     assert count_params("kan", paper) == 33_768 <= BUDGET
+    # the smallest KAN of the space: 4 encoding features -> 4 -> 4 -> 1, G = 1, k = 1, no scaler: 3 per edge
+    assert smallest_params("kan") == (4 * 4 + 4 * 4 + 4 * 1) * (1 + 1 + 1)
 
 
 def test_objective_scores():
@@ -117,7 +119,8 @@ def test_search_smoke_logs_trials_respects_budget_and_stops_early(home, capsys):
 
 @pytest.mark.parametrize("argv, where", [(["--family", "mlp"], "--family"), (["--objective", "loudness"],
                                           "--objective"), (["--objective", "mix", "--mix-weights", "pesq"],
-                                                           "--mix-weights")])
+                                                           "--mix-weights"), (["--max-params", "50"], "--max-params"),
+                                          (["--steps", "5", "--chunks", "10"], "--trials/--chunks/--steps")])
 def test_bad_input_is_a_one_line_error(home, capsys, argv, where):
     assert job("search_inr").main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -46,7 +46,7 @@ WORST = {"pesq": 1.0, "psnr": 0.0, "si_snr": -30.0, "lsd": 10.0}  # a metric tha
 DEFAULT_MIX = {"pesq": 0.5, "lsd": 0.25, "si_snr": 0.25}
 FINAL_METRICS = ("mse", "psnr", "lsd", "si_snr", "pesq", "stoi")
 PARENT_ROLE = "search_parent"
-MAX_REJECTS = 2000  # consecutive over-budget suggestions before giving up
+MAX_REJECTS = 500  # consecutive over-budget suggestions before giving up
 
 
 def parse_weights(text: str | None) -> dict[str, float]:
@@ -153,6 +153,29 @@ def to_fit_config(family: str, params: dict[str, Any], steps: int, seed: int = 0
 
 def count_params(family: str, params: dict[str, Any]) -> int:
     return to_fit_config(family, params, 1).build_inr().num_params()
+
+
+class _Smallest:
+    """A stand-in Optuna trial answering every suggestion with its smallest value (the last choice of a
+    categorical, listed largest first): the space's smallest configuration, to check a budget up front."""
+
+    def __init__(self):
+        self.params: dict[str, Any] = {}
+
+    def suggest_int(self, name, low, high, **_):
+        return self.params.setdefault(name, low)
+
+    def suggest_float(self, name, low, high, **_):
+        return self.params.setdefault(name, low)
+
+    def suggest_categorical(self, name, choices):
+        return self.params.setdefault(name, choices[-1])
+
+
+def smallest_params(family: str) -> int:
+    trial = _Smallest()
+    SPACES[family](trial)
+    return count_params(family, trial.params)
 
 
 def _budgeted_searcher_class():
@@ -365,6 +388,9 @@ def run_search(ctx_args: dict[str, Any], *, trials: int, max_params: int | None,
     objective_metrics(objective, ctx_args["weights"])
     if trials < 1 or ctx_args["chunks"] < 1 or ctx_args["steps"] < ctx_args["chunks"]:
         raise ConfigError("--trials/--chunks/--steps", "need trials >= 1, chunks >= 1 and steps >= chunks")
+    if max_params is not None and smallest_params(family) > max_params:
+        raise ConfigError("--max-params", f"{max_params:,} is below the smallest {family} configuration of the "
+                          f"search space ({smallest_params(family):,} parameters)")
     mode = MODES[objective]
     quiet_defaults()
     t0 = time.perf_counter()
