@@ -11,6 +11,15 @@ of fewsound.train.TrainConfig (dotted, e.g. --set model.delta_warmup_epochs=50 -
 
 Re-running the same command resumes from the latest checkpoint (one per epoch, under --storage); a run already
 finished is reported, not retrained. Workers: one per GPU when the cluster has GPUs, else CPU workers.
+
+Ray 2.60 token authentication (https://docs.ray.io/en/latest/ray-security/token-auth.html). A local run
+(`python jobs/train_fewsound.py`) starts its own Ray, which enables auth and creates ~/.ray/auth_token itself.
+For a cluster, give the head and every client the same token:
+    ray get-auth-token --generate          # once; writes ~/.ray/auth_token (copy it to the laptop and workers)
+    ray start --head                       # finds the token, so authentication is on
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/train_fewsound.py
+or set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=/path/to/token for `ray start` and `ray job submit` alike
+(tests/test_train_job.py does exactly that). The job itself needs nothing: its driver inherits the cluster's token.
 """
 
 from __future__ import annotations

@@ -7,14 +7,15 @@ Driver (this process):
    (address="local": never attach by accident to another Ray running on the same machine).
 2. Workers from the cluster: one per GPU with use_gpu when it has GPUs, else CPU workers (default 2) that share
    all CPUs but one, which is left to Ray Data's readers (a 2-core laptop: 2 workers x 0.5 CPU).
-3. The run's key `train-{kind}-{target}-{hash8 of config + corpus}` names both the Ray Train run (its folder
+3. The run's key `train-{kind}-{target}-{hash8 of config, corpus and experiment}` names both the Ray Train run (its folder
    under the storage path, local or a cloud URI) and the MLflow run (tag fewsound.train_key). Re-running the same
    command finds both: Ray Train V2 restores its run from the storage folder and hands the workers the latest
    checkpoint; the unfinished MLflow run is reopened, so curves continue in the same run. A run already FINISHED
    in MLflow is not trained again.
 4. Data: `ray.data.read_parquet` of the corpus's shards. "train" is split between the workers
    (`get_dataset_shard`, a streaming split: no process holds the corpus); each worker crops its rows at random
-   and peak-normalises them. "validation" (filtered to the fixed validation subset) is not split: worker r
+   and peak-normalises them. A worker whose share is small (<= 512 MiB, e.g. the built-in corpus) keeps it after
+   the first pass instead of paying Ray Data's per-pass start-up for every few batches. "validation" (filtered to the fixed validation subset) is not split: worker r
    keeps the subset's clips r, r + W, ... and caches its crops.
 
 Workers (`train_loop_per_worker`): build the model from the config (same seed on every rank), restore the latest
@@ -43,6 +44,7 @@ from fewsound.train import TrainConfig
 KEY_TAG = "fewsound.train_key"
 RESUME_TAG = "fewsound.resumed"
 DEFAULT_CPU_WORKERS = 2
+CACHE_BYTES = 512 << 20  # a worker keeps its share of the training split in memory when it is at most this
 MODEL_FILE = "fewsound_model.pt"
 
 
@@ -70,8 +72,10 @@ def resolve_train_corpus(corpus: str | None, clip_length: int) -> str:
     return str(Path(corpus).resolve())
 
 
-def run_key(cfg: TrainConfig, corpus: str) -> str:
-    return f"train-{cfg.model.kind}-{cfg.model.target}-{cfg_hash({'cfg': to_dict(cfg), 'corpus': corpus})}"
+def run_key(cfg: TrainConfig, corpus: str, experiment: str) -> str:
+    """What identifies a run: the config, the corpus and the MLflow experiment it is recorded in."""
+    h = cfg_hash({"cfg": to_dict(cfg), "corpus": corpus, "experiment": experiment})
+    return f"train-{cfg.model.kind}-{cfg.model.target}-{h}"
 
 
 def choose_scaling(resources: dict[str, float], num_workers: int | None = None):
@@ -192,7 +196,7 @@ def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | 
     if cfg.batch_size % scaling.num_workers:
         raise ConfigError("batch_size", f"the global batch {cfg.batch_size} does not split evenly over "
                           f"{scaling.num_workers} workers")
-    key = name or run_key(cfg, corpus)
+    key = name or run_key(cfg, corpus, experiment)
     storage = storage or str(default_home() / "train")
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
@@ -216,7 +220,9 @@ def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | 
     train_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("train")], columns=columns, shuffle="files")
     val_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("validation")], columns=columns) \
         .filter(expr=col("clip_id").is_in(val_ids))
-    loop_config = {"train": to_dict(cfg), "run_id": run.run_id, "tracking_uri": uri, "experiment": experiment,
+    share = c.count("train") * int(c.manifest["stored_length"]) * 4 / scaling.num_workers
+    loop_config = {"train": to_dict(cfg), "run_id": run.run_id, "cache_train": share <= CACHE_BYTES,
+                   "tracking_uri": uri, "experiment": experiment,
                    "val_ids": val_ids, "val_kinds": val_kinds, "log_ids": log_ids, "cpus_per_worker": cpu_each,
                    "key": key}
     trainer = TorchTrainer(
@@ -249,22 +255,43 @@ def _audio_matrix(batch: dict[str, Any]) -> np.ndarray:
     return a.astype(np.float32) if a.dtype != object else np.stack([np.asarray(x, dtype=np.float32) for x in a])
 
 
-def ray_batches(shard: Any, local_batch: int, length: int, *, seed: int, rank: int, start_epoch: int):
+def ray_batches(shard: Any, local_batch: int, length: int, *, seed: int, rank: int, start_epoch: int,
+                cache: bool = False):
     """Endless stream of this worker's [local_batch, length] random crops from its Ray Data shard: pass after
-    pass over the shard (each pass a new streaming-split epoch, locally shuffled), cropped at random."""
-    import torch  # noqa: F401  (crop_batch returns tensors)
+    pass over the shard (each pass a new streaming-split epoch, locally shuffled), cropped at random.
 
+    cache=True (the driver decides, for every worker alike, when a worker's share of the training split is small:
+    CACHE_BYTES): the first pass is streamed and kept, later passes are random permutations of the kept rows.
+    A pass over a small corpus (the built-in one: 33 segments) costs Ray Data seconds of scheduling for a few
+    batches; a big corpus is always streamed. Every worker calls iter_batches the same number of times (once,
+    or once per pass), as the streaming split requires.
+    """
     from fewsound.train import crop_batch
 
+    kept: list[np.ndarray] = []
     n_pass = 0
     while True:
         rng = np.random.default_rng([seed, rank, start_epoch, n_pass])
         got = 0
-        for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=max(4 * local_batch, 32),
-                                        local_shuffle_seed=int(rng.integers(2**31))):
-            got += 1
-            yield crop_batch(_audio_matrix(batch), length, rng)
+        if cache and n_pass > 0:
+            rows = np.stack(kept)
+            order = rng.permutation(len(rows))
+            for i in range(0, len(order) - local_batch + 1, local_batch):
+                got += 1
+                yield crop_batch(rows[order[i : i + local_batch]], length, rng)
+        else:
+            pending: list[np.ndarray] = []
+            for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy", drop_last=False,
+                                            local_shuffle_buffer_size=max(4 * local_batch, 32),
+                                            local_shuffle_seed=int(rng.integers(2**31))):
+                audio = _audio_matrix(batch)
+                if cache:
+                    kept.extend(audio)
+                pending.extend(audio)
+                while len(pending) >= local_batch:  # full batches only (drop_last), whatever the block sizes
+                    got += 1
+                    yield crop_batch(np.stack(pending[:local_batch]), length, rng)
+                    pending = pending[local_batch:]
         if got == 0:
             raise DataError("train split", f"yields no full batch of {local_batch} clips per worker; use a smaller "
                             "--batch-size or fewer workers")
@@ -371,13 +398,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     local_batch = cfg.batch_size // world
     stream = ray_batches(ray.train.get_dataset_shard("train"), local_batch, length, seed=cfg.seed, rank=rank,
-                         start_epoch=start_epoch)
+                         start_epoch=start_epoch, cache=config.get("cache_train", False))
     val_cache = None
     log_ids = set(config["log_ids"])
     for epoch in range(start_epoch, cfg.epochs):
         stats = run_epoch(ddp, stream, optimizer, scheduler, cfg, epoch, device=device)
         step += cfg.steps_per_epoch
-        losses = torch.tensor(stats.losses, dtype=torch.float64)
+        losses = torch.tensor(stats.losses, dtype=torch.float64, device=device)  # on the GPU for NCCL
         if world > 1:  # each rank's loss is the mean over its equal share: the global mean is the mean of means
             dist.all_reduce(losses)
             losses /= world
