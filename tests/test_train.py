@@ -162,3 +162,22 @@ def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segment
     assert all(float(r["eval/mse"]) > 0 for r in rows)
     assert job.main(["--model", str(tmp_path / "missing.pt"), "--corpus", str(corpus)]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_train_job_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_fewsound", "jobs/train_fewsound.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    for argv, needle in ((["--set", "nonsense=1"], "nonsense"), (["--corpus", str(tmp_path / "nope")], "nope"),
+                         (["--schedule-step", "weekly"], "schedule_step"), (["--kind", "fewsund"], "hyper.kind")):
+        assert job.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err, err
+    cfg = job.build_config(job.argparse.Namespace(
+        kind="hypersound", target="siren", encoder="soundstream", preset="tiny", epochs=None, batch_size=None,
+        lr=None, samples_per_epoch=None, val_every=None, val_clips=None, schedule_step="epoch", seed=None,
+        metrics=None, smoke_test=False, set=["model.delta_warmup_epochs=50", "val_every=5"]))
+    assert (cfg.model.kind, cfg.model.target, cfg.schedule_step, cfg.val_every) == ("hypersound", "siren", "epoch", 5)
+    assert cfg.model.delta_warmup_epochs == 50 and cfg.resolved_lr == 1e-6
