@@ -39,6 +39,16 @@ def default_home() -> Path:
     return Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound")).expanduser()
 
 
+def storage_root(sub: str) -> str:
+    """Where Ray Tune / Ray Train keep trial state and checkpoints: $FEWSOUND_STORAGE/sub (a shared folder or a
+    cloud URI such as s3://bucket/fewsound/ray: multi-node runs need one that every node reaches), else
+    $FEWSOUND_HOME/sub on this machine."""
+    root = os.environ.get("FEWSOUND_STORAGE")
+    if root:
+        return f"{root.rstrip('/')}/{sub}"
+    return str(default_home() / sub)
+
+
 def _healthy(uri: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:

@@ -184,7 +184,7 @@ def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | 
     from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
 
-    from fewsound.tracking import default_home, tracking_uri
+    from fewsound.tracking import storage_root, tracking_uri
 
     t0 = time.perf_counter()
     if keep_checkpoints < 1:
@@ -197,7 +197,7 @@ def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | 
         raise ConfigError("batch_size", f"the global batch {cfg.batch_size} does not split evenly over "
                           f"{scaling.num_workers} workers")
     key = name or run_key(cfg, corpus, experiment)
-    storage = storage or str(default_home() / "train")
+    storage = storage or storage_root("train")
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     val_ids, val_kinds, log_ids = validation_plan(corpus, cfg)
