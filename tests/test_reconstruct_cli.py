@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from fewsound.cli import main
 from fewsound.data.audio import save_audio
