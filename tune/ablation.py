@@ -138,8 +138,9 @@ def knob_tables(rows: list[dict[str, Any]], knobs: list[Knob] | None = None) -> 
             continue  # only the base: this knob was not part of the sweep
         mine = [dict(r, label=row_label) for r in rows for k, row_label in knob_rows(str(r["label"]), [knob])]
         if mine:
+            ids = "/".join(str(t) for t in sorted(set(knob.paper_tables.values())))
             out[knob.name] = {"rows": mine, "table": {
-                "title": f"{knob.title} (paper Tables {'/'.join(str(t) for t in sorted(set(knob.paper_tables.values())))})",
+                "title": f"{knob.title} (paper Table{'s' if '/' in ids else ''} {ids})",
                 "row_header": knob.row_header, "paper_table": dict(knob.paper_tables),
                 "label_order": [knob.label(v) for v in knob.values]}}
     return out

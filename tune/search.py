@@ -395,7 +395,8 @@ def run_search(ctx_args: dict[str, Any], *, trials: int, max_params: int | None,
     quiet_defaults()
     t0 = time.perf_counter()
     uri = tracking_uri()
-    parent = MlflowRun(ctx_args["experiment"], uri=uri, run_name=f"search-{family}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}",
+    name = f"search-{family}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = MlflowRun(ctx_args["experiment"], uri=uri, run_name=name,
                        tags={ROLE_TAG: "parent", "fewsound.job": "search_inr", "fewsound.family": family})
     parent.log_params({"family": family, "objective": objective, "weights": json.dumps(ctx_args["weights"]),
                        "trials": trials, "max_params": max_params, "steps": ctx_args["steps"],
