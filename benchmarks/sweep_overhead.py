@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def tasks_for(n: int, clips: list, steps: int, length: int, seed0: int) -> list:
-    """n distinct fits: len(clips) clips per config, configs differing by seed (so each config is one pack)."""
+def tasks_for(n: int, clips: list, per_config: int, steps: int, length: int, seed0: int) -> list:
+    """n distinct fits: `per_config` clips per config, configs differing by seed (one config = one full pack)."""
     from fewsound.fit import FitConfig
     from tune.plan import FitTask
 
@@ -41,7 +41,7 @@ def tasks_for(n: int, clips: list, steps: int, length: int, seed0: int) -> list:
     seed = seed0
     while len(out) < n:
         cfg = FitConfig(family="nerf", steps=steps, seed=seed)
-        out += [FitTask(cfg, c.clip_id, c.kind, length, "NERF") for c in clips[: n - len(out)]]
+        out += [FitTask(cfg, c.clip_id, c.kind, length, "NERF") for c in clips[: min(per_config, n - len(out))]]
         seed += 1
     return out
 
@@ -70,7 +70,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fits", type=int, default=1000, help="fits in the packed mode (default: 1000)")
     p.add_argument("--per-fit", type=int, default=40, help="fits run one trial each, extrapolated (default: 40)")
-    p.add_argument("--pack-size", type=int, default=40, help="fits per trial in the packed mode (default: 40)")
+    p.add_argument("--pack-size", type=int, default=20, help="fits per trial in the packed mode (default: 20, "
+                   "at most the number of clips of the built-in corpus's INR protocol)")
     p.add_argument("--steps", type=int, default=10, help="steps per fit (default: 10)")
     p.add_argument("--length", type=int, default=4096, help="samples per clip (default: 4,096)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray = trial slots (default: 2)")
@@ -91,15 +92,16 @@ def main() -> int:
     corpus = resolve_corpus(None, args.length)
     from fewsound.data.shards import open_corpus
 
-    clips = open_corpus(corpus).clips()
+    clips = list(open_corpus(corpus).clips())
+    args.pack_size = min(args.pack_size, len(clips))  # one config = one pack of distinct clips
     t = time.perf_counter()
     init_ray(num_cpus=args.cpus)
     ray_start = time.perf_counter() - t
     try:
         # one-per-trial first, on other seeds: both modes then run on warm actors' code paths alike
-        per_fit = measure("per-fit", tasks_for(args.per_fit, clips, args.steps, args.length, 10_000), corpus, 1,
+        per_fit = measure("per-fit", tasks_for(args.per_fit, clips, 1, args.steps, args.length, 10_000), corpus, 1,
                           args.cpus)
-        packed = measure("packed", tasks_for(args.fits, clips, args.steps, args.length, 0), corpus, args.pack_size,
+        packed = measure("packed", tasks_for(args.fits, clips, args.pack_size, args.steps, args.length, 0), corpus, args.pack_size,
                          args.cpus)
     finally:
         import ray

@@ -33,7 +33,7 @@ def sweep_home(tmp_path_factory, request) -> tuple[Path, str]:
     """One FEWSOUND_HOME and MLflow server (on a free port) for every sweep test module of this pytest session."""
     home = tmp_path_factory.getbasetemp() / "sweep-home"
     home.mkdir(exist_ok=True)
-    uri = tracking.start_local_server(home=home, port=tracking._free_port())
+    uri = tracking.start_local_server(home=home)  # it picks a free port (and retries if one is taken meanwhile)
     if not getattr(request.config, "_sweep_server_cleanup", False):
         request.config._sweep_server_cleanup = True
         request.config.add_cleanup(lambda: tracking.stop_local_server(home))

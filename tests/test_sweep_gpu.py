@@ -39,7 +39,7 @@ def sweep(corpus: str, seed: int, experiment: str, **ray_kw):
     from tune.sweep import init_ray, quiet_defaults, run_sweep
 
     quiet_defaults()
-    clips = corpus_clips(corpus, "8", "speech")
+    clips = corpus_clips(corpus, "8", "all")  # the INR protocol keeps one speech clip per voice (5)
     tasks = [FitTask(FitConfig(family="nerf", steps=40, seed=seed), c.clip_id, c.kind, 4096, "nerf") for c in clips]
     init_ray(**ray_kw)
     try:

@@ -28,7 +28,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, e.g. under `ray job "
                    "submit`, else a local Ray)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the job's name)")
-    p.add_argument("--smoke-test", action="store_true", help="a few fits of a few steps: seconds on a CPU")
+    p.add_argument("--smoke-test", action="store_true", help="a few fits of a few steps on short crops, every "
+                   "metric and artifact: the whole path in seconds of compute on a CPU")
 
 
 def parse_list(text: str, valid: Any, option: str) -> list[str]:

@@ -123,25 +123,29 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
               max_retries: int = 1, trial_failures: int = 1, curve_every_n_packs: int = 10,
               num_cpus: int | None = None, num_gpus: int | None = None, storage: str | None = None,
               progress: bool = True, table: dict[str, Any] | None = None,
-              metrics: tuple[str, ...] | None = None, log_artifacts: bool = True) -> SweepSummary:
+              metrics: tuple[str, ...] | None = None, log_artifacts: bool = True,
+              tune_restarts: int = 2) -> SweepSummary:
     """Run every fit of `tasks` not already finished in MLflow. See the module docstring.
 
     pack_size: fits per trial (fitted at once). max_retries: refits of a diverged fit (new seed) before it is
-    FAILED. trial_failures: Tune's retries of a crashed trial (FailureConfig.max_failures).
+    FAILED. trial_failures: Tune's retries of a crashed trial (FailureConfig.max_failures). tune_restarts: new
+    Tune runs over the unfinished fits when Tune itself stops with an exception (it does when, e.g., Ray's OOM
+    killer takes an actor during its start); resume by key makes that safe.
     num_cpus/num_gpus: of a local Ray started here (ignored when joining a cluster or when Ray is initialised).
     table: keyword arguments of `fewsound.tables.build_table` for the parent run's table (title, row_header,
     paper_table, label_order).
     metrics: the metrics to compute (None: all that apply; see TrialContext.metrics). log_artifacts: audio and
     spectrogram per fit (benchmarks turn both down to isolate orchestration; the child runs are logged anyway).
     """
-    from ray import tune
-
     if not tasks:
         raise ConfigError(name, "the sweep has no fits (check --families/--clips/--lengths)")
     keys = [t.key for t in tasks]
     if len(set(keys)) != len(keys):
         raise ConfigError(name, "the sweep lists the same fit (family, clip, config, length) twice")
     trial_resources({}, gpu_fraction)  # a bad fraction fails now, not after Ray has started
+    if pack_size < 1 or max_retries < 0 or trial_failures < 0:
+        raise ConfigError("pack_size/max_retries/trial_failures", "need >= 1, >= 0, >= 0; got "
+                          f"{pack_size}, {max_retries}, {trial_failures}")
     quiet_defaults()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -171,32 +175,30 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
         print(f"[{name}] {len(tasks)} fits: {skipped} already finished, {len(todo)} to run in {len(packs)} trials "
               f"(each {resources}); MLflow {uri} experiment {experiment!r}", flush=True)
     trials: list[dict[str, Any]] = []
-    if packs:
-        t = time.perf_counter()
-        trainable = tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), resources)
-        # the packs travel inside the param_space as plain data: one grid point (trial) per pack
-        space = {"pack": tune.grid_search([dict(pack_to_config(p), index=i) for i, p in enumerate(packs)])}
-        callback = _Progress(name, len(todo), t0) if progress else None
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(reuse_actors=True,
-                                        trial_dirname_creator=lambda trial: f"pack{trial.config['pack']['index']}"),
-            run_config=tune.RunConfig(
-                name=sid,
-                storage_path=storage or str(Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound"))
-                                            / "ray_results"),
-                failure_config=tune.FailureConfig(max_failures=trial_failures),
-                verbose=0,
-                callbacks=[callback] if callback else None,
-            ),
-        )
-        grid = tuner.fit()
-        timings["tune"] = time.perf_counter() - t
-        trials = [dict(r.metrics, index=int(r.config["pack"]["index"])) for r in grid
-                  if r.metrics and "fits_done" in r.metrics]
+    t = time.perf_counter()
+    callback = _Progress(name, len(todo), t0) if progress else None
+    for attempt in range(tune_restarts + 1):
+        if not packs:
+            break
+        try:
+            grid = _tune(packs, ctx, resources, f"{sid}-r{attempt}" if attempt else sid, trial_failures, storage,
+                         callback)
+        except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
+            if attempt == tune_restarts:
+                raise
+            lines = str(e).strip().splitlines() or [""]
+            print(f"[{name}] Ray Tune stopped ({type(e).__name__}: {lines[0][:200]}); restarting the fits that "
+                  "are not finished", flush=True)
+            _mark_stale(client, parent.experiment_id, {t.key for t in todo})
+            done_keys = finished_runs(client, parent.experiment_id)
+            packs = pack([t for t in todo if t.key not in done_keys], pack_size)
+            continue
+        trials += [dict(r.metrics, index=int(r.config["pack"]["index"])) for r in grid
+                   if r.metrics and "fits_done" in r.metrics]
         _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
         _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
+        break
+    timings["tune"] = time.perf_counter() - t
 
     t = time.perf_counter()
     finished = finished_runs(client, parent.experiment_id)
@@ -208,6 +210,30 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _tune(packs: list[list[FitTask]], ctx: TrialContext, resources: dict[str, float], run_name: str,
+          trial_failures: int, storage: str | None, callback: Any) -> Any:
+    """One Tune run: a trial per pack (the packs travel in the param_space as plain data), actors reused."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), resources)
+    space = {"pack": tune.grid_search([dict(pack_to_config(p), index=i) for i, p in enumerate(packs)])}
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(reuse_actors=True,
+                                    trial_dirname_creator=lambda trial: f"pack{trial.config['pack']['index']}"),
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=storage or str(Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound"))
+                                        / "ray_results"),
+            failure_config=tune.FailureConfig(max_failures=trial_failures),
+            verbose=0,
+            callbacks=[callback] if callback else None,
+        ),
+    )
+    return tuner.fit()
 
 
 def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> MlflowRun:

@@ -23,7 +23,9 @@ import functools
 import math
 import os
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,8 @@ SWEEP_TAG = "fewsound.sweep"
 PACK_TAG = "fewsound.pack"
 REASON_TAG = "fewsound.failure_reason"
 COMMIT_TAG = "mlflow.source.git.commit"
+LOG_THREADS = 4  # child runs of a pack logged at once (the embedded server has one worker; more gains nothing)
+_PLOT_LOCK = threading.Lock()
 INF_DB = 200.0  # PSNR/SNR of an exact reconstruction is +inf; MLflow stores finite floats only
 
 
@@ -145,10 +149,10 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     eval_seconds, eval_cpu = time.perf_counter() - t, time.process_time() - c
 
     t, c = time.perf_counter(), time.process_time()
-    done = failed = 0
     log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
-    for i, task in enumerate(tasks):
-        r = results[i]
+
+    def log(i: int) -> bool:
+        task, r = tasks[i], results[i]
         reason = None
         if r.diverged:
             reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts[i]} attempt(s)"
@@ -157,12 +161,15 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
         try:
             _log_child(client, exp_id, task, r, evals[i], clips[i], ctx, pid, reason, attempts[i],
                        curve=log_curves and i == 0)
-            ok = reason is None
+            return reason is None
         except Exception as e:  # logging failed: this fit is lost (re-run it), the other fits of the pack are not
             print(f"[{task.key}] logging to MLflow failed: {type(e).__name__}: {e}", flush=True)
-            ok = False
-        done += ok
-        failed += not ok
+            return False
+
+    # A child run is a few HTTP round trips that mostly wait on the server: a few at once hide that latency.
+    with ThreadPoolExecutor(max_workers=LOG_THREADS) as pool:
+        oks = list(pool.map(log, range(len(tasks))))
+    done, failed = sum(oks), len(oks) - sum(oks)
     log_seconds, log_cpu = time.perf_counter() - t, time.process_time() - c
     return {"fits_done": done, "fits_failed": failed, "fits_skipped": skipped, "fit_seconds": fit_seconds,
             "eval_seconds": eval_seconds, "log_seconds": log_seconds, "seconds": time.perf_counter() - t0,
@@ -253,8 +260,9 @@ def _log_child(client: Any, exp_id: str, task: FitTask, r: Any, ev: dict | None,
                 sr = task.cfg.sample_rate
                 save_audio(Path(d) / "audio" / "gt.wav", ref, sr)
                 save_audio(Path(d) / "audio" / "pred.wav", r.reconstruction, sr)
-                save_spectrogram_png(Path(d) / "plots" / "spectrogram.png", ref, r.reconstruction, sr,
-                                     title=task.key)
+                with _PLOT_LOCK:  # fits of a pack are logged from a few threads; matplotlib is not thread-safe
+                    save_spectrogram_png(Path(d) / "plots" / "spectrogram.png", ref, r.reconstruction, sr,
+                                         title=task.key)
                 client.log_artifacts(run_id, d)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
