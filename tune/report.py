@@ -84,7 +84,7 @@ def write_report(uri: str, parent: Any, rows: list[dict[str, Any]], out: Path, *
     """Tables (and, for an ablation, per-knob tables and the quality-vs-params plot) and the spectrogram
     comparison into `out`. Returns (paths, the tables as Markdown)."""
     from fewsound import tables
-    from tune.ablation import write_ablation_report
+    from tune.ablation import KNOBS, configs, write_ablation_report
 
     if not rows:
         raise ConfigError(parent.info.run_id, "the sweep has no finished fits to report")
@@ -94,7 +94,8 @@ def write_report(uri: str, parent: Any, rows: list[dict[str, Any]], out: Path, *
     paper = PAPER_TABLE.get(kinds.pop()) if len(kinds) == 1 and job == "fit_inrs" else None
     spec = {"title": f"{job or 'sweep'}: reconstruction metrics (regenerated from MLflow)",
             "row_header": "INR" if job == "fit_inrs" else "configuration", "paper_table": paper,
-            "label_order": PAPER_LABELS}
+            # the paper's order: Table 1's families, or the ablation's knobs and values (the base first)
+            "label_order": list(configs(list(KNOBS.values()), 1)) if job == "kan_ablation" else PAPER_LABELS}
     paths = tables.write_results(out, rows, **spec)
     markdown = (out / "table.md").read_text()
     label_order = [r.label for g in tables.build_table(rows, **spec).groups for r in g.rows]
