@@ -5,7 +5,9 @@
 The model is Table 1's KAN (L = 10, [48, 24, 12], G = 10, k = 2) on one clip of N samples (B = 1). One step is
 forward, L1 loss against a fixed random target, and backward (no optimizer: it costs the same in both).
 The baseline is `implementation="recursion"`: the paper code's formulation (Cox-de Boor recursion over all
-G + k bases, dense basis tensor, one bmm), same parameters, same outputs within float tolerance (checked here).
+G + k bases, dense basis tensor, one bmm, plus the SiLU branch's bmm), same parameters, same outputs within float
+tolerance (checked here). The fast path is the fused `_KanLayer` (closed-form local basis, embedding_bag forward,
+tiled backward; fewsound/inr/kan.py).
 
 Wall-clock steps/s is the headline; process CPU time per step is printed too because on a shared machine
 (other jobs on the same cores) it is the steadier of the two.
@@ -110,6 +112,7 @@ def main() -> int:
         print(json.dumps(measure(args.child, args.n, args.steps, args.threads, args.device)))
         return 0
 
+    load_before = os.getloadavg()[0]
     base = run_child("recursion", args)
     fast = run_child("fast", args)
     max_diff = max(abs(a - b) for a, b in zip(base.pop("output_head"), fast.pop("output_head")))
@@ -120,6 +123,8 @@ def main() -> int:
         "threads": args.threads,
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
+        "load_average_1m_before_after": [load_before, os.getloadavg()[0]],
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "baseline_recursion": base,
         "fast": fast,
         "speedup": fast["steps_per_s"] / base["steps_per_s"],
@@ -134,6 +139,7 @@ def main() -> int:
               f"{r['peak_memory_mb']:9.1f}")
     print(f"speedup {result['speedup']:.1f}x wall-clock ({result['speedup_cpu_time']:.1f}x in process CPU time), "
           f"peak memory {result['peak_memory_ratio']:.2f}x of baseline, max |output diff| {max_diff:.2e}")
+    print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -20,12 +20,17 @@ Fast path (`implementation="fast"`, default). The paper's code evaluates the bas
 recursion over all G + k bases, materialising several [N, in, G + 2k] tensors per layer and keeping them all
 for backward. On a uniform grid only k + 1 bases are non-zero at any x: with u = (x - t_0) / h, the interval
 is m = floor(u) and the k + 1 values are fixed polynomials of the fractional position f = u - m (the uniform
-B-spline's pieces, `_uniform_bspline_polynomials`, derived exactly from the recursion). `_SplineContract`
-(a custom autograd.Function) walks N in small tiles: per tile it scatters those k + 1 values per input into
-one reused, zeroed basis tile (a few hundred rows) and contracts it with the coefficients by a batched
-matmul; backward re-derives the values (and their closed-form derivatives) per tile the same way. Autograd
-keeps only the layer input, so memory no longer grows with N * in * (G + k), and the work is k + 1 scatters
-plus BLAS instead of the recursion's O(k (G + 2k)) elementwise passes.
+B-spline's pieces, `_uniform_bspline_polynomials`, derived exactly from the recursion). `_KanLayer` (a custom
+autograd.Function) does a whole layer, SiLU branch included: the layer's weights form one table with W = G + k + 3
+rows per input (base weight, spline coefficients, zero "trash" rows); every (n, i) touches k + 2 of them (`_Layout`).
+Forward, per chunk of N: those (row, value) pairs feed one `embedding_bag` (sum with per-sample weights), which
+contracts only the non-zero terms. Backward, per chunk: the pairs are rebuilt from the kept interval / fraction /
+sigmoid, scattered per cache-sized tile into one reused dense basis for the table gradient (baddbmm), and dL/dx
+is gathered from dy table^T (bmm). All per-chunk temporaries live in buffers allocated once per call (fresh
+multi-MB tensors per chunk cost more in page faults than the arithmetic). Autograd keeps the layer input plus
+12 bytes per (n, i), so memory grows with N * in, not N * in * (G + k).
+Measured (benchmarks/kan_speed.py, Table 1 KAN, 32,768 samples, fwd + bwd, 1 thread, shared 2-core CPU):
+~10x the recursion in CPU time at ~0.07x its peak memory; see benchmarks/results/kan_speed.json.
 Outside the extended knot range, and at its right end (half-open intervals), every basis is zero, as in the
 recursion; ties at knots fall as in the recursion to rounding (exactly for k = 0, where it matters).
 `implementation="recursion"` is the straightforward dense formulation (`bspline_basis_recursion` + one bmm),
@@ -142,174 +147,277 @@ def _uniform_bspline_polynomials(k: int) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(c) for c in poly) for poly in polys)
 
 
-class _Spline:
-    """Closed-form evaluation of the k + 1 non-zero bases on one uniform grid, in a compact column layout.
+class _Layout:
+    """Closed-form local evaluation of a KAN layer's terms on one uniform grid, in a compact table layout.
 
-    Column layout (W = G + k + 2 columns per input): basis j (0 .. G + k - 1) is column j + 1; columns 0 and
-    W - 1 are "trash" columns whose coefficients are zero. x in knot interval m (t_m <= x < t_{m+1}; m = -1
-    below t_0, m = G + 2k at or after t_{G+2k}) touches bases j = m - k + r, r = 0..k; a j outside
-    0 .. G + k - 1 is sent to the trash column on its side. So outside the knot range every touched column is
-    trash and the output and dL/dx are exactly zero there, without masks (several r may land on the same trash
-    column; whichever value is written there is multiplied by a zero coefficient).
+    Input i owns W = G + k + 3 consecutive rows of the layer's table [in * W, out]: row 0 holds the base weights
+    bw[:, i] (its term is SiLU(x_i)), rows 2 .. G + k + 1 the spline coefficients of bases j = 0 .. G + k - 1,
+    and rows 1 and W - 1 are "trash" rows of zeros. Each (n, i) touches S = k + 2 rows ("slots"): slot 0 is
+    the base row with value SiLU(x); slot 1 + r is basis j = m - k + r (x in knot interval m: t_m <= x < t_{m+1};
+    m = -1 below t_0, m = G + 2k at or after t_{G+2k}), row j + 2, with value the r-th uniform B-spline
+    polynomial of the fractional position f. A j outside 0 .. G + k - 1 goes to the trash row on its side, so
+    outside the knot range the spline part of the output and of dL/dx is exactly zero, without masks.
+    Slots are laid out slot-major, [..., S, in]: every elementwise op writes one contiguous plane per slot, and
+    the order of terms inside a sum does not matter to the contraction.
     """
 
     def __init__(self, grid_size: int, spline_order: int, grid_range, dtype, device):
         self.g, self.k = grid_size, spline_order
-        self.a, b = grid_range
-        self.h = (b - self.a) / grid_size
-        self.width = grid_size + spline_order + 2
+        a, b = grid_range
+        h = (b - a) / grid_size
+        self.scale, self.offset = 1.0 / h, spline_order - a / h  # u = x / h + k - a / h: knot-interval units
+        self.width = grid_size + spline_order + 3
+        self.slots = spline_order + 2
         grid = knots(grid_size, spline_order, grid_range, dtype=dtype, device=device)
         inf = torch.full((1,), float("inf"), dtype=dtype, device=device)
         self.ext = torch.cat([-inf, grid, inf])  # ext[m + 1] = t_m for m = -1 .. G + 2k + 1
-        self.poly_list = [list(c) for c in _uniform_bspline_polynomials(spline_order)]
-        # d/dx = (d/df) / h
-        self.dpoly_list = [[p * c[p] / self.h for p in range(1, len(c))] for c in self.poly_list]
-        self.shift = torch.arange(spline_order + 1, device=device) + (1 - spline_order)
+        self.poly = [list(c) for c in _uniform_bspline_polynomials(spline_order)]
+        self.dpoly = [[p * c[p] / h for p in range(1, len(c))] for c in self.poly]  # d/dx = (d/df) / h
+        # slot 1 + r: row = clamp(m + c_r, 1, W - 1) = clamp(m, 1 - c_r, W - 1 - c_r) + c_r, c_r = 2 - k + r
+        self.shifts = [2 - spline_order + r for r in range(spline_order + 1)]
 
-    def local(self, x: Tensor, with_derivative: bool = False):
-        """x: [...] -> idx: [..., k + 1] int64 columns; w: [..., k + 1] values; dw: [..., k + 1] dw/dx or None."""
+    def rows(self, bsz: int, n_in: int, device, per_clip: bool) -> list[Tensor]:
+        """First table row of each input, [B, 1, in]: (b * in + i) * W if per_clip (one flat table for all B clips,
+        as embedding_bag wants it), else i * W (each clip's own [in * W] columns). Returned as [that] + [that + c_r
+        for each spline slot r], the offsets `local` adds to each slot plane."""
+        i = torch.arange(n_in, dtype=torch.int32, device=device)
+        if per_clip:
+            i = i + n_in * torch.arange(bsz, dtype=torch.int32, device=device).view(-1, 1)
+        first = (i * self.width).view(-1, 1, n_in).expand(bsz, 1, n_in)
+        return [first] + [first + c for c in self.shifts]
+
+    def local(self, x: Tensor, rows: list[Tensor], with_derivative: bool = False, work: "_Work | None" = None,
+              keep: "tuple[Tensor, Tensor, Tensor] | None" = None, reuse: bool = False):
+        """x [B, r, in] -> idx [B, r, S, in] table rows (int32; int64 with derivatives); w [B, r, S, in] values; dw d(values)/dx or None.
+
+        With `work`, every result and temporary is a view of its reused buffers (valid until the next call):
+        fresh multi-MB tensors per chunk would cost more in page faults than the arithmetic itself.
+        keep = (interval m int32, fractional position f, sigmoid(x)), each [B, r, in]: written here (the forward
+        keeps them for backward, 12 bytes per (n, i)), or with `reuse` read instead of recomputed.
+        """
         k, n_intervals = self.k, self.g + 2 * self.k
-        u = (x * (1.0 / self.h)).add_(k - self.a / self.h).clamp_(-1.0, float(n_intervals))
-        m = u.floor().long()
-        if k == 0:
-            # (x - a)/h can round across a knot. For k >= 1 the bases are continuous there, so either side
-            # gives the same values to rounding; for the step functions of k = 0 one comparison against the
-            # very knot values the recursion uses puts x in the recursion's half-open interval [t_m, t_{m+1}).
-            m -= (x < self.ext[m + 1]).long()
-            m += (x >= self.ext[m + 2]).long()
-        # Fractional position; clamped only to keep far-away x finite (their columns are trash anyway).
-        f = (u - m).clamp_(0.0, 1.0)
-        idx = (m.unsqueeze(-1) + self.shift).clamp_(0, self.width - 1)
-        w = _horner(self.poly_list, f)
+        bsz, r, n_in = x.shape
+        work = work or _Work(x.numel(), self.slots, x.dtype, x.device, with_derivative)
+        mi, f, sig = keep if keep is not None else (work.view(n, x.shape) for n in ("mi", "f", "sig"))
+        if not reuse:
+            u, m = work.view("u", x.shape), work.view("m", x.shape)
+            torch.mul(x, self.scale, out=u).add_(self.offset).clamp_(-1.0, float(n_intervals))
+            torch.floor(u, out=m)
+            mi.copy_(m)
+            if k == 0:
+                # (x - a)/h can round across a knot. For k >= 1 the bases are continuous there, so either side
+                # gives the same values to rounding; for the step functions of k = 0 one comparison against the
+                # very knot values the recursion uses puts x in the recursion's half-open interval [t_m, t_{m+1}).
+                mi -= (x < self.ext[mi + 1]).int()
+                mi += (x >= self.ext[mi + 2]).int()
+                m.copy_(mi)
+            torch.sub(u, m, out=f)  # in [0, 1): u was clamped, so far-away x stay finite (their rows are trash)
+            torch.sigmoid(x, out=sig)
+        shape = (bsz, r, self.slots, n_in)
+        idx, w = work.view("idx", shape), work.view("w", shape)
+        if work.base_shape != shape:  # same view as the last chunk: its base plane is still there
+            idx[:, :, 0] = rows[0]
+            work.base_shape = shape
+        clamped = work.view("mc", x.shape)
+        for r_, c_r in enumerate(self.shifts):  # per contiguous plane: ~2x faster than broadcasting over slots
+            torch.clamp(mi, 1 - c_r, self.width - 1 - c_r, out=clamped)
+            torch.add(clamped, rows[1 + r_], out=idx[:, :, 1 + r_])
+        torch.mul(x, sig, out=w[:, :, 0])  # SiLU
+        _horner_into(self.poly, f, w[:, :, 1:])
         dw = None
         if with_derivative:
-            dw = torch.zeros_like(w) if k == 0 else _horner(self.dpoly_list, f)
+            dw = work.view("dw", shape)
+            # SiLU'(x) = s + x s (1 - s) = s + SiLU(x) (1 - s)
+            tmp = work.view("tmp", x.shape)
+            torch.mul(sig, -1.0, out=tmp).add_(1.0)
+            torch.addcmul(sig, w[:, :, 0], tmp, out=dw[:, :, 0])
+            if k == 0:
+                dw[:, :, 1:].zero_()
+            else:
+                _horner_into(self.dpoly, f, dw[:, :, 1:])
         return idx, w, dw
 
 
-def _horner(poly: list[list[float]], f: Tensor) -> Tensor:
-    """The k + 1 polynomials poly[r] (coefficients of f^0, f^1, ...) at f: [...] -> [..., k + 1].
+class _Work:
+    """Flat buffers for `_Layout.local` on up to `pairs` (b, n, i) pairs, allocated once per layer call."""
 
-    One scalar Horner chain per r on contiguous [...] tensors, written into column r of the result: about
-    twice as fast on CPU as broadcasting [..., 1] against [k + 1] (a size-(k+1) innermost loop).
+    def __init__(self, pairs: int, slots: int, dtype, device, with_derivative: bool, long_index: bool = False):
+        sizes = {"u": pairs, "m": pairs, "f": pairs, "sig": pairs, "tmp": pairs, "w": pairs * slots}
+        if with_derivative:
+            sizes["dw"] = pairs * slots
+        self.buf = {name: torch.empty(size, dtype=dtype, device=device) for name, size in sizes.items()}
+        self.buf["mi"] = torch.empty(pairs, dtype=torch.int32, device=device)
+        self.buf["mc"] = torch.empty(pairs, dtype=torch.int32, device=device)
+        # int32 rows for embedding_bag (forward); int64 for backward, whose scatter_/gather would otherwise convert
+        # int32 indices to int64 on every call
+        self.buf["idx"] = torch.empty(pairs * slots, dtype=torch.long if long_index else torch.int32, device=device)
+        self.base_shape = None  # shape of the idx view whose base plane (constant rows) is already written
+
+    def view(self, name: str, shape) -> Tensor:
+        """The first prod(shape) elements of buffer `name`, as a contiguous tensor of that shape."""
+        return self.buf[name][: math.prod(shape)].view(shape)
+
+
+def _horner_into(poly: list[list[float]], f: Tensor, out: Tensor) -> None:
+    """out[:, :, r] = the polynomial poly[r] (coefficients of f^0, f^1, ...) at f [B, r, in], for each slot plane r.
+
+    One scalar Horner chain per plane, in place: ops on contiguous planes with scalar operands run ~4x faster
+    on CPU than one chain over all planes with broadcast [k + 1, 1] coefficients.
     """
-    out = f.new_empty(*f.shape, len(poly))
     for r, c in enumerate(poly):
+        plane = out[:, :, r]
         if len(c) == 1:
-            out[..., r] = c[0]
+            plane.fill_(c[0])
             continue
-        acc = torch.mul(f, c[-1]).add_(c[-2])
+        torch.mul(f, c[-1], out=plane).add_(c[-2])
         for coef in reversed(c[:-2]):
-            acc.mul_(f).add_(coef)
-        out[..., r] = acc
-    return out
+            plane.mul_(f).add_(coef)
 
 
 def bspline_basis_fast(x: Tensor, grid_size: int, spline_order: int, grid_range=(-1.0, 1.0)) -> Tensor:
     """Dense basis [..., G + k] from the closed-form local values (values only, no autograd through x).
 
-    For tests and plots; the KAN layer never builds it for the whole input (see `_SplineContract`).
+    For tests and plots; the KAN layer never builds it for the whole input (see `_KanLayer`).
     """
-    spline = _Spline(grid_size, spline_order, grid_range, x.dtype, x.device)
-    idx, w, _ = spline.local(x.detach())
-    dense = torch.zeros(*x.shape, spline.width, dtype=x.dtype, device=x.device).scatter_(-1, idx, w)
-    return dense[..., 1 : 1 + grid_size + spline_order]
+    lay = _Layout(grid_size, spline_order, grid_range, x.dtype, x.device)
+    flat = x.detach().reshape(1, -1, 1)
+    idx, w, _ = lay.local(flat, lay.rows(1, 1, x.device, per_clip=False))
+    dense = torch.zeros(flat.shape[1], lay.width, dtype=x.dtype, device=x.device)
+    dense.scatter_(-1, idx[0, :, 1:, 0], w[0, :, 1:, 0])
+    return dense[:, 2 : 2 + grid_size + spline_order].reshape(*x.shape, grid_size + spline_order)
 
 
-# Tiling over N. Local values (index math and polynomials, many small elementwise ops) are computed per
-# chunk of about _CHUNK_PAIRS (n, i) pairs, large enough to amortise torch's per-op overhead; the dense basis is
-# scattered and contracted per tile of about _TILE_ELEMENTS entries (1 MB in float32), small enough to stay in
-# cache. Peak extra memory is one chunk's local values plus one tile, whatever N is.
-_CHUNK_PAIRS = 1 << 14
+# Chunking over N. Forward: local values for about _CHUNK_PAIRS (b, n, i) pairs at a time (int64 rows and values,
+# ~40 B per pair for k = 2), large enough to amortise torch's per-op overhead, then one embedding_bag. Backward:
+# the same chunks, cut into tiles of about _TILE_ELEMENTS entries of the dense [B, rows, in * W] basis, small
+# enough to stay in cache (1 MB in float32). Peak extra memory is one chunk plus one tile, whatever N is.
+_CHUNK_PAIRS = 1 << 16
 _TILE_ELEMENTS = 1 << 18
+_CUDA_SCALE = 64  # on a GPU, far larger chunks and tiles: kernel launches, not caches, are what costs there
 
 
-def _tiles(x: Tensor, spline: _Spline, with_derivative: bool):
-    """Yield (start, rows, idx, w, dw) over row tiles of x [B, N, in]; local values computed per chunk."""
-    bsz, n, n_in = x.shape
-    tile = max(1, min(n, _TILE_ELEMENTS // (bsz * n_in * spline.width)))
-    chunk = tile * max(1, _CHUNK_PAIRS // (tile * bsz * n_in))
-    for c in range(0, n, chunk):
-        idx, w, dw = spline.local(x[:, c : c + chunk], with_derivative)
-        for s in range(0, idx.shape[1], tile):
-            sl = slice(s, s + tile)
-            yield c + s, idx[:, sl].shape[1], idx[:, sl], w[:, sl], (dw[:, sl] if dw is not None else None)
+def _chunk_pairs(device) -> int:
+    return _CHUNK_PAIRS * (_CUDA_SCALE if torch.device(device).type == "cuda" else 1)
 
 
-class _SplineContract(torch.autograd.Function):
-    """y[b, n, o] = sum_{i, c} coef[b, o, i, c] B_c(x[b, n, i]), tiled over N; saves only x and coef.
+def _tile_elements(device) -> int:
+    return _TILE_ELEMENTS * (_CUDA_SCALE if torch.device(device).type == "cuda" else 1)
 
-    Per tile of rows, the k + 1 local values per input (closed form) are scattered into one reused, zeroed
-    [B, rows, in * W] basis tile, which a batched matmul contracts with the coefficient table. Peak memory is
-    one tile (not several [N, in, G + 2k] tensors per recursion level as in the reference) and autograd keeps
-    only the layer input. Gradients: d coef = basis^T dy (bmm); dx[n, i] = sum_r w'_r(x) * (dy coef)[n, i, idx_r]
-    (bmm, then a gather of k + 1 columns). First-order only (no double backward).
+
+def _chunks(n: int, rows_per_chunk: int):
+    for c in range(0, n, rows_per_chunk):
+        yield c, min(rows_per_chunk, n - c)
+
+
+class _KanLayer(torch.autograd.Function):
+    """y[b, n, o] = sum_i bw[b, o, i] SiLU(x[b, n, i]) + sum_{i, c} coef[b, o, i, c] B_c(x[b, n, i]).
+
+    Forward: per chunk of rows, the S = k + 2 (row, value) pairs of every (n, i) (`_Layout`) feed one
+    `embedding_bag` (sum mode, per-sample weights) over the flat [B * in * W, out] table: the k + 1 non-zero
+    bases and the SiLU term are contracted with gathered table rows, never with the zeros of a dense basis.
+    Backward re-derives the pairs per chunk and, per tile of rows, scatters them into one reused zeroed dense
+    [B, rows, in * W] basis tile: d table = dy^T basis (one baddbmm, base weights included); dx[n, i] =
+    sum_s value'_s(x) * (dy table)[n, row_s] (one bmm, then a gather of the S rows). Autograd keeps x, bw,
+    coef and, per (n, i), the interval (int32), fraction and sigmoid the forward computed anyway.
+    First-order only (no double backward).
     """
 
     @staticmethod
-    def forward(ctx, x, coef, grid_size, spline_order, grid_range):
+    def forward(ctx, x, bw, coef, grid_size, spline_order, grid_range):
         bsz, n, n_in = x.shape
-        spline = _Spline(grid_size, spline_order, grid_range, x.dtype, x.device)
-        table = _table(coef, spline).transpose(1, 2)  # [B, in * W, out]
-        y = x.new_empty(bsz, n, coef.shape[1])
-        buf = None
-        for s, r, idx, w, _ in _tiles(x, spline, with_derivative=False):
-            if buf is None:
-                buf = x.new_zeros(bsz, r, n_in, spline.width)
-            basis = buf[:, :r]
-            basis.scatter_(-1, idx, w)
-            if bsz == 1:  # the tile of y is contiguous: bmm writes it in place
-                torch.bmm(basis.view(bsz, r, -1), table, out=y[:, s : s + r])
-            else:
-                y[:, s : s + r] = torch.bmm(basis.view(bsz, r, -1), table)
-            basis.zero_()
-        ctx.save_for_backward(x, coef)
-        ctx.spline = (grid_size, spline_order, grid_range)
+        n_out = coef.shape[1]
+        lay = _Layout(grid_size, spline_order, grid_range, x.dtype, x.device)
+        table = _table(bw, coef, lay)  # [B, out, in * W]
+        # [B * in * W, out], row-major: embedding_bag's fast kernel needs contiguous rows (a strided view of the
+        # table - which reshape returns for B = 1 - takes a generic path ~10x slower)
+        flat = table.view(bsz, n_out, n_in, lay.width).permute(0, 2, 3, 1).contiguous().view(-1, n_out)
+        rows = lay.rows(bsz, n_in, x.device, per_clip=True)
+        y = x.new_empty(bsz, n, n_out)
+        step = max(1, min(n, _chunk_pairs(x.device) // (bsz * n_in)))
+        work = _Work(bsz * step * n_in, lay.slots, x.dtype, x.device, with_derivative=False)
+        kept = (torch.empty(x.shape, dtype=torch.int32, device=x.device), torch.empty_like(x), torch.empty_like(x))
+        for s, r in _chunks(n, step):
+            idx, w, _ = lay.local(x[:, s : s + r], rows, work=work, keep=tuple(t[:, s : s + r] for t in kept))
+            out = F.embedding_bag(idx.view(bsz * r, -1), flat, per_sample_weights=w.view(bsz * r, -1), mode="sum")
+            y[:, s : s + r] = out.view(bsz, r, n_out)
+        ctx.save_for_backward(x, bw, coef, *kept)
+        ctx.grid = (grid_size, spline_order, grid_range)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, coef = ctx.saved_tensors
-        grid_size, spline_order, grid_range = ctx.spline
+        x, bw, coef, *kept = ctx.saved_tensors
+        grid_size, spline_order, grid_range = ctx.grid
         bsz, n, n_in = x.shape
         n_out = coef.shape[1]
-        spline = _Spline(grid_size, spline_order, grid_range, x.dtype, x.device)
-        table = _table(coef, spline)  # [B, out, in * W]
+        lay = _Layout(grid_size, spline_order, grid_range, x.dtype, x.device)
+        cols = n_in * lay.width
+        table = _table(bw, coef, lay)  # [B, out, in * W]
+        rows = lay.rows(bsz, n_in, x.device, per_clip=False)
         gy = gy.contiguous()
-        need_x, need_coef = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_x = ctx.needs_input_grad[0]
+        need_table = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         gx = x.new_empty(x.shape) if need_x else None
-        gtable = x.new_zeros(bsz, n_out, n_in * spline.width) if need_coef else None
-        buf = None
-        for s, r, idx, w, dw in _tiles(x, spline, with_derivative=need_x):
-            gys = gy[:, s : s + r]
-            if need_coef:
-                if buf is None:
-                    buf = x.new_zeros(bsz, r, n_in, spline.width)
-                basis = buf[:, :r]
-                basis.scatter_(-1, idx, w)
-                gtable.baddbmm_(gys.transpose(1, 2), basis.view(bsz, r, -1))
-                basis.zero_()
-            if need_x:
-                d = torch.bmm(gys, table).view(bsz, r, n_in, spline.width)  # dL/d(basis column)
-                if bsz == 1:  # contiguous slice: write in place
-                    torch.linalg.vecdot(d.gather(-1, idx), dw, out=gx[:, s : s + r])
-                else:
-                    gx[:, s : s + r] = torch.linalg.vecdot(d.gather(-1, idx), dw)
-        gcoef = None
-        if need_coef:
-            gcoef = gtable.view(bsz, n_out, n_in, spline.width)[..., 1 : 1 + grid_size + spline_order]
-        return gx, gcoef, None, None, None
+        gtable = x.new_zeros(bsz, n_out, cols) if need_table else None
+        tile = max(1, min(n, _tile_elements(x.device) // (bsz * cols)))
+        step = tile * max(1, min(-(-n // tile), _chunk_pairs(x.device) // (tile * bsz * n_in)))
+        work = _Work(bsz * step * n_in, lay.slots, x.dtype, x.device, with_derivative=need_x, long_index=True)
+        basis = x.new_zeros(bsz * tile * cols) if need_table else None  # zeroed again after each use
+        d = x.new_empty(bsz * tile * cols) if need_x else None
+        picked = x.new_empty(bsz * tile * lay.slots * n_in) if need_x else None
+        for c, rc in _chunks(n, step):
+            idx, w, dw = lay.local(x[:, c : c + rc], rows, with_derivative=need_x, work=work,
+                                   keep=tuple(t[:, c : c + rc] for t in kept), reuse=True)
+            idx, w = idx.view(bsz, rc, -1), w.view(bsz, rc, -1)
+            for s, r in _chunks(rc, tile):
+                gys = gy[:, c + s : c + s + r]
+                ids = idx[:, s : s + r]
+                if need_table:
+                    b = basis[: bsz * r * cols].view(bsz, r, cols)
+                    b.scatter_(-1, ids, w[:, s : s + r])
+                    gtable.baddbmm_(gys.transpose(1, 2), b)
+                    b.zero_()
+                if need_x:
+                    dt = torch.bmm(gys, table, out=d[: bsz * r * cols].view(bsz, r, cols))  # dL/d(basis column)
+                    p = torch.gather(dt, -1, ids, out=picked[: ids.numel()].view(ids.shape))
+                    p = p.view(bsz, r, lay.slots, n_in).mul_(dw[:, s : s + r])
+                    if bsz == 1:  # contiguous slice of gx: sum straight into it
+                        torch.sum(p, dim=2, out=gx[:, c + s : c + s + r])
+                    else:
+                        gx[:, c + s : c + s + r] = p.sum(dim=2)
+        gbw = gcoef = None
+        if need_table:
+            g = gtable.view(bsz, n_out, n_in, lay.width)
+            gbw = g[..., 0] if ctx.needs_input_grad[1] else None
+            gcoef = g[..., 2 : 2 + grid_size + spline_order] if ctx.needs_input_grad[2] else None
+        return gx, gbw, gcoef, None, None, None
 
 
-def _table(coef: Tensor, spline: _Spline) -> Tensor:
-    """coef [B, out, in, G + k] -> [B, out, in * W] with zero trash columns on both sides of each input."""
+def _table(bw: Tensor, coef: Tensor, lay: _Layout) -> Tensor:
+    """bw [B, out, in], coef [B, out, in, G + k] -> [B, out, in * W]: per input [bw, 0, coef..., 0]."""
     bsz, n_out, n_in, _ = coef.shape
-    return F.pad(coef, (1, 1)).reshape(bsz, n_out, n_in * spline.width)
+    table = F.pad(coef, (2, 1))
+    table[..., 0] = bw
+    return table.view(bsz, n_out, n_in * lay.width)
+
+
+def kan_layer_fast(x: Tensor, bw: Tensor, coef: Tensor, grid_size: int, spline_order: int, grid_range) -> Tensor:
+    """x: [B, N, in], bw: [B, out, in], coef: [B, out, in, G + k] -> [B, N, out] = SiLU(x) bw^T + spline(x).
+
+    Closed-form local basis, one embedding_bag per chunk, tiled custom backward (`_KanLayer`)."""
+    return _KanLayer.apply(x.contiguous(), bw.contiguous(), coef.contiguous(), grid_size, spline_order,
+                           tuple(grid_range))
+
+
+def kan_layer_recursion(x: Tensor, bw: Tensor, coef: Tensor, grid_size: int, spline_order: int, grid_range) -> Tensor:
+    """Reference (the paper code's formulation): base branch + dense recursion basis and one bmm."""
+    return linear(F.silu(x), bw, None) + spline_contract_recursion(x, coef, grid_size, spline_order, grid_range)
 
 
 def spline_contract_fast(x: Tensor, coef: Tensor, grid_size: int, spline_order: int, grid_range) -> Tensor:
-    """x: [B, N, in], coef: [B, out, in, G + k] -> [B, N, out] (closed-form local basis, tiled, custom backward)."""
-    return _SplineContract.apply(x.contiguous(), coef.contiguous(), grid_size, spline_order, tuple(grid_range))
+    """x: [B, N, in], coef: [B, out, in, G + k] -> [B, N, out]: the spline part alone (a zero base weight)."""
+    bw = coef.new_zeros(coef.shape[:3])
+    return kan_layer_fast(x, bw, coef, grid_size, spline_order, grid_range)
 
 
 def spline_contract_recursion(x: Tensor, coef: Tensor, grid_size: int, spline_order: int, grid_range) -> Tensor:
@@ -320,7 +428,7 @@ def spline_contract_recursion(x: Tensor, coef: Tensor, grid_size: int, spline_or
     return torch.bmm(bases.reshape(bsz, n, -1), coef.reshape(bsz, coef.shape[1], -1).transpose(1, 2))
 
 
-_CONTRACT = {"fast": spline_contract_fast, "recursion": spline_contract_recursion}
+_LAYER = {"fast": kan_layer_fast, "recursion": kan_layer_recursion}
 
 
 class Kan(INR):
@@ -366,11 +474,11 @@ class Kan(INR):
 
     def forward(self, params, t, buffers):
         c = self.config
-        contract = _CONTRACT[c.implementation]
+        layer = _LAYER[c.implementation]
         x = positional_encoding(t, buffers["freq"])
         for i in range(len(self.dims)):
             coef = params[f"sw{i}"]
             if c.enable_scale_spline:
                 coef = coef * params[f"ss{i}"].unsqueeze(-1)
-            x = linear(F.silu(x), params[f"bw{i}"], None) + contract(x, coef, c.grid_size, c.spline_order, c.grid_range)
+            x = layer(x, params[f"bw{i}"], coef, c.grid_size, c.spline_order, c.grid_range)
         return x.squeeze(-1)
