@@ -95,7 +95,8 @@ def test_ddp_step_equals_single_process_step_on_the_whole_batch(tmp_path, speech
     assert torch.allclose(ddp["losses"], losses[0::2], rtol=1e-5, atol=1e-7)  # rank 0 saw clips 0 and 2
     for name, p in model.named_parameters():
         g = ddp["grads"][name]
-        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6 * float(p.grad.abs().max()) + 1e-12), name
+        # float32 sums over a batch split in two differ in rounding: compare at 1e-4 of each tensor's scale
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-4 * float(p.grad.abs().max()) + 1e-12), name
     moved = 0
     for k, v in model.state_dict().items():
         # AdamW's first step moves each weight by about lr: the DDP result must agree far below that
