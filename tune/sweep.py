@@ -32,8 +32,9 @@ from typing import Any
 
 from fewsound.config import cfg_hash
 from fewsound.errors import ConfigError
-from fewsound.tracking import MlflowRun, git_commit, tracking_uri
+from fewsound.tracking import MlflowRun, git_commit, storage_root, tracking_uri
 from tune.plan import FitTask, pack, pack_to_config
+from tune.resources import use_gpus
 from tune.trial import KEY_TAG, REASON_TAG, SWEEP_TAG, TrialContext, pack_id, tune_trainable
 
 ROLE_TAG = "fewsound.role"
@@ -69,7 +70,7 @@ def trial_resources(cluster: dict, gpu_fraction: float = 0.25) -> dict[str, floa
     cluster without GPUs: it would pend forever). Either way one CPU, hence one torch thread (tune_trainable)."""
     if gpu_fraction not in GPU_FRACTIONS:
         raise ConfigError("gpu_fraction", f"{gpu_fraction} does not divide one GPU; use one of {GPU_FRACTIONS}")
-    if cluster.get("GPU", 0) > 0:
+    if use_gpus(cluster):  # tune/resources.py: FEWSOUND_USE_GPU=auto|1|0
         return {"cpu": 1, "gpu": gpu_fraction}
     return {"cpu": 1}
 
@@ -226,8 +227,7 @@ def _tune(packs: list[list[FitTask]], ctx: TrialContext, resources: dict[str, fl
                                     trial_dirname_creator=lambda trial: f"pack{trial.config['pack']['index']}"),
         run_config=tune.RunConfig(
             name=run_name,
-            storage_path=storage or str(Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound"))
-                                        / "ray_results"),
+            storage_path=storage or storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
             failure_config=tune.FailureConfig(max_failures=trial_failures),
             verbose=0,
             callbacks=[callback] if callback else None,

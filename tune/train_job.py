@@ -40,6 +40,7 @@ import numpy as np
 from fewsound.config import cfg_hash, flatten, to_dict
 from fewsound.errors import ConfigError, DataError
 from fewsound.train import TrainConfig
+from tune.resources import use_gpus
 
 KEY_TAG = "fewsound.train_key"
 RESUME_TAG = "fewsound.resumed"
@@ -86,8 +87,8 @@ def choose_scaling(resources: dict[str, float], num_workers: int | None = None):
     if num_workers is not None and num_workers < 1:
         raise ConfigError("--num-workers", f"must be >= 1, got {num_workers}")
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
-    if gpus > 0:
-        n = num_workers or gpus
+    if use_gpus(resources):  # tune/resources.py: FEWSOUND_USE_GPU=auto|1|0 (GPU nodes may still be at zero)
+        n = num_workers or max(gpus, 1)
         cpu_each = max(1.0, min(4.0, float(int((cpus - 1) // n)))) if cpus > n else 0.5
         return ScalingConfig(num_workers=n, use_gpu=True, resources_per_worker={"CPU": cpu_each, "GPU": 1}), cpu_each
     n = num_workers or DEFAULT_CPU_WORKERS

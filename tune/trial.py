@@ -231,7 +231,8 @@ def _log_child(client: Any, exp_id: str, task: FitTask, r: Any, ev: dict | None,
     from fewsound.metrics import to_mlflow
 
     tags = {KEY_TAG: task.key, SWEEP_TAG: ctx.sweep, PACK_TAG: pid, PARENT_TAG: ctx.parent_run_id,
-            "fewsound.family": task.family, "fewsound.label": task.label, "fewsound.attempts": attempts}
+            "fewsound.family": task.family, "fewsound.label": task.label, "fewsound.attempts": attempts,
+            "fewsound.node": _node()}
     if ctx.git_commit:
         tags[COMMIT_TAG] = ctx.git_commit
     if reason:
@@ -268,6 +269,17 @@ def _log_child(client: Any, exp_id: str, task: FitTask, r: Any, ev: dict | None,
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED" if reason is None else "FAILED")
+
+
+def _node() -> str:
+    """The Ray node this fit ran on (its hostname outside Ray): where a cluster placed each fit."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    import socket
+
+    return socket.gethostname()
 
 
 def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
