@@ -8,7 +8,9 @@ from its own gradient and moments. So clip b's trajectory depends only on its ta
 fit of that clip alone (tests/test_fit.py checks packed == separate); nothing here may mix clips (no global
 gradient-norm clipping, no loss mean over the pack).
 
-Each step: forward all B networks, per-clip loss [B], then per clip:
+Each step: forward all B networks, per-clip loss [B], then per clip (on the CPU the forward/backward runs in chunks
+of clips, `auto_clips_per_chunk`, accumulating each chunk's gradients before the one optimizer step of the pack:
+a whole pack's activations spill out of the caches and made packed fits dearer per clip than single fits):
 - a non-finite loss (divergence, e.g. SIREN at too high a rate) freezes that clip: its parameters go back to the
   last weights whose loss was finite and stay there (gradients zeroed, optimizer drift undone), and the step is
   recorded; the other clips go on. All of this is tensor ops on the device, with no host sync per step.
@@ -184,6 +186,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ConfigError("device", str(e)) from None
 
 
+# On the CPU a pack's forward/backward runs in chunks of about this many samples (clips * N): one 1.5 s clip.
+# The activations of a whole pack ([B, N, 90] per layer, kept for backward) fall out of the caches, which made
+# the per-clip step of a B = 8 pack ~10% dearer than a single fit's; chunking keeps what is cheap about packing
+# (one batched optimizer step, fewer Python/op round trips for short clips) without that cost.
+CPU_CHUNK_SAMPLES = 32_768
+
+
+def auto_clips_per_chunk(device: torch.device, n_clips: int, n_samples: int, *, custom_loss: bool = False) -> int:
+    """Clips per forward/backward chunk: the whole pack on CUDA (one launch sequence for all B is what makes a
+    GPU fast) and with a custom loss_fn (it sees the whole pack); on the CPU, max(1, CPU_CHUNK_SAMPLES // N)."""
+    if device.type != "cpu" or custom_loss:
+        return n_clips
+    return max(1, min(n_clips, CPU_CHUNK_SAMPLES // n_samples))
+
+
 def as_clip_batch(clips: Any) -> torch.Tensor:
     """[N] / [B, N] tensor or array, or a list of equal-length [N] arrays -> float32 CPU tensor [B, N]."""
     if isinstance(clips, (list, tuple)):
@@ -216,6 +233,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    clips_per_chunk: int | None = None,
 ) -> list[FitResult]:
     """Fit one INR per clip, all B at once. Returns one FitResult per clip, in order.
 
@@ -224,7 +242,13 @@ def fit(
         which pack it was fitted in.
     checkpoint_dir: where `fit.pt` is written every `config.checkpoint_every` steps and at the end; with
         `resume`, an existing checkpoint of the same fit (config, seeds, clips) is continued.
-    loss_fn: `(pred [B, N], target [B, N]) -> [B]` replacing the paper's loss (e.g. to inject faults in tests).
+    loss_fn: `(pred [B, N], target [B, N]) -> [B]` replacing the paper's loss (e.g. to inject faults in tests, or
+        to watch the predictions, as tune/search.py does). It is called once per step with the whole pack, unless
+        `clips_per_chunk` is given, in which case it is called per chunk with that chunk's clips.
+    clips_per_chunk: clips whose forward/backward run together (gradients of the chunks are accumulated, then one
+        optimizer step updates the whole pack). None: automatic (`auto_clips_per_chunk`: the whole pack on CUDA;
+        on the CPU, chunks of about CPU_CHUNK_SAMPLES samples with the paper's loss, the whole pack with a
+        custom `loss_fn`). Results do not depend on it beyond float rounding.
     """
     t_start = time.perf_counter()
     logger = logger or _NoLogger()
@@ -241,15 +265,33 @@ def fit(
 
     params, buffers = inr.init(seeds, device=device, dtype=dtype)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    for p in params.values():
+        p.grad = torch.zeros_like(p)  # allocated once: chunks write their slices of it
     optimizer = OPTIMIZERS[config.optimizer](
         list(params.values()),
         lr=config.resolved_lr,
         betas=config.betas,
         weight_decay=config.resolved_weight_decay,
     )
-    if loss_fn is None:
-        paper_loss = ReconstructionLoss(target, lambda_t=config.lambda_t, lambda_f=config.lambda_f, sr=config.sample_rate)
-        loss_fn = lambda pred, _target: paper_loss(pred)  # noqa: E731
+    chunk = clips_per_chunk or auto_clips_per_chunk(device, n_clips, n_samples, custom_loss=loss_fn is not None)
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ConfigError("clips_per_chunk", f"must be a positive integer, got {clips_per_chunk!r}")
+    spans = [(a, min(a + chunk, n_clips)) for a in range(0, n_clips, chunk)]
+    chunk_buffers = [{k: v[a:b] for k, v in buffers.items()} for a, b in spans]
+    if loss_fn is None:  # the paper's loss, with each chunk's target features computed once
+        paper = [ReconstructionLoss(target[a:b], lambda_t=config.lambda_t, lambda_f=config.lambda_f,
+                                    sr=config.sample_rate) for a, b in spans]
+        chunk_loss = lambda i, pred: paper[i](pred)  # noqa: E731
+    else:
+        chunk_loss = lambda i, pred: loss_fn(pred, target[spans[i][0] : spans[i][1]])  # noqa: E731
+
+    def predict(i: int, a: int, b: int, grad: bool):
+        """Chunk i's params (leaf slices of the pack's tensors when the pack is split) and predictions [b - a, N]."""
+        if len(spans) == 1:
+            sub = params
+        else:
+            sub = {k: v[a:b].detach().requires_grad_(grad) for k, v in params.items()}
+        return sub, inr(sub, t, chunk_buffers[i])
 
     # Per-clip state, all on the device (no host sync per step).
     state = {
@@ -273,19 +315,27 @@ def fit(
     with _flush_denormals(device):
         t_loop = time.perf_counter()
         for step in range(start_step, config.steps):
-            pred = inr(params, t, buffers)  # [B, N]
-            per_clip = loss_fn(pred, target)  # [B]
-            assert per_clip.shape == (n_clips,), tuple(per_clip.shape)
             optimizer.zero_grad(set_to_none=False)
-            with torch.no_grad():
-                # a non-finite weight can hide behind a finite output (e.g. under a Gabor envelope that is exactly 0)
-                finite = torch.isfinite(per_clip)
-                for p in params.values():
-                    finite = finite & torch.isfinite(p).flatten(1).all(dim=1)
-                newly = state["active"] & ~finite
-                state["diverged_at"] = torch.where(newly, step, state["diverged_at"])
-                state["active"] = active = state["active"] & finite
-            torch.where(active, per_clip, torch.zeros_like(per_clip)).sum().backward()
+            per_clip = torch.empty(n_clips, device=device, dtype=dtype)
+            for i, (a, b) in enumerate(spans):
+                sub, pred = predict(i, a, b, grad=True)  # pred: [b - a, N]
+                loss = chunk_loss(i, pred)  # [b - a]
+                assert loss.shape == (b - a,), tuple(loss.shape)
+                with torch.no_grad():
+                    # a non-finite weight can hide behind a finite output (e.g. under a Gabor envelope that is 0)
+                    finite = torch.isfinite(loss)
+                    for p in sub.values():
+                        finite = finite & torch.isfinite(p).flatten(1).all(dim=1)
+                    was_active = state["active"][a:b]
+                    state["diverged_at"][a:b] = torch.where(was_active & ~finite, step, state["diverged_at"][a:b])
+                    live = was_active & finite
+                    state["active"][a:b] = live
+                torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
+                if sub is not params:
+                    for k, p in params.items():
+                        p.grad[a:b].copy_(sub[k].grad)
+                per_clip[a:b] = loss.detach()
+            active = state["active"]
             with torch.no_grad():
                 improved = active & (per_clip < state["best"])
                 state["best"] = torch.where(improved, per_clip, state["best"])
@@ -317,9 +367,12 @@ def fit(
 
         # Final evaluation of the weights we return (for a diverged clip: its last good weights).
         with torch.no_grad():
-            pred = inr(params, t, buffers)
-            final = loss_fn(pred, target).cpu()
-            pred = pred.cpu()
+            preds, finals = [], []
+            for i, (a, b) in enumerate(spans):
+                _, pred = predict(i, a, b, grad=False)
+                finals.append(chunk_loss(i, pred).cpu())
+                preds.append(pred.cpu())
+            final, pred = torch.cat(finals), torch.cat(preds)
     seconds = time.perf_counter() - t_start
     steps_per_s = steps_run / loop_seconds if steps_run and loop_seconds > 0 else float("nan")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fewsound.errors import AudioError, ConfigError
-from fewsound.fit import CHECKPOINT_NAME, DEFAULT_LR, FitConfig, fit
+from fewsound.fit import CHECKPOINT_NAME, CPU_CHUNK_SAMPLES, DEFAULT_LR, FitConfig, auto_clips_per_chunk, fit
 from fewsound.inr import FAMILIES
 from fewsound.losses import fit_loss
 from fewsound.metrics.signal import psnr
@@ -105,6 +105,30 @@ def test_packed_fit_equals_separate_fits(crops, family, steps):
     assert packed[0].num_params == FAMILIES[family]().num_params()
 
 
+@pytest.mark.parametrize("family, steps", [("kan", 6), ("siren", 6)])
+def test_chunked_pack_equals_whole_pack_and_separate_fits(crops, family, steps):
+    """A pack run in chunks of clips (gradients per chunk, one optimizer step for the pack) ends where the whole
+    pack and each separate fit end (float64); the CPU picks chunks by clip length, CUDA the whole pack."""
+    cfg = FitConfig(family=family, steps=steps, log_every=1, dtype="float64")
+    seeds = [3, 4, 5]
+    whole = fit(cfg, crops, seeds=seeds, clips_per_chunk=3)
+    for chunk in (1, 2):  # 2: a ragged last chunk
+        chunked = fit(cfg, crops, seeds=seeds, clips_per_chunk=chunk)
+        for b in range(3):
+            np.testing.assert_allclose(chunked[b].reconstruction, whole[b].reconstruction, rtol=1e-6, atol=1e-9)
+            assert [v for _, v in chunked[b].history] == pytest.approx([v for _, v in whole[b].history], rel=1e-9)
+            for k, v in whole[b].params.items():
+                torch.testing.assert_close(chunked[b].params[k], v, rtol=1e-7, atol=1e-10)
+    (alone,) = fit(cfg, crops[1], seeds=[4])
+    np.testing.assert_allclose(chunked[1].reconstruction, alone.reconstruction, rtol=1e-6, atol=1e-9)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert auto_clips_per_chunk(cpu, 32, 32_768) == 1 and auto_clips_per_chunk(cpu, 32, 4096) == CPU_CHUNK_SAMPLES // 4096
+    assert auto_clips_per_chunk(cpu, 3, 4096) == 3 and auto_clips_per_chunk(cpu, 32, 32_768, custom_loss=True) == 32
+    assert auto_clips_per_chunk(cuda, 32, 32_768) == 32
+    with pytest.raises(ConfigError, match="clips_per_chunk"):
+        fit(cfg, crops, clips_per_chunk=-1)
+
+
 @pytest.mark.parametrize("family", ["kan", "nerf"])
 def test_packed_fit_equals_separate_fits_float32(crops, family):
     cfg = FitConfig(family=family, steps=8)
@@ -159,6 +183,34 @@ def test_divergence_freezes_only_that_clip(crops):
         np.testing.assert_array_equal(faulty[b].reconstruction, clean[b].reconstruction)
         for k in clean[b].params:
             assert torch.equal(faulty[b].params[k], clean[b].params[k])
+
+
+class FaultyTarget:
+    """The paper's loss per chunk; the clip whose target is `bad` gets a NaN loss from its `at`-th call on."""
+
+    def __init__(self, bad: np.ndarray, at: int):
+        self.bad, self.at, self.calls = torch.as_tensor(bad), at, 0
+
+    def __call__(self, pred, target):
+        loss = fit_loss(pred, target)
+        hit = [b for b in range(len(target)) if torch.equal(target[b], self.bad)]
+        if hit:
+            if self.calls >= self.at:
+                loss = loss.clone()
+                loss[hit[0]] = float("nan")
+            self.calls += 1
+        return loss
+
+
+def test_divergence_freezes_only_that_clip_in_a_chunked_pack(crops):
+    cfg = FitConfig(family="nerf", steps=8, log_every=1)
+    clean = fit(cfg, crops, clips_per_chunk=2)
+    faulty = fit(cfg, crops, loss_fn=FaultyTarget(crops[1], at=3), clips_per_chunk=2)
+    assert faulty[1].diverged and faulty[1].diverged_step == 3 and faulty[1].steps == 2
+    assert faulty[1].history == clean[1].history[:3]
+    for b in (0, 2):  # its chunk-mate (clip 0) and the clip of the other chunk go on untouched
+        assert not faulty[b].diverged
+        np.testing.assert_array_equal(faulty[b].reconstruction, clean[b].reconstruction)
 
 
 def test_a_real_blow_up_is_caught(crops):
