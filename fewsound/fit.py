@@ -24,8 +24,8 @@ Learning rates (FitConfig.lr=None picks the family default, DEFAULT_LR): the pap
 ablation base; Table 16 shows KAN stable from 1e-3 to 1e-2). The others are our choice: NeRF/RFF 1e-3 (the usual
 rate of ReLU MLPs with Fourier features), SIREN/FINER 1e-4 (SIREN's audio experiments; sine nets collapse at high
 rates, as the paper notes), WIRE 1e-3. Checked on a 2,048-sample real speech crop, 150 steps (PSNR dB): KAN 43.5,
-SIREN 42.6, NeRF 39.0, FINER 37.8, RFF 29.1; WIRE stays ~12 dB at every
-rate tried (1e-4 .. 2e-2) with its current INR defaults. The Optuna search tunes them.
+SIREN 42.6, NeRF 39.0, FINER 37.8, RFF 29.1, WIRE 29.3 (its defaults
+omega_0 2000 / omega_i 1 / s0 0.5; 30.9 at 3e-4; see fewsound/inr/wire.py). The Optuna search tunes them.
 Optimizer: AdamW (the paper's text; torch's default weight decay 0.01) by default; "adam" (the paper's code:
 Adam, constant rate, no weight decay) selectable. The rate is constant, as in the paper's code.
 """

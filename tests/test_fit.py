@@ -84,10 +84,9 @@ def test_bad_clips_raise_audio_error():
 # the rounding differences get amplified - by SIREN's/WIRE's omega_0 = 2000 (one ulp of a pre-activation of ~1e3
 # is a phase error of ~1e-4: measured 2e-4 at init, 2e-2 after 8 steps) and by Adam's 1/sqrt(v) for weights with
 # ~0 gradient - so float32 is checked at the level that matters for audio (1e-3, i.e. -60 dB of the peak).
-# WIRE (at its current defaults) is chaotic even in float64: its Gabor magnitude exp(-omega b - ...) with omega up to
-# 2000 multiplies a difference by ~1e3 per step (measured: 5e-10 at init, 9e-8, 3e-4, 0.45 after 3 steps), so
-# its check (the complex-parameter path of the engine: one AdamW step on complex weights) runs 1 step.
-@pytest.mark.parametrize("family, steps", [("kan", 8), ("nerf", 8), ("siren", 8), ("wire", 1)])
+# WIRE checks the complex-parameter path of the engine (AdamW on complex weights); at its former defaults (omega_i
+# 20, s0 10) it was chaotic even in float64 and ran 1 step, at the current ones it runs 8 like the others.
+@pytest.mark.parametrize("family, steps", [("kan", 8), ("nerf", 8), ("siren", 8), ("wire", 8)])
 def test_packed_fit_equals_separate_fits(crops, family, steps):
     """B clips fitted in one pack end where each ends when fitted alone (same seed), to float tolerance."""
     cfg = FitConfig(family=family, steps=steps, log_every=1, dtype="float64")
@@ -122,7 +121,8 @@ def test_chunked_pack_equals_whole_pack_and_separate_fits(crops, family, steps):
     (alone,) = fit(cfg, crops[1], seeds=[4])
     np.testing.assert_allclose(chunked[1].reconstruction, alone.reconstruction, rtol=1e-6, atol=1e-9)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert auto_clips_per_chunk(cpu, 32, 32_768) == 1 and auto_clips_per_chunk(cpu, 32, 4096) == CPU_CHUNK_SAMPLES // 4096
+    assert auto_clips_per_chunk(cpu, 32, 32_768) == 1
+    assert auto_clips_per_chunk(cpu, 32, 4096) == CPU_CHUNK_SAMPLES // 4096
     assert auto_clips_per_chunk(cpu, 3, 4096) == 3 and auto_clips_per_chunk(cpu, 32, 32_768, custom_loss=True) == 32
     assert auto_clips_per_chunk(cuda, 32, 32_768) == 32
     with pytest.raises(ConfigError, match="clips_per_chunk"):
@@ -268,17 +268,12 @@ def test_resume_from_checkpoint_is_bit_identical(crops, tmp_path):
 # --- each family learns real speech -----------------------------------------------------------------------------
 
 # PSNR threshold (dB) after 150 steps at the family's default lr on a 2,048-sample crop of real speech. Measured
-# (this crop, CPU): NeRF 39.0, SIREN 42.6, FINER 37.8, RFF 29.1, KAN 43.5, WIRE 12.3 (untrained nets: ~5-12 dB).
-LEARNS = {"nerf": 30.0, "siren": 30.0, "finer": 30.0, "rff": 22.0, "kan": 30.0, "wire": 20.0}
-WIRE_STUCK = pytest.mark.xfail(
-    reason="WIRE at its current defaults (omega_0 2000, omega_i 20, s0 10) does not learn in 150 steps at any lr in "
-    "1e-4..2e-2 (loss 1.12 -> 1.06); s0 2 / omega_i 30 overflows at init. Reported to the INR owner. Not run: "
-    "40 s of CPU to confirm a known failure.",
-    run=False,
-)
+# (this crop, CPU): NeRF 39.0, SIREN 42.6, FINER 37.8, RFF 29.1, KAN 43.5, WIRE 29.3 (untrained nets: ~5-12 dB;
+# WIRE at its former defaults omega_i 20 / s0 10: 12.3, see fewsound/inr/wire.py).
+LEARNS = {"nerf": 30.0, "siren": 30.0, "finer": 30.0, "rff": 22.0, "kan": 30.0, "wire": 22.0}
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=WIRE_STUCK) if f == "wire" else f for f in FAMILIES])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_learns_real_speech(crops, family):
     clip = crops[0][:2048]
     (untrained,) = fit(FitConfig(family=family, steps=0), clip)

@@ -197,6 +197,50 @@ def test_wire_is_complex_with_real_output():
     assert not y.is_complex()
 
 
+def test_wire_real_planes_equal_complex_reference():
+    """The real-arithmetic WIRE (block-matrix bmm, hand-written Gabor backward) == torch complex ops, float64."""
+    inr = build_inr("wire", omega_i=3.0, s0=1.5)  # not the defaults: larger omega / s0 exercise more of psi
+    params, buffers = inr.init([0, 1], dtype=F64)
+    for p in params.values():
+        p.requires_grad_(True)
+    t = coordinates(300, dtype=F64)
+    y, ref = inr(params, t, buffers), inr.forward_complex(params, t.expand(2, -1), buffers)
+    assert torch.allclose(y, ref, rtol=1e-10, atol=1e-10) and y.abs().max() > 1e-3
+    names = list(params)
+    gy = torch.autograd.grad(y.square().sum(), [params[k] for k in names])
+    gr = torch.autograd.grad(ref.square().sum(), [params[k] for k in names])
+    for k, a, b in zip(names, gy, gr):
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-9, atol=1e-10), k
+    from fewsound.inr.wire import _gabor_planes
+
+    z = torch.randn(2, 5, 6, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: _gabor_planes(z, 3.0, 0.7), (z,))
+    assert torch.autograd.gradcheck(lambda z: _gabor_planes(z, 3.0, 0.7, is_complex=False), (z,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_wire_default_init_keeps_activations_finite_and_order_one(dtype):
+    """At the defaults every layer's activations at init are finite and O(1) over a 1.5 s clip's coordinates
+    (neither the Gaussian envelope zeroing them nor the exp(-omega Im z) factor blowing them up)."""
+    from fewsound.inr.base import linear
+    from fewsound.inr.wire import _complex_linear, _gabor_planes
+
+    inr = build_inr("wire")
+    c = inr.config
+    params, buffers = inr.init(list(range(6)), dtype=dtype)
+    t = coordinates(32_768, dtype=dtype)[::8].expand(6, -1)  # every 8th coordinate of a 1.5 s clip
+    x = _gabor_planes(linear(t.unsqueeze(-1), params["w0"], params["b0"]), c.omega_0, c.s0, is_complex=False)
+    for i in range(1, len(inr.dims)):
+        h = x.shape[-1] // 2
+        magnitude = torch.sqrt(x[..., :h] ** 2 + x[..., h:] ** 2)
+        assert torch.isfinite(magnitude).all(), i
+        assert 0.3 < magnitude.mean() < 3.0 and magnitude.max() < 20.0, (i, magnitude.mean(), magnitude.max())
+        if i < len(inr.dims) - 1:
+            x = _gabor_planes(_complex_linear(x, params[f"w{i}"], params[f"b{i}"]), c.omega_i, c.s0)
+    y = inr(params, t, buffers)
+    assert torch.isfinite(y).all() and 0.05 < y.std() < 5.0
+
+
 def test_variants_change_the_function():
     t = coordinates(256, dtype=F64)
     for family, key, a, b in [

@@ -12,10 +12,19 @@ float32), which torch's optimizers handle elementwise like real ones.
 Init as torch's nn.Linear: U(+-1/sqrt(n_in)) for weights and biases; for complex tensors the real and
 imaginary parts are drawn independently from that range.
 
-For complex z = a + jb, psi(z) = exp(-omega b - s0^2 |z|^2) * exp(j omega a): it is evaluated in that
-real form (magnitude and phase), which keeps autograd on real tensors until the complex matmul.
+Evaluation in real arithmetic. Activations are carried as real planes [Re x, Im x] ([B, N, 2 * width]); a
+complex layer is ONE real bmm with the block matrix [[Wr, -Wi], [Wi, Wr]] (`_complex_linear`), and
+psi(a + jb) = exp(-omega b - s0^2 (a^2 + b^2)) (cos(omega a) + j sin(omega a)) is a custom autograd Function
+with a closed-form backward (`_GaborPlanes`). `forward_complex` is the same network in torch complex ops (the
+reference the tests compare against, float64: 1e-12). Why WIRE was slow on the CPU: (1) denormals - Gabor
+envelopes far from their centre underflow through the denormal range, where x86 arithmetic is ~4x slower
+(fit() flushes denormals on the CPU; measured fwd+bwd at N = 32,768: 3.0-3.6 s without, 0.8-0.95 s with);
+(2) complex elementwise ops and autograd through exp/cos/sin/cat: the real-plane form with its hand-written
+backward takes the step from 0.95 s to 0.69 s (SIREN: 0.16 s; 1 thread, load ~2.6). What remains is inherent:
+a complex 90 x 90 layer is four real 90 x 90 matmuls, and each unit needs exp, cos and sin.
 
-Defaults (the paper gives none; its code defaults are omega = 1, s0 = 10): see DEFAULTS_NOTE below.
+Defaults (the paper gives none; WIRE's image defaults omega = 20, s0 = 10 do not learn audio here): see
+DEFAULTS_NOTE below.
 """
 
 from __future__ import annotations
@@ -28,13 +37,22 @@ import torch
 from fewsound.inr.base import INR, ParamSpec, check_positive, check_widths, linear, mlp_dims, uniform
 
 DEFAULTS_NOTE = """
-omega_0 = 2000: one unit of t is 16,383.5 samples (0.743 s), so the first layer's carrier omega_0 * W t
-(|W| <= 1) oscillates at up to 2000 / (2 pi * 0.743) = 430 Hz, the same first-layer band as SIREN's omega_0;
-later Gabor layers multiply phases and reach higher frequencies.
-omega_i = 30 and s0 = 2: a Gaussian window exp(-(s0 z)^2) with s0 = 10 (WIRE's image default) would zero
-every hidden unit whose pre-activation has |z| > 0.3, which is most of them at init for 90-wide layers; s0 = 2
-keeps the window wide enough for the hidden layers to pass signal.
-A short fit on real speech compared these against nearby values; the Optuna search tunes them.
+omega_0 = 2000, omega_i = 1, s0 = 0.5 (learning rate 1e-3, fewsound.fit.DEFAULT_LR).
+- The hidden layers decide whether WIRE learns at all. For complex z = a + jb, |psi(z)| = exp(-omega b - s0^2 |z|^2),
+  whose maximum over b is exp(omega^2 / (4 s0^2)): the gain a unit can have. With nn.Linear's init the hidden
+  pre-activations are |z| ~ 0.5-1, so s0 must be ~1 or less or the envelope zeroes them (s0 = 10, WIRE's image
+  default, passes only |z| < 0.2), and omega_i must stay below ~2 s0 or the gain explodes (omega_i 10 / s0 1:
+  e^25; a fit's loss went to 1e8). Measured (150 AdamW steps, the 2,048-sample speech crop of
+  tests/test_fit.py, PSNR dB): (omega_0, omega_i, s0) = (2000, 20, 10) 12.3 at every lr 1e-4..2e-2 (the net
+  collapses to silence); (4000, 10, 5) 12.3; (4000, 2, 1) 14.4; (4000, 3, 1.5) 12.3; (2000, 2, 0.5) 12.2;
+  (2000, 0.5, 0.25) 21.5; (2000, 1, 0.5) 29.3 (30.9 at lr 3e-4); (500, 1, 0.5) 30.7.
+- omega_0: one unit of t is 16,383.5 samples (0.743 s) on a 1.5 s clip, so a first-layer carrier omega_0 W t
+  reaches f = omega_0 |W| / (2 pi 0.743) Hz: 2000 gives up to 430 Hz at init (SIREN's first-layer band; training
+  grows W and the later Gabor layers multiply phases). Larger was worse: on an 8,192-sample crop (150 steps)
+  omega_0 = 2000 reached 30.6 dB, 5000 17.2 dB. On a whole 1.5 s clip (32,768 samples, 100 steps, lr 1e-3):
+  these defaults 23.7 dB, the former (2000, 20, 10) 16.6 dB.
+- At these values the activations at init are finite and O(1) in every layer (mean |x| 0.9-1.0; tested).
+The Optuna search (tune/search.py) tunes omega_0, omega_i and s0 further.
 """
 
 
@@ -43,8 +61,8 @@ class WireConfig:
     family: ClassVar[str] = "wire"
     widths: tuple[int, ...] = (90, 90, 90, 90, 70)
     omega_0: float = 2000.0  # first-layer carrier frequency
-    omega_i: float = 20.0  # hidden-layer carrier frequency
-    s0: float = 10.0  # Gaussian window scale (all layers)
+    omega_i: float = 1.0  # hidden-layer carrier frequency
+    s0: float = 0.5  # Gaussian window scale (all layers)
 
     def __post_init__(self):
         check_widths(self)
@@ -54,15 +72,74 @@ class WireConfig:
 
 
 def gabor(z: torch.Tensor, omega: float, s0: float) -> torch.Tensor:
-    """exp(j omega z - |s0 z|^2) for real or complex z (same shape, complex)."""
-    if z.is_complex():
-        a, b = z.real, z.imag
-        magnitude = torch.exp(-omega * b - (s0 * s0) * (a * a + b * b))
-    else:
-        a = z
-        magnitude = torch.exp(-(s0 * s0) * (a * a))
-    phase = omega * a
-    return torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+    """exp(j omega z - |s0 z|^2) for real or complex z (same shape, complex): the reference formula.
+
+    The network does not use it (see `_gabor_planes`); the tests check the two agree."""
+    return torch.exp(1j * omega * z - (s0 * z.abs()) ** 2)
+
+
+class _GaborPlanes(torch.autograd.Function):
+    """psi(a + jb) = exp(-omega b - s0^2 (a^2 + b^2)) (cos(omega a) + j sin(omega a)) on real planes.
+
+    z: [..., 2h] = [a, b] (complex pre-activations), or [..., h] = a for the real first layer (b = 0) ->
+    [..., 2h] = [Re psi, Im psi]. Real arithmetic with a hand-written backward: with o = psi, g = dL/do,
+    P = g_r o_r + g_i o_i and Q = g_i o_r - g_r o_i, dL/da = omega Q - 2 s0^2 a P and dL/db = -(omega + 2 s0^2 b) P.
+    torch's complex elementwise ops (and autograd through exp/cos/sin/cat) cost several times more on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, z, omega, s0, is_complex):
+        h = z.shape[-1] // 2 if is_complex else z.shape[-1]
+        a = z[..., :h]
+        log_mag = torch.square(a).mul_(-s0 * s0)
+        if is_complex:
+            bb = z[..., h:]
+            log_mag.addcmul_(bb, bb, value=-s0 * s0).add_(bb, alpha=-omega)
+        mag = log_mag.exp_()
+        phase = torch.mul(a, omega)
+        out = z.new_empty(*z.shape[:-1], 2 * h)
+        torch.mul(mag, torch.cos(phase), out=out[..., :h])
+        torch.mul(mag, phase.sin_(), out=out[..., h:])
+        ctx.save_for_backward(z, out)
+        ctx.args = (omega, s0, is_complex, h)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        z, out = ctx.saved_tensors
+        omega, s0, is_complex, h = ctx.args
+        g = g.contiguous()
+        gr, gi, o_r, o_i = g[..., :h], g[..., h:], out[..., :h], out[..., h:]
+        p = torch.mul(gr, o_r).addcmul_(gi, o_i)
+        q = torch.mul(gi, o_r).addcmul_(gr, o_i, value=-1.0)
+        gz = z.new_empty(z.shape)
+        a = z[..., :h]
+        # dL/da = omega Q - 2 s0^2 a P
+        torch.mul(a, p, out=gz[..., :h]).mul_(-2 * s0 * s0).add_(q, alpha=omega)
+        if is_complex:
+            # dL/db = -(omega + 2 s0^2 b) P
+            torch.mul(z[..., h:], -2 * s0 * s0, out=gz[..., h:]).add_(-omega).mul_(p)
+        return gz, None, None, None
+
+
+def _gabor_planes(z: torch.Tensor, omega: float, s0: float, is_complex: bool = True) -> torch.Tensor:
+    """[..., 2h] = [Re z, Im z] (or [..., h] real z) -> [..., 2h] = [Re psi(z), Im psi(z)]."""
+    return _GaborPlanes.apply(z, float(omega), float(s0), is_complex)
+
+
+def _complex_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, imag: bool = True) -> torch.Tensor:
+    """z = W x + b for complex W [B, out, in], b [B, out] and x given as planes [B, N, 2 in] = [Re x, Im x].
+
+    Returns [Re z, Im z] as [B, N, 2 out] (only Re z, [B, N, out], if not `imag`) from ONE real bmm with the block
+    matrix [[Wr, -Wi], [Wi, Wr]]: the complex parameters stay complex tensors (autograd hands them complex
+    gradients) but no activation is ever complex."""
+    wr, wi = w.real, w.imag
+    block = torch.cat([wr, -wi], dim=-1)
+    bias = None if b is None else b.real
+    if imag:
+        block = torch.cat([block, torch.cat([wi, wr], dim=-1)], dim=-2)
+        bias = None if b is None else torch.cat([b.real, b.imag], dim=-1)
+    return linear(x, block, bias)
 
 
 class Wire(INR):
@@ -92,6 +169,16 @@ class Wire(INR):
         return params, {}
 
     def forward(self, params, t, buffers):
+        c = self.config
+        n = len(self.dims)
+        x = _gabor_planes(linear(t.unsqueeze(-1), params["w0"], params["b0"]), c.omega_0, c.s0, is_complex=False)
+        for i in range(1, n - 1):
+            x = _gabor_planes(_complex_linear(x, params[f"w{i}"], params[f"b{i}"]), c.omega_i, c.s0)
+        y = _complex_linear(x, params[f"w{n - 1}"], params[f"b{n - 1}"], imag=False)
+        return y.squeeze(-1)
+
+    def forward_complex(self, params, t, buffers):
+        """Reference: the same network in complex arithmetic (for the tests)."""
         c = self.config
         n = len(self.dims)
         x = gabor(linear(t.unsqueeze(-1), params["w0"], params["b0"]), c.omega_0, c.s0)
