@@ -188,7 +188,8 @@ class _Layout:
 
     def local(self, x: Tensor, rows: list[Tensor], with_derivative: bool = False, work: "_Work | None" = None,
               keep: "tuple[Tensor, Tensor, Tensor] | None" = None, reuse: bool = False):
-        """x [B, r, in] -> idx [B, r, S, in] table rows (int32; int64 with derivatives); w [B, r, S, in] values; dw d(values)/dx or None.
+        """x [B, r, in] -> idx [B, r, S, in] table rows (int32, or int64 if `work` says so); w [B, r, S, in]
+        values; dw [B, r, S, in] d(values)/dx, or None.
 
         With `work`, every result and temporary is a view of its reused buffers (valid until the next call):
         fresh multi-MB tensors per chunk would cost more in page faults than the arithmetic itself.
