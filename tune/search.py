@@ -124,8 +124,10 @@ def _finer(t):
 def _wire(t):
     t.suggest_float("lr", 1e-4, 1e-2, log=True)
     t.suggest_float("omega_0", 100.0, 5000.0, log=True)
-    t.suggest_float("omega_i", 2.0, 60.0, log=True)
-    t.suggest_float("s0", 0.5, 40.0, log=True)
+    # a hidden Gabor unit's magnitude can reach exp(omega_i^2 / (4 s0^2)): s0 above ~1 zeroes the units and
+    # omega_i above ~2 s0 explodes them (fewsound/inr/wire.py), so the space centres on the defaults 1 / 0.5
+    t.suggest_float("omega_i", 0.25, 4.0, log=True)
+    t.suggest_float("s0", 0.1, 2.0, log=True)
     _widths(t, (2, 6), (16, 192))
 
 
