@@ -19,6 +19,7 @@ def cluster(tmp_path_factory):
 
     from tune.sweep import quiet_defaults
 
+    ray.shutdown()  # an earlier test module's Ray in this process must not stand in for the cluster
     home = tmp_path_factory.mktemp("multinode-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEWSOUND_HOME", str(home))
@@ -28,6 +29,7 @@ def cluster(tmp_path_factory):
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # like cluster.yaml: no trials on the head
         workers = [c.add_node(num_cpus=1) for _ in range(2)]
         c.wait_for_nodes()
+        ray.init(address=c.address, logging_level="WARNING")
         try:
             yield c, [w.node_id for w in workers], uri
         finally:
@@ -42,7 +44,10 @@ def test_smoke_sweep_spreads_over_worker_nodes_and_logs_every_artifact(cluster):
     from tune.jobs import corpus_clips, resolve_corpus
     from tune.sweep import run_sweep
 
+    import ray
+
     c, worker_ids, uri = cluster
+    assert ray.get_runtime_context().gcs_address == c.address
     corpus = resolve_corpus(None, 16_384)
     clips = corpus_clips(corpus, "3", "speech")
     tasks = [FitTask(FitConfig(family=f, steps=3), clip.clip_id, clip.kind, 16_384, f.upper())
