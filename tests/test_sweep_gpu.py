@@ -7,19 +7,15 @@ from __future__ import annotations
 import pytest
 
 from fewsound.fit import FitConfig
-from test_sweep import sweep_home  # tests/ is on sys.path (rootdir-relative imports)
+from test_sweep import env  # noqa: F401  (the shared FEWSOUND_HOME + MLflow server fixture; tests/ is on sys.path)
 from tune.plan import FitTask
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, request):
-    home, uri = sweep_home(tmp_path_factory, request)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEWSOUND_HOME", str(home))
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        from tune.jobs import resolve_corpus
+def corpus(env):
+    from tune.jobs import resolve_corpus
 
-        yield resolve_corpus(None, 4096)
+    return resolve_corpus(None, 4096)
 
 
 def max_overlap(trials: list[dict]) -> int:
