@@ -5,6 +5,10 @@ per pair (what the paper's code did) - with the values checked equal.
     python benchmarks/metrics_speed.py [--n 100] [--naive-n 4] [--device cpu|cuda] [--workers 0]
 
 The naive cost is measured on `--naive-n` pairs and extrapolated linearly to n (said so in the output).
+Also: CDPAM's network with torch's direct convolution vs the FFT convolutions fewsound uses on CPU (same pairs,
+same process), and the sweep-shaped case - several reconstructions of each reference (one per INR family), where
+the kept reference embeddings save their half of the network. Every timed CDPAM call starts with no kept
+reference embeddings unless it says otherwise.
 Prints the figures and writes benchmarks/results/metrics_speed.json.
 """
 
@@ -85,14 +89,59 @@ def per_metric(refs, recs, device: str, single_n: int) -> dict:
         "cdpam": lambda r, d: cd.cdpam_distance(r, d, SR, device=device),
     }
     table = {}
+    forget = cd.load_cdpam(device).forget_refs
     for name, fn in fns.items():
         fn(refs[:1], recs[:1])  # warm-up: resampy's JIT, model load, cuDNN plans
+        forget()
         _, t_single = timed(lambda: [fn(refs[i : i + 1], recs[i : i + 1]) for i in range(single_n)], sync=True)
+        forget()
         _, t_batch = timed(fn, refs, recs, sync=True)
         table[name] = {"single_ms_per_clip": 1e3 * t_single / single_n, "batched_ms_per_clip": 1e3 * t_batch / len(refs)}
         print(f"  {name:7s} single {table[name]['single_ms_per_clip']:9.2f} ms/clip   "
               f"batched {table[name]['batched_ms_per_clip']:9.2f} ms/clip")
     return table
+
+
+def cdpam_conv(refs, recs, device: str) -> dict:
+    """CDPAM seconds per pair: torch's direct convolution vs the FFT path (fewsound's CPU default), same pairs."""
+    out = {}
+    for conv in ("direct", "fft"):
+        model = cd.CDPAMModel(device, conv=conv)
+        x, y = cd.cdpam_inputs(refs, SR), cd.cdpam_inputs(recs, SR)
+        model.distance(x[:1], y[:1])
+        model.forget_refs()
+        d, t = timed(model.distance, x, y, sync=True)
+        out[conv] = {"s_per_pair": t / len(refs), "distances": d.tolist()}
+    rel = max(abs(a - b) / abs(b) for a, b in zip(out["fft"]["distances"], out["direct"]["distances"]))
+    out["speedup"] = out["direct"]["s_per_pair"] / out["fft"]["s_per_pair"]
+    out["max_rel_diff"] = rel
+    print(f"CDPAM network on {len(refs)} pairs: direct convolution {out['direct']['s_per_pair']:.3f} s/pair, "
+          f"FFT convolution {out['fft']['s_per_pair']:.3f} s/pair ({out['speedup']:.2f}x), max rel diff {rel:.1e}")
+    return out
+
+
+def sweep_shaped(refs, device: str, per_ref: int = 6) -> dict:
+    """evaluate() of `per_ref` reconstructions of each reference (a sweep's families) vs the same pairs one
+    reference at a time with nothing kept: what keeping reference embeddings saves."""
+    rng = np.random.default_rng(1)
+    x = np.repeat(refs, per_ref, axis=0)
+    y = (x + 0.05 * rng.standard_normal(x.shape)).astype(np.float32)
+    model = cd.load_cdpam(device)
+    model.forget_refs()
+    _, t_kept = timed(evaluate, x, y, SR, device=device, metrics=["cdpam"], sync=True)
+
+    def each_forgotten():
+        for i in range(len(x)):
+            model.forget_refs()
+            evaluate(x[i : i + 1], y[i : i + 1], SR, device=device, metrics=["cdpam"])
+
+    _, t_forgot = timed(each_forgotten, sync=True)
+    out = {"pairs": len(x), "per_ref": per_ref, "s_per_pair_kept": t_kept / len(x),
+           "s_per_pair_uncached_single": t_forgot / len(x), "speedup": t_forgot / t_kept}
+    print(f"sweep-shaped CDPAM ({per_ref} reconstructions per reference, {len(x)} pairs): "
+          f"{out['s_per_pair_kept']:.3f} s/pair with reference embeddings kept vs "
+          f"{out['s_per_pair_uncached_single']:.3f} s/pair one uncached pair at a time ({out['speedup']:.2f}x)")
+    return out
 
 
 def main() -> None:
@@ -114,6 +163,10 @@ def main() -> None:
     print("per metric:")
     table = per_metric(refs[: min(args.n, 16)], recs[: min(args.n, 16)], args.device, single_n=min(4, args.n))
 
+    conv = cdpam_conv(refs[: min(args.n, 8)], recs[: min(args.n, 8)], args.device)
+    shaped = sweep_shaped(refs[: min(args.n, 4)], args.device)
+
+    cd.load_cdpam(args.device).forget_refs()
     naive_rows, t_naive = timed(lambda: [naive_pair(refs[i], recs[i], args.device) for i in range(naive_n)], sync=True)
     t_naive_per_pair = t_naive / naive_n
     rows, t_ours = timed(evaluate, refs, recs, SR, device=args.device, workers=args.workers, sync=True)
@@ -139,6 +192,8 @@ def main() -> None:
                   "s_for_n_extrapolated": naive_total, "extrapolated": naive_n < args.n},
         "evaluate": {"s_total": t_ours, "s_per_clip": t_ours / args.n},
         "speedup": naive_total / t_ours,
+        "cdpam_conv": conv,
+        "sweep_shaped": shaped,
         "values": {"bit_identical": [m for m in METRICS if m != "cdpam"], "cdpam_max_rel_diff": cdpam_rel},
     }
     print(f"naive: {t_naive_per_pair:.3f} s/pair measured on {naive_n} pairs -> {naive_total:.1f} s for {args.n}"

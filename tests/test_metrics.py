@@ -179,6 +179,47 @@ def test_cdpam_equals_the_package(speech, monkeypatch):
     assert np.all(ours > 0.05)
 
 
+@pytest.mark.parametrize("n", [11025, 7776])  # odd and even lengths through the four stride-2 (polyphase) layers
+def test_cdpam_fft_convolutions_equal_the_direct_ones(speech, n):
+    import torch
+
+    from fewsound.metrics.cdpam import CDPAMModel, cdpam_inputs
+
+    x = cdpam_inputs(speech[:2, :n], SR)
+    y = cdpam_inputs(add_noise(speech[:2, :n], 15.0), SR)
+    fft, direct = CDPAMModel("cpu", conv="fft"), CDPAMModel("cpu", conv="direct")
+    assert torch.allclose(fft.embed(x), direct.embed(x), rtol=0, atol=2e-6)  # unit-norm embeddings
+    d_fft, d_direct = fft.distance(x, y), direct.distance(x, y)
+    assert torch.allclose(d_fft, d_direct, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="conv must be"):
+        CDPAMModel("cpu", conv="winograd")
+
+
+def test_cdpam_keeps_reference_embeddings_and_reuses_them(speech):
+    import torch
+
+    from fewsound.metrics.cdpam import CDPAMModel, cdpam_inputs
+
+    model = CDPAMModel("cpu")
+    x = cdpam_inputs(speech[:2, :8000], SR)
+    y1, y2 = (cdpam_inputs(add_noise(speech[:2, :8000], db), SR) for db in (10.0, 30.0))
+    seen = []
+    embed = model.embed
+    model.embed = lambda a: seen.append(len(a)) or embed(a)
+    first = model.distance(x, y1)
+    assert seen == [4]  # both references and both reconstructions, in one pass
+    again = model.distance(x, y2)
+    assert seen == [4, 2]  # the references' embeddings were kept
+    assert torch.equal(model.distance(x, y1), first)  # and give the same numbers
+    assert again[0] < first[0] and again[1] < first[1]  # 30 dB is closer than 10 dB
+    model.REF_CACHE = 1
+    model.distance(x[:1], y1[:1])
+    assert len(model._refs) == 1
+    model.forget_refs()
+    model.distance(x[:1], y1[:1])
+    assert seen[-1] == 2
+
+
 # ------------------------------------------------------------------- real speech with growing degradations
 
 

@@ -50,7 +50,7 @@ def evaluate(
     *,
     device=None,
     workers: int = 0,
-    cdpam_batch_size: int = 16,
+    cdpam_batch_size: int = 32,
     names: list[str] | None = None,
 ) -> list[dict]:
     """All applicable metrics for each pair; returns B dicts (see the module docstring for their shape).
