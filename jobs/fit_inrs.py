@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = run_sweep("fit_inrs", tasks, corpus=corpus, experiment=args.experiment, pack_size=args.pack_size,
                             address=args.address, gpu_fraction=args.gpu_fraction, max_retries=args.max_retries,
+                            trials_per_slot=args.trials_per_slot or None,
                             table={"title": "Table 1: reconstruction metrics of single-INR fits",
                                    "paper_table": None if args.smoke_test else
                                    {"speech": 1, "music": 18, "environment": 19}.get(args.kind),

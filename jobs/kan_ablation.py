@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = run_sweep("kan_ablation", tasks, corpus=corpus, experiment=args.experiment,
                             pack_size=args.pack_size, address=args.address, gpu_fraction=args.gpu_fraction,
-                            max_retries=args.max_retries, metrics=metrics,
+                            max_retries=args.max_retries, trials_per_slot=args.trials_per_slot or None,
+                            metrics=metrics,
                             table={"title": "KAN ablation: every configuration", "row_header": "configuration"})
         summary.table_markdown = log_knob_tables(summary, knobs)
     except FewsoundError as e:

@@ -212,6 +212,33 @@ def test_a_crashing_trial_is_retried_then_its_fits_are_failed_with_the_reason(ra
         failed[0].data.tags[REASON_TAG]
 
 
+def test_packs_bundled_into_one_trial_report_one_by_one_and_a_crashing_pack_spares_the_others(ray_local, client,
+                                                                                               env):
+    from tune.jobs import corpus_clips, resolve_corpus
+    from tune.sweep import run_sweep
+
+    corpus = resolve_corpus(None, 4096)
+    good = corpus_clips(corpus, "1", "speech")[0]
+    # 3 packs on 2 slots, one trial per slot: pack 0 (the crashing one) shares its trial with pack 2
+    tasks = [FitTask(FitConfig(family="rff", steps=2, seed=7), "no-such-clip", "speech", 4096, "rff"),
+             FitTask(FitConfig(family="nerf", steps=2, seed=7), good.clip_id, "speech", 4096, "nerf"),
+             FitTask(FitConfig(family="siren", steps=2, seed=7), good.clip_id, "speech", 4096, "siren")]
+    s = run_sweep("bundled", tasks, corpus=corpus, experiment="test-bundled", trial_failures=1, progress=False,
+                  metrics=("mse",), log_artifacts=False, trials_per_slot=1)
+    assert s.n_trials == 2 and (s.done, s.failed) == (2, 1)
+    # pack 2 ran in the crashing pack's trial, on its first attempt and again on the retry (finding its fit done)
+    by_pack = {}
+    for p in s.packs:
+        by_pack.setdefault(p["pack"], []).append(p)
+    assert by_pack[2][0]["trial"] == 0 and by_pack[1][0]["trial"] == 1 and 0 not in by_pack
+    assert [(p["fits_done"], p["fits_skipped"]) for p in by_pack[2]] == [(1, 0), (0, 1)]
+    _, kids = children(client, "test-bundled")
+    status = {r.data.tags["fewsound.family"]: r.info.status for r in kids}
+    assert status == {"rff": "FAILED", "nerf": "FINISHED", "siren": "FINISHED"}
+    failed = [r for r in kids if r.info.status == "FAILED"][0]
+    assert "no-such-clip" in failed.data.tags[REASON_TAG]
+
+
 @pytest.mark.parametrize("args, expect", [
     (["--families", "nerf,transformer"], "--families: unknown value(s) ['transformer']"),
     (["--corpus", "/nonexistent/corpus", "--steps", "2"], "/nonexistent/corpus: no such corpus folder"),

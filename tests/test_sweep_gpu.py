@@ -48,16 +48,16 @@ def sweep(corpus: str, seed: int, experiment: str, **ray_kw):
 def test_quarter_gpu_trials_run_four_at_a_time_on_one_logical_gpu(corpus):
     s = sweep(corpus, seed=1, experiment="test-gpu", num_cpus=4, num_gpus=1)
     assert s.resources == {"cpu": 1, "gpu": 0.25}
-    assert (s.done, s.failed, len(s.trials)) == (8, 0, 8)
-    for t in s.trials:  # what the scheduler granted each trial, as the trial saw it
+    assert (s.done, s.failed, len(s.packs), s.n_trials) == (8, 0, 8, 8)
+    for t in s.packs:  # what the scheduler granted each trial, as the trial saw it
         assert (t["assigned_GPU"], t["assigned_CPU"], t["torch_threads"]) == (0.25, 1.0, 1)
-    assert max_overlap(s.trials) == 4  # 4 CPUs and 4 quarters of the GPU: never more, and it got there
-    assert len({t["pid"] for t in s.trials}) == 4  # four reused actors
+    assert max_overlap(s.packs) == 4  # 4 CPUs and 4 quarters of the GPU: never more, and it got there
+    assert len({t["pid"] for t in s.packs}) == 4  # four reused actors
 
 
 def test_without_gpus_the_same_sweep_asks_for_cpus_only(corpus):
     s = sweep(corpus, seed=2, experiment="test-gpu", num_cpus=2)
     assert s.resources == {"cpu": 1}
     assert (s.done, s.failed) == (8, 0)
-    assert all("assigned_GPU" not in t and t["assigned_CPU"] == 1.0 and t["torch_threads"] == 1 for t in s.trials)
-    assert max_overlap(s.trials) <= 2
+    assert all("assigned_GPU" not in t and t["assigned_CPU"] == 1.0 and t["torch_threads"] == 1 for t in s.packs)
+    assert max_overlap(s.packs) <= 2

@@ -19,8 +19,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    "comma-separated list of clip ids (default: every clip)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: each family's, see fewsound.fit)")
     p.add_argument("--seed", type=int, default=0, help="base seed of every fit (default: 0)")
-    p.add_argument("--pack-size", type=int, default=16, help="fits per Ray Tune trial, fitted at once by the packed "
-                   "engine (default: 16)")
+    p.add_argument("--pack-size", type=int, default=16, help="fits of one configuration fitted at once by the "
+                   "packed engine (default: 16)")
+    p.add_argument("--trials-per-slot", type=int, default=4, help="packs are bundled into about this many Ray Tune "
+                   "trials per trial slot (trials the cluster runs at once), since each trial costs Tune a fixed "
+                   "overhead; 0: one trial per pack (default: 4)")
     p.add_argument("--max-retries", type=int, default=1, help="refits (with a new seed) of a diverged fit before "
                    "it is recorded FAILED (default: 1)")
     p.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU share of one trial on a cluster with GPUs: "

@@ -6,7 +6,9 @@ has a FINISHED run in MLflow, so resume is idempotent whatever happened to Ray's
 
 Fits with the same config and length are packed: one Ray Tune trial fits up to `pack_size` clips at once with
 the packed fitting engine (fewsound.fit), because Ray's per-trial overhead is seconds while a small fit's step
-is milliseconds.
+is milliseconds. A Tune trial then runs one or more packs in turn (`bundle`): Tune's own cost per trial (~0.35 s
+of a slot on 2 cores, with actor reuse) is paid per trial, not per pack, while every pack still reports and logs
+as soon as it is done.
 """
 
 from __future__ import annotations
@@ -79,3 +81,21 @@ def pack_from_config(d: dict[str, Any]) -> list[FitTask]:
 
     cfg = from_dict(FitConfig, d["cfg"])
     return [FitTask(cfg, c, k, int(d["length"]), lab) for c, k, lab in zip(d["clips"], d["kinds"], d["labels"])]
+
+
+def pack_cost(tasks: list[FitTask]) -> float:
+    """A pack's relative cost for load balancing: fits x steps x samples (the same model costs alike per sample)."""
+    return float(len(tasks) * tasks[0].cfg.steps * tasks[0].length)
+
+
+def bundle(packs: list[list[FitTask]], n_trials: int) -> list[list[int]]:
+    """Split pack indices into at most `n_trials` trials of near-equal cost (longest pack first onto the least
+    loaded trial), each trial's packs in their original order; no empty trial."""
+    n = max(1, min(n_trials, len(packs)))
+    bins: list[list[int]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    for i in sorted(range(len(packs)), key=lambda i: -pack_cost(packs[i])):
+        j = min(range(n), key=lambda j: (load[j], len(bins[j])))
+        bins[j].append(i)
+        load[j] += pack_cost(packs[i])
+    return [sorted(b) for b in bins if b]

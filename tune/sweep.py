@@ -5,8 +5,9 @@
 1. Open (or, when re-run, reopen) the sweep's parent run; list the keys that already have a FINISHED child run
    and skip them; mark runs of unfinished keys left RUNNING by a killed driver as KILLED.
 2. Start or join Ray (a local Ray unless an address is given or RAY_ADDRESS is set, as under `ray job submit`).
-3. Pack the remaining fits and run one Tune trial per pack, with actor reuse; trials ask for a GPU fraction
-   when the cluster has GPUs, one CPU otherwise (see trial_resources).
+3. Pack the remaining fits (one config, many clips per pack), bundle the packs into a few Tune trials per trial
+   slot (tune.plan.bundle: near-equal cost, Tune's per-trial cost paid per trial, not per pack) and run them with
+   actor reuse; trials ask for a GPU fraction when the cluster has GPUs, one CPU otherwise (trial_resources).
 4. Record a FAILED child run for every fit whose trial crashed beyond its retries (the sweep goes on), then
    log the per-clip results and the paper-style tables to the parent run.
 
@@ -33,7 +34,7 @@ from typing import Any
 from fewsound.config import cfg_hash
 from fewsound.errors import ConfigError
 from fewsound.tracking import MlflowRun, git_commit, storage_root, tracking_uri
-from tune.plan import FitTask, pack, pack_to_config
+from tune.plan import FitTask, bundle, pack, pack_to_config
 from tune.resources import use_gpus
 from tune.trial import KEY_TAG, REASON_TAG, SWEEP_TAG, TrialContext, pack_id, tune_trainable
 
@@ -75,6 +76,14 @@ def trial_resources(cluster: dict, gpu_fraction: float = 0.25) -> dict[str, floa
     return {"cpu": 1}
 
 
+def trial_slots(cluster: dict, resources: dict[str, float]) -> int:
+    """How many trials asking for `resources` the cluster runs at once."""
+    n = cluster.get("CPU", 1) // resources["cpu"]
+    if "gpu" in resources:
+        n = min(n, cluster.get("GPU", 0) / resources["gpu"])
+    return max(1, int(n + 1e-9))
+
+
 @dataclasses.dataclass
 class SweepSummary:
     sweep: str
@@ -89,9 +98,11 @@ class SweepSummary:
     resources: dict[str, float]
     rows: list[dict[str, Any]]  # one per finished fit: key, label, family, clip_id, length, kind, metrics...
     table_markdown: str = ""  # the paper-style table regenerated from `rows`
-    # One dict per trial that reported: what run_pack returned (fits_done, fit_seconds, eval_seconds, log_seconds,
-    # start, end, pid, torch_threads) plus assigned_CPU / assigned_GPU, the resources the scheduler granted.
-    trials: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # One dict per pack that reported: what run_pack returned (fits_done, fit_seconds, eval_seconds, log_seconds,
+    # start, end, pid, torch_threads), assigned_CPU / assigned_GPU (the resources the scheduler granted its
+    # trial), pack and trial (indices). A trial runs one or more packs in turn.
+    packs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    n_trials: int = 0  # Tune trials run
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per driver phase
 
     @property
@@ -125,10 +136,11 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
               num_cpus: int | None = None, num_gpus: int | None = None, storage: str | None = None,
               progress: bool = True, table: dict[str, Any] | None = None,
               metrics: tuple[str, ...] | None = None, log_artifacts: bool = True,
-              tune_restarts: int = 2) -> SweepSummary:
+              tune_restarts: int = 2, trials_per_slot: int | None = 4) -> SweepSummary:
     """Run every fit of `tasks` not already finished in MLflow. See the module docstring.
 
-    pack_size: fits per trial (fitted at once). max_retries: refits of a diverged fit (new seed) before it is
+    pack_size: fits fitted at once (one config). trials_per_slot: packs are bundled into about this many trials per
+    trial slot (trials the cluster runs at once); None: one trial per pack. max_retries: refits of a diverged fit (new seed) before it is
     FAILED. trial_failures: Tune's retries of a crashed trial (FailureConfig.max_failures). tune_restarts: new
     Tune runs over the unfinished fits when Tune itself stops with an exception (it does when, e.g., Ray's OOM
     killer takes an actor during its start); resume by key makes that safe.
@@ -166,24 +178,32 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
     cluster = init_ray(address, num_cpus=num_cpus, num_gpus=num_gpus)
     timings["ray_init"] = time.perf_counter() - t
     resources = trial_resources(cluster, gpu_fraction)
-    packs = pack(todo, pack_size)
+    slots = trial_slots(cluster, resources)
+
+    def plan(tasks_left: list[FitTask]) -> tuple[list[list[FitTask]], list[list[int]]]:
+        packs = pack(tasks_left, pack_size)
+        return packs, bundle(packs, len(packs) if trials_per_slot is None else slots * trials_per_slot)
+
+    packs, bundles = plan(todo)
     ctx = TrialContext(corpus=str(Path(corpus).resolve()), experiment=experiment, parent_run_id=parent.run_id,
                        sweep=sid, tracking_uri=uri, max_retries=max_retries,
                        curve_every_n_packs=curve_every_n_packs, log_artifacts=log_artifacts,
                        experiment_id=parent.experiment_id, git_commit=git_commit(),
                        metrics=tuple(metrics) if metrics is not None else None)
     if progress:
-        print(f"[{name}] {len(tasks)} fits: {skipped} already finished, {len(todo)} to run in {len(packs)} trials "
-              f"(each {resources}); MLflow {uri} experiment {experiment!r}", flush=True)
-    trials: list[dict[str, Any]] = []
+        print(f"[{name}] {len(tasks)} fits: {skipped} already finished, {len(todo)} to run in {len(packs)} packs, "
+              f"{len(bundles)} trials (each {resources}, {slots} at once); MLflow {uri} experiment {experiment!r}",
+              flush=True)
+    n_trials = 0
     t = time.perf_counter()
-    callback = _Progress(name, len(todo), t0) if progress else None
+    callback = _Progress(name, len(todo), t0, progress)
     for attempt in range(tune_restarts + 1):
         if not packs:
             break
+        n_trials += len(bundles)
         try:
-            grid = _tune(packs, ctx, resources, f"{sid}-r{attempt}" if attempt else sid, trial_failures, storage,
-                         callback)
+            grid = _tune(packs, bundles, ctx, resources, f"{sid}-r{attempt}" if attempt else sid, trial_failures,
+                         storage, callback)
         except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
             if attempt == tune_restarts:
                 raise
@@ -192,10 +212,8 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
                   "are not finished", flush=True)
             _mark_stale(client, parent.experiment_id, {t.key for t in todo})
             done_keys = finished_runs(client, parent.experiment_id)
-            packs = pack([t for t in todo if t.key not in done_keys], pack_size)
+            packs, bundles = plan([t for t in todo if t.key not in done_keys])
             continue
-        trials += [dict(r.metrics, index=int(r.config["pack"]["index"])) for r in grid
-                   if r.metrics and "fits_done" in r.metrics]
         _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
         _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
         break
@@ -206,31 +224,33 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
     rows = [_row(t, finished[t.key]) for t in tasks if t.key in finished]
     failed = len(tasks) - len(rows)
     summary = SweepSummary(sid, experiment, parent.run_id, uri, len(tasks), skipped, len(rows) - skipped, failed,
-                           time.perf_counter() - t0, resources, rows, trials=trials, timings=timings)
+                           time.perf_counter() - t0, resources, rows, packs=callback.results, n_trials=n_trials,
+                           timings=timings)
     _finish_parent(parent, summary, table or {})
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _tune(packs: list[list[FitTask]], ctx: TrialContext, resources: dict[str, float], run_name: str,
-          trial_failures: int, storage: str | None, callback: Any) -> Any:
-    """One Tune run: a trial per pack (the packs travel in the param_space as plain data), actors reused."""
+def _tune(packs: list[list[FitTask]], bundles: list[list[int]], ctx: TrialContext, resources: dict[str, float],
+          run_name: str, trial_failures: int, storage: str | None, callback: Any) -> Any:
+    """One Tune run: a trial per bundle of packs (the packs travel in the param_space as plain data), actors
+    reused."""
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), resources)
-    space = {"pack": tune.grid_search([dict(pack_to_config(p), index=i) for i, p in enumerate(packs)])}
+    trials = [{"index": t, "packs": [dict(pack_to_config(packs[i]), index=i) for i in b]} for t, b in enumerate(bundles)]
     tuner = tune.Tuner(
         trainable,
-        param_space=space,
+        param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(reuse_actors=True,
-                                    trial_dirname_creator=lambda trial: f"pack{trial.config['pack']['index']}"),
+                                    trial_dirname_creator=lambda trial: f"trial{trial.config['trial']['index']}"),
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=storage or storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
             failure_config=tune.FailureConfig(max_failures=trial_failures),
             verbose=0,
-            callbacks=[callback] if callback else None,
+            callbacks=[callback],
         ),
     )
     return tuner.fit()
@@ -269,18 +289,22 @@ def _record_crashed_trials(grid: Any, packs: list[list[FitTask]], ctx: TrialCont
         return
     finished = finished_runs(client, exp_id)
     for result in crashed:
-        idx = int(result.config["pack"]["index"])
         lines = str(result.error).strip().splitlines() or [""]
         reason = f"trial crashed: {type(result.error).__name__}: {lines[-1][:300]}"
-        pid = pack_id(packs[idx])
-        for t in packs[idx]:
-            if t.key in finished:
-                continue
-            run = MlflowRun(ctx.experiment, uri=ctx.tracking_uri, run_name=t.key, parent_run_id=ctx.parent_run_id,
-                            tags={KEY_TAG: t.key, SWEEP_TAG: ctx.sweep, REASON_TAG: reason, "fewsound.pack": pid,
-                                  "fewsound.family": t.family, "fewsound.label": t.label})
-            run.log_params(t.params())
-            run.end("FAILED")
+        for idx in (int(p["index"]) for p in result.config["trial"]["packs"]):
+            _record_failed_pack(packs[idx], reason, ctx, finished)
+
+
+def _record_failed_pack(tasks: list[FitTask], reason: str, ctx: TrialContext, finished: dict[str, Any]) -> None:
+    pid = pack_id(tasks)
+    for t in tasks:
+        if t.key in finished:
+            continue
+        run = MlflowRun(ctx.experiment, uri=ctx.tracking_uri, run_name=t.key, parent_run_id=ctx.parent_run_id,
+                        tags={KEY_TAG: t.key, SWEEP_TAG: ctx.sweep, REASON_TAG: reason, "fewsound.pack": pid,
+                              "fewsound.family": t.family, "fewsound.label": t.label})
+        run.log_params(t.params())
+        run.end("FAILED")
 
 
 def _row(t: FitTask, run: Any) -> dict[str, Any]:
@@ -307,13 +331,18 @@ def _progress_class():
     from ray.tune import Callback
 
     class Progress(Callback):
-        """One line per finished trial: done / failed / remaining / ETA / fits per hour."""
+        """Collects every pack's result; with `show`, one line per finished pack: done / failed / remaining / ETA /
+        fits per hour."""
 
-        def __init__(self, name: str, total: int, t0: float):
-            self.name, self.total, self.t0 = name, total, t0
+        def __init__(self, name: str, total: int, t0: float, show: bool):
+            self.name, self.total, self.t0, self.show = name, total, t0, show
             self.done = self.failed = 0
+            self.results: list[dict[str, Any]] = []
+            self.reported: dict[str, int] = {}  # trial id -> fits it reported
 
         def _line(self, note: str = "") -> None:
+            if not self.show:
+                return
             elapsed = time.perf_counter() - self.t0
             n = self.done + self.failed
             rate = n / elapsed * 3600 if elapsed > 0 else 0.0
@@ -323,20 +352,25 @@ def _progress_class():
                   f"ETA {_fmt_s(eta)}  {rate:.0f} fits/h{note}", flush=True)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.done += int(result.get("fits_done", 0)) + int(result.get("fits_skipped", 0))
+            if "fits_done" not in result:
+                return
+            self.results.append({k: v for k, v in result.items() if k != "config"})
+            n = int(result.get("fits_done", 0)) + int(result.get("fits_skipped", 0))
+            self.done += n
             self.failed += int(result.get("fits_failed", 0))
+            self.reported[trial.trial_id] = self.reported.get(trial.trial_id, 0) + n + int(result.get("fits_failed", 0))
             self._line()
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.failed += len(trial.config["pack"]["clips"])
-            self._line(f"  (a trial crashed beyond its retries: its {len(trial.config['pack']['clips'])} fits are "
-                       "recorded FAILED)")
+            lost = sum(len(p["clips"]) for p in trial.config["trial"]["packs"]) - self.reported.get(trial.trial_id, 0)
+            self.failed += lost
+            self._line(f"  (a trial crashed beyond its retries: its {lost} unreported fits are recorded FAILED)")
 
     return Progress
 
 
-def _Progress(name: str, total: int, t0: float):
-    return _progress_class()(name, total, t0)
+def _Progress(name: str, total: int, t0: float, show: bool = True):
+    return _progress_class()(name, total, t0, show)
 
 
 def _fmt_s(s: float) -> str:

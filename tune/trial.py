@@ -4,6 +4,9 @@ Runs in a Ray worker process. Actors are reused across trials, so the per-proces
 the MLflow client, and fewsound.metrics' CDPAM model) are built once per worker and live for many trials.
 Logging goes over HTTP to the tracking server, so artifacts reach it from any node of a cluster.
 
+A trial runs one or more packs (tune.plan.bundle): fit_pack fits and evaluates a pack, log_pack logs its child
+runs - in a background thread of the trial while the next pack fits (tune_trainable).
+
 Per fit, the child run costs a fixed, small number of HTTP calls: create_run (with every tag), one log_batch
 (params + metrics + not-applicable reasons), the artifact uploads, set_terminated. MLflow's per-run "View run"
 print (and the extra get_run behind it) is off via MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by the driver.
@@ -12,8 +15,9 @@ Failure handling, from the inside out:
 - a fit that diverges (non-finite loss) is refitted with a fresh seed up to `max_retries` times; if it still
   diverges its child run ends FAILED with the reason (tag fewsound.failure_reason); the rest of the pack goes on;
 - a fit whose evaluation or logging raises is FAILED with that reason; the rest of the pack goes on;
-- anything else (the fit itself raising, the worker dying) crashes the trial: Tune retries it (FailureConfig),
-  and a retry skips the fits of the pack that already have a FINISHED run (looked up by the pack's tag).
+- anything else (the fit itself raising, the worker dying) crashes the pack: the trial's other packs go on, then
+  the trial fails and Tune retries it (FailureConfig); a retry skips the fits that already have a FINISHED run
+  (looked up by each pack's tag), and the driver records what is still missing after the last retry as FAILED.
 """
 
 from __future__ import annotations
@@ -101,20 +105,30 @@ def pack_id(tasks: list[FitTask]) -> str:
     return cfg_hash(sorted(t.key for t in tasks), 12)
 
 
-def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> dict[str, float]:
-    """Fit, evaluate and log every fit of one pack (one child run each). Returns counts and timings.
+@dataclasses.dataclass
+class FittedPack:
+    """A pack after fitting and evaluation, before its child runs are logged (fit_pack -> log_pack)."""
 
-    Result keys: fits_done, fits_failed, fits_skipped (already FINISHED: a retried trial), fit_seconds (the
-    packed fit() calls, retries included), eval_seconds, log_seconds, seconds (the whole call), the same as
-    process CPU seconds (fit_cpu, eval_cpu, log_cpu, cpu: less sensitive than wall time to a loaded machine),
-    start/end (epoch seconds, for concurrency accounting), pid, torch_threads.
-    """
-    import torch
+    index: int
+    pid: str  # pack_id
+    exp_id: str
+    tasks: list[FitTask]  # the fits not already FINISHED
+    skipped: int  # fits already FINISHED (a retried trial)
+    results: list[Any]  # fewsound.fit results, one per task
+    attempts: list[int]
+    clips: np.ndarray | None  # the references, [len(tasks), length]
+    evals: list[dict | None]
+    eval_errors: dict[int, str]
+    timing: dict[str, float]
 
+
+def fit_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> FittedPack:
+    """Fit and evaluate every fit of one pack not already FINISHED in MLflow (a diverged fit is refitted with a
+    fresh seed up to ctx.max_retries times)."""
     from fewsound.fit import fit
 
     start = time.time()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     tasks = pack_from_config(pack)
     pid = pack_id(tasks)
     client = _client(ctx.tracking_uri)
@@ -126,16 +140,17 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     cfg = tasks[0].cfg if tasks else None
     results: list[Any] = [None] * len(tasks)
     attempts = [0] * len(tasks)
+    clips = None
     fit_seconds = fit_cpu = 0.0
     if tasks:
         clips = np.stack([load_clip(ctx.corpus, t.clip_id, t.length) for t in tasks])
         todo = list(range(len(tasks)))
         while todo:  # refit the diverged ones, each with a fresh seed, up to max_retries times
             seeds = [cfg.seed + 1_000_003 * attempts[i] + i for i in todo]
-            t, c = time.perf_counter(), time.process_time()
+            t, c = time.perf_counter(), time.thread_time()
             out = fit(cfg, clips[todo], seeds=seeds)
             fit_seconds += time.perf_counter() - t
-            fit_cpu += time.process_time() - c
+            fit_cpu += time.thread_time() - c
             retry = []
             for i, r in zip(todo, out):
                 results[i] = r
@@ -144,22 +159,38 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
                     retry.append(i)
             todo = retry
 
-    t, c = time.perf_counter(), time.process_time()
-    evals, eval_errors = _evaluate(tasks, results, clips if tasks else None, ctx)
-    eval_seconds, eval_cpu = time.perf_counter() - t, time.process_time() - c
+    t, c = time.perf_counter(), time.thread_time()
+    evals, eval_errors = _evaluate(tasks, results, clips, ctx)
+    timing = {"start": start, "fit_seconds": fit_seconds, "fit_cpu": fit_cpu,
+              "eval_seconds": time.perf_counter() - t, "eval_cpu": time.thread_time() - c,
+              "fit_pack_seconds": time.perf_counter() - t0}
+    return FittedPack(pack_index, pid, exp_id, tasks, skipped, results, attempts, clips, evals, eval_errors, timing)
 
-    t, c = time.perf_counter(), time.process_time()
-    log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
+
+def log_pack(fp: FittedPack, ctx: TrialContext) -> dict[str, float]:
+    """One MLflow child run per fit of a fitted pack. Returns counts and timings.
+
+    Result keys: fits_done, fits_failed, fits_skipped (already FINISHED: a retried trial), fit_seconds (the
+    packed fit() calls, retries included), fit_cpu (their CPU seconds in the fitting thread: all of it with one
+    torch thread, and unlike wall time not inflated by whatever shares the core), eval_seconds, eval_cpu,
+    log_seconds, seconds (fit_pack + log_pack), start/end (epoch seconds, for concurrency accounting), pid,
+    torch_threads.
+    """
+    import torch
+
+    t = time.perf_counter()
+    client = _client(ctx.tracking_uri)
+    log_curves = fp.index % max(1, ctx.curve_every_n_packs) == 0
 
     def log(i: int) -> bool:
-        task, r = tasks[i], results[i]
+        task, r = fp.tasks[i], fp.results[i]
         reason = None
         if r.diverged:
-            reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts[i]} attempt(s)"
-        elif i in eval_errors:
-            reason = f"evaluation failed: {eval_errors[i]}"
+            reason = f"diverged at step {r.diverged_step} (non-finite loss) after {fp.attempts[i]} attempt(s)"
+        elif i in fp.eval_errors:
+            reason = f"evaluation failed: {fp.eval_errors[i]}"
         try:
-            _log_child(client, exp_id, task, r, evals[i], clips[i], ctx, pid, reason, attempts[i],
+            _log_child(client, fp.exp_id, task, r, fp.evals[i], fp.clips[i], ctx, fp.pid, reason, fp.attempts[i],
                        curve=log_curves and i == 0)
             return reason is None
         except Exception as e:  # logging failed: this fit is lost (re-run it), the other fits of the pack are not
@@ -168,13 +199,17 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
 
     # A child run is a few HTTP round trips that mostly wait on the server: a few at once hide that latency.
     with ThreadPoolExecutor(max_workers=LOG_THREADS) as pool:
-        oks = list(pool.map(log, range(len(tasks))))
+        oks = list(pool.map(log, range(len(fp.tasks))))
     done, failed = sum(oks), len(oks) - sum(oks)
-    log_seconds, log_cpu = time.perf_counter() - t, time.process_time() - c
-    return {"fits_done": done, "fits_failed": failed, "fits_skipped": skipped, "fit_seconds": fit_seconds,
-            "eval_seconds": eval_seconds, "log_seconds": log_seconds, "seconds": time.perf_counter() - t0,
-            "fit_cpu": fit_cpu, "eval_cpu": eval_cpu, "log_cpu": log_cpu, "cpu": time.process_time() - c0,
-            "start": start, "end": time.time(), "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
+    log_seconds = time.perf_counter() - t
+    return {"fits_done": done, "fits_failed": failed, "fits_skipped": fp.skipped, **fp.timing,
+            "log_seconds": log_seconds, "seconds": fp.timing["fit_pack_seconds"] + log_seconds,
+            "end": time.time(), "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
+
+
+def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> dict[str, float]:
+    """Fit, evaluate and log one pack, in turn (see log_pack for the result)."""
+    return log_pack(fit_pack(pack, ctx, pack_index), ctx)
 
 
 def _finished_keys(client: Any, exp_id: str, sweep: str, pid: str) -> set[str]:
@@ -283,7 +318,9 @@ def _node() -> str:
 
 
 def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: one pack per trial. Reports once, when the pack is done."""
+    """Ray Tune function trainable: the trial's packs one after the other, one report per pack once its fits are
+    logged. A pack's child runs are logged in the background while the next pack fits (the HTTP calls mostly
+    wait on the tracking server; a GPU would otherwise idle meanwhile), so each report lags one pack."""
     import ray
     import ray.tune
     import torch
@@ -291,6 +328,30 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # also when Ray was started elsewhere
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # one torch thread per CPU the trial was given
-    res = run_pack(config["pack"], ctx, int(config["pack"]["index"]))
-    res.update({f"assigned_{k}": float(v) for k, v in assigned.items()})
-    ray.tune.report(res)
+    errors: list[str] = []
+    extra = {f"assigned_{k}": float(v) for k, v in assigned.items()}
+    extra["trial"] = int(config["trial"]["index"])
+
+    def report(index: int, logging: Any) -> None:
+        try:
+            res = logging.result()
+        except Exception as e:
+            errors.append(f"pack {index}: {type(e).__name__}: {e}")
+            return
+        ray.tune.report(dict(res, pack=index, **extra))
+
+    pending = None  # (pack index, future of its logging)
+    with ThreadPoolExecutor(max_workers=1) as logger:
+        for pack in config["trial"]["packs"]:
+            try:
+                fitted = fit_pack(pack, ctx, int(pack["index"]))
+            except Exception as e:  # the trial's other packs go on; the trial then fails and Tune retries it
+                errors.append(f"pack {pack['index']}: {type(e).__name__}: {e}")
+                continue
+            if pending:
+                report(*pending)
+            pending = (fitted.index, logger.submit(log_pack, fitted, ctx))
+        if pending:
+            report(*pending)
+    if errors:  # a retry skips every fit that already has a FINISHED run (fit_pack looks them up)
+        raise RuntimeError("; ".join(errors)[:2000])
