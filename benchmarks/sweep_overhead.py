@@ -2,6 +2,7 @@
 
     python benchmarks/sweep_overhead.py                  # 1,000 packed fits + 40 one-per-trial fits (extrapolated)
     python benchmarks/sweep_overhead.py --fits 200 --per-fit 20
+    python benchmarks/sweep_overhead.py --steps 10,40    # the packed mode once per fit length
 
 Both modes run the real sweep path (run_sweep: local Ray, Tune with actor reuse, one MLflow child run per fit over
 HTTP to a real local server) on short fits: NERF, 4,096-sample crops of the built-in corpus, a few steps. To
@@ -9,11 +10,19 @@ isolate orchestration, the trials compute only MSE/PSNR and log no audio or spec
 log_artifacts=False)); every fit still gets its child run with params, tags and metrics.
 
 Figures, per mode:
-  fit compute   sum over trials of the wall seconds inside fewsound.fit.fit() (what a sweep is for)
+  fit compute   sum over packs of the CPU seconds inside fewsound.fit.fit() (the fitting thread's CPU time: with
+                one torch thread per trial, all of the fit's compute, and not inflated when the MLflow server
+                shares the core, as its wall time would be)
   capacity      wall seconds x trial slots (one trial per CPU)
-  overhead      1 - fit compute / capacity: everything else (Tune scheduling, actor reuse, clip loading,
-                evaluation, MLflow calls, the driver's bookkeeping, idle slots at the tail)
+  overhead      1 - fit compute / capacity: everything else (Tune scheduling, actor start, clip loading,
+                evaluation, MLflow calls and the server answering them, the driver's bookkeeping, idle slots)
   fits per hour fits / wall
+  breakdown     fit wall time (vs its CPU time: the difference is the core shared), eval, MLflow logging wall
+                time, the MLflow server's CPU seconds (it shares the 2 cores with the trials: ~40 ms per child
+                run, SQLAlchemy over SQLite), and the trial slots' idle seconds before their first pack (actor
+                start) and after their last (the tail)
+The packed mode bundles packs into trials (run_sweep's trials_per_slot, default 4 per slot); the one-trial-per-
+fit mode is packs of one fit, one trial each (trials_per_slot=None).
 Ray's own start is timed separately and left out of both (it is paid once per job, whatever the sweep).
 The one-trial-per-fit mode runs --per-fit fits and is extrapolated linearly to --fits (per-trial costs are
 constant; said so in the output). Prints the figures and writes them as JSON (--out).
@@ -46,22 +55,47 @@ def tasks_for(n: int, clips: list, per_config: int, steps: int, length: int, see
     return out
 
 
-def measure(name: str, tasks: list, corpus: str, pack_size: int, slots: int) -> dict:
+def server_cpu() -> float:
+    """CPU seconds used so far by the local MLflow server (and its children)."""
+    import psutil
+
+    from fewsound import tracking
+
+    state = json.loads((tracking.default_home() / "server.json").read_text())
+    proc = psutil.Process(state["pid"])
+    return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+
+
+def measure(name: str, tasks: list, corpus: str, pack_size: int, slots: int, trials_per_slot: int | None) -> dict:
     from tune.sweep import run_sweep
 
-    t = time.perf_counter()
+    c0 = server_cpu()
+    t0 = time.time()
     s = run_sweep(name, tasks, corpus=corpus, experiment=f"bench-{name}", pack_size=pack_size, progress=False,
-                  metrics=("mse", "psnr"), log_artifacts=False)
-    wall = time.perf_counter() - t
+                  metrics=("mse", "psnr"), log_artifacts=False, trials_per_slot=trials_per_slot)
+    t1 = time.time()
+    wall = t1 - t0
     assert s.done == len(tasks) and s.failed == 0, (s.done, s.failed)
-    fit = sum(tr["fit_seconds"] for tr in s.trials)
+    fit_cpu = sum(p["fit_cpu"] for p in s.packs)
+    by_worker: dict[int, list] = {}
+    for p in s.packs:
+        by_worker.setdefault(p["pid"], []).append(p)
+    start_idle = sum(min(p["start"] for p in ps) - t0 for ps in by_worker.values())
+    tail_idle = sum(t1 - max(p["end"] for p in ps) for ps in by_worker.values())
     return {
-        "fits": len(tasks), "trials": len(s.trials), "pack_size": pack_size, "wall_s": round(wall, 2),
-        "fit_compute_s": round(fit, 2), "slots": slots, "overhead_fraction": round(1 - fit / (wall * slots), 4),
-        "overhead_s_per_fit": round((wall * slots - fit) / len(tasks), 4),
+        "fits": len(tasks), "packs": len(s.packs), "trials": s.n_trials, "pack_size": pack_size,
+        "steps": tasks[0].cfg.steps, "wall_s": round(wall, 2), "fit_compute_s": round(fit_cpu, 2), "slots": slots,
+        "overhead_fraction": round(1 - fit_cpu / (wall * slots), 4),
+        "overhead_s_per_fit": round((wall * slots - fit_cpu) / len(tasks), 4),
         "fits_per_hour": round(len(tasks) / wall * 3600),
-        "eval_s": round(sum(tr["eval_seconds"] for tr in s.trials), 2),
-        "mlflow_log_s": round(sum(tr["log_seconds"] for tr in s.trials), 2),
+        "breakdown_s": {
+            "fit_wall": round(sum(p["fit_seconds"] for p in s.packs), 2),
+            "eval": round(sum(p["eval_seconds"] for p in s.packs), 2),
+            "mlflow_logging_wall": round(sum(p["log_seconds"] for p in s.packs), 2),
+            "mlflow_server_cpu": round(server_cpu() - c0, 2),
+            "slots_idle_before_first_pack": round(start_idle, 2),
+            "slots_idle_after_last_pack": round(tail_idle, 2),
+        },
         "driver_phases_s": {k: round(v, 2) for k, v in s.timings.items()},
     }
 
@@ -72,9 +106,11 @@ def main() -> int:
     p.add_argument("--per-fit", type=int, default=40, help="fits run one trial each, extrapolated (default: 40)")
     p.add_argument("--pack-size", type=int, default=20, help="fits per trial in the packed mode (default: 20, "
                    "at most the number of clips of the built-in corpus's INR protocol)")
-    p.add_argument("--steps", type=int, default=10, help="steps per fit (default: 10)")
+    p.add_argument("--steps", default="10", help="steps per fit; a comma list runs the packed mode once per "
+                   "value (default: 10)")
     p.add_argument("--length", type=int, default=4096, help="samples per clip (default: 4,096)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray = trial slots (default: 2)")
+    p.add_argument("--trials-per-slot", type=int, default=4, help="packed mode: trials per slot (default: 4)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep_overhead.json"))
     args = p.parse_args()
 
@@ -99,10 +135,12 @@ def main() -> int:
     ray_start = time.perf_counter() - t
     try:
         # one-per-trial first, on other seeds: both modes then run on warm actors' code paths alike
-        per_fit = measure("per-fit", tasks_for(args.per_fit, clips, 1, args.steps, args.length, 10_000), corpus, 1,
-                          args.cpus)
-        packed = measure("packed", tasks_for(args.fits, clips, args.pack_size, args.steps, args.length, 0), corpus, args.pack_size,
-                         args.cpus)
+        steps = [int(x) for x in args.steps.split(",")]
+        per_fit = measure("per-fit", tasks_for(args.per_fit, clips, 1, steps[0], args.length, 10_000), corpus, 1,
+                          args.cpus, None)
+        runs = [measure(f"packed-{n}", tasks_for(args.fits, clips, args.pack_size, n, args.length, 100_000 * i),
+                        corpus, args.pack_size, args.cpus, args.trials_per_slot) for i, n in enumerate(steps)]
+        packed = runs[0]
     finally:
         import ray
 
@@ -114,20 +152,26 @@ def main() -> int:
     result = {
         "machine": {"cpus": os.cpu_count(), "load_avg_before": [round(x, 2) for x in load_before],
                     "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
-        "settings": {"family": "nerf", "length": args.length, "steps": args.steps, "metrics": ["mse", "psnr"],
-                     "artifacts": False},
+        "settings": {"family": "nerf", "length": args.length, "steps": steps, "metrics": ["mse", "psnr"],
+                     "artifacts": False, "trials_per_slot": args.trials_per_slot},
         "ray_start_s": round(ray_start, 2),
         "packed": packed,
+        "packed_other_steps": runs[1:],
         "one_trial_per_fit": per_fit,
         "packed_speedup_fits_per_hour": round(packed["fits_per_hour"] / per_fit["fits_per_hour"], 2),
         "target_overhead_under_10pct_met": packed["overhead_fraction"] < 0.10,
     }
     print(f"load average before {load_before[0]:.1f}, after {result['machine']['load_avg_after'][0]:.1f} "
           f"on {os.cpu_count()} cores; Ray start {ray_start:.1f} s (not counted)")
-    for name, r in (("packed", packed), ("one trial per fit", per_fit)):
-        print(f"{name:>18}: {r['fits']} fits in {r['trials']} trials, wall {r['wall_s']:.1f} s, fit compute "
-              f"{r['fit_compute_s']:.1f} s over {r['slots']} slots -> overhead {100 * r['overhead_fraction']:.1f}% "
-              f"({r['overhead_s_per_fit']:.3f} s/fit), {r['fits_per_hour']} fits/h")
+    for name, r in [(f"packed, {r['steps']} steps", r) for r in runs] + [(f"one trial per fit, {steps[0]} steps", per_fit)]:
+        print(f"{name:>28}: {r['fits']} fits in {r['packs']} packs, {r['trials']} trials, wall {r['wall_s']:.1f} s, "
+              f"fit compute {r['fit_compute_s']:.1f} s over {r['slots']} slots -> overhead "
+              f"{100 * r['overhead_fraction']:.1f}% ({r['overhead_s_per_fit']:.3f} s/fit), {r['fits_per_hour']} fits/h")
+        b = r["breakdown_s"]
+        print(f"{'':>28}  seconds: fit wall {b['fit_wall']:.1f} (CPU {r['fit_compute_s']:.1f}), eval {b['eval']:.1f}, "
+              f"MLflow logging wall {b['mlflow_logging_wall']:.1f}, MLflow server CPU "
+              f"{b['mlflow_server_cpu']:.1f}, slots idle before the first pack {b['slots_idle_before_first_pack']:.1f} "
+              f"and after the last {b['slots_idle_after_last_pack']:.1f}")
     print(f"one trial per fit measured on {args.per_fit} fits, extrapolated linearly to {args.fits}: "
           f"~{per_fit['extrapolated_wall_s']:.0f} s; packing is {result['packed_speedup_fits_per_hour']}x the fits/h")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

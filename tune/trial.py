@@ -4,8 +4,8 @@ Runs in a Ray worker process. Actors are reused across trials, so the per-proces
 the MLflow client, and fewsound.metrics' CDPAM model) are built once per worker and live for many trials.
 Logging goes over HTTP to the tracking server, so artifacts reach it from any node of a cluster.
 
-A trial runs one or more packs (tune.plan.bundle): fit_pack fits and evaluates a pack, log_pack logs its child
-runs - in a background thread of the trial while the next pack fits (tune_trainable).
+A trial runs one or more packs (tune.plan.bundle), each in turn: fit_pack fits and evaluates it, log_pack logs
+its child runs.
 
 Per fit, the child run costs a fixed, small number of HTTP calls: create_run (with every tag), one log_batch
 (params + metrics + not-applicable reasons), the artifact uploads, set_terminated. MLflow's per-run "View run"
@@ -319,8 +319,10 @@ def _node() -> str:
 
 def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: the trial's packs one after the other, one report per pack once its fits are
-    logged. A pack's child runs are logged in the background while the next pack fits (the HTTP calls mostly
-    wait on the tracking server; a GPU would otherwise idle meanwhile), so each report lags one pack."""
+    logged.
+
+    Logging a pack in a background thread while the next one fits was measured slower on CPU (2 cores: the
+    tracking server needs the same cores, and the logging thread the fit loop's GIL), so packs log in turn."""
     import ray
     import ray.tune
     import torch
@@ -328,30 +330,15 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # also when Ray was started elsewhere
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # one torch thread per CPU the trial was given
-    errors: list[str] = []
     extra = {f"assigned_{k}": float(v) for k, v in assigned.items()}
     extra["trial"] = int(config["trial"]["index"])
-
-    def report(index: int, logging: Any) -> None:
+    errors = []
+    for pack in config["trial"]["packs"]:
         try:
-            res = logging.result()
-        except Exception as e:
-            errors.append(f"pack {index}: {type(e).__name__}: {e}")
-            return
-        ray.tune.report(dict(res, pack=index, **extra))
-
-    pending = None  # (pack index, future of its logging)
-    with ThreadPoolExecutor(max_workers=1) as logger:
-        for pack in config["trial"]["packs"]:
-            try:
-                fitted = fit_pack(pack, ctx, int(pack["index"]))
-            except Exception as e:  # the trial's other packs go on; the trial then fails and Tune retries it
-                errors.append(f"pack {pack['index']}: {type(e).__name__}: {e}")
-                continue
-            if pending:
-                report(*pending)
-            pending = (fitted.index, logger.submit(log_pack, fitted, ctx))
-        if pending:
-            report(*pending)
+            res = run_pack(pack, ctx, int(pack["index"]))
+        except Exception as e:  # the trial's other packs go on; the trial then fails and Tune retries it
+            errors.append(f"pack {pack['index']}: {type(e).__name__}: {e}")
+            continue
+        ray.tune.report(dict(res, pack=int(pack["index"]), **extra))
     if errors:  # a retry skips every fit that already has a FINISHED run (fit_pack looks them up)
         raise RuntimeError("; ".join(errors)[:2000])

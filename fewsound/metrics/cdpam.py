@@ -178,21 +178,23 @@ class _Layer:
             y = F.conv1d(h.transpose(0, 1), self.w, self.bias.view(-1), stride=self.stride, padding=self.padding)
             return y.transpose(0, 1).contiguous()
         n, p = h.shape[2], self.padding
+        out = n if self.stride == 1 else (n - 1) // 2 + 1
+        blocks = -(-out // (self.nfft - self.k + 1))
+        need = blocks * (self.nfft - self.k + 1) + self.k - 1  # input samples of the overlap-save blocks
         if self.stride == 1:
-            x, out = F.pad(h, (p, p)), n
+            x = F.pad(h, (p, need - n - p))  # the extra zeros on the right only feed outputs past `out`
         else:
-            out = (n - 1) // 2 + 1
-            x = F.pad(h, (p, p + n % 2))  # even length: the polyphase halves line up
-            x = torch.cat([x[:, :, 0::2], x[:, :, 1::2]])[:, :, : out + self.k - 1]
+            x = F.pad(h, (p, 2 * need - n - p))
+            x = torch.cat([x[:, :, 0::2], x[:, :, 1::2]])  # polyphase: even then odd samples, as channels
         return _valid_correlation(x, self.spectrum, self.nfft, self.k, out).add_(self.bias)
 
 
 def _valid_correlation(x: torch.Tensor, spectrum: torch.Tensor, nfft: int, k: int, out: int) -> torch.Tensor:
-    """`[C_in, B, out + k - 1]` -> `[C_out, B, out]`: sum_c sum_j w[o, c, j] x[c, b, t + j], by overlap-save."""
+    """`[C_in, B, blocks * (nfft - k + 1) + k - 1]` -> `[C_out, B, out]`: sum_c sum_j w[o, c, j] x[c, b, t + j] by
+    overlap-save, x already padded to whole blocks."""
     c_in, b, _ = x.shape
     step = nfft - k + 1  # valid outputs per block
     blocks = -(-out // step)
-    x = F.pad(x, (0, blocks * step + k - 1 - x.shape[2]))
     X = torch.fft.rfft(x.unfold(2, nfft, step), dim=-1)  # [C_in, B, blocks, freq]
     freq = X.shape[-1]
     Y = torch.bmm(spectrum, X.permute(3, 0, 1, 2).reshape(freq, c_in, b * blocks))  # [freq, C_out, B*blocks]
