@@ -163,7 +163,8 @@ def main() -> int:
     }
     print(f"load average before {load_before[0]:.1f}, after {result['machine']['load_avg_after'][0]:.1f} "
           f"on {os.cpu_count()} cores; Ray start {ray_start:.1f} s (not counted)")
-    for name, r in [(f"packed, {r['steps']} steps", r) for r in runs] + [(f"one trial per fit, {steps[0]} steps", per_fit)]:
+    rows = [(f"packed, {r['steps']} steps", r) for r in runs] + [(f"one trial per fit, {steps[0]} steps", per_fit)]
+    for name, r in rows:
         print(f"{name:>28}: {r['fits']} fits in {r['packs']} packs, {r['trials']} trials, wall {r['wall_s']:.1f} s, "
               f"fit compute {r['fit_compute_s']:.1f} s over {r['slots']} slots -> overhead "
               f"{100 * r['overhead_fraction']:.1f}% ({r['overhead_s_per_fit']:.3f} s/fit), {r['fits_per_hour']} fits/h")

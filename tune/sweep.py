@@ -139,8 +139,9 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
               tune_restarts: int = 2, trials_per_slot: int | None = 4) -> SweepSummary:
     """Run every fit of `tasks` not already finished in MLflow. See the module docstring.
 
-    pack_size: fits fitted at once (one config). trials_per_slot: packs are bundled into about this many trials per
-    trial slot (trials the cluster runs at once); None: one trial per pack. max_retries: refits of a diverged fit (new seed) before it is
+    pack_size: fits fitted at once (one config). trials_per_slot: packs are bundled into about this many trials
+    per trial slot (trials the cluster runs at once); None: one trial per pack.
+    max_retries: refits of a diverged fit (new seed) before it is
     FAILED. trial_failures: Tune's retries of a crashed trial (FailureConfig.max_failures). tune_restarts: new
     Tune runs over the unfinished fits when Tune itself stops with an exception (it does when, e.g., Ray's OOM
     killer takes an actor during its start); resume by key makes that safe.
@@ -239,7 +240,8 @@ def _tune(packs: list[list[FitTask]], bundles: list[list[int]], ctx: TrialContex
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), resources)
-    trials = [{"index": t, "packs": [dict(pack_to_config(packs[i]), index=i) for i in b]} for t, b in enumerate(bundles)]
+    trials = [{"index": t, "packs": [dict(pack_to_config(packs[i]), index=i) for i in b]}
+              for t, b in enumerate(bundles)]
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(trials)},
@@ -355,7 +357,8 @@ def _progress_class():
             if "fits_done" not in result:
                 return
             self.results.append({k: v for k, v in result.items() if k != "config"})
-            n = int(result.get("fits_done", 0)) + int(result.get("fits_skipped", 0))
+            # fits_skipped: FINISHED by an earlier attempt of this trial (a retry), so already counted
+            n = int(result.get("fits_done", 0))
             self.done += n
             self.failed += int(result.get("fits_failed", 0))
             self.reported[trial.trial_id] = self.reported.get(trial.trial_id, 0) + n + int(result.get("fits_failed", 0))

@@ -4,8 +4,7 @@ Runs in a Ray worker process. Actors are reused across trials, so the per-proces
 the MLflow client, and fewsound.metrics' CDPAM model) are built once per worker and live for many trials.
 Logging goes over HTTP to the tracking server, so artifacts reach it from any node of a cluster.
 
-A trial runs one or more packs (tune.plan.bundle), each in turn: fit_pack fits and evaluates it, log_pack logs
-its child runs.
+A trial runs one or more packs (tune.plan.bundle), each in turn (run_pack: fit, evaluate, log).
 
 Per fit, the child run costs a fixed, small number of HTTP calls: create_run (with every tag), one log_batch
 (params + metrics + not-applicable reasons), the artifact uploads, set_terminated. MLflow's per-run "View run"
@@ -105,26 +104,17 @@ def pack_id(tasks: list[FitTask]) -> str:
     return cfg_hash(sorted(t.key for t in tasks), 12)
 
 
-@dataclasses.dataclass
-class FittedPack:
-    """A pack after fitting and evaluation, before its child runs are logged (fit_pack -> log_pack)."""
+def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> dict[str, float]:
+    """Fit, evaluate and log every fit of one pack (one child run each). Returns counts and timings.
 
-    index: int
-    pid: str  # pack_id
-    exp_id: str
-    tasks: list[FitTask]  # the fits not already FINISHED
-    skipped: int  # fits already FINISHED (a retried trial)
-    results: list[Any]  # fewsound.fit results, one per task
-    attempts: list[int]
-    clips: np.ndarray | None  # the references, [len(tasks), length]
-    evals: list[dict | None]
-    eval_errors: dict[int, str]
-    timing: dict[str, float]
+    Result keys: fits_done, fits_failed, fits_skipped (already FINISHED: a retried trial), fit_seconds (the
+    packed fit() calls, retries included), fit_cpu (their CPU seconds in the fitting thread: all of it with one
+    torch thread, and unlike wall time not inflated by whatever shares the core), eval_seconds, eval_cpu,
+    log_seconds, seconds (the whole call), start/end (epoch seconds, for concurrency accounting), pid,
+    torch_threads.
+    """
+    import torch
 
-
-def fit_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> FittedPack:
-    """Fit and evaluate every fit of one pack not already FINISHED in MLflow (a diverged fit is refitted with a
-    fresh seed up to ctx.max_retries times)."""
     from fewsound.fit import fit
 
     start = time.time()
@@ -140,7 +130,6 @@ def fit_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> Fi
     cfg = tasks[0].cfg if tasks else None
     results: list[Any] = [None] * len(tasks)
     attempts = [0] * len(tasks)
-    clips = None
     fit_seconds = fit_cpu = 0.0
     if tasks:
         clips = np.stack([load_clip(ctx.corpus, t.clip_id, t.length) for t in tasks])
@@ -160,37 +149,21 @@ def fit_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> Fi
             todo = retry
 
     t, c = time.perf_counter(), time.thread_time()
-    evals, eval_errors = _evaluate(tasks, results, clips, ctx)
-    timing = {"start": start, "fit_seconds": fit_seconds, "fit_cpu": fit_cpu,
-              "eval_seconds": time.perf_counter() - t, "eval_cpu": time.thread_time() - c,
-              "fit_pack_seconds": time.perf_counter() - t0}
-    return FittedPack(pack_index, pid, exp_id, tasks, skipped, results, attempts, clips, evals, eval_errors, timing)
-
-
-def log_pack(fp: FittedPack, ctx: TrialContext) -> dict[str, float]:
-    """One MLflow child run per fit of a fitted pack. Returns counts and timings.
-
-    Result keys: fits_done, fits_failed, fits_skipped (already FINISHED: a retried trial), fit_seconds (the
-    packed fit() calls, retries included), fit_cpu (their CPU seconds in the fitting thread: all of it with one
-    torch thread, and unlike wall time not inflated by whatever shares the core), eval_seconds, eval_cpu,
-    log_seconds, seconds (fit_pack + log_pack), start/end (epoch seconds, for concurrency accounting), pid,
-    torch_threads.
-    """
-    import torch
+    evals, eval_errors = _evaluate(tasks, results, clips if tasks else None, ctx)
+    eval_seconds, eval_cpu = time.perf_counter() - t, time.thread_time() - c
 
     t = time.perf_counter()
-    client = _client(ctx.tracking_uri)
-    log_curves = fp.index % max(1, ctx.curve_every_n_packs) == 0
+    log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
 
     def log(i: int) -> bool:
-        task, r = fp.tasks[i], fp.results[i]
+        task, r = tasks[i], results[i]
         reason = None
         if r.diverged:
-            reason = f"diverged at step {r.diverged_step} (non-finite loss) after {fp.attempts[i]} attempt(s)"
-        elif i in fp.eval_errors:
-            reason = f"evaluation failed: {fp.eval_errors[i]}"
+            reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts[i]} attempt(s)"
+        elif i in eval_errors:
+            reason = f"evaluation failed: {eval_errors[i]}"
         try:
-            _log_child(client, fp.exp_id, task, r, fp.evals[i], fp.clips[i], ctx, fp.pid, reason, fp.attempts[i],
+            _log_child(client, exp_id, task, r, evals[i], clips[i], ctx, pid, reason, attempts[i],
                        curve=log_curves and i == 0)
             return reason is None
         except Exception as e:  # logging failed: this fit is lost (re-run it), the other fits of the pack are not
@@ -199,17 +172,13 @@ def log_pack(fp: FittedPack, ctx: TrialContext) -> dict[str, float]:
 
     # A child run is a few HTTP round trips that mostly wait on the server: a few at once hide that latency.
     with ThreadPoolExecutor(max_workers=LOG_THREADS) as pool:
-        oks = list(pool.map(log, range(len(fp.tasks))))
+        oks = list(pool.map(log, range(len(tasks))))
     done, failed = sum(oks), len(oks) - sum(oks)
     log_seconds = time.perf_counter() - t
-    return {"fits_done": done, "fits_failed": failed, "fits_skipped": fp.skipped, **fp.timing,
-            "log_seconds": log_seconds, "seconds": fp.timing["fit_pack_seconds"] + log_seconds,
-            "end": time.time(), "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
-
-
-def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> dict[str, float]:
-    """Fit, evaluate and log one pack, in turn (see log_pack for the result)."""
-    return log_pack(fit_pack(pack, ctx, pack_index), ctx)
+    return {"fits_done": done, "fits_failed": failed, "fits_skipped": skipped, "fit_seconds": fit_seconds,
+            "eval_seconds": eval_seconds, "log_seconds": log_seconds, "seconds": time.perf_counter() - t0,
+            "fit_cpu": fit_cpu, "eval_cpu": eval_cpu,
+            "start": start, "end": time.time(), "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
 
 def _finished_keys(client: Any, exp_id: str, sweep: str, pid: str) -> set[str]:
@@ -340,5 +309,5 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
             errors.append(f"pack {pack['index']}: {type(e).__name__}: {e}")
             continue
         ray.tune.report(dict(res, pack=int(pack["index"]), **extra))
-    if errors:  # a retry skips every fit that already has a FINISHED run (fit_pack looks them up)
+    if errors:  # a retry skips every fit that already has a FINISHED run (run_pack looks them up)
         raise RuntimeError("; ".join(errors)[:2000])
