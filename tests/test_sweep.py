@@ -243,6 +243,7 @@ def test_packs_bundled_into_one_trial_report_one_by_one_and_a_crashing_pack_spar
     (["--families", "nerf,transformer"], "--families: unknown value(s) ['transformer']"),
     (["--corpus", "/nonexistent/corpus", "--steps", "2"], "/nonexistent/corpus: no such corpus folder"),
     (["--gpu-fraction", "0.3", "--families", "nerf"], "gpu_fraction: 0.3 does not divide one GPU"),
+    (["--trials-per-slot", "-1", "--families", "nerf"], "trials_per_slot: need >= 1"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(env, args, expect):
     p = subprocess.run([sys.executable, str(REPO / "jobs" / "fit_inrs.py"), *args], capture_output=True, text=True,

@@ -160,6 +160,8 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
     if pack_size < 1 or max_retries < 0 or trial_failures < 0:
         raise ConfigError("pack_size/max_retries/trial_failures", "need >= 1, >= 0, >= 0; got "
                           f"{pack_size}, {max_retries}, {trial_failures}")
+    if trials_per_slot is not None and trials_per_slot < 1:
+        raise ConfigError("trials_per_slot", f"need >= 1 (or None: one trial per pack); got {trials_per_slot}")
     quiet_defaults()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

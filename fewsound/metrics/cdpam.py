@@ -17,15 +17,15 @@ the network, not the model load, dominates. `embed` computes the same numbers as
 `base_encoder.forward` with less work:
 - the four layers followed by `x[:, :, ::2]` are evaluated as stride-2 convolutions (only the kept outputs), and
   the last layer only for the first half of its channels - the "acoustic" half that the distance uses (the
-  "content" half is discarded): about 25% fewer FLOPs;
-- on CPU, each convolution after the first runs as an FFT convolution (overlap-save in blocks of 128 samples:
-  per frequency bin, one complex matrix product over channels - ~5x fewer FLOPs than the direct width-15
-  convolution), with each batch norm folded into its convolution and the stride-2 layers in polyphase form
-  (even and odd samples as twice the channels, kernel 8). The weights' spectra are computed once per process
-  and kept: ~0.6 GB (64- or 128-point spectra of ~0.1 GB of weights) - `CDPAMModel(dev, conv="direct")` avoids it.
-  About 2.3x faster than oneDNN's direct convolution on a 2-core CPU (benchmarks/metrics_speed.py); on CUDA,
-  cuDNN's direct convolution is used. Float32 throughout: the distance differs from the package's by ~1e-6
-  relative (the order of float sums), which the tests bound at 1e-5.
+  "content" half is discarded): about 25% fewer FLOPs; each batch norm is folded into its convolution;
+- on CPU, each convolution after the first runs as an FFT convolution (overlap-save in blocks of 64 or 128
+  points: per frequency bin, one complex matrix product over channels - ~5x fewer FLOPs than the direct
+  width-15 convolution), with the stride-2 layers in polyphase form (even and odd samples as twice the
+  channels, kernel 8). The weights' spectra are computed once per process and kept: ~0.6 GB (64- or 128-point
+  spectra of ~0.1 GB of weights) - `CDPAMModel(dev, conv="direct")` avoids it. About 2.8x faster than oneDNN's
+  direct convolution on a 2-core CPU (benchmarks/metrics_speed.py); on CUDA, cuDNN's direct convolution is
+  used. Float32 throughout: the distance differs from the package's by ~1e-6 relative (the order of float
+  sums), which the tests bound at 1e-5.
 - signals go through the network two at a time on CPU (larger batches are slower per signal: the activations
   leave the cache), and the embeddings of reference clips are kept (LRU, keyed by the audio's bytes), since a
   sweep compares the same reference with many reconstructions (every INR family, every ablation value).
@@ -79,6 +79,7 @@ class CDPAMModel(cdpam.CDPAM):
         self.conv = conv or ("direct" if self.device.type == "cuda" else "fft")
         if self.conv not in ("fft", "direct"):
             raise ValueError(f"conv must be 'fft' or 'direct', not {self.conv!r}")
+        self._layers: list[tuple[torch.Tensor, torch.Tensor, int, int]] | None = None
         self._plan: list[_Layer] | None = None
         self._refs: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
@@ -90,25 +91,16 @@ class CDPAMModel(cdpam.CDPAM):
         return self._embed_direct(x) if self.conv == "direct" else self._embed_fft(x)
 
     def _embed_direct(self, x: torch.Tensor) -> torch.Tensor:
-        enc = self.model.base_encoder
         h = x.unsqueeze(1)
-        last = enc.num_layers - 1
-        for i, (conv, bn) in enumerate(zip(enc.encoder, enc.ebatch)):
-            w, b = conv.weight, conv.bias
-            rm, rv, g, beta = bn.running_mean, bn.running_var, bn.weight, bn.bias
-            if i == last:  # only the acoustic half of the last layer's channels is used
-                keep = w.shape[0] // 2
-                w, b, rm, rv, g, beta = w[:keep], b[:keep], rm[:keep], rv[:keep], g[:keep], beta[:keep]
-            stride = 2 if (i + 1) % 4 == 0 else 1  # == conv at stride 1 followed by [:, :, ::2]
-            h = F.conv1d(h, w, b, stride=stride, padding=conv.padding)
-            h = F.batch_norm(h, rm, rv, g, beta, training=False, eps=bn.eps)
-            h = F.leaky_relu(h, _LEAKY_SLOPE)
+        for w, b, stride, padding in self._folded():
+            h = F.leaky_relu(F.conv1d(h, w, b, stride=stride, padding=padding), _LEAKY_SLOPE)
         return F.normalize(h.mean(dim=2), dim=1)
 
     def _embed_fft(self, x: torch.Tensor) -> torch.Tensor:
-        with self._lock:
-            if self._plan is None:
-                self._plan = _fft_plan(self.model.base_encoder)
+        if self._plan is None:
+            plan = [_Layer(*layer) for layer in self._folded()]
+            with self._lock:
+                self._plan = self._plan or plan
         out = []
         for i in range(0, len(x), self.CHUNK):
             h = x[i : i + self.CHUNK].unsqueeze(0)  # [C=1, B, N]: channels first between layers (see _Layer)
@@ -116,6 +108,23 @@ class CDPAMModel(cdpam.CDPAM):
                 h = F.leaky_relu_(layer(h), _LEAKY_SLOPE)
             out.append(F.normalize(h.mean(dim=2).T, dim=1))
         return torch.cat(out)
+
+    def _folded(self) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
+        """The encoder's layers as (weight, bias, stride, padding), each batch norm folded into its convolution
+        (eval mode: an affine map per channel), the last layer cut to its acoustic half, and each layer followed
+        by `[:, :, ::2]` as a stride-2 convolution. Made once per model."""
+        with self._lock:
+            if self._layers is None:
+                enc, layers = self.model.base_encoder, []
+                with torch.no_grad():
+                    for i, (conv, bn) in enumerate(zip(enc.encoder, enc.ebatch)):
+                        keep = conv.weight.shape[0] // (2 if i == enc.num_layers - 1 else 1)
+                        scale = bn.weight[:keep] / torch.sqrt(bn.running_var[:keep] + bn.eps)
+                        w = (conv.weight[:keep] * scale[:, None, None]).float()
+                        b = ((conv.bias[:keep] - bn.running_mean[:keep]) * scale + bn.bias[:keep]).float()
+                        layers.append((w, b, 2 if (i + 1) % 4 == 0 else 1, conv.padding[0]))
+                self._layers = layers
+            return self._layers
 
     def forget_refs(self) -> None:
         """Drop the kept reference embeddings (benchmarks time the uncached cost)."""
@@ -200,20 +209,6 @@ def _valid_correlation(x: torch.Tensor, spectrum: torch.Tensor, nfft: int, k: in
     Y = torch.bmm(spectrum, X.permute(3, 0, 1, 2).reshape(freq, c_in, b * blocks))  # [freq, C_out, B*blocks]
     y = torch.fft.irfft(Y.permute(1, 2, 0), n=nfft, dim=-1)[..., :step]  # [C_out, B*blocks, step]
     return y.reshape(-1, b, blocks * step)[..., :out]
-
-
-def _fft_plan(enc: torch.nn.Module) -> list[_Layer]:
-    """The encoder's layers with batch norm folded in (eval mode: an affine map per channel)."""
-    layers = []
-    last = enc.num_layers - 1
-    with torch.no_grad():
-        for i, (conv, bn) in enumerate(zip(enc.encoder, enc.ebatch)):
-            keep = conv.weight.shape[0] // 2 if i == last else conv.weight.shape[0]  # acoustic half only
-            scale = bn.weight[:keep] / torch.sqrt(bn.running_var[:keep] + bn.eps)
-            w = conv.weight[:keep] * scale[:, None, None]
-            b = (conv.bias[:keep] - bn.running_mean[:keep]) * scale + bn.bias[:keep]
-            layers.append(_Layer(w.float(), b.float(), 2 if (i + 1) % 4 == 0 else 1, conv.padding[0]))
-    return layers
 
 
 def default_device() -> str:
