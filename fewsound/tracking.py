@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -127,6 +129,9 @@ def _spawn_server(home: Path, port: int) -> subprocess.Popen:
         "--port", str(port),
         "--workers", "1",  # light: the server shares the laptop (or CI's 2 cores) with the fits
     ]
+    if os.name == "posix":  # Gunicorn (not on Windows): a plain WSGI worker and SQLite in WAL mode, see the file
+        conf = Path(__file__).with_name("mlflow_gunicorn.py")
+        cmd += ["--gunicorn-opts", f"--config {shlex.quote(str(conf))}"]
     # MLflow 3's server also starts a job runner with a dozen huey worker processes (for GenAI jobs we never
     # submit): switched off to keep the embedded server light on a laptop or CI's 2 cores.
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
@@ -250,6 +255,90 @@ class MlflowRun:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+class RunWriter:
+    """Writes whole runs in three REST calls each (create with its tags, log-batch, update), for sweeps that log
+    a child run per fit by the thousand.
+
+    The same calls through MlflowClient cost ~10-12 ms of client CPU per run (entity and protobuf conversions, and
+    MLflow's request-header plugins probing for Databricks on every request); here they are JSON posted on a kept
+    connection (benchmarks/mlflow_run_cost.py). Credentials and TLS settings are MLflow's own (MLFLOW_TRACKING_TOKEN,
+    MLFLOW_TRACKING_USERNAME/PASSWORD, MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH, ...); other
+    kinds of auth (Databricks, AWS SigV4, auth plugins) go through MLflow's http_request. Transient failures (429,
+    5xx, dropped connections) are retried with backoff; errors are MLflow's (RestException with the server's message).
+    """
+
+    def __init__(self, uri: str):
+        if uri.startswith("databricks"):
+            from mlflow.utils.databricks_utils import get_databricks_host_creds
+
+            self._creds = get_databricks_host_creds(uri)
+        else:
+            from mlflow.utils.credentials import get_default_host_creds
+
+            self._creds = get_default_host_creds(uri)
+        c = self._creds
+        self._plain = not (uri.startswith("databricks") or c.aws_sigv4 or c.auth or c.use_databricks_sdk or c.client_id)
+        self._timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 120))
+        self._local = threading.local()  # one session (kept connection) per logging thread
+
+    def _session(self) -> Any:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+            from urllib3.util.retry import Retry
+
+            retry = Retry(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
+                          raise_on_status=False)  # the last answer reaches verify_rest_response: MLflow's message
+            s = requests.Session()
+            for scheme in ("http://", "https://"):
+                s.mount(scheme, HTTPAdapter(max_retries=retry))
+            c = self._creds
+            if c.username and c.password:
+                s.auth = (c.username, c.password)
+            elif c.token:
+                s.headers["Authorization"] = f"Bearer {c.token}"
+            s.verify = c.server_cert_path or not c.ignore_tls_verification
+            if c.client_cert_path:
+                s.cert = c.client_cert_path
+            self._local.session = s
+        return s
+
+    def _post(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        path = f"/api/2.0/mlflow/{endpoint}"
+        if self._plain:
+            r = self._session().post(self._creds.host.rstrip("/") + path, json=body, timeout=self._timeout)
+        else:
+            r = http_request(self._creds, path, "POST", json=body)
+        return verify_rest_response(r, path).json()
+
+    def create(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+        """A RUNNING run with its tags (where `mlflow.parentRunId` makes it a child run); returns its id."""
+        body = {"experiment_id": experiment_id, "run_name": run_name, "start_time": int(time.time() * 1000),
+                "tags": [{"key": k, "value": str(v)} for k, v in tags.items()]}
+        return self._post("runs/create", body)["run"]["info"]["run_id"]
+
+    def log(self, run_id: str, *, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
+            curves: dict[str, list[tuple[int, float]]] | None = None, tags: dict[str, str] | None = None) -> None:
+        """Params, final metrics (step 0), metric curves ({name: [(step, value)]}) and tags, in as few calls as
+        MLflow's batch limits allow (1,000 metrics, 100 params, 100 tags per call). Values must be finite."""
+        now = int(time.time() * 1000)
+        ms = [{"key": k, "value": float(v), "timestamp": now, "step": 0} for k, v in (metrics or {}).items()]
+        for k, points in (curves or {}).items():
+            ms += [{"key": k, "value": float(v), "timestamp": now, "step": int(step)} for step, v in points]
+        ps = [{"key": k, "value": str(v)} for k, v in (params or {}).items()]
+        ts = [{"key": k, "value": str(v)} for k, v in (tags or {}).items()]
+        while ms or ps or ts:
+            self._post("runs/log-batch", {"run_id": run_id, "metrics": ms[:800], "params": ps[:100], "tags": ts[:100]})
+            ms, ps, ts = ms[800:], ps[100:], ts[100:]
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        assert status in ("FINISHED", "FAILED", "KILLED"), status
+        self._post("runs/update", {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
 
 
 def get_or_create_experiment(client: Any, name: str) -> str:

@@ -37,6 +37,7 @@ def sweep(corpus: str, seed: int, experiment: str, **ray_kw):
     quiet_defaults()
     clips = corpus_clips(corpus, "8", "all")  # the INR protocol keeps one speech clip per voice (5)
     tasks = [FitTask(FitConfig(family="nerf", steps=40, seed=seed), c.clip_id, c.kind, 4096, "nerf") for c in clips]
+    ray.shutdown()  # a Ray left running by an earlier test module would keep its own resources
     init_ray(**ray_kw)
     try:
         return run_sweep("gpu", tasks, corpus=corpus, experiment=experiment, pack_size=1, gpu_fraction=0.25,

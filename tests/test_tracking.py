@@ -49,6 +49,47 @@ def test_parent_child_runs_with_params_metrics_artifacts(server, tmp_path):
     assert [a.path for a in child.client.list_artifacts(child.run_id, "audio")] == ["audio/pred.wav"]
 
 
+def test_server_store_is_sqlite_in_wal_mode(server):
+    import sqlite3
+
+    home, _ = server
+    with sqlite3.connect(home / "mlflow.db") as db:  # WAL is a property of the file, set by the server's hook
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_run_writer_runs_read_back_like_client_runs(server, tmp_path):
+    _, uri = server
+    parent = tracking.MlflowRun("test-tracking", uri=uri, run_name="sweep")
+    w = tracking.RunWriter(uri)
+    rid = w.create(parent.experiment_id, "fit-1", {tracking.PARENT_TAG: parent.run_id, "fewsound.key": "k1"})
+    assert parent.client.get_run(rid).info.status == "RUNNING"
+    curve = [(s, 1.0 / (s + 1)) for s in range(0, 1500, 10)]  # with the other entities: more than one batch
+    w.log(rid, params={f"p{i}": i for i in range(130)}, metrics={"psnr": 31.25, "pesq": 1.5},
+          curves={"fit/loss_curve": curve}, tags={"fewsound.na.pesq": "too short"})
+    wav = tmp_path / "gt.wav"
+    from fewsound.data.audio import load_audio, save_audio
+
+    save_audio(wav, np.linspace(-0.5, 0.5, 2205, dtype=np.float32), 22050)
+    parent.client.log_artifact(rid, str(wav), "audio")  # artifacts still through the client (proxied upload)
+    w.end(rid, "FINISHED")
+    run = parent.client.get_run(rid)
+    assert run.info.status == "FINISHED" and run.info.run_name == "fit-1" and run.info.end_time
+    assert run.data.tags[tracking.PARENT_TAG] == parent.run_id and run.data.tags["fewsound.na.pesq"] == "too short"
+    assert run.data.params["p129"] == "129" and len(run.data.params) == 130
+    assert run.data.metrics["psnr"] == 31.25
+    hist = parent.client.get_metric_history(rid, "fit/loss_curve")
+    assert [(m.step, m.value) for m in hist] == curve
+    back = parent.client.download_artifacts(rid, "audio/gt.wav", str(tmp_path / "dl"))
+    np.testing.assert_allclose(load_audio(back, sr=None), np.linspace(-0.5, 0.5, 2205), atol=1e-6)
+    failed = w.create(parent.experiment_id, "fit-2", {tracking.PARENT_TAG: parent.run_id})
+    w.end(failed, "FAILED")
+    assert parent.client.get_run(failed).info.status == "FAILED"
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="not found"):
+        w.log("0" * 32, params={"a": 1})
+
+
 def test_file_store_uri_is_refused(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI"):

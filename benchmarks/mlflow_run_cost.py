@@ -1,0 +1,168 @@
+"""What one fit's MLflow child run costs: the tracking server's CPU, the client's CPU and the wall time per run,
+for the way sweeps log now and for the way they logged before, in the same run on the same machine.
+
+    python benchmarks/mlflow_run_cost.py [--runs 300] [--repeats 2]
+
+A child run here is exactly what a sweep logs per fit when artifacts are off: create the run with its tags
+(parent, sweep, pack, key, ...), one batch of params and final metrics, then mark it FINISHED - the params and
+tags of a real FitTask, the metrics of evaluate(). Four set-ups, each a fresh real `mlflow server` (one worker,
+SQLite store in its own temporary directory, proxied artifacts):
+
+  server   uvicorn      MLflow's default server (ASGI, MLflow's Flask app behind an adapter), SQLite defaults
+           gunicorn+wal fewsound's embedded server (fewsound/mlflow_gunicorn.py: plain WSGI worker, SQLite in WAL
+                        mode with synchronous=NORMAL)
+  client   MlflowClient create_run / log_batch / set_terminated (how sweeps logged before)
+           RunWriter    fewsound.tracking.RunWriter: the same three REST calls as JSON through MLflow's http_request
+
+Runs are sent one after the other from this process (a sweep sends several at once, which changes wall time but
+not CPU per run). Server CPU is read from /proc via psutil (the server and its worker processes). The set-ups
+run in turn, `--repeats` times each, and the median per set-up is reported, with ratios to the old way
+(uvicorn + MlflowClient). Prints the figures and writes benchmarks/results/mlflow_run_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def start_server(home: Path, gunicorn: bool) -> tuple[subprocess.Popen, str]:
+    from fewsound import tracking
+
+    if gunicorn:  # the embedded default exactly as jobs start it
+        uri = tracking.start_local_server(home=home, port=None)
+        pid = json.loads((home / "server.json").read_text())["pid"]
+        import psutil
+
+        return psutil.Process(pid), uri
+    port = tracking._free_port()
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+           f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts"), "--serve-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(cmd, stdout=open(home / "server.log", "ab"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not tracking._healthy(uri):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"the MLflow server did not start; see {home / 'server.log'}")
+        time.sleep(0.5)
+    import psutil
+
+    return psutil.Process(proc.pid), uri
+
+
+def server_cpu(proc) -> float:  # noqa: ANN001
+    return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+
+
+def payload() -> tuple[dict, dict, dict]:
+    """Tags, params and metrics of one real fit's child run."""
+    from fewsound.fit import FitConfig
+    from tune.plan import FitTask
+
+    task = FitTask(FitConfig(family="nerf", steps=10), "speech-00", "speech", 4096, "NERF")
+    tags = {"fewsound.key": task.key, "fewsound.sweep": "bench", "fewsound.pack": "0123456789ab",
+            "fewsound.family": "nerf", "fewsound.label": "NERF", "fewsound.attempts": "1",
+            "fewsound.node": "0" * 56, "mlflow.source.git.commit": "0" * 40}
+    params = {k: str(v) for k, v in task.params().items()}
+    metrics = {"mse": 1e-3, "psnr": 30.1, "lsd": 1.2, "si_snr": 11.0, "snr": 11.2, "pesq": 1.6, "stoi": 0.88,
+               "cdpam": 0.31, "wd_hf": 0.01, "fit/final_loss": 1e-3, "fit/seconds": 0.2, "fit/steps": 10}
+    return tags, params, metrics
+
+
+def one_setup(gunicorn: bool, writer: bool, runs: int) -> dict:
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from fewsound import tracking
+
+    tags, params, metrics = payload()
+    home = Path(tempfile.mkdtemp(prefix="fewsound-runcost-"))
+    proc, uri = start_server(home, gunicorn)
+    try:
+        client = MlflowClient(uri)
+        exp = tracking.get_or_create_experiment(client, "run-cost")
+        parent = client.create_run(exp, run_name="parent").info.run_id
+        t = dict(tags, **{tracking.PARENT_TAG: parent})
+        w = tracking.RunWriter(uri)
+
+        def via_client(i: int) -> None:
+            rid = client.create_run(exp, run_name=f"fit-{i}", tags=t).info.run_id
+            now = int(time.time() * 1000)
+            client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                             params=[Param(k, v) for k, v in params.items()])
+            client.set_terminated(rid, "FINISHED")
+
+        def via_writer(i: int) -> None:
+            rid = w.create(exp, f"fit-{i}", t)
+            w.log(rid, params=params, metrics=metrics)
+            w.end(rid, "FINISHED")
+
+        fn = via_writer if writer else via_client
+        for i in range(10):  # warm up: connections, caches, the server's first-request imports
+            fn(i)
+        s0, c0, t0 = server_cpu(proc), time.process_time(), time.perf_counter()
+        for i in range(runs):
+            fn(i)
+        s1, c1, t1 = server_cpu(proc), time.process_time(), time.perf_counter()
+        n = len(client.search_runs([exp], max_results=runs + 100))
+        assert n == runs + 11, n  # every run landed (+ warm-up and parent)
+    finally:
+        import signal
+
+        os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
+    return {"wall_ms": 1000 * (t1 - t0) / runs, "server_cpu_ms": 1000 * (s1 - s0) / runs,
+            "client_cpu_ms": 1000 * (c1 - c0) / runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=300, help="child runs timed per set-up and repeat")
+    ap.add_argument("--repeats", type=int, default=2, help="times each set-up runs (in turn); medians reported")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "mlflow_run_cost.json"))
+    a = ap.parse_args()
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    setups = {"uvicorn + MlflowClient (before)": (False, False), "uvicorn + RunWriter": (False, True),
+              "gunicorn+wal + MlflowClient": (True, False), "gunicorn+wal + RunWriter (now)": (True, True)}
+    load0 = os.getloadavg()
+    raw: dict[str, list[dict]] = {k: [] for k in setups}
+    for rep in range(a.repeats):
+        for name, (g, w) in setups.items():
+            r = one_setup(g, w, a.runs)
+            raw[name].append(r)
+            print(f"  [{rep + 1}/{a.repeats}] {name:32s} wall {r['wall_ms']:5.1f} ms  server CPU "
+                  f"{r['server_cpu_ms']:5.1f} ms  client CPU {r['client_cpu_ms']:5.1f} ms per run", flush=True)
+    med = {name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]} for name, rs in raw.items()}
+    base = med["uvicorn + MlflowClient (before)"]
+    print(f"\nper child run, median of {a.repeats} x {a.runs} runs ({os.cpu_count()} CPUs):")
+    print(f"{'set-up':34s} {'wall ms':>8s} {'server CPU ms':>14s} {'client CPU ms':>14s} {'CPU ms in all':>14s}")
+    for name, m in med.items():
+        m["cpu_ms_total"] = round(m["server_cpu_ms"] + m["client_cpu_ms"], 2)
+        print(f"{name:34s} {m['wall_ms']:8.1f} {m['server_cpu_ms']:14.1f} {m['client_cpu_ms']:14.1f} "
+              f"{m['cpu_ms_total']:14.1f}")
+    now = med["gunicorn+wal + RunWriter (now)"]
+    base["cpu_ms_total"] = round(base["server_cpu_ms"] + base["client_cpu_ms"], 2)
+    ratios = {k: round(base[k] / now[k], 2) for k in ("wall_ms", "server_cpu_ms", "client_cpu_ms", "cpu_ms_total")}
+    print(f"\nnow vs before: wall {ratios['wall_ms']}x, server CPU {ratios['server_cpu_ms']}x, client CPU "
+          f"{ratios['client_cpu_ms']}x, CPU in all {ratios['cpu_ms_total']}x less per child run")
+    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_before": load0,
+                       "load_avg_after": os.getloadavg()},
+           "runs": a.runs, "repeats": a.repeats, "median": med, "raw": raw, "now_vs_before": ratios}
+    Path(a.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
