@@ -10,9 +10,12 @@ SQLite store in its own temporary directory, proxied artifacts):
 
   server   uvicorn      MLflow's default server (ASGI, MLflow's Flask app behind an adapter), SQLite defaults
            gunicorn+wal fewsound's embedded server (fewsound/mlflow_gunicorn.py: plain WSGI worker, SQLite in WAL
-                        mode with synchronous=NORMAL)
+                        mode with synchronous=NORMAL; --app-name fewsound adds fewsound/mlflow_app.py's endpoints)
   client   MlflowClient create_run / log_batch / set_terminated (how sweeps logged before)
-           RunWriter    fewsound.tracking.RunWriter: the same three REST calls as JSON through MLflow's http_request
+           RunWriter    fewsound.tracking.RunWriter's create / log / end: the same three REST calls, as JSON posted
+                        on a kept connection
+           write_runs   fewsound.tracking.RunWriter.write_runs: a pack's runs (--pack, default 19) in one request
+                        to fewsound's endpoint (fewsound/mlflow_app.py: one transaction), as sweeps log now
 
 Runs are sent one after the other from this process (a sweep sends several at once, which changes wall time but
 not CPU per run). Server CPU is read from /proc via psutil (the server and its worker processes). The set-ups
@@ -82,7 +85,7 @@ def payload() -> tuple[dict, dict, dict]:
     return tags, params, metrics
 
 
-def one_setup(gunicorn: bool, writer: bool, runs: int) -> dict:
+def one_setup(gunicorn: bool, writer: str, runs: int, pack: int) -> dict:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -110,15 +113,22 @@ def one_setup(gunicorn: bool, writer: bool, runs: int) -> dict:
             w.log(rid, params=params, metrics=metrics)
             w.end(rid, "FINISHED")
 
-        fn = via_writer if writer else via_client
-        for i in range(10):  # warm up: connections, caches, the server's first-request imports
+        def via_pack(i: int) -> None:  # runs i .. i+pack-1 in one request
+            w.write_runs(exp, [{"run_name": f"fit-{j}", "tags": t, "params": params, "metrics": metrics,
+                                "status": "FINISHED"} for j in range(i, i + pack)])
+
+        fn, step = {"client": (via_client, 1), "rest": (via_writer, 1), "pack": (via_pack, pack)}[writer]
+        for i in range(0, 10 * step, step):  # warm up: connections, caches, the server's first-request imports
             fn(i)
+        runs = -(-runs // step) * step
         s0, c0, t0 = server_cpu(proc), time.process_time(), time.perf_counter()
-        for i in range(runs):
+        for i in range(0, runs, step):
             fn(i)
         s1, c1, t1 = server_cpu(proc), time.process_time(), time.perf_counter()
-        n = len(client.search_runs([exp], max_results=runs + 100))
-        assert n == runs + 11, n  # every run landed (+ warm-up and parent)
+        if writer == "pack":
+            assert w._bulk, "the embedded server did not take the pack in one request"
+        n = len(client.search_runs([exp], max_results=runs + 1000))
+        assert n == runs + 10 * step + 1, n  # every run landed (+ warm-up and parent)
     finally:
         import signal
 
@@ -130,19 +140,21 @@ def one_setup(gunicorn: bool, writer: bool, runs: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=300, help="child runs timed per set-up and repeat")
+    ap.add_argument("--pack", type=int, default=19, help="runs per write_runs request (a sweep's pack of fits)")
     ap.add_argument("--repeats", type=int, default=2, help="times each set-up runs (in turn); medians reported")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "mlflow_run_cost.json"))
     a = ap.parse_args()
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    setups = {"uvicorn + MlflowClient (before)": (False, False), "uvicorn + RunWriter": (False, True),
-              "gunicorn+wal + MlflowClient": (True, False), "gunicorn+wal + RunWriter (now)": (True, True)}
+    setups = {"uvicorn + MlflowClient (before)": (False, "client"), "uvicorn + RunWriter": (False, "rest"),
+              "gunicorn+wal + MlflowClient": (True, "client"), "gunicorn+wal + RunWriter": (True, "rest"),
+              f"gunicorn+wal + write_runs x{a.pack} (now)": (True, "pack")}
     load0 = os.getloadavg()
     raw: dict[str, list[dict]] = {k: [] for k in setups}
     for rep in range(a.repeats):
         for name, (g, w) in setups.items():
-            r = one_setup(g, w, a.runs)
+            r = one_setup(g, w, a.runs, a.pack)
             raw[name].append(r)
-            print(f"  [{rep + 1}/{a.repeats}] {name:32s} wall {r['wall_ms']:5.1f} ms  server CPU "
+            print(f"  [{rep + 1}/{a.repeats}] {name:36s} wall {r['wall_ms']:5.1f} ms  server CPU "
                   f"{r['server_cpu_ms']:5.1f} ms  client CPU {r['client_cpu_ms']:5.1f} ms per run", flush=True)
     med = {name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]} for name, rs in raw.items()}
     base = med["uvicorn + MlflowClient (before)"]
@@ -152,14 +164,14 @@ def main() -> None:
         m["cpu_ms_total"] = round(m["server_cpu_ms"] + m["client_cpu_ms"], 2)
         print(f"{name:34s} {m['wall_ms']:8.1f} {m['server_cpu_ms']:14.1f} {m['client_cpu_ms']:14.1f} "
               f"{m['cpu_ms_total']:14.1f}")
-    now = med["gunicorn+wal + RunWriter (now)"]
+    now = med[f"gunicorn+wal + write_runs x{a.pack} (now)"]
     base["cpu_ms_total"] = round(base["server_cpu_ms"] + base["client_cpu_ms"], 2)
     ratios = {k: round(base[k] / now[k], 2) for k in ("wall_ms", "server_cpu_ms", "client_cpu_ms", "cpu_ms_total")}
     print(f"\nnow vs before: wall {ratios['wall_ms']}x, server CPU {ratios['server_cpu_ms']}x, client CPU "
           f"{ratios['client_cpu_ms']}x, CPU in all {ratios['cpu_ms_total']}x less per child run")
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_before": load0,
                        "load_avg_after": os.getloadavg()},
-           "runs": a.runs, "repeats": a.repeats, "median": med, "raw": raw, "now_vs_before": ratios}
+           "runs": a.runs, "pack": a.pack, "repeats": a.repeats, "median": med, "raw": raw, "now_vs_before": ratios}
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {a.out}")
 

@@ -38,6 +38,11 @@ def test_head_runs_mlflow_server_and_ports_stay_private(config):
     start = " ".join(config["head_start_ray_commands"])
     assert "mlflow server" in start and "sqlite:///" in start and "--serve-artifacts" in start
     assert "--dashboard-host=127.0.0.1" in start
+    # the embedded server's gunicorn settings, from the checkout as mounted on the head (file_mounts)
+    conf = "/home/ray/fewsound/fewsound/mlflow_gunicorn.py"
+    assert f'--gunicorn-opts "--config {conf}"' in start
+    mount = config["file_mounts"]["/home/ray/fewsound"]
+    assert (CLUSTER_YAML.parent / mount / conf.removeprefix("/home/ray/fewsound/")).is_file()
     assert "--num-cpus=0" in start
     workers = " ".join(config["worker_start_ray_commands"])
     assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in workers

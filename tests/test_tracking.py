@@ -90,6 +90,92 @@ def test_run_writer_runs_read_back_like_client_runs(server, tmp_path):
         w.log("0" * 32, params={"a": 1})
 
 
+def _pack_of_runs(parent: str, n: int) -> list[dict]:
+    return [{"run_name": f"fit-{i}", "tags": {tracking.PARENT_TAG: parent, "fewsound.key": f"k{i}"},
+             "params": {"lr": "0.005", "seed": str(i)}, "metrics": {"psnr": 30.0 + i, "mse": 1e-3},
+             "curves": {"fit/loss_curve": [(0, 1.0), (10, 0.25), (20, 0.5)]} if i == 0 else {},
+             "status": "RUNNING" if i == 0 else "FINISHED" if i % 2 else "FAILED"} for i in range(n)]
+
+
+def _check_pack(client, ids: list[str], parent: str) -> None:
+    assert len(set(ids)) == len(ids)
+    for i, rid in enumerate(ids):
+        run = client.get_run(rid)
+        assert run.info.run_name == f"fit-{i}" and run.data.tags["fewsound.key"] == f"k{i}"
+        assert run.info.status == ("RUNNING" if i == 0 else "FINISHED" if i % 2 else "FAILED")
+        assert (run.info.end_time is None) == (i == 0)
+        assert run.data.params == {"lr": "0.005", "seed": str(i)}
+        assert run.data.metrics["psnr"] == 30.0 + i
+        assert run.info.artifact_uri.endswith(f"{rid}/artifacts")
+    # MLflow's "latest" value of a curve is its last step, as MLflow computes it
+    assert client.get_run(ids[0]).data.metrics["fit/loss_curve"] == 0.5
+    assert [(m.step, m.value) for m in client.get_metric_history(ids[0], "fit/loss_curve")] == [
+        (0, 1.0), (10, 0.25), (20, 0.5)]
+    found = client.search_runs([client.get_run(ids[0]).info.experiment_id],
+                               filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}' and attributes.status = 'FINISHED'"
+                               " and metrics.psnr > 30.5")
+    assert sorted(r.info.run_id for r in found) == sorted(ids[i] for i in range(1, len(ids), 2))
+
+
+def test_write_runs_writes_a_pack_in_one_request(server, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    _, uri = server
+    parent = tracking.MlflowRun("test-bulk", uri=uri, run_name="sweep")
+    w = tracking.RunWriter(uri)
+    runs = _pack_of_runs(parent.run_id, 5)
+    ids = w.write_runs(parent.experiment_id, runs)
+    assert w._bulk  # fewsound's endpoint answered (no fallback)
+    _check_pack(parent.client, ids, parent.run_id)
+    # artifacts, then the final status: the run is FINISHED with its files
+    (tmp_path / "a.txt").write_text("x")
+    parent.client.log_artifact(ids[0], str(tmp_path / "a.txt"), "audio")
+    w.end_runs({ids[0]: "FINISHED"})
+    run = parent.client.get_run(ids[0])
+    assert run.info.status == "FINISHED" and run.info.end_time
+    assert [a.path for a in parent.client.list_artifacts(ids[0], "audio")] == ["audio/a.txt"]
+    # a retried request (same client-chosen run ids) does not write its runs twice
+    again = w.write_runs(parent.experiment_id, [dict(r, run_id=i) for r, i in zip(runs, ids)])
+    assert again == ids
+    assert len(parent.client.search_runs([parent.experiment_id], max_results=100)) == 1 + 5
+    with pytest.raises(MlflowException, match="status"):
+        w.write_runs(parent.experiment_id, [dict(runs[1], status="DONE")])
+    with pytest.raises(MlflowException, match="no such run"):
+        w.end_runs({"f" * 32: "FINISHED"})
+
+
+def test_write_runs_falls_back_to_mlflows_api_on_a_plain_server(tmp_path):
+    """Any other MLflow server (a cluster's, without fewsound's app): the same runs, three REST calls each."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    port = tracking._free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not tracking._healthy(uri):
+            assert proc.poll() is None and time.monotonic() < deadline, "plain mlflow server did not start"
+            time.sleep(0.5)
+        parent = tracking.MlflowRun("test-bulk", uri=uri, run_name="sweep")
+        w = tracking.RunWriter(uri)
+        ids = w.write_runs(parent.experiment_id, _pack_of_runs(parent.run_id, 5))
+        assert not w._bulk  # the server said 404 to the bulk endpoint: MLflow's own API from then on
+        _check_pack(parent.client, ids, parent.run_id)
+        w.end_runs({ids[0]: "FINISHED"})
+        assert parent.client.get_run(ids[0]).info.status == "FINISHED"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+
+
 def test_file_store_uri_is_refused(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI"):

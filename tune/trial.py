@@ -43,7 +43,7 @@ SWEEP_TAG = "fewsound.sweep"
 PACK_TAG = "fewsound.pack"
 REASON_TAG = "fewsound.failure_reason"
 COMMIT_TAG = "mlflow.source.git.commit"
-LOG_THREADS = 4  # child runs of a pack logged at once (the embedded server has one worker; more gains nothing)
+LOG_THREADS = 4  # artifact uploads of a pack at once (they mostly wait on the server)
 _PLOT_LOCK = threading.Lock()
 INF_DB = 200.0  # PSNR/SNR of an exact reconstruction is +inf; MLflow stores finite floats only
 
@@ -112,11 +112,11 @@ def pack_id(tasks: list[FitTask]) -> str:
 def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> dict[str, float]:
     """Fit, evaluate and log every fit of one pack (one child run each). Returns counts and timings.
 
-    Result keys: fits_done, fits_failed, fits_skipped (already FINISHED: a retried trial), fit_seconds (the
-    packed fit() calls, retries included), fit_cpu (their CPU seconds in the fitting thread: all of it with one
-    torch thread, and unlike wall time not inflated by whatever shares the core), eval_seconds, eval_cpu,
-    log_seconds, seconds (the whole call), start/end (epoch seconds, for concurrency accounting), pid,
-    torch_threads.
+    Result keys: fits_done, fits_failed, fits_skipped (already FINISHED: a retried trial), setup_seconds (the
+    resume lookup and loading the clips), fit_seconds (the packed fit() calls, retries included), fit_cpu (their
+    CPU seconds in the fitting thread: all of it with one torch thread, and unlike wall time not inflated by
+    whatever shares the core), eval_seconds, eval_cpu, log_seconds, seconds (the whole call), start/end (epoch
+    seconds, for concurrency accounting), pid, torch_threads.
     """
     import torch
 
@@ -139,6 +139,8 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     fit_seconds = fit_cpu = 0.0
     if tasks:
         clips = np.stack([load_clip(ctx.corpus, t.clip_id, t.length) for t in tasks])
+    setup_seconds = time.perf_counter() - t0  # the resume lookup and loading the clips
+    if tasks:
         todo = list(range(len(tasks)))
         while todo:  # refit the diverged ones, each with a fresh seed, up to max_retries times
             seeds = [cfg.seed + 1_000_003 * attempts[i] + i for i in todo]
@@ -160,28 +162,11 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
 
     t = time.perf_counter()
     log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
-
-    def log(i: int) -> bool:
-        task, r = tasks[i], results[i]
-        reason = None
-        if r.diverged:
-            reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts[i]} attempt(s)"
-        elif i in eval_errors:
-            reason = f"evaluation failed: {eval_errors[i]}"
-        try:
-            _log_child(client, writer, exp_id, task, r, evals[i], clips[i], ctx, pid, reason, attempts[i],
-                       curve=log_curves and i == 0)
-            return reason is None
-        except Exception as e:  # logging failed: this fit is lost (re-run it), the other fits of the pack are not
-            print(f"[{task.key}] logging to MLflow failed: {type(e).__name__}: {e}", flush=True)
-            return False
-
-    # A child run is a few HTTP round trips that mostly wait on the server: a few at once hide that latency.
-    with ThreadPoolExecutor(max_workers=LOG_THREADS) as pool:
-        oks = list(pool.map(log, range(len(tasks))))
-    done, failed = sum(oks), len(oks) - sum(oks)
+    done, failed = _log_pack(client, writer, exp_id, tasks, results, evals, eval_errors, clips if tasks else None,
+                             ctx, pid, attempts, log_curves)
     log_seconds = time.perf_counter() - t
-    return {"fits_done": done, "fits_failed": failed, "fits_skipped": skipped, "fit_seconds": fit_seconds,
+    return {"fits_done": done, "fits_failed": failed, "fits_skipped": skipped, "setup_seconds": setup_seconds,
+            "fit_seconds": fit_seconds,
             "eval_seconds": eval_seconds, "log_seconds": log_seconds, "seconds": time.perf_counter() - t0,
             "fit_cpu": fit_cpu, "eval_cpu": eval_cpu,
             "start": start, "end": time.time(), "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
@@ -233,12 +218,56 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _log_child(client: Any, writer: RunWriter, exp_id: str, task: FitTask, r: Any, ev: dict | None,
-               ref: np.ndarray, ctx: TrialContext, pid: str, reason: str | None, attempts: int, curve: bool) -> None:
-    """One child run: create (all tags) -> one batch (params, metrics, n/a reasons) -> artifacts -> terminate.
+def _log_pack(client: Any, writer: RunWriter, exp_id: str, tasks: list[FitTask], results: list[Any],
+              evals: list[dict | None], eval_errors: dict[int, str], clips: np.ndarray | None, ctx: TrialContext,
+              pid: str, attempts: list[int], log_curves: bool) -> tuple[int, int]:
+    """The pack's child runs, one per fit: all written in one request (tags, params, metrics; RunWriter), then the
+    artifacts of each, then their final status in one more request - a run is FINISHED only once its artifacts
+    are there. A diverged fit or failed evaluation is a FAILED run with its reason. Returns (done, failed)."""
+    reasons: list[str | None] = []
+    for i, r in enumerate(results):
+        reason = None
+        if r.diverged:
+            reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts[i]} attempt(s)"
+        elif i in eval_errors:
+            reason = f"evaluation failed: {eval_errors[i]}"
+        reasons.append(reason)
+    with_artifacts = [i for i, r in enumerate(results) if ctx.log_artifacts and not r.diverged]
+    specs = [_run_spec(t, results[i], evals[i], ctx, pid, reasons[i], attempts[i], curve=log_curves and i == 0)
+             for i, t in enumerate(tasks)]
+    for i in with_artifacts:
+        specs[i]["status"] = "RUNNING"
+    try:
+        run_ids = writer.write_runs(exp_id, specs) if specs else []
+    except Exception as e:  # this pack's fits are lost (a retry or resume re-runs them); the sweep goes on
+        print(f"[pack {pid}] logging {len(specs)} runs to MLflow failed: {type(e).__name__}: {e}", flush=True)
+        return 0, len(specs)
 
-    The run itself goes through `RunWriter` (three REST calls, about half the CPU of MlflowClient's on both
-    sides, which matters at thousands of short fits); artifacts through MlflowClient (proxied upload)."""
+    def upload(i: int) -> bool:
+        try:
+            _log_artifacts(client, run_ids[i], tasks[i], results[i], clips[i])
+            return True
+        except Exception as e:  # this fit's run ends FAILED; the pack's other fits are not affected
+            print(f"[{tasks[i].key}] logging artifacts to MLflow failed: {type(e).__name__}: {e}", flush=True)
+            return False
+
+    # uploads are HTTP round trips that mostly wait on the server: a few at once hide that latency
+    with ThreadPoolExecutor(max_workers=LOG_THREADS) as pool:
+        uploaded = dict(zip(with_artifacts, pool.map(upload, with_artifacts)))
+    final = {run_ids[i]: "FINISHED" if ok and reasons[i] is None else "FAILED" for i, ok in uploaded.items()}
+    try:
+        writer.end_runs(final)
+    except Exception as e:
+        print(f"[pack {pid}] ending {len(final)} runs in MLflow failed: {type(e).__name__}: {e}", flush=True)
+        uploaded = dict.fromkeys(uploaded, False)
+    ok = [reasons[i] is None and uploaded.get(i, True) for i in range(len(tasks))]
+    return sum(ok), len(ok) - sum(ok)
+
+
+def _run_spec(task: FitTask, r: Any, ev: dict | None, ctx: TrialContext, pid: str, reason: str | None,
+              attempts: int, curve: bool) -> dict[str, Any]:
+    """One fit's child run for RunWriter.write_runs: tags (parent, sweep, pack, key, ...), params, final metrics,
+    n/a reasons as tags, the loss curve when `curve`; FINISHED, or FAILED with the reason."""
     from fewsound.metrics import to_mlflow
 
     tags = {KEY_TAG: task.key, SWEEP_TAG: ctx.sweep, PACK_TAG: pid, PARENT_TAG: ctx.parent_run_id,
@@ -248,31 +277,27 @@ def _log_child(client: Any, writer: RunWriter, exp_id: str, task: FitTask, r: An
         tags[COMMIT_TAG] = ctx.git_commit
     if reason:
         tags[REASON_TAG] = reason[:5000]
-    run_id = writer.create(exp_id, task.key, {k: str(v) for k, v in tags.items()})
-    try:
-        metrics = dict(r.metrics())
-        na_tags = {}
-        if ev is not None:
-            metrics.update(to_mlflow(ev))
-            na_tags = {f"fewsound.na.{k}": v[:250] for k, v in ev.get("not_applicable", {}).items()}
-        curves = {"fit/loss_curve": [(step, v) for step, v in r.history if math.isfinite(v)]} if curve else None
-        writer.log(run_id, params={k: str(v)[:6000] for k, v in task.params().items()}, metrics=_finite(metrics),
-                   curves=curves, tags=na_tags)
-        if ctx.log_artifacts and not r.diverged:
-            from fewsound.report import save_spectrogram_png
+    metrics = dict(r.metrics())
+    if ev is not None:
+        metrics.update(to_mlflow(ev))
+        tags.update({f"fewsound.na.{k}": v[:250] for k, v in ev.get("not_applicable", {}).items()})
+    return {"run_name": task.key, "tags": {k: str(v) for k, v in tags.items()},
+            "params": {k: str(v)[:6000] for k, v in task.params().items()}, "metrics": _finite(metrics),
+            "curves": {"fit/loss_curve": [(step, v) for step, v in r.history if math.isfinite(v)]} if curve else {},
+            "status": "FINISHED" if reason is None else "FAILED"}
 
-            with tempfile.TemporaryDirectory() as d:
-                sr = task.cfg.sample_rate
-                save_audio(Path(d) / "audio" / "gt.wav", ref, sr)
-                save_audio(Path(d) / "audio" / "pred.wav", r.reconstruction, sr)
-                with _PLOT_LOCK:  # fits of a pack are logged from a few threads; matplotlib is not thread-safe
-                    save_spectrogram_png(Path(d) / "plots" / "spectrogram.png", ref, r.reconstruction, sr,
-                                         title=task.key)
-                client.log_artifacts(run_id, d)
-    except BaseException:
-        writer.end(run_id, "FAILED")
-        raise
-    writer.end(run_id, "FINISHED" if reason is None else "FAILED")
+
+def _log_artifacts(client: Any, run_id: str, task: FitTask, r: Any, ref: np.ndarray) -> None:
+    """audio/gt.wav, audio/pred.wav and plots/spectrogram.png of one fit (proxied upload through the server)."""
+    from fewsound.report import save_spectrogram_png
+
+    with tempfile.TemporaryDirectory() as d:
+        sr = task.cfg.sample_rate
+        save_audio(Path(d) / "audio" / "gt.wav", ref, sr)
+        save_audio(Path(d) / "audio" / "pred.wav", r.reconstruction, sr)
+        with _PLOT_LOCK:  # fits of a pack are logged from a few threads; matplotlib is not thread-safe
+            save_spectrogram_png(Path(d) / "plots" / "spectrogram.png", ref, r.reconstruction, sr, title=task.key)
+        client.log_artifacts(run_id, d)
 
 
 def _node() -> str:
