@@ -1,8 +1,7 @@
 """Orchestration overhead of a sweep of many short fits: packed trials vs one Ray Tune trial per fit.
 
-    python benchmarks/sweep_overhead.py                  # 1,000 packed fits + 40 one-per-trial fits (extrapolated)
-    python benchmarks/sweep_overhead.py --fits 200 --per-fit 20
-    python benchmarks/sweep_overhead.py --steps 10,40    # the packed mode once per fit length
+    python benchmarks/sweep_overhead.py          # 1,000 packed fits at 10, 25 and 50 steps + 40 one-per-trial fits
+    python benchmarks/sweep_overhead.py --fits 200 --per-fit 20 --steps 10
 
 Both modes run the real sweep path (run_sweep: local Ray, Tune with actor reuse, one MLflow child run per fit over
 HTTP to a real local server) on short fits: NERF, 4,096-sample crops of the built-in corpus, a few steps. To
@@ -17,10 +16,14 @@ Figures, per mode:
   overhead      1 - fit compute / capacity: everything else (Tune scheduling, actor start, clip loading,
                 evaluation, MLflow calls and the server answering them, the driver's bookkeeping, idle slots)
   fits per hour fits / wall
-  breakdown     fit wall time (vs its CPU time: the difference is the core shared), eval, MLflow logging wall
-                time, the MLflow server's CPU seconds (it shares the 2 cores with the trials: ~40 ms per child
-                run, SQLAlchemy over SQLite), and the trial slots' idle seconds before their first pack (actor
-                start) and after their last (the tail)
+  breakdown     pack setup (the resume lookup, loading clips), fit wall time (vs its CPU time: the difference
+                is the core shared with everything else), eval, MLflow logging wall time (a pack's child runs are
+                one request: fewsound/mlflow_app.py), the MLflow server's CPU seconds (it shares the 2 cores with
+                the trials), and the trial slots' idle seconds before their first pack (actor start: a new
+                process importing torch and MLflow, ~3 s), between packs and after their last (the tail,
+                which includes the driver's closing searches and tables)
+  CPU by process  where the cores went besides the fits: the driver (Tune's loop), the MLflow server, Ray's
+                own processes, the trials' other threads
 The packed mode bundles packs into trials (run_sweep's trials_per_slot, default 4 per slot); the one-trial-per-
 fit mode is packs of one fit, one trial each (trials_per_slot=None).
 Ray's own start is timed separately and left out of both (it is paid once per job, whatever the sweep).
@@ -110,6 +113,9 @@ def measure(name: str, tasks: list, corpus: str, pack_size: int, slots: int, tri
                   metrics=("mse", "psnr"), log_artifacts=False, trials_per_slot=trials_per_slot)
     t1 = time.time()
     procs = cpu_delta(procs0, cpu_by_process())
+    # trial actors have exited by now (their CPU is not in the snapshot): their packs measured it themselves
+    procs.pop("ray trial workers", None)
+    procs["trials, besides the fit"] = round(sum(p["process_cpu"] - p["fit_cpu"] for p in s.packs), 1)
     wall = t1 - t0
     assert s.done == len(tasks) and s.failed == 0, (s.done, s.failed)
     fit_cpu = sum(p["fit_cpu"] for p in s.packs)
@@ -148,8 +154,8 @@ def main() -> int:
     p.add_argument("--per-fit", type=int, default=40, help="fits run one trial each, extrapolated (default: 40)")
     p.add_argument("--pack-size", type=int, default=20, help="fits per trial in the packed mode (default: 20, "
                    "at most the number of clips of the built-in corpus's INR protocol)")
-    p.add_argument("--steps", default="10", help="steps per fit; a comma list runs the packed mode once per "
-                   "value (default: 10)")
+    p.add_argument("--steps", default="10,25,50", help="steps per fit; a comma list runs the packed mode once "
+                   "per value (default: 10,25,50; the one-trial-per-fit mode uses the first)")
     p.add_argument("--length", type=int, default=4096, help="samples per clip (default: 4,096)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray = trial slots (default: 2)")
     p.add_argument("--trials-per-slot", type=int, default=4, help="packed mode: trials per slot (default: 4)")

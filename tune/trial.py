@@ -115,7 +115,8 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     Result keys: fits_done, fits_failed, fits_skipped (already FINISHED: a retried trial), setup_seconds (the
     resume lookup and loading the clips), fit_seconds (the packed fit() calls, retries included), fit_cpu (their
     CPU seconds in the fitting thread: all of it with one torch thread, and unlike wall time not inflated by
-    whatever shares the core), eval_seconds, eval_cpu, log_seconds, seconds (the whole call), start/end (epoch
+    whatever shares the core), eval_seconds, eval_cpu, process_cpu (all threads of the trial's process: the
+    fit, logging, Ray's own threads), log_seconds, seconds (the whole call), start/end (epoch
     seconds, for concurrency accounting), pid, torch_threads.
     """
     import torch
@@ -123,7 +124,7 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     from fewsound.fit import fit
 
     start = time.time()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     tasks = pack_from_config(pack)
     pid = pack_id(tasks)
     client = _client(ctx.tracking_uri)
@@ -168,7 +169,7 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     return {"fits_done": done, "fits_failed": failed, "fits_skipped": skipped, "setup_seconds": setup_seconds,
             "fit_seconds": fit_seconds,
             "eval_seconds": eval_seconds, "log_seconds": log_seconds, "seconds": time.perf_counter() - t0,
-            "fit_cpu": fit_cpu, "eval_cpu": eval_cpu,
+            "fit_cpu": fit_cpu, "eval_cpu": eval_cpu, "process_cpu": time.process_time() - cpu0,
             "start": start, "end": time.time(), "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
 
