@@ -331,7 +331,7 @@ class RunWriter:
             r = self._session().post(self._creds.host.rstrip("/") + path, json=body, timeout=self._timeout)
         else:
             r = http_request(self._creds, path, "POST", json=body)
-        if bulk and r.status_code in (404, 405):
+        if bulk and r.status_code in (404, 405) and "error_code" not in r.text:  # no such route (not MLflow's 404)
             self._bulk = False
             return None
         return verify_rest_response(r, path).json()

@@ -142,6 +142,9 @@ def test_write_runs_writes_a_pack_in_one_request(server, tmp_path):
         w.write_runs(parent.experiment_id, [dict(runs[1], status="DONE")])
     with pytest.raises(MlflowException, match="no such run"):
         w.end_runs({"f" * 32: "FINISHED"})
+    with pytest.raises(MlflowException, match="99999"):  # MLflow's own 404 is an error, not "no endpoint"
+        w.write_runs("99999", runs[:1])
+    assert w._bulk
 
 
 def test_write_runs_falls_back_to_mlflows_api_on_a_plain_server(tmp_path):
