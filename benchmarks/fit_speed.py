@@ -68,7 +68,9 @@ def measure(family: str, batch: int, n: int, steps: int, warmup: int, threads: i
     results = fit(cfg, clips, logger=Clock())
     (_, w0, c0), (_, w1, c1) = marks[warmup - 1], marks[-1]
     seconds = w1 - w0
-    peak_mb = (torch.cuda.max_memory_allocated() if is_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    peak_mb = (
+        torch.cuda.max_memory_allocated() if is_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) / 2**20
     assert not any(r.diverged for r in results)
     return {
         "family": family,
@@ -87,11 +89,21 @@ def measure(family: str, batch: int, n: int, steps: int, warmup: int, threads: i
 
 
 def run_child(family: str, batch: int, args: argparse.Namespace) -> dict:
-    spec = json.dumps({"family": family, "batch": batch, "n": args.n, "steps": args.steps, "warmup": args.warmup,
-                       "threads": args.threads, "device": args.device})
+    spec = json.dumps(
+        {
+            "family": family,
+            "batch": batch,
+            "n": args.n,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "device": args.device,
+        }
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     if proc.returncode != 0:
         raise SystemExit(f"measurement {family} B={batch} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -141,58 +153,87 @@ def main() -> int:
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     packs = [int(b) for b in args.packs.split(",")]
-    print(f"packed vs sequential fits: N={args.n}, {args.warmup}+{args.steps} steps, {args.threads} thread(s), "
-          f"device {args.device}, {os.cpu_count()} CPUs")
-    header = (f"{'family':<6} {'B':>3} {'mode':<7} {'steps/s':>8} {'ms/step':>9} {'clip ms/step':>12} "
-              f"{'cpu ms/step':>11} {'peak MB':>8} {'packed/seq':>10} {'(cpu time)':>10}")
+    print(
+        f"packed vs sequential fits: N={args.n}, {args.warmup}+{args.steps} steps, {args.threads} thread(s), "
+        f"device {args.device}, {os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'family':<6} {'B':>3} {'mode':<7} {'steps/s':>8} {'ms/step':>9} {'clip ms/step':>12} "
+        f"{'cpu ms/step':>11} {'peak MB':>8} {'packed/seq':>10} {'(cpu time)':>10}"
+    )
     print(header)
     print("-" * len(header))
     rows, summary = [], []
     for family in families:
         single = run_child(family, 1, args)
         rows.append({**single, "mode": "single"})
-        print(f"{family:<6} {1:>3} {'single':<7} {single['steps_per_s']:>8.3f} {single['ms_per_step']:>9.1f} "
-              f"{single['per_clip_ms_per_step']:>12.1f} {single['cpu_ms_per_step']:>11.1f} "
-              f"{single['peak_memory_mb']:>8.0f}", flush=True)
+        print(
+            f"{family:<6} {1:>3} {'single':<7} {single['steps_per_s']:>8.3f} {single['ms_per_step']:>9.1f} "
+            f"{single['per_clip_ms_per_step']:>12.1f} {single['cpu_ms_per_step']:>11.1f} "
+            f"{single['peak_memory_mb']:>8.0f}",
+            flush=True,
+        )
         for batch in packs:
             packed = run_child(family, batch, args)
             rows.append({**packed, "mode": "packed"})
             wall_ratio = single["per_clip_ms_per_step"] / packed["per_clip_ms_per_step"]
             cpu_ratio = single["cpu_ms_per_step"] / (packed["cpu_ms_per_step"] / batch)
-            summary.append({
-                "family": family,
-                "B": batch,
-                "packed_per_clip_ms_per_step": packed["per_clip_ms_per_step"],
-                "sequential_per_clip_ms_per_step": single["per_clip_ms_per_step"],
-                "throughput_ratio_packed_over_sequential": wall_ratio,
-                "cpu_time_ratio_packed_over_sequential": cpu_ratio,
-                "packed_peak_memory_mb": packed["peak_memory_mb"],
-                "sequential_peak_memory_mb": single["peak_memory_mb"],
-                "packed_not_slower": wall_ratio >= 1.0,
-            })
-            print(f"{family:<6} {batch:>3} {'packed':<7} {packed['steps_per_s']:>8.3f} {packed['ms_per_step']:>9.1f} "
-                  f"{packed['per_clip_ms_per_step']:>12.1f} {packed['cpu_ms_per_step']:>11.1f} "
-                  f"{packed['peak_memory_mb']:>8.0f} {wall_ratio:>9.2f}x {cpu_ratio:>9.2f}x", flush=True)
+            summary.append(
+                {
+                    "family": family,
+                    "B": batch,
+                    "packed_per_clip_ms_per_step": packed["per_clip_ms_per_step"],
+                    "sequential_per_clip_ms_per_step": single["per_clip_ms_per_step"],
+                    "throughput_ratio_packed_over_sequential": wall_ratio,
+                    "cpu_time_ratio_packed_over_sequential": cpu_ratio,
+                    "packed_peak_memory_mb": packed["peak_memory_mb"],
+                    "sequential_peak_memory_mb": single["peak_memory_mb"],
+                    "packed_not_slower": wall_ratio >= 1.0,
+                }
+            )
+            print(
+                f"{family:<6} {batch:>3} {'packed':<7} {packed['steps_per_s']:>8.3f} {packed['ms_per_step']:>9.1f} "
+                f"{packed['per_clip_ms_per_step']:>12.1f} {packed['cpu_ms_per_step']:>11.1f} "
+                f"{packed['peak_memory_mb']:>8.0f} {wall_ratio:>9.2f}x {cpu_ratio:>9.2f}x",
+                flush=True,
+            )
 
     slower = [s for s in summary if not s["packed_not_slower"]]
-    print("\npacked/seq = per-clip throughput of the pack over B sequential single fits (> 1: packed is faster);"
-          " (cpu time): the same from process CPU time, steadier on a shared machine")
-    print("packed path never slower per clip: " + ("yes" if not slower else
-          "NO for " + ", ".join(f"{s['family']} B={s['B']}" for s in slower)))
+    print(
+        "\npacked/seq = per-clip throughput of the pack over B sequential single fits (> 1: packed is faster);"
+        " (cpu time): the same from process CPU time, steadier on a shared machine"
+    )
+    print(
+        "packed path never slower per clip: "
+        + ("yes" if not slower else "NO for " + ", ".join(f"{s['family']} B={s['B']}" for s in slower))
+    )
 
     kan = None if args.no_kan_speed else run_kan_speed(args)
     if kan:
-        print(f"KAN fast vs recursion: {kan.get('speedup', float('nan')):.2f}x wall, "
-              f"{kan.get('speedup_cpu_time', float('nan')):.2f}x CPU time, peak memory ratio "
-              f"{kan.get('peak_memory_ratio', float('nan')):.3f}")
+        print(
+            f"KAN fast vs recursion: {kan.get('speedup', float('nan')):.2f}x wall, "
+            f"{kan.get('speedup_cpu_time', float('nan')):.2f}x CPU time, peak memory ratio "
+            f"{kan.get('peak_memory_ratio', float('nan')):.3f}"
+        )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "packed vs sequential fits (fewsound.fit.fit, full steps: forward, loss, backward, AdamW)",
-        "settings": {"n": args.n, "timed_steps": args.steps, "warmup_steps": args.warmup, "threads": args.threads,
-                     "device": args.device, "families": families, "packs": packs},
-        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                 "load_average_1m": os.getloadavg()[0]},
+        "settings": {
+            "n": args.n,
+            "timed_steps": args.steps,
+            "warmup_steps": args.warmup,
+            "threads": args.threads,
+            "device": args.device,
+            "families": families,
+            "packs": packs,
+        },
+        "host": {
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_1m": os.getloadavg()[0],
+        },
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rows": rows,
         "summary": summary,

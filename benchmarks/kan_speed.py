@@ -90,9 +90,20 @@ def measure(implementation: str, n: int, steps: int, threads: int, device: str) 
 
 
 def run_child(implementation: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", implementation, "--n", str(args.n), "--threads", str(args.threads),
-           "--device", args.device,
-           "--steps", str(args.steps if implementation == "fast" else args.baseline_steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        implementation,
+        "--n",
+        str(args.n),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps if implementation == "fast" else args.baseline_steps),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -135,10 +146,14 @@ def main() -> int:
     print(f"KAN fwd+bwd, N={args.n}, device={args.device}, threads={args.threads}")
     print(f"{'':12} {'steps/s':>9} {'ms/step':>9} {'cpu ms/step':>12} {'peak MB':>9}")
     for name, r in (("recursion", base), ("fast", fast)):
-        print(f"{name:12} {r['steps_per_s']:9.3f} {r['ms_per_step']:9.1f} {r['cpu_ms_per_step']:12.1f} "
-              f"{r['peak_memory_mb']:9.1f}")
-    print(f"speedup {result['speedup']:.1f}x wall-clock ({result['speedup_cpu_time']:.1f}x in process CPU time), "
-          f"peak memory {result['peak_memory_ratio']:.2f}x of baseline, max |output diff| {max_diff:.2e}")
+        print(
+            f"{name:12} {r['steps_per_s']:9.3f} {r['ms_per_step']:9.1f} {r['cpu_ms_per_step']:12.1f} "
+            f"{r['peak_memory_mb']:9.1f}"
+        )
+    print(
+        f"speedup {result['speedup']:.1f}x wall-clock ({result['speedup_cpu_time']:.1f}x in process CPU time), "
+        f"peak memory {result['peak_memory_ratio']:.2f}x of baseline, max |output diff| {max_diff:.2e}"
+    )
     print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")

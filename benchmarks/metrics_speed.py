@@ -48,7 +48,9 @@ def make_pairs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     refs = np.stack(refs).astype(np.float32)
     noise = rng.standard_normal(refs.shape)
     snr_db = rng.uniform(5, 30, size=(n, 1))
-    noise *= np.sqrt((refs.astype(np.float64) ** 2).sum(-1, keepdims=True) / (noise**2).sum(-1, keepdims=True) / 10 ** (snr_db / 10))
+    noise *= np.sqrt(
+        (refs.astype(np.float64) ** 2).sum(-1, keepdims=True) / (noise**2).sum(-1, keepdims=True) / 10 ** (snr_db / 10)
+    )
     return refs, (refs + noise).astype(np.float32)
 
 
@@ -59,8 +61,14 @@ def naive_pair(ref: np.ndarray, rec: np.ndarray, device: str) -> dict:
     from pystoi import stoi
 
     r, d = ref[None], rec[None]
-    out = {"mse": mse(r, d)[0], "psnr": psnr(r, d)[0], "snr": snr(r, d)[0], "si_snr": si_snr(r, d)[0],
-           "lsd": lsd(r, d, SR)[0], "wd_hf": wasserstein_hf(r, d)[0]}
+    out = {
+        "mse": mse(r, d)[0],
+        "psnr": psnr(r, d)[0],
+        "snr": snr(r, d)[0],
+        "si_snr": si_snr(r, d)[0],
+        "lsd": lsd(r, d, SR)[0],
+        "wd_hf": wasserstein_hf(r, d)[0],
+    }
     r16 = librosa.resample(ref, orig_sr=SR, target_sr=16000, res_type="kaiser_best")
     d16 = librosa.resample(rec, orig_sr=SR, target_sr=16000, res_type="kaiser_best")
     out["pesq"] = pesq(16000, r16, d16, "wb")
@@ -82,10 +90,14 @@ def timed(fn, *args, sync: bool = False, **kw):
 def per_metric(refs, recs, device: str, single_n: int) -> dict:
     """ms per clip for each metric: `single_n` calls with one pair each vs one call with all pairs."""
     fns = {
-        "mse": lambda r, d: mse(r, d), "psnr": lambda r, d: psnr(r, d), "snr": lambda r, d: snr(r, d),
-        "si_snr": lambda r, d: si_snr(r, d), "lsd": lambda r, d: lsd(r, d, SR),
+        "mse": lambda r, d: mse(r, d),
+        "psnr": lambda r, d: psnr(r, d),
+        "snr": lambda r, d: snr(r, d),
+        "si_snr": lambda r, d: si_snr(r, d),
+        "lsd": lambda r, d: lsd(r, d, SR),
         "wd_hf": lambda r, d: wasserstein_hf(r, d),
-        "pesq": lambda r, d: list(pesq_scores(r, d, SR)), "stoi": lambda r, d: list(stoi_scores(r, d, SR)),
+        "pesq": lambda r, d: list(pesq_scores(r, d, SR)),
+        "stoi": lambda r, d: list(stoi_scores(r, d, SR)),
         "cdpam": lambda r, d: cd.cdpam_distance(r, d, SR, device=device),
     }
     table = {}
@@ -93,12 +105,17 @@ def per_metric(refs, recs, device: str, single_n: int) -> dict:
     for name, fn in fns.items():
         fn(refs[:1], recs[:1])  # warm-up: resampy's JIT, model load, cuDNN plans
         forget()
-        _, t_single = timed(lambda: [fn(refs[i : i + 1], recs[i : i + 1]) for i in range(single_n)], sync=True)
+        _, t_single = timed(lambda fn=fn: [fn(refs[i : i + 1], recs[i : i + 1]) for i in range(single_n)], sync=True)
         forget()
         _, t_batch = timed(fn, refs, recs, sync=True)
-        table[name] = {"single_ms_per_clip": 1e3 * t_single / single_n, "batched_ms_per_clip": 1e3 * t_batch / len(refs)}
-        print(f"  {name:7s} single {table[name]['single_ms_per_clip']:9.2f} ms/clip   "
-              f"batched {table[name]['batched_ms_per_clip']:9.2f} ms/clip")
+        table[name] = {
+            "single_ms_per_clip": 1e3 * t_single / single_n,
+            "batched_ms_per_clip": 1e3 * t_batch / len(refs),
+        }
+        print(
+            f"  {name:7s} single {table[name]['single_ms_per_clip']:9.2f} ms/clip   "
+            f"batched {table[name]['batched_ms_per_clip']:9.2f} ms/clip"
+        )
     return table
 
 
@@ -115,8 +132,10 @@ def cdpam_conv(refs, recs, device: str) -> dict:
     rel = max(abs(a - b) / abs(b) for a, b in zip(out["fft"]["distances"], out["direct"]["distances"]))
     out["speedup"] = out["direct"]["s_per_pair"] / out["fft"]["s_per_pair"]
     out["max_rel_diff"] = rel
-    print(f"CDPAM network on {len(refs)} pairs: direct convolution {out['direct']['s_per_pair']:.3f} s/pair, "
-          f"FFT convolution {out['fft']['s_per_pair']:.3f} s/pair ({out['speedup']:.2f}x), max rel diff {rel:.1e}")
+    print(
+        f"CDPAM network on {len(refs)} pairs: direct convolution {out['direct']['s_per_pair']:.3f} s/pair, "
+        f"FFT convolution {out['fft']['s_per_pair']:.3f} s/pair ({out['speedup']:.2f}x), max rel diff {rel:.1e}"
+    )
     return out
 
 
@@ -136,11 +155,18 @@ def sweep_shaped(refs, device: str, per_ref: int = 6) -> dict:
             evaluate(x[i : i + 1], y[i : i + 1], SR, device=device, metrics=["cdpam"])
 
     _, t_forgot = timed(each_forgotten, sync=True)
-    out = {"pairs": len(x), "per_ref": per_ref, "s_per_pair_kept": t_kept / len(x),
-           "s_per_pair_uncached_single": t_forgot / len(x), "speedup": t_forgot / t_kept}
-    print(f"sweep-shaped CDPAM ({per_ref} reconstructions per reference, {len(x)} pairs): "
-          f"{out['s_per_pair_kept']:.3f} s/pair with reference embeddings kept vs "
-          f"{out['s_per_pair_uncached_single']:.3f} s/pair one uncached pair at a time ({out['speedup']:.2f}x)")
+    out = {
+        "pairs": len(x),
+        "per_ref": per_ref,
+        "s_per_pair_kept": t_kept / len(x),
+        "s_per_pair_uncached_single": t_forgot / len(x),
+        "speedup": t_forgot / t_kept,
+    }
+    print(
+        f"sweep-shaped CDPAM ({per_ref} reconstructions per reference, {len(x)} pairs): "
+        f"{out['s_per_pair_kept']:.3f} s/pair with reference embeddings kept vs "
+        f"{out['s_per_pair_uncached_single']:.3f} s/pair one uncached pair at a time ({out['speedup']:.2f}x)"
+    )
     return out
 
 
@@ -183,21 +209,33 @@ def main() -> None:
 
     naive_total = t_naive_per_pair * args.n
     result = {
-        "machine": {"device": args.device, "cpu": platform.processor() or platform.machine(),
-                    "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
-        "n_clips": args.n, "clip_samples": N, "sample_rate": SR, "workers": args.workers,
+        "machine": {
+            "device": args.device,
+            "cpu": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        },
+        "n_clips": args.n,
+        "clip_samples": N,
+        "sample_rate": SR,
+        "workers": args.workers,
         "per_metric_ms_per_clip": table,
-        "naive": {"pairs_timed": naive_n, "s_per_pair": t_naive_per_pair,
-                  "s_for_n_extrapolated": naive_total, "extrapolated": naive_n < args.n},
+        "naive": {
+            "pairs_timed": naive_n,
+            "s_per_pair": t_naive_per_pair,
+            "s_for_n_extrapolated": naive_total,
+            "extrapolated": naive_n < args.n,
+        },
         "evaluate": {"s_total": t_ours, "s_per_clip": t_ours / args.n},
         "speedup": naive_total / t_ours,
         "cdpam_conv": conv,
         "sweep_shaped": shaped,
         "values": {"bit_identical": [m for m in METRICS if m != "cdpam"], "cdpam_max_rel_diff": cdpam_rel},
     }
-    print(f"naive: {t_naive_per_pair:.3f} s/pair measured on {naive_n} pairs -> {naive_total:.1f} s for {args.n}"
-          f"{' (extrapolated)' if naive_n < args.n else ''}")
+    print(
+        f"naive: {t_naive_per_pair:.3f} s/pair measured on {naive_n} pairs -> {naive_total:.1f} s for {args.n}"
+        f"{' (extrapolated)' if naive_n < args.n else ''}"
+    )
     print(f"evaluate(): {t_ours:.1f} s for {args.n} clips ({t_ours / args.n:.3f} s/clip)")
     print(f"speed-up: {result['speedup']:.2f}x; values equal (CDPAM max rel diff {cdpam_rel:.1e})")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,12 +49,25 @@ def start_server(home: Path, gunicorn: bool) -> tuple[subprocess.Popen, str]:
 
         return psutil.Process(pid), uri
     port = tracking._free_port()
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-           f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts"), "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(home / "artifacts"),
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(cmd, stdout=open(home / "server.log", "ab"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=open(home / "server.log", "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while not tracking._healthy(uri):
@@ -76,12 +89,31 @@ def payload() -> tuple[dict, dict, dict]:
     from tune.plan import FitTask
 
     task = FitTask(FitConfig(family="nerf", steps=10), "speech-00", "speech", 4096, "NERF")
-    tags = {"fewsound.key": task.key, "fewsound.sweep": "bench", "fewsound.pack": "0123456789ab",
-            "fewsound.family": "nerf", "fewsound.label": "NERF", "fewsound.attempts": "1",
-            "fewsound.node": "0" * 56, "mlflow.source.git.commit": "0" * 40}
+    tags = {
+        "fewsound.key": task.key,
+        "fewsound.sweep": "bench",
+        "fewsound.pack": "0123456789ab",
+        "fewsound.family": "nerf",
+        "fewsound.label": "NERF",
+        "fewsound.attempts": "1",
+        "fewsound.node": "0" * 56,
+        "mlflow.source.git.commit": "0" * 40,
+    }
     params = {k: str(v) for k, v in task.params().items()}
-    metrics = {"mse": 1e-3, "psnr": 30.1, "lsd": 1.2, "si_snr": 11.0, "snr": 11.2, "pesq": 1.6, "stoi": 0.88,
-               "cdpam": 0.31, "wd_hf": 0.01, "fit/final_loss": 1e-3, "fit/seconds": 0.2, "fit/steps": 10}
+    metrics = {
+        "mse": 1e-3,
+        "psnr": 30.1,
+        "lsd": 1.2,
+        "si_snr": 11.0,
+        "snr": 11.2,
+        "pesq": 1.6,
+        "stoi": 0.88,
+        "cdpam": 0.31,
+        "wd_hf": 0.01,
+        "fit/final_loss": 1e-3,
+        "fit/seconds": 0.2,
+        "fit/steps": 10,
+    }
     return tags, params, metrics
 
 
@@ -104,8 +136,11 @@ def one_setup(gunicorn: bool, writer: str, runs: int, pack: int) -> dict:
         def via_client(i: int) -> None:
             rid = client.create_run(exp, run_name=f"fit-{i}", tags=t).info.run_id
             now = int(time.time() * 1000)
-            client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                             params=[Param(k, v) for k, v in params.items()])
+            client.log_batch(
+                rid,
+                metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                params=[Param(k, v) for k, v in params.items()],
+            )
             client.set_terminated(rid, "FINISHED")
 
         def via_writer(i: int) -> None:
@@ -114,8 +149,13 @@ def one_setup(gunicorn: bool, writer: str, runs: int, pack: int) -> dict:
             w.end(rid, "FINISHED")
 
         def via_pack(i: int) -> None:  # runs i .. i+pack-1 in one request
-            w.write_runs(exp, [{"run_name": f"fit-{j}", "tags": t, "params": params, "metrics": metrics,
-                                "status": "FINISHED"} for j in range(i, i + pack)])
+            w.write_runs(
+                exp,
+                [
+                    {"run_name": f"fit-{j}", "tags": t, "params": params, "metrics": metrics, "status": "FINISHED"}
+                    for j in range(i, i + pack)
+                ],
+            )
 
         fn, step = {"client": (via_client, 1), "rest": (via_writer, 1), "pack": (via_pack, pack)}[writer]
         for i in range(0, 10 * step, step):  # warm up: connections, caches, the server's first-request imports
@@ -133,8 +173,11 @@ def one_setup(gunicorn: bool, writer: str, runs: int, pack: int) -> dict:
         import signal
 
         os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
-    return {"wall_ms": 1000 * (t1 - t0) / runs, "server_cpu_ms": 1000 * (s1 - s0) / runs,
-            "client_cpu_ms": 1000 * (c1 - c0) / runs}
+    return {
+        "wall_ms": 1000 * (t1 - t0) / runs,
+        "server_cpu_ms": 1000 * (s1 - s0) / runs,
+        "client_cpu_ms": 1000 * (c1 - c0) / runs,
+    }
 
 
 def main() -> None:
@@ -145,33 +188,55 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "mlflow_run_cost.json"))
     a = ap.parse_args()
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    setups = {"uvicorn + MlflowClient (before)": (False, "client"), "uvicorn + RunWriter": (False, "rest"),
-              "gunicorn+wal + MlflowClient": (True, "client"), "gunicorn+wal + RunWriter": (True, "rest"),
-              f"gunicorn+wal + write_runs x{a.pack} (now)": (True, "pack")}
+    setups = {
+        "uvicorn + MlflowClient (before)": (False, "client"),
+        "uvicorn + RunWriter": (False, "rest"),
+        "gunicorn+wal + MlflowClient": (True, "client"),
+        "gunicorn+wal + RunWriter": (True, "rest"),
+        f"gunicorn+wal + write_runs x{a.pack} (now)": (True, "pack"),
+    }
     load0 = os.getloadavg()
     raw: dict[str, list[dict]] = {k: [] for k in setups}
     for rep in range(a.repeats):
         for name, (g, w) in setups.items():
             r = one_setup(g, w, a.runs, a.pack)
             raw[name].append(r)
-            print(f"  [{rep + 1}/{a.repeats}] {name:36s} wall {r['wall_ms']:5.1f} ms  server CPU "
-                  f"{r['server_cpu_ms']:5.1f} ms  client CPU {r['client_cpu_ms']:5.1f} ms per run", flush=True)
+            print(
+                f"  [{rep + 1}/{a.repeats}] {name:36s} wall {r['wall_ms']:5.1f} ms  server CPU "
+                f"{r['server_cpu_ms']:5.1f} ms  client CPU {r['client_cpu_ms']:5.1f} ms per run",
+                flush=True,
+            )
     med = {name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]} for name, rs in raw.items()}
     base = med["uvicorn + MlflowClient (before)"]
     print(f"\nper child run, median of {a.repeats} x {a.runs} runs ({os.cpu_count()} CPUs):")
     print(f"{'set-up':34s} {'wall ms':>8s} {'server CPU ms':>14s} {'client CPU ms':>14s} {'CPU ms in all':>14s}")
     for name, m in med.items():
         m["cpu_ms_total"] = round(m["server_cpu_ms"] + m["client_cpu_ms"], 2)
-        print(f"{name:34s} {m['wall_ms']:8.1f} {m['server_cpu_ms']:14.1f} {m['client_cpu_ms']:14.1f} "
-              f"{m['cpu_ms_total']:14.1f}")
+        print(
+            f"{name:34s} {m['wall_ms']:8.1f} {m['server_cpu_ms']:14.1f} {m['client_cpu_ms']:14.1f} "
+            f"{m['cpu_ms_total']:14.1f}"
+        )
     now = med[f"gunicorn+wal + write_runs x{a.pack} (now)"]
     base["cpu_ms_total"] = round(base["server_cpu_ms"] + base["client_cpu_ms"], 2)
     ratios = {k: round(base[k] / now[k], 2) for k in ("wall_ms", "server_cpu_ms", "client_cpu_ms", "cpu_ms_total")}
-    print(f"\nnow vs before: wall {ratios['wall_ms']}x, server CPU {ratios['server_cpu_ms']}x, client CPU "
-          f"{ratios['client_cpu_ms']}x, CPU in all {ratios['cpu_ms_total']}x less per child run")
-    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_before": load0,
-                       "load_avg_after": os.getloadavg()},
-           "runs": a.runs, "pack": a.pack, "repeats": a.repeats, "median": med, "raw": raw, "now_vs_before": ratios}
+    print(
+        f"\nnow vs before: wall {ratios['wall_ms']}x, server CPU {ratios['server_cpu_ms']}x, client CPU "
+        f"{ratios['client_cpu_ms']}x, CPU in all {ratios['cpu_ms_total']}x less per child run"
+    )
+    out = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_before": load0,
+            "load_avg_after": os.getloadavg(),
+        },
+        "runs": a.runs,
+        "pack": a.pack,
+        "repeats": a.repeats,
+        "median": med,
+        "raw": raw,
+        "now_vs_before": ratios,
+    }
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {a.out}")
 

@@ -89,9 +89,17 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
             kind = group
             if group == "driver" and p.pid != me.pid:
                 title = cmd.split(" ")[0]  # Ray sets worker titles: ray::IDLE, ray::ImplicitFunc.train, ...
-                kind = ("ray gcs" if "gcs_server" in cmd else "raylet" if "raylet" in cmd
-                        else "ray idle workers" if title.startswith("ray::IDLE")
-                        else "ray trial workers" if title.startswith("ray::") else "ray other")
+                kind = (
+                    "ray gcs"
+                    if "gcs_server" in cmd
+                    else "raylet"
+                    if "raylet" in cmd
+                    else "ray idle workers"
+                    if title.startswith("ray::IDLE")
+                    else "ray trial workers"
+                    if title.startswith("ray::")
+                    else "ray other"
+                )
             out[p.pid] = (kind, t.user + t.system)
     return out
 
@@ -109,8 +117,17 @@ def measure(name: str, tasks: list, corpus: str, pack_size: int, slots: int, tri
     c0 = server_cpu()
     procs0 = cpu_by_process()
     t0 = time.time()
-    s = run_sweep(name, tasks, corpus=corpus, experiment=f"bench-{name}", pack_size=pack_size, progress=False,
-                  metrics=("mse", "psnr"), log_artifacts=False, trials_per_slot=trials_per_slot)
+    s = run_sweep(
+        name,
+        tasks,
+        corpus=corpus,
+        experiment=f"bench-{name}",
+        pack_size=pack_size,
+        progress=False,
+        metrics=("mse", "psnr"),
+        log_artifacts=False,
+        trials_per_slot=trials_per_slot,
+    )
     t1 = time.time()
     procs = cpu_delta(procs0, cpu_by_process())
     # trial actors have exited by now (their CPU is not in the snapshot): their packs measured it themselves
@@ -125,11 +142,20 @@ def measure(name: str, tasks: list, corpus: str, pack_size: int, slots: int, tri
     start_idle = sum(min(p["start"] for p in ps) - t0 for ps in by_worker.values())
     tail_idle = sum(t1 - max(p["end"] for p in ps) for ps in by_worker.values())
     # between two packs on one actor: Tune's report, the next trial's start on a reused actor
-    gaps = sum(b["start"] - a["end"] for ps in by_worker.values()
-               for a, b in zip(sorted(ps, key=lambda p: p["start"]), sorted(ps, key=lambda p: p["start"])[1:]))
+    gaps = sum(
+        b["start"] - a["end"]
+        for ps in by_worker.values()
+        for a, b in zip(sorted(ps, key=lambda p: p["start"]), sorted(ps, key=lambda p: p["start"])[1:])
+    )
     return {
-        "fits": len(tasks), "packs": len(s.packs), "trials": s.n_trials, "pack_size": pack_size,
-        "steps": tasks[0].cfg.steps, "wall_s": round(wall, 2), "fit_compute_s": round(fit_cpu, 2), "slots": slots,
+        "fits": len(tasks),
+        "packs": len(s.packs),
+        "trials": s.n_trials,
+        "pack_size": pack_size,
+        "steps": tasks[0].cfg.steps,
+        "wall_s": round(wall, 2),
+        "fit_compute_s": round(fit_cpu, 2),
+        "slots": slots,
         "overhead_fraction": round(1 - fit_cpu / (wall * slots), 4),
         "overhead_s_per_fit": round((wall * slots - fit_cpu) / len(tasks), 4),
         "fits_per_hour": round(len(tasks) / wall * 3600),
@@ -152,10 +178,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fits", type=int, default=1000, help="fits in the packed mode (default: 1000)")
     p.add_argument("--per-fit", type=int, default=40, help="fits run one trial each, extrapolated (default: 40)")
-    p.add_argument("--pack-size", type=int, default=20, help="fits per trial in the packed mode (default: 20, "
-                   "at most the number of clips of the built-in corpus's INR protocol)")
-    p.add_argument("--steps", default="10,25,50", help="steps per fit; a comma list runs the packed mode once "
-                   "per value (default: 10,25,50; the one-trial-per-fit mode uses the first)")
+    p.add_argument(
+        "--pack-size",
+        type=int,
+        default=20,
+        help="fits per trial in the packed mode (default: 20, "
+        "at most the number of clips of the built-in corpus's INR protocol)",
+    )
+    p.add_argument(
+        "--steps",
+        default="10,25,50",
+        help="steps per fit; a comma list runs the packed mode once "
+        "per value (default: 10,25,50; the one-trial-per-fit mode uses the first)",
+    )
     p.add_argument("--length", type=int, default=4096, help="samples per clip (default: 4,096)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray = trial slots (default: 2)")
     p.add_argument("--trials-per-slot", type=int, default=4, help="packed mode: trials per slot (default: 4)")
@@ -184,10 +219,20 @@ def main() -> int:
     try:
         # one-per-trial first, on other seeds: both modes then run on warm actors' code paths alike
         steps = [int(x) for x in args.steps.split(",")]
-        per_fit = measure("per-fit", tasks_for(args.per_fit, clips, 1, steps[0], args.length, 10_000), corpus, 1,
-                          args.cpus, None)
-        runs = [measure(f"packed-{n}", tasks_for(args.fits, clips, args.pack_size, n, args.length, 100_000 * i),
-                        corpus, args.pack_size, args.cpus, args.trials_per_slot) for i, n in enumerate(steps)]
+        per_fit = measure(
+            "per-fit", tasks_for(args.per_fit, clips, 1, steps[0], args.length, 10_000), corpus, 1, args.cpus, None
+        )
+        runs = [
+            measure(
+                f"packed-{n}",
+                tasks_for(args.fits, clips, args.pack_size, n, args.length, 100_000 * i),
+                corpus,
+                args.pack_size,
+                args.cpus,
+                args.trials_per_slot,
+            )
+            for i, n in enumerate(steps)
+        ]
         packed = runs[0]
     finally:
         import ray
@@ -198,10 +243,19 @@ def main() -> int:
     per_fit["extrapolated_to_fits"] = args.fits
     per_fit["extrapolated_wall_s"] = round(per_fit["wall_s"] * scale, 1)
     result = {
-        "machine": {"cpus": os.cpu_count(), "load_avg_before": [round(x, 2) for x in load_before],
-                    "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
-        "settings": {"family": "nerf", "length": args.length, "steps": steps, "metrics": ["mse", "psnr"],
-                     "artifacts": False, "trials_per_slot": args.trials_per_slot},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_before": [round(x, 2) for x in load_before],
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "settings": {
+            "family": "nerf",
+            "length": args.length,
+            "steps": steps,
+            "metrics": ["mse", "psnr"],
+            "artifacts": False,
+            "trials_per_slot": args.trials_per_slot,
+        },
         "ray_start_s": round(ray_start, 2),
         "packed": packed,
         "packed_other_steps": runs[1:],
@@ -209,26 +263,38 @@ def main() -> int:
         "packed_speedup_fits_per_hour": round(packed["fits_per_hour"] / per_fit["fits_per_hour"], 2),
         "target_overhead_under_10pct_by_steps": {r["steps"]: r["overhead_fraction"] < 0.10 for r in runs},
     }
-    print(f"load average before {load_before[0]:.1f}, after {result['machine']['load_avg_after'][0]:.1f} "
-          f"on {os.cpu_count()} cores; Ray start {ray_start:.1f} s (not counted)")
+    print(
+        f"load average before {load_before[0]:.1f}, after {result['machine']['load_avg_after'][0]:.1f} "
+        f"on {os.cpu_count()} cores; Ray start {ray_start:.1f} s (not counted)"
+    )
     rows = [(f"packed, {r['steps']} steps", r) for r in runs] + [(f"one trial per fit, {steps[0]} steps", per_fit)]
     for name, r in rows:
-        print(f"{name:>28}: {r['fits']} fits in {r['packs']} packs, {r['trials']} trials, wall {r['wall_s']:.1f} s, "
-              f"fit compute {r['fit_compute_s']:.1f} s over {r['slots']} slots -> overhead "
-              f"{100 * r['overhead_fraction']:.1f}% ({r['overhead_s_per_fit']:.3f} s/fit), {r['fits_per_hour']} fits/h")
+        print(
+            f"{name:>28}: {r['fits']} fits in {r['packs']} packs, {r['trials']} trials, wall {r['wall_s']:.1f} s, "
+            f"fit compute {r['fit_compute_s']:.1f} s over {r['slots']} slots -> overhead "
+            f"{100 * r['overhead_fraction']:.1f}% ({r['overhead_s_per_fit']:.3f} s/fit), {r['fits_per_hour']} fits/h"
+        )
         b = r["breakdown_s"]
-        print(f"{'':>28}  seconds: pack setup {b['pack_setup']:.1f}, fit wall {b['fit_wall']:.1f} (CPU "
-              f"{r['fit_compute_s']:.1f}), eval {b['eval']:.1f}, MLflow logging wall {b['mlflow_logging_wall']:.1f}, "
-              f"MLflow server CPU {b['mlflow_server_cpu']:.1f}, slots idle before the first pack "
-              f"{b['slots_idle_before_first_pack']:.1f}, between packs {b['between_packs']:.1f}, after the last "
-              f"{b['slots_idle_after_last_pack']:.1f}")
-        print(f"{'':>28}  CPU seconds by process: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s_by_process"].items()))
-    print(f"one trial per fit measured on {args.per_fit} fits, extrapolated linearly to {args.fits}: "
-          f"~{per_fit['extrapolated_wall_s']:.0f} s; packing is {result['packed_speedup_fits_per_hour']}x the fits/h")
+        print(
+            f"{'':>28}  seconds: pack setup {b['pack_setup']:.1f}, fit wall {b['fit_wall']:.1f} (CPU "
+            f"{r['fit_compute_s']:.1f}), eval {b['eval']:.1f}, MLflow logging wall {b['mlflow_logging_wall']:.1f}, "
+            f"MLflow server CPU {b['mlflow_server_cpu']:.1f}, slots idle before the first pack "
+            f"{b['slots_idle_before_first_pack']:.1f}, between packs {b['between_packs']:.1f}, after the last "
+            f"{b['slots_idle_after_last_pack']:.1f}"
+        )
+        print(
+            f"{'':>28}  CPU seconds by process: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s_by_process"].items())
+        )
+    print(
+        f"one trial per fit measured on {args.per_fit} fits, extrapolated linearly to {args.fits}: "
+        f"~{per_fit['extrapolated_wall_s']:.0f} s; packing is {result['packed_speedup_fits_per_hour']}x the fits/h"
+    )
     for r in runs:
         ok = "under" if r["overhead_fraction"] < 0.10 else "NOT under"
-        print(f"target (overhead under 10% with packing) at {r['steps']} steps ({r['fit_compute_s'] / r['fits']:.2f} s "
-              f"of compute per fit): {ok} ({100 * r['overhead_fraction']:.1f}%)")
+        print(
+            f"target (overhead under 10% with packing) at {r['steps']} steps ({r['fit_compute_s'] / r['fits']:.2f} s "
+            f"of compute per fit): {ok} ({100 * r['overhead_fraction']:.1f}%)"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -45,8 +45,9 @@ def _worker(config):
     model = build_model(cfg.model, verbose=False)
     optimizer, scheduler = make_optimizer(model, cfg)
     ddp = ray.train.torch.prepare_model(model)
-    stream = random_batches(np.load(config["segments"]), cfg.batch_size, cfg.model.clip_length, seed=0, rank=rank,
-                            world_size=world)
+    stream = random_batches(
+        np.load(config["segments"]), cfg.batch_size, cfg.model.clip_length, seed=0, rank=rank, world_size=world
+    )
     times = []
     for i in range(config["steps"] + 2):
         batch = next(stream)
@@ -59,23 +60,36 @@ def _worker(config):
     ray.train.report({"rank": rank})
 
 
-def measure(segments_path: str, model: dict, workers: int, batch_per_worker: int, steps: int, kan_path: str,
-            storage: str) -> dict:
+def measure(
+    segments_path: str, model: dict, workers: int, batch_per_worker: int, steps: int, kan_path: str, storage: str
+) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     out = Path(storage) / f"timings-{workers}-{kan_path}"
     out.mkdir(parents=True, exist_ok=True)
     TorchTrainer(
-        _worker, train_loop_config={"segments": segments_path, "model": model, "batch_per_worker": batch_per_worker,
-                                    "steps": steps, "kan_path": kan_path, "out": str(out)},
+        _worker,
+        train_loop_config={
+            "segments": segments_path,
+            "model": model,
+            "batch_per_worker": batch_per_worker,
+            "steps": steps,
+            "kan_path": kan_path,
+            "out": str(out),
+        },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name=f"speed-{workers}-{kan_path}-{time.time_ns()}", storage_path=storage),
     ).fit()
     step_s = max(json.loads(f.read_text())["step_s"] for f in out.glob("rank*.json"))  # DDP: the slowest rank
     per_worker = batch_per_worker / step_s
-    return {"workers": workers, "kan_path": kan_path, "step_s": step_s, "samples_per_s_per_worker": per_worker,
-            "samples_per_s_total": per_worker * workers}
+    return {
+        "workers": workers,
+        "kan_path": kan_path,
+        "step_s": step_s,
+        "samples_per_s_per_worker": per_worker,
+        "samples_per_s_total": per_worker * workers,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,25 +120,47 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for workers, path in ((1, "recursion"), (1, "fast"), (2, "fast")):
                 m = dict(model, target_overrides={"implementation": path})
-                r = measure(str(Path(tmp) / "segments.npy"), m, workers, args.batch_per_worker, args.steps, path,
-                            str(Path(tmp) / "ray"))
+                r = measure(
+                    str(Path(tmp) / "segments.npy"),
+                    m,
+                    workers,
+                    args.batch_per_worker,
+                    args.steps,
+                    path,
+                    str(Path(tmp) / "ray"),
+                )
                 runs.append(r)
-                print(f"{workers} worker(s), KAN {path:9s}: {r['step_s']:.3f} s/step, "
-                      f"{r['samples_per_s_per_worker']:.2f} samples/s per worker, "
-                      f"{r['samples_per_s_total']:.2f} total", flush=True)
+                print(
+                    f"{workers} worker(s), KAN {path:9s}: {r['step_s']:.3f} s/step, "
+                    f"{r['samples_per_s_per_worker']:.2f} samples/s per worker, "
+                    f"{r['samples_per_s_total']:.2f} total",
+                    flush=True,
+                )
         finally:
             ray.shutdown()
     one, two = runs[1], runs[2]
     efficiency = two["samples_per_s_total"] / (2 * one["samples_per_s_total"])
     fast_vs_recursion = one["samples_per_s_total"] / runs[0]["samples_per_s_total"]
-    print(f"scaling 1 -> 2 CPU workers: {two['samples_per_s_total'] / one['samples_per_s_total']:.2f}x total "
-          f"throughput, efficiency {efficiency:.0%}")
+    print(
+        f"scaling 1 -> 2 CPU workers: {two['samples_per_s_total'] / one['samples_per_s_total']:.2f}x total "
+        f"throughput, efficiency {efficiency:.0%}"
+    )
     print(f"fast KAN path vs recursion (1 worker): {fast_vs_recursion:.2f}x")
-    out = {"benchmark": "train_speed", "device": "cpu", "cpus_visible": __import__("os").cpu_count(),
-           "machine": platform.machine(), "torch": torch.__version__, "ray": ray.__version__,
-           "model": model, "batch_per_worker": args.batch_per_worker, "timed_steps": args.steps, "runs": runs,
-           "scaling_efficiency_1_to_2": efficiency, "fast_vs_recursion_1_worker": fast_vs_recursion,
-           "note": "CPU workers with 1 thread each on a shared, contended 2-core machine; ratios from one run"}
+    out = {
+        "benchmark": "train_speed",
+        "device": "cpu",
+        "cpus_visible": __import__("os").cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "model": model,
+        "batch_per_worker": args.batch_per_worker,
+        "timed_steps": args.steps,
+        "runs": runs,
+        "scaling_efficiency_1_to_2": efficiency,
+        "fast_vs_recursion_1_worker": fast_vs_recursion,
+        "note": "CPU workers with 1 thread each on a shared, contended 2-core machine; ratios from one run",
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

@@ -108,7 +108,9 @@ class FitConfig:
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
         if self.lambda_t < 0 or self.lambda_f < 0 or self.lambda_t + self.lambda_f == 0:
-            raise ConfigError("lambda_t/lambda_f", f"need both >= 0 and not both 0, got {self.lambda_t}, {self.lambda_f}")
+            raise ConfigError(
+                "lambda_t/lambda_f", f"need both >= 0 and not both 0, got {self.lambda_t}, {self.lambda_f}"
+            )
         # lists (from JSON / flattened MLflow params) -> tuples, so equal configs compare and hash equal
         object.__setattr__(self, "inr", {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.inr).items()})
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -279,8 +281,10 @@ def fit(
     spans = [(a, min(a + chunk, n_clips)) for a in range(0, n_clips, chunk)]
     chunk_buffers = [{k: v[a:b] for k, v in buffers.items()} for a, b in spans]
     if loss_fn is None:  # the paper's loss, with each chunk's target features computed once
-        paper = [ReconstructionLoss(target[a:b], lambda_t=config.lambda_t, lambda_f=config.lambda_f,
-                                    sr=config.sample_rate) for a, b in spans]
+        paper = [
+            ReconstructionLoss(target[a:b], lambda_t=config.lambda_t, lambda_f=config.lambda_f, sr=config.sample_rate)
+            for a, b in spans
+        ]
         chunk_loss = lambda i, pred: paper[i](pred)  # noqa: E731
     else:
         chunk_loss = lambda i, pred: loss_fn(pred, target[spans[i][0] : spans[i][1]])  # noqa: E731
@@ -476,4 +480,3 @@ def _load_checkpoint(path, identity, params, good, state, optimizer, device):
         state[k] = ckpt["state"][k].to(device)
     optimizer.load_state_dict(ckpt["optimizer"])
     return int(ckpt["step"]), ckpt["history"]
-

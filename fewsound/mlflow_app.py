@@ -47,8 +47,10 @@ def _blueprint() -> Any:
     @catch_mlflow_exception
     def write() -> Any:
         body = request.get_json(force=True, silent=True)
-        _require(isinstance(body, dict) and "experiment_id" in body and isinstance(body.get("runs"), list),
-                 "expected {'experiment_id': ..., 'runs': [...]}")
+        _require(
+            isinstance(body, dict) and "experiment_id" in body and isinstance(body.get("runs"), list),
+            "expected {'experiment_id': ..., 'runs': [...]}",
+        )
         return jsonify({"run_ids": write_runs(_get_tracking_store(), str(body["experiment_id"]), body["runs"])})
 
     @bp.route(END, methods=["POST"])
@@ -113,7 +115,7 @@ def write_runs(store: Any, experiment_id: str, runs: list[dict[str, Any]]) -> li
 
     if not isinstance(store, SqlAlchemyStore):  # another store: its own API, run by run
         ids = []
-        for run_id, name, status, spec, ms, ps, ts in prepared:
+        for _run_id, name, status, spec, ms, ps, ts in prepared:
             run = store.create_run(experiment_id, "unknown", int(spec.get("start_time") or 0), ts, name)
             store.log_batch(run.info.run_id, ms, ps, [])
             if status != "RUNNING":
@@ -128,31 +130,45 @@ def write_runs(store: Any, experiment_id: str, runs: list[dict[str, Any]]) -> li
         wanted = [p[0] for p in prepared]
         # a retried request (the answer was lost) must not write its runs twice
         existing = {r for (r,) in session.query(SqlRun.run_uuid).filter(SqlRun.run_uuid.in_(wanted))}
-        for run_id, name, status, spec, ms, ps, ts in prepared:
+        for _run_id, name, status, spec, ms, ps, ts in prepared:
             if run_id in existing:
                 continue
             start = int(spec.get("start_time") or now)
             end = spec.get("end_time") or (None if status in ("RUNNING", "SCHEDULED") else now)
-            run = SqlRun(name=name, artifact_uri=append_to_uri_path(exp.artifact_location, run_id,
-                                                                     SqlAlchemyStore.ARTIFACTS_FOLDER_NAME),
-                         run_uuid=run_id, experiment_id=experiment_id,
-                         source_type=SourceType.to_string(SourceType.UNKNOWN), source_name="", entry_point_name="",
-                         user_id="unknown", status=status, start_time=start, end_time=end, deleted_time=None,
-                         source_version="", lifecycle_stage=LifecycleStage.ACTIVE)
+            run = SqlRun(
+                name=name,
+                artifact_uri=append_to_uri_path(exp.artifact_location, run_id, SqlAlchemyStore.ARTIFACTS_FOLDER_NAME),
+                run_uuid=run_id,
+                experiment_id=experiment_id,
+                source_type=SourceType.to_string(SourceType.UNKNOWN),
+                source_name="",
+                entry_point_name="",
+                user_id="unknown",
+                status=status,
+                start_time=start,
+                end_time=end,
+                deleted_time=None,
+                source_version="",
+                lifecycle_stage=LifecycleStage.ACTIVE,
+            )
             run.tags = [SqlTag(key=t.key, value=t.value) for t in ts] + [SqlTag(key=MLFLOW_RUN_NAME, value=name)]
             run.params = [SqlParam(key=p.key, value=p.value) for p in ps]
             session.add(run)
             latest: dict[str, Any] = {}
             for m in ms:
                 is_nan, value = store.sanitize_metric_value(m.value)
-                session.add(SqlMetric(run_uuid=run_id, key=m.key, value=value, timestamp=m.timestamp, step=m.step,
-                                      is_nan=is_nan))
+                session.add(
+                    SqlMetric(
+                        run_uuid=run_id, key=m.key, value=value, timestamp=m.timestamp, step=m.step, is_nan=is_nan
+                    )
+                )
                 order = (m.step, m.timestamp, value)  # MLflow's "latest": the largest (step, timestamp, value)
                 if m.key not in latest or order > latest[m.key][0]:
                     latest[m.key] = (order, is_nan)
             for key, ((step, ts_, value), is_nan) in latest.items():
-                session.add(SqlLatestMetric(run_uuid=run_id, key=key, value=value, timestamp=ts_, step=step,
-                                            is_nan=is_nan))
+                session.add(
+                    SqlLatestMetric(run_uuid=run_id, key=key, value=value, timestamp=ts_, step=step, is_nan=is_nan)
+                )
     return wanted
 
 

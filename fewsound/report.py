@@ -39,7 +39,11 @@ def spectrogram_figure(ref: np.ndarray, pred: np.ndarray, sr: int, title: str | 
     ref = np.asarray(ref, dtype=np.float32).reshape(-1)
     pred = np.asarray(pred, dtype=np.float32).reshape(-1)
     assert ref.shape == pred.shape, (ref.shape, pred.shape)
-    panels = [("target", magnitude_db(ref)), ("prediction", magnitude_db(pred)), ("difference", magnitude_db(ref - pred))]
+    panels = [
+        ("target", magnitude_db(ref)),
+        ("prediction", magnitude_db(pred)),
+        ("difference", magnitude_db(ref - pred)),
+    ]
     vmax = float(panels[0][1].max())
     vmin = vmax - SPEC_RANGE_DB
     extent = (0.0, ref.size / sr, 0.0, sr / 2000.0)  # seconds, kHz
@@ -57,7 +61,9 @@ def spectrogram_figure(ref: np.ndarray, pred: np.ndarray, sr: int, title: str | 
     return fig
 
 
-def save_spectrogram_png(path: str | Path, ref: np.ndarray, pred: np.ndarray, sr: int, title: str | None = None) -> Path:
+def save_spectrogram_png(
+    path: str | Path, ref: np.ndarray, pred: np.ndarray, sr: int, title: str | None = None
+) -> Path:
     """Write `spectrogram_figure(ref, pred, sr)` as a PNG to `path`. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +93,9 @@ def spectrogram_comparison_figure(ref: np.ndarray, preds: dict[str, np.ndarray],
     fig = Figure(figsize=(9, 1.9 * len(panels) + 0.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(panels), 1, sharex=True))
     for ax, (name, db) in zip(axes, panels):
-        image = ax.imshow(db, origin="lower", aspect="auto", extent=extent, vmin=vmax - SPEC_RANGE_DB, vmax=vmax,
-                          cmap="magma")
+        image = ax.imshow(
+            db, origin="lower", aspect="auto", extent=extent, vmin=vmax - SPEC_RANGE_DB, vmax=vmax, cmap="magma"
+        )
         ax.set_title(name, fontsize=10)
         ax.set_ylabel("kHz")
     axes[-1].set_xlabel("time [s]")
@@ -98,8 +105,11 @@ def spectrogram_comparison_figure(ref: np.ndarray, preds: dict[str, np.ndarray],
     return fig
 
 
-def quality_vs_params_figure(series: dict[str, list[tuple[str, int, dict[str, float]]]],
-                             metrics: tuple[str, ...] = ("PSNR", "PESQ"), title: str | None = None):
+def quality_vs_params_figure(
+    series: dict[str, list[tuple[str, int, dict[str, float]]]],
+    metrics: tuple[str, ...] = ("PSNR", "PESQ"),
+    title: str | None = None,
+):
     """Rate-distortion style: one panel per metric, quality against parameter count (log axis).
 
     series: name (e.g. "grid_size, 1.5 s") -> points (row label, # params, {metric column: mean}); each point is

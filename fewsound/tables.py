@@ -90,8 +90,14 @@ def paper_wd(label: str) -> dict[str, tuple[float, None]]:
     return {}
 
 
-def build_table(rows: list[dict[str, Any]], *, title: str, row_header: str = "INR",
-                paper_table: int | dict[int, int] | None = None, label_order: list[str] | None = None) -> Table:
+def build_table(
+    rows: list[dict[str, Any]],
+    *,
+    title: str,
+    row_header: str = "INR",
+    paper_table: int | dict[int, int] | None = None,
+    label_order: list[str] | None = None,
+) -> Table:
     """Mean ± std of every metric column present in `rows`, grouped by clip length then label.
 
     paper_table: the paper's table with the same protocol, or {clip length in samples: table id} where the paper
@@ -175,9 +181,15 @@ def to_latex(table: Table) -> str:
     out = []
     for g in table.groups:
         cols = g.columns
-        out += [r"\begin{table}[t]", r"\centering", rf"\caption{{{table.title} ({g.name})}}",
-                r"\begin{tabular}{l r " + "c " * len(cols) + "}", r"\toprule",
-                " & ".join([table.row_header, r"\# params"] + cols) + r" \\", r"\midrule"]
+        out += [
+            r"\begin{table}[t]",
+            r"\centering",
+            rf"\caption{{{table.title} ({g.name})}}",
+            r"\begin{tabular}{l r " + "c " * len(cols) + "}",
+            r"\toprule",
+            " & ".join([table.row_header, r"\# params"] + cols) + r" \\",
+            r"\midrule",
+        ]
         best = {c: _best(g, c) for c in cols}
         for r in g.rows:
             cells = [r.label.replace("_", r"\_"), f"{r.params:,}" if r.params else "-"]
@@ -196,8 +208,19 @@ def to_csv(table: Table) -> str:
             for c in g.columns:
                 if c in r.values:
                     pm, ps = r.paper.get(c, (None, None))
-                    w.writerow([g.name, r.label, r.params or "", r.n, c, repr(r.values[c][0]), repr(r.values[c][1]),
-                                "" if pm is None else pm, "" if ps is None else ps])
+                    w.writerow(
+                        [
+                            g.name,
+                            r.label,
+                            r.params or "",
+                            r.n,
+                            c,
+                            repr(r.values[c][0]),
+                            repr(r.values[c][1]),
+                            "" if pm is None else pm,
+                            "" if ps is None else ps,
+                        ]
+                    )
     return buf.getvalue()
 
 
@@ -212,15 +235,25 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_results(out_dir: Path, rows: list[dict[str, Any]], *, title: str = "Reconstruction metrics",
-                  row_header: str = "INR", paper_table: int | dict[int, int] | None = None,
-                  label_order: list[str] | None = None) -> list[Path]:
+def write_results(
+    out_dir: Path,
+    rows: list[dict[str, Any]],
+    *,
+    title: str = "Reconstruction metrics",
+    row_header: str = "INR",
+    paper_table: int | dict[int, int] | None = None,
+    label_order: list[str] | None = None,
+) -> list[Path]:
     """results.csv (per fit) + table.md / table.tex / table.csv (per row) in `out_dir`. Returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = build_table(rows, title=title, row_header=row_header, paper_table=paper_table, label_order=label_order)
-    files = {"results.csv": rows_to_csv(rows), "table.md": to_markdown(table), "table.tex": to_latex(table),
-             "table.csv": to_csv(table)}
+    files = {
+        "results.csv": rows_to_csv(rows),
+        "table.md": to_markdown(table),
+        "table.tex": to_latex(table),
+        "table.csv": to_csv(table),
+    }
     paths = []
     for name, text in files.items():
         (out_dir / name).write_text(text)
@@ -231,5 +264,7 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], *, title: str = "Re
 def quality_points(table: Table) -> dict[str, list[tuple[str, int, dict[str, float]]]]:
     """Per group (clip length): (row label, # params, {column: mean}) of every row with a parameter count,
     the input of `fewsound.report.quality_vs_params_figure`."""
-    return {g.name: [(r.label, r.params, {c: m for c, (m, _) in r.values.items()}) for r in g.rows if r.params]
-            for g in table.groups}
+    return {
+        g.name: [(r.label, r.params, {c: m for c, (m, _) in r.values.items()}) for r in g.rows if r.params]
+        for g in table.groups
+    }

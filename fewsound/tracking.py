@@ -123,12 +123,17 @@ def _spawn_server(home: Path, port: int) -> subprocess.Popen:
     cmd = [
         str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
         "server",
-        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-        "--artifacts-destination", str(home / "artifacts"),
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(home / "artifacts"),
         "--serve-artifacts",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",  # light: the server shares the laptop (or CI's 2 cores) with the fits
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",  # light: the server shares the laptop (or CI's 2 cores) with the fits
     ]
     if os.name == "posix":  # Gunicorn (not on Windows): a plain WSGI worker and SQLite in WAL mode, see the file
         conf = Path(__file__).with_name("mlflow_gunicorn.py")
@@ -139,8 +144,15 @@ def _spawn_server(home: Path, port: int) -> subprocess.Popen:
     # submit): switched off to keep the embedded server light on a laptop or CI's 2 cores.
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     with open(home / "server.log", "ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=home, env=env)
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=home,
+            env=env,
+        )
 
 
 def _app_plugin_installed() -> bool:
@@ -175,8 +187,11 @@ def tracking_uri(start: bool = True) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         if not uri.startswith(("http://", "https://", "databricks")):
-            raise ConfigError("MLFLOW_TRACKING_URI", f"{uri!r} is not a tracking server (http[s]://...); "
-                              "a file or database store cannot be reached by trials on other nodes")
+            raise ConfigError(
+                "MLFLOW_TRACKING_URI",
+                f"{uri!r} is not a tracking server (http[s]://...); "
+                "a file or database store cannot be reached by trials on other nodes",
+            )
         return uri
     if not start:
         raise ConfigError("MLFLOW_TRACKING_URI", "is not set and starting a local server was not allowed")
@@ -220,8 +235,16 @@ class NullLogger:
 class MlflowRun:
     """One MLflow run addressed by id (create a new one, or attach to an existing `run_id`)."""
 
-    def __init__(self, experiment: str, *, uri: str | None = None, run_name: str | None = None,
-                 parent_run_id: str | None = None, tags: dict[str, Any] | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        experiment: str,
+        *,
+        uri: str | None = None,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        run_id: str | None = None,
+    ):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or tracking_uri()
@@ -303,8 +326,13 @@ class RunWriter:
             from requests.adapters import HTTPAdapter
             from urllib3.util.retry import Retry
 
-            retry = Retry(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
-                          raise_on_status=False)  # the last answer reaches verify_rest_response: MLflow's message
+            retry = Retry(
+                total=5,
+                backoff_factor=0.5,
+                status_forcelist=(429, 500, 502, 503, 504),
+                allowed_methods=None,
+                raise_on_status=False,
+            )  # the last answer reaches verify_rest_response: MLflow's message
             s = requests.Session()
             for scheme in ("http://", "https://"):
                 s.mount(scheme, HTTPAdapter(max_retries=retry))
@@ -341,14 +369,22 @@ class RunWriter:
         metrics (final, step 0), curves ({name: [(step, value)]}), status (RUNNING, FINISHED, FAILED). Values must
         be finite. One request on fewsound's server (fewsound/mlflow_app.py); elsewhere three per run."""
         now = int(time.time() * 1000)
-        runs = [dict(r, run_id=r.get("run_id") or uuid.uuid4().hex, start_time=r.get("start_time") or now)
-                for r in runs]
+        runs = [
+            dict(r, run_id=r.get("run_id") or uuid.uuid4().hex, start_time=r.get("start_time") or now) for r in runs
+        ]
         if self._bulk:
             from fewsound.mlflow_app import WRITE
 
-            body = {"experiment_id": experiment_id, "runs": [
-                dict(r, curves={k: [[int(s), float(v)] for s, v in pts] for k, pts in (r.get("curves") or {}).items()})
-                for r in runs]}
+            body = {
+                "experiment_id": experiment_id,
+                "runs": [
+                    dict(
+                        r,
+                        curves={k: [[int(s), float(v)] for s, v in pts] for k, pts in (r.get("curves") or {}).items()},
+                    )
+                    for r in runs
+                ],
+            }
             out = self._post_path(WRITE, body)
             if out is not None:
                 return out["run_ids"]
@@ -368,8 +404,10 @@ class RunWriter:
         if self._bulk:
             from fewsound.mlflow_app import END
 
-            body = {"runs": [{"run_id": k, "status": v} for k, v in statuses.items()],
-                    "end_time": int(time.time() * 1000)}
+            body = {
+                "runs": [{"run_id": k, "status": v} for k, v in statuses.items()],
+                "end_time": int(time.time() * 1000),
+            }
             if self._post_path(END, body) is not None:
                 return
         for run_id, status in statuses.items():
@@ -377,12 +415,23 @@ class RunWriter:
 
     def create(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
         """A RUNNING run with its tags (where `mlflow.parentRunId` makes it a child run); returns its id."""
-        body = {"experiment_id": experiment_id, "run_name": run_name, "start_time": int(time.time() * 1000),
-                "tags": [{"key": k, "value": str(v)} for k, v in tags.items()]}
+        body = {
+            "experiment_id": experiment_id,
+            "run_name": run_name,
+            "start_time": int(time.time() * 1000),
+            "tags": [{"key": k, "value": str(v)} for k, v in tags.items()],
+        }
         return self._post("runs/create", body)["run"]["info"]["run_id"]
 
-    def log(self, run_id: str, *, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
-            curves: dict[str, list[tuple[int, float]]] | None = None, tags: dict[str, str] | None = None) -> None:
+    def log(
+        self,
+        run_id: str,
+        *,
+        params: dict[str, str] | None = None,
+        metrics: dict[str, float] | None = None,
+        curves: dict[str, list[tuple[int, float]]] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
         """Params, final metrics (step 0), metric curves ({name: [(step, value)]}) and tags, in as few calls as
         MLflow's batch limits allow (1,000 metrics, 100 params, 100 tags per call). Values must be finite."""
         now = int(time.time() * 1000)

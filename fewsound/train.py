@@ -110,24 +110,32 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(name, f"must be a non-negative integer, got {v!r}")
         if self.samples_per_epoch < self.batch_size:
-            raise ConfigError("samples_per_epoch", f"{self.samples_per_epoch} is less than one batch of {self.batch_size}")
+            raise ConfigError(
+                "samples_per_epoch", f"{self.samples_per_epoch} is less than one batch of {self.batch_size}"
+            )
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError("lr", f"must be a positive finite number, got {self.lr!r}")
         if not (0 < self.pct_start < 1):
             raise ConfigError("pct_start", f"must be in (0, 1), got {self.pct_start!r}")
         if self.div_factor < 1 or self.final_div_factor <= 0 or self.weight_decay < 0:
-            raise ConfigError("div_factor/final_div_factor/weight_decay",
-                              f"need div_factor >= 1, final_div_factor > 0, weight_decay >= 0; got "
-                              f"{self.div_factor}, {self.final_div_factor}, {self.weight_decay}")
+            raise ConfigError(
+                "div_factor/final_div_factor/weight_decay",
+                f"need div_factor >= 1, final_div_factor > 0, weight_decay >= 0; got "
+                f"{self.div_factor}, {self.final_div_factor}, {self.weight_decay}",
+            )
         if self.lambda_t < 0 or self.lambda_f < 0 or self.lambda_t + self.lambda_f == 0:
-            raise ConfigError("lambda_t/lambda_f", f"need both >= 0 and not both 0, got {self.lambda_t}, {self.lambda_f}")
+            raise ConfigError(
+                "lambda_t/lambda_f", f"need both >= 0 and not both 0, got {self.lambda_t}, {self.lambda_f}"
+            )
         if self.val_metrics is not None:
             from fewsound.metrics import EXTRA_METRICS, METRICS
 
             metrics = tuple(self.val_metrics)
             bad = [m for m in metrics if m not in METRICS + EXTRA_METRICS]
             if bad or not metrics:
-                raise ConfigError("val_metrics", f"unknown metric(s) {bad or metrics}; valid: {METRICS + EXTRA_METRICS}")
+                raise ConfigError(
+                    "val_metrics", f"unknown metric(s) {bad or metrics}; valid: {METRICS + EXTRA_METRICS}"
+                )
             object.__setattr__(self, "val_metrics", metrics)
 
     @property
@@ -148,7 +156,8 @@ class TrainConfig:
 
     def is_audio_epoch(self, epoch: int) -> bool:
         return self.is_val_epoch(epoch) and (
-            epoch == self.epochs - 1 or epoch + 1 == self.val_every or (epoch + 1) % self.audio_every == 0)
+            epoch == self.epochs - 1 or epoch + 1 == self.val_every or (epoch + 1) % self.audio_every == 0
+        )
 
 
 def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
@@ -161,8 +170,9 @@ def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     """AdamW over every trainable parameter and the OneCycle schedule of `cfg` -> (optimizer, scheduler)."""
     lr = cfg.resolved_lr
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay
+    )
     # "epoch" plans the schedule over epochs * steps_per_epoch steps but takes one per epoch, as the paper's code.
     total = cfg.total_steps
     if total < 4:  # too short for a cycle (OneCycleLR would start at its final rate): constant start rate
@@ -170,8 +180,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     # Short runs (smoke tests): at least 2 warm-up steps, else torch's phase boundaries collapse.
     pct = cfg.pct_start if cfg.pct_start * total >= 2 else min(0.5, 2 / total)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr * cfg.div_factor, total_steps=total, pct_start=pct,
-        div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
+        optimizer,
+        max_lr=lr * cfg.div_factor,
+        total_steps=total,
+        pct_start=pct,
+        div_factor=cfg.div_factor,
+        final_div_factor=cfg.final_div_factor,
+    )
     return optimizer, scheduler
 
 
@@ -180,9 +195,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def train_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer, *,
-               lambda_t: float = 1.0, lambda_f: float = 1.0, sample_rate: int = 22_050,
-               scheduler: Any = None) -> torch.Tensor:
+def train_step(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lambda_t: float = 1.0,
+    lambda_f: float = 1.0,
+    sample_rate: int = 22_050,
+    scheduler: Any = None,
+) -> torch.Tensor:
     """One optimizer step on `batch` [b, N] (b: this process's share of the global batch). Returns the per-clip
     losses [b] (detached). The loss is the batch MEAN, so DDP's gradient averaging over W workers with b = B / W
     clips each equals one step on all B clips. `scheduler`: stepped after the update (schedule_step="batch")."""
@@ -214,8 +236,16 @@ class EpochStats:
         return float(np.mean(self.losses))
 
 
-def run_epoch(model: torch.nn.Module, batches: Iterator[torch.Tensor], optimizer: torch.optim.Optimizer,
-              scheduler: Any, cfg: TrainConfig, epoch: int, *, device: torch.device | None = None) -> EpochStats:
+def run_epoch(
+    model: torch.nn.Module,
+    batches: Iterator[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: TrainConfig,
+    epoch: int,
+    *,
+    device: torch.device | None = None,
+) -> EpochStats:
     """`cfg.steps_per_epoch` steps on batches drawn from `batches` (an endless iterator of [b, N] tensors)."""
     unwrap(model).set_epoch(epoch + 1)  # 1-based, as the paper's code (delta warm-up factor epoch / w)
     per_batch = scheduler if cfg.schedule_step == "batch" else None
@@ -225,8 +255,15 @@ def run_epoch(model: torch.nn.Module, batches: Iterator[torch.Tensor], optimizer
         if device is not None:
             batch = batch.to(device, non_blocking=True)
         lr = optimizer.param_groups[0]["lr"]
-        per_clip = train_step(model, batch, optimizer, lambda_t=cfg.lambda_t, lambda_f=cfg.lambda_f,
-                              sample_rate=cfg.model.sample_rate, scheduler=per_batch)
+        per_clip = train_step(
+            model,
+            batch,
+            optimizer,
+            lambda_t=cfg.lambda_t,
+            lambda_f=cfg.lambda_f,
+            sample_rate=cfg.model.sample_rate,
+            scheduler=per_batch,
+        )
         losses.append(float(per_clip.mean()))
         samples += batch.shape[0]
     if len(losses) != cfg.steps_per_epoch:
@@ -260,8 +297,9 @@ def validation_crop(segments: np.ndarray, length: int) -> np.ndarray:
     return peak_normalize_batch(np.asarray(segments, dtype=np.float32)[:, :length])
 
 
-def random_batches(segments: np.ndarray, batch_size: int, length: int, *, seed: int = 0,
-                   rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+def random_batches(
+    segments: np.ndarray, batch_size: int, length: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[torch.Tensor]:
     """Endless stream of this rank's share of global batches of random crops from in-memory segments [n, L].
 
     Sampling as the code's RandomSampler(num_samples=...): back-to-back random permutations of the segments.
@@ -305,15 +343,18 @@ def choose_validation(clip_ids: Sequence[str], kinds: Sequence[str], n: int, n_l
 
 
 @torch.no_grad()
-def reconstruct(model: torch.nn.Module, clips: np.ndarray, *, batch_size: int = 16,
-                device: torch.device | None = None) -> np.ndarray:
+def reconstruct(
+    model: torch.nn.Module, clips: np.ndarray, *, batch_size: int = 16, device: torch.device | None = None
+) -> np.ndarray:
     """The model's reconstructions of validation clips [V, N] -> [V, N] (eval mode, no grad)."""
     m = unwrap(model)
     was_training = m.training
     m.eval()
     device = device or next(m.parameters()).device
-    out = [m(torch.from_numpy(np.ascontiguousarray(clips[i : i + batch_size])).to(device)).float().cpu().numpy()
-           for i in range(0, len(clips), batch_size)]
+    out = [
+        m(torch.from_numpy(np.ascontiguousarray(clips[i : i + batch_size])).to(device)).float().cpu().numpy()
+        for i in range(0, len(clips), batch_size)
+    ]
     m.train(was_training)
     return np.concatenate(out) if out else np.zeros_like(clips)
 
@@ -327,8 +368,15 @@ def universal_reconstruction(model: torch.nn.Module, n_samples: int) -> np.ndarr
     return m.universal(n_samples).float().cpu().numpy().reshape(-1)
 
 
-def validate(model: torch.nn.Module, clips: np.ndarray, kinds: Sequence[str], cfg: TrainConfig,
-             ids: Sequence[str] | None = None, *, device: torch.device | None = None) -> list[dict[str, Any]]:
+def validate(
+    model: torch.nn.Module,
+    clips: np.ndarray,
+    kinds: Sequence[str],
+    cfg: TrainConfig,
+    ids: Sequence[str] | None = None,
+    *,
+    device: torch.device | None = None,
+) -> list[dict[str, Any]]:
     """Per-clip validation rows for clips [V, N] (already the validation crop): the loss and every metric of
     `cfg.val_metrics` for the model's reconstruction, and (FewSound) for the universal weights alone.
 
@@ -352,12 +400,22 @@ def validate(model: torch.nn.Module, clips: np.ndarray, kinds: Sequence[str], cf
     for kind in sorted(set(kinds)):
         idx = [i for i, k in enumerate(kinds) if k == kind]
         names = [ids[i] for i in idx]
-        for i, res in zip(idx, evaluate(clips[idx], recs[idx], cfg.model.sample_rate, kind, cfg.val_metrics,
-                                        names=names)):
+        for i, res in zip(
+            idx, evaluate(clips[idx], recs[idx], cfg.model.sample_rate, kind, cfg.val_metrics, names=names)
+        ):
             rows[i]["metrics"] = res
         if uni is not None:
-            for i, res in zip(idx, evaluate(clips[idx], np.broadcast_to(uni, (len(idx), uni.shape[0])),
-                                            cfg.model.sample_rate, kind, cfg.val_metrics, names=names)):
+            for i, res in zip(
+                idx,
+                evaluate(
+                    clips[idx],
+                    np.broadcast_to(uni, (len(idx), uni.shape[0])),
+                    cfg.model.sample_rate,
+                    kind,
+                    cfg.val_metrics,
+                    names=names,
+                ),
+            ):
                 rows[i]["universal"] = res
     return rows
 
@@ -397,32 +455,59 @@ def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
             h.update(f"{pid}.{k}".encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes() if torch.is_tensor(v) else repr(v).encode())
     h.update(json.dumps([g["lr"] for g in opt["param_groups"]]).encode())
-    h.update(json.dumps({k: v for k, v in scheduler.state_dict().items() if isinstance(v, (int, float, str))},
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {k: v for k, v in scheduler.state_dict().items() if isinstance(v, (int, float, str))}, sort_keys=True
+        ).encode()
+    )
     return h.hexdigest()
 
 
-def save_training_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any, cfg: TrainConfig, *, epoch: int, step: int,
-                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def save_training_state(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: TrainConfig,
+    *,
+    epoch: int,
+    step: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write the state after 0-based `epoch` (model, optimizer, scheduler) to `folder`/train_state.pt and a
     readable `folder`/meta.json (epoch, step, digest, config). Returns the meta dict."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     m = unwrap(model)
-    payload = {"model": {k: v.detach().cpu() for k, v in m.state_dict().items()},
-               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step}
+    payload = {
+        "model": {k: v.detach().cpu() for k, v in m.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+    }
     buf = io.BytesIO()
     torch.save(payload, buf)
     (folder / STATE_FILE).write_bytes(buf.getvalue())
-    meta = {"epoch": epoch, "step": step, "digest": state_digest(model, optimizer, scheduler),
-            "config": to_dict(cfg), **(extra or {})}
+    meta = {
+        "epoch": epoch,
+        "step": step,
+        "digest": state_digest(model, optimizer, scheduler),
+        "config": to_dict(cfg),
+        **(extra or {}),
+    }
     (folder / META_FILE).write_text(json.dumps(meta, indent=1))
     return meta
 
 
-def load_training_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any, *, device: torch.device | str = "cpu") -> dict[str, Any]:
+def load_training_state(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
     """Restore what `save_training_state` wrote into model/optimizer/scheduler (built from the same config).
     Returns the meta dict, with "digest_loaded" = the digest of the restored state."""
     folder = Path(folder)
@@ -441,9 +526,15 @@ def torch_threads(cpus: float) -> int:
     return max(1, int(cpus)) if cpus else max(1, (os.cpu_count() or 1))
 
 
-def train(cfg: TrainConfig, train_segments: np.ndarray, val_segments: np.ndarray | None = None,
-          val_kinds: Sequence[str] | None = None, *, device: str | torch.device = "cpu",
-          on_epoch: Any = None) -> tuple[torch.nn.Module, list[EpochStats], list[dict[str, float]]]:
+def train(
+    cfg: TrainConfig,
+    train_segments: np.ndarray,
+    val_segments: np.ndarray | None = None,
+    val_kinds: Sequence[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    on_epoch: Any = None,
+) -> tuple[torch.nn.Module, list[EpochStats], list[dict[str, float]]]:
     """Single-process training on in-memory segments (tests, benchmarks, notebooks; the job uses Ray Train).
 
     Returns (model, per-epoch stats, validation summaries). `on_epoch(stats, summary_or_None)` is called after
@@ -491,9 +582,17 @@ def model_from_training_state(folder: str | Path, map_location: str | torch.devi
     return model.to(map_location).eval()
 
 
-def evaluate_model(model: torch.nn.Module, segments: np.ndarray, kinds: Sequence[str], ids: Sequence[str], *,
-                   label: str, metrics: Sequence[str] | None = None, device: torch.device | None = None,
-                   batch_size: int = 16) -> list[dict[str, Any]]:
+def evaluate_model(
+    model: torch.nn.Module,
+    segments: np.ndarray,
+    kinds: Sequence[str],
+    ids: Sequence[str],
+    *,
+    label: str,
+    metrics: Sequence[str] | None = None,
+    device: torch.device | None = None,
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
     """Paper-table rows (fewsound.tables) for a trained model on stored validation segments [V, L]: the
     deterministic crop of the model's clip length, every metric that applies per kind. One row per clip."""
     from fewsound.metrics import evaluate, to_mlflow
@@ -507,6 +606,12 @@ def evaluate_model(model: torch.nn.Module, segments: np.ndarray, kinds: Sequence
     for kind in sorted(set(kinds)):
         idx = [i for i, k in enumerate(kinds) if k == kind]
         for i, res in zip(idx, evaluate(clips[idx], recs[idx], sr, kind, metrics, names=[ids[i] for i in idx])):
-            rows[i] = {"label": label, "length": length, "clip_id": ids[i], "kind": kind, **to_mlflow(res),
-                       "model/params": params}
+            rows[i] = {
+                "label": label,
+                "length": length,
+                "clip_id": ids[i],
+                "kind": kind,
+                **to_mlflow(res),
+                "model/params": params,
+            }
     return rows

@@ -36,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="MLflow run id, model file or checkpoint folder")
     p.add_argument("--corpus", default=None, help="prepared corpus (default: the built-in one, fewsound protocol)")
-    p.add_argument("--table", type=int, default=None, choices=[2, 3, 4, 5, 6], help="label rows as this paper "
-                   "table and show its numbers (default: 2 when FewSound and HyperSound are compared, else none)")
+    p.add_argument(
+        "--table",
+        type=int,
+        default=None,
+        choices=[2, 3, 4, 5, 6],
+        help="label rows as this paper "
+        "table and show its numbers (default: 2 when FewSound and HyperSound are compared, else none)",
+    )
     p.add_argument("--clips", type=int, default=None, help="evaluate the first N validation clips (default: all)")
     p.add_argument("--metrics", default=None, help="comma-separated metrics (default: all)")
     p.add_argument("--out", default=None, help="folder for results.csv and table.md/.tex/.csv")
@@ -69,13 +75,15 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"{label} [{source[-8:]}]"
             labels.append(label)
             print(f"evaluating {label} on {len(segments)} validation clips of {corpus.root}", file=sys.stderr)
-            rows += evaluate_model(model, segments, [m["kind"] for m in meta], [m["clip_id"] for m in meta],
-                                   label=label, metrics=metrics)
+            rows += evaluate_model(
+                model, segments, [m["kind"] for m in meta], [m["clip_id"] for m in meta], label=label, metrics=metrics
+            )
         title = f"Validation reconstruction ({corpus.root.name})" + (f", paper Table {table}" if table else "")
         print(to_markdown(build_table(rows, title=title, row_header="Model", paper_table=table, label_order=labels)))
         if args.out:
-            for path in write_results(args.out, rows, title=title, row_header="Model", paper_table=table,
-                                      label_order=labels):
+            for path in write_results(
+                args.out, rows, title=title, row_header="Model", paper_table=table, label_order=labels
+            ):
                 print(f"wrote {path}", file=sys.stderr)
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)

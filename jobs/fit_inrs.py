@@ -30,13 +30,23 @@ SMOKE_LENGTH, SMOKE_STEPS = 16_384, 5
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", default=",".join(FAMILIES),
-                   help=f"comma-separated INR families (default: all: {','.join(FAMILIES)})")
-    p.add_argument("--lengths", default="1.5,3", help="clip lengths in seconds: 1.5 (32,768 samples) and/or 3 "
-                   "(65,536) (default: 1.5,3)")
+    p.add_argument(
+        "--families",
+        default=",".join(FAMILIES),
+        help=f"comma-separated INR families (default: all: {','.join(FAMILIES)})",
+    )
+    p.add_argument(
+        "--lengths",
+        default="1.5,3",
+        help="clip lengths in seconds: 1.5 (32,768 samples) and/or 3 (65,536) (default: 1.5,3)",
+    )
     p.add_argument("--steps", type=int, default=10_000, help="optimizer steps per fit (default: 10,000, the paper)")
-    p.add_argument("--kind", default="speech", help="which clips of the corpus: speech (Table 1), music (Table "
-                   "18, GTZAN), environment (Table 19, UrbanSound8K), or all (default: speech)")
+    p.add_argument(
+        "--kind",
+        default="speech",
+        help="which clips of the corpus: speech (Table 1), music (Table "
+        "18, GTZAN), environment (Table 19, UrbanSound8K), or all (default: speech)",
+    )
     add_common_arguments(p)
     args = p.parse_args(argv)
     try:
@@ -49,18 +59,34 @@ def main(argv: list[str] | None = None) -> int:
         corpus = resolve_corpus(args.corpus, max(lengths))
         clips = corpus_clips(corpus, args.clips, args.kind)
         # each family's default config is its Table 1 configuration
-        tasks = [FitTask(FitConfig(family=f, steps=args.steps, seed=args.seed, lr=args.lr), c.clip_id, c.kind, n,
-                         PAPER_LABELS[f])
-                 for n in lengths for f in families for c in clips]
+        tasks = [
+            FitTask(
+                FitConfig(family=f, steps=args.steps, seed=args.seed, lr=args.lr), c.clip_id, c.kind, n, PAPER_LABELS[f]
+            )
+            for n in lengths
+            for f in families
+            for c in clips
+        ]
         from tune.sweep import run_sweep
 
-        summary = run_sweep("fit_inrs", tasks, corpus=corpus, experiment=args.experiment, pack_size=args.pack_size,
-                            address=args.address, gpu_fraction=args.gpu_fraction, max_retries=args.max_retries,
-                            trials_per_slot=args.trials_per_slot or None,
-                            table={"title": "Table 1: reconstruction metrics of single-INR fits",
-                                   "paper_table": None if args.smoke_test else
-                                   {"speech": 1, "music": 18, "environment": 19}.get(args.kind),
-                                   "label_order": [PAPER_LABELS[f] for f in families]})
+        summary = run_sweep(
+            "fit_inrs",
+            tasks,
+            corpus=corpus,
+            experiment=args.experiment,
+            pack_size=args.pack_size,
+            address=args.address,
+            gpu_fraction=args.gpu_fraction,
+            max_retries=args.max_retries,
+            trials_per_slot=args.trials_per_slot or None,
+            table={
+                "title": "Table 1: reconstruction metrics of single-INR fits",
+                "paper_table": None
+                if args.smoke_test
+                else {"speech": 1, "music": 18, "environment": 19}.get(args.kind),
+                "label_order": [PAPER_LABELS[f] for f in families],
+            },
+        )
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,16 +32,21 @@ SMOKE_METRICS = ("mse", "psnr", "lsd", "si_snr", "pesq", "stoi", "wd_hf")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--knobs", default=None, help=f"comma-separated knobs to vary (default: all: {','.join(KNOBS)})")
-    p.add_argument("--lengths", default="1.5,3", help="clip lengths in seconds: 1.5 (32,768 samples) and/or 3 "
-                   "(65,536) (default: 1.5,3)")
+    p.add_argument(
+        "--lengths",
+        default="1.5,3",
+        help="clip lengths in seconds: 1.5 (32,768 samples) and/or 3 (65,536) (default: 1.5,3)",
+    )
     p.add_argument("--steps", type=int, default=10_000, help="optimizer steps per fit (default: 10,000, the paper)")
     p.add_argument("--kind", default="speech", help="which clips of the corpus (default: speech, as the paper)")
     add_common_arguments(p)
     p.set_defaults(clips="10")  # the paper: 10 clips
     # the shared options, as this job reads them: the rate is a knob here, and the clip count defaults to 10
     p._option_string_actions["--lr"].help = argparse.SUPPRESS
-    p._option_string_actions["--clips"].help = ("how many clips (a number: the first N of the corpus) or a "
-                                                "comma-separated list of clip ids (default: 10, the paper's)")
+    p._option_string_actions["--clips"].help = (
+        "how many clips (a number: the first N of the corpus) or a "
+        "comma-separated list of clip ids (default: 10, the paper's)"
+    )
     args = p.parse_args(argv)
     if args.lr is not None:
         print("error: --lr: the learning rate is a knob of this ablation (--knobs lr), not an option", file=sys.stderr)
@@ -60,18 +65,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: parameter count differs from the paper: {m}", file=sys.stderr)
         corpus = resolve_corpus(args.corpus, max(lengths))
         clips = corpus_clips(corpus, args.clips, args.kind)
-        tasks = [FitTask(cfg, c.clip_id, c.kind, n, label)
-                 for n in lengths for label, cfg in configs(knobs, args.steps, args.seed).items() for c in clips]
-        print(f"[kan_ablation] knobs {', '.join(k.name for k in knobs)}: {len(tasks) // (len(clips) * len(lengths))} "
-              f"distinct configurations x {len(clips)} clips x {len(lengths)} lengths; parameter counts "
-              + ("match the paper" if not mismatches else f"differ from the paper in {len(mismatches)} rows"))
+        tasks = [
+            FitTask(cfg, c.clip_id, c.kind, n, label)
+            for n in lengths
+            for label, cfg in configs(knobs, args.steps, args.seed).items()
+            for c in clips
+        ]
+        print(
+            f"[kan_ablation] knobs {', '.join(k.name for k in knobs)}: {len(tasks) // (len(clips) * len(lengths))} "
+            f"distinct configurations x {len(clips)} clips x {len(lengths)} lengths; parameter counts "
+            + ("match the paper" if not mismatches else f"differ from the paper in {len(mismatches)} rows")
+        )
         from tune.sweep import run_sweep
 
-        summary = run_sweep("kan_ablation", tasks, corpus=corpus, experiment=args.experiment,
-                            pack_size=args.pack_size, address=args.address, gpu_fraction=args.gpu_fraction,
-                            max_retries=args.max_retries, trials_per_slot=args.trials_per_slot or None,
-                            metrics=metrics,
-                            table={"title": "KAN ablation: every configuration", "row_header": "configuration"})
+        summary = run_sweep(
+            "kan_ablation",
+            tasks,
+            corpus=corpus,
+            experiment=args.experiment,
+            pack_size=args.pack_size,
+            address=args.address,
+            gpu_fraction=args.gpu_fraction,
+            max_retries=args.max_retries,
+            trials_per_slot=args.trials_per_slot or None,
+            metrics=metrics,
+            table={"title": "KAN ablation: every configuration", "row_header": "configuration"},
+        )
         summary.table_markdown = log_knob_tables(summary, knobs)
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
                        shard_size=shard_size, strict=args.strict, kind=args.kind, seed=args.seed)  # fmt: skip
     if args.smoke_test:  # the first shard of each split only: the same code path in seconds
         plan.shards = [s for i, s in enumerate(plan.shards) if i == 0 or s.split != plan.shards[i - 1].split]
-    print(f"{len(plan.records)} source files ({plan.layout}) -> {len(plan.shards)} shards in {plan.out_dir}", flush=True)
+    print(
+        f"{len(plan.records)} source files ({plan.layout}) -> {len(plan.shards)} shards in {plan.out_dir}", flush=True
+    )
 
     import ray  # here, not at the top: --help and argument errors stay instant
 

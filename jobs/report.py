@@ -20,18 +20,27 @@ from pathlib import Path
 from fewsound.errors import ConfigError, FewsoundError
 
 
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-id", default=None, help="the sweep's MLflow parent run id")
     p.add_argument("--experiment", default=None, help="MLflow experiment: report its latest sweep (when no --run-id)")
     p.add_argument("--out", default=None, help="output folder (default: ./report-<parent run id>)")
-    p.add_argument("--clip", default=None, help="clip id of the spectrogram comparison (default: the first clip "
-                   "every row has, at the shortest length)")
-    p.add_argument("--max-spectrograms", type=int, default=8, help="most reconstructions in the spectrogram "
-                   "comparison (default: 8)")
-    p.add_argument("--smoke-test", action="store_true", help="run a tiny sweep (nerf and kan, one 0.74 s clip, "
-                   "3 steps, no CDPAM) and report it: seconds on a CPU")
+    p.add_argument(
+        "--clip",
+        default=None,
+        help="clip id of the spectrogram comparison (default: the first clip every row has, at the shortest length)",
+    )
+    p.add_argument(
+        "--max-spectrograms",
+        type=int,
+        default=8,
+        help="most reconstructions in the spectrogram comparison (default: 8)",
+    )
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="run a tiny sweep (nerf and kan, one 0.74 s clip, 3 steps, no CDPAM) and report it: seconds on a CPU",
+    )
     args = p.parse_args(argv)
     try:
         from fewsound.tracking import tracking_uri
@@ -50,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown)
-    print(f"{len(rows)} finished fits of sweep {parent.data.tags.get('fewsound.sweep', run_id)} "
-          f"({parent.data.tags.get('fewsound.job', '?')}); wrote {len(paths)} files to {out}/:")
+    print(
+        f"{len(rows)} finished fits of sweep {parent.data.tags.get('fewsound.sweep', run_id)} "
+        f"({parent.data.tags.get('fewsound.job', '?')}); wrote {len(paths)} files to {out}/:"
+    )
     for path in paths:
         print(f"  {path}")
     print(f"MLflow UI: {uri}/#/experiments/{parent.info.experiment_id}/runs/{run_id}")
@@ -68,9 +79,15 @@ def _smoke_sweep() -> str:
     corpus = resolve_corpus(None, length)
     clip = corpus_clips(corpus, "1", "speech")[0]
     tasks = [FitTask(FitConfig(family=f, steps=3), clip.clip_id, clip.kind, length, f.upper()) for f in ("nerf", "kan")]
-    return run_sweep("fit_inrs", tasks, corpus=corpus, experiment="report-smoke", progress=False,
-                     metrics=("mse", "psnr", "lsd", "si_snr", "pesq", "stoi", "wd_hf"),
-                     table={"title": "smoke sweep", "label_order": ["NERF", "KAN"]}).parent_run_id
+    return run_sweep(
+        "fit_inrs",
+        tasks,
+        corpus=corpus,
+        experiment="report-smoke",
+        progress=False,
+        metrics=("mse", "psnr", "lsd", "si_snr", "pesq", "stoi", "wd_hf"),
+        table={"title": "smoke sweep", "label_order": ["NERF", "KAN"]},
+    ).parent_run_id
 
 
 if __name__ == "__main__":

@@ -28,37 +28,77 @@ SMOKE_LENGTH = 16_384  # 0.74 s crops: the smoke test's fits cost half as much
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="kan", help=f"INR family to tune: {', '.join(SPACES)} (default: kan)")
-    p.add_argument("--trials", type=int, default=200, help="configurations fitted (Ray trials; rejected "
-                   "over-budget suggestions do not count) (default: 200)")
-    p.add_argument("--max-params", type=int, default=None, help="parameter budget: suggestions with more "
-                   "parameters are never fitted (default: no budget)")
-    p.add_argument("--objective", default="pesq", help=f"what to optimise: {'|'.join(MODES)} (mean over the "
-                   "clips; lsd is minimised, the others maximised) (default: pesq)")
-    p.add_argument("--mix-weights", default=None, help="weights of --objective mix over normalised metrics "
-                   f"({', '.join(NORMALIZE)}), e.g. pesq=0.5,lsd=0.25,si_snr=0.25 (the default)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=200,
+        help="configurations fitted (Ray trials; rejected over-budget suggestions do not count) (default: 200)",
+    )
+    p.add_argument(
+        "--max-params",
+        type=int,
+        default=None,
+        help="parameter budget: suggestions with more parameters are never fitted (default: no budget)",
+    )
+    p.add_argument(
+        "--objective",
+        default="pesq",
+        help=f"what to optimise: {'|'.join(MODES)} (mean over the "
+        "clips; lsd is minimised, the others maximised) (default: pesq)",
+    )
+    p.add_argument(
+        "--mix-weights",
+        default=None,
+        help="weights of --objective mix over normalised metrics "
+        f"({', '.join(NORMALIZE)}), e.g. pesq=0.5,lsd=0.25,si_snr=0.25 (the default)",
+    )
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps per trial (default: 2,000)")
-    p.add_argument("--chunks", type=int, default=10, help="the objective is reported after each of this many "
-                   "equal chunks of steps; ASHA decides at these points (default: 10)")
-    p.add_argument("--grace-chunks", type=int, default=2, help="chunks every trial runs before ASHA may stop "
-                   "it (default: 2)")
+    p.add_argument(
+        "--chunks",
+        type=int,
+        default=10,
+        help="the objective is reported after each of this many "
+        "equal chunks of steps; ASHA decides at these points (default: 10)",
+    )
+    p.add_argument(
+        "--grace-chunks", type=int, default=2, help="chunks every trial runs before ASHA may stop it (default: 2)"
+    )
     p.add_argument("--reduction-factor", type=int, default=3, help="ASHA keeps 1/this at each rung (default: 3)")
-    p.add_argument("--clips", default="3", help="clips of the pack every trial fits: a number (the first N) or "
-                   "comma-separated clip ids (default: 3)")
+    p.add_argument(
+        "--clips",
+        default="3",
+        help="clips of the pack every trial fits: a number (the first N) or comma-separated clip ids (default: 3)",
+    )
     p.add_argument("--length", default="1.5", choices=sorted(LENGTHS), help="clip length in seconds (default 1.5)")
-    p.add_argument("--kind", default="speech", help="which clips of the corpus (default: speech; PESQ/STOI "
-                   "apply to speech only)")
+    p.add_argument(
+        "--kind", default="speech", help="which clips of the corpus (default: speech; PESQ/STOI apply to speech only)"
+    )
     p.add_argument("--corpus", default=None, help="a prepared corpus folder (default: the built-in corpus)")
-    p.add_argument("--final-metrics", default=",".join(FINAL_METRICS), help="metrics logged at the end of each "
-                   f"trial (default: {','.join(FINAL_METRICS)}; add cdpam at a cost)")
+    p.add_argument(
+        "--final-metrics",
+        default=",".join(FINAL_METRICS),
+        help=f"metrics logged at the end of each trial (default: {','.join(FINAL_METRICS)}; add cdpam at a cost)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the fits and of the TPE sampler (default: 0)")
-    p.add_argument("--concurrency", type=int, default=None, help="most trials at once (default: as many as "
-                   "the cluster's resources allow)")
-    p.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU share of a trial on a cluster with GPUs "
-                   "(1, 0.5, 0.25, 0.125; default: 0.25); one CPU otherwise")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="most trials at once (default: as many as the cluster's resources allow)",
+    )
+    p.add_argument(
+        "--gpu-fraction",
+        type=float,
+        default=0.25,
+        help="GPU share of a trial on a cluster with GPUs (1, 0.5, 0.25, 0.125; default: 0.25); one CPU otherwise",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: search_inr-<family>)")
-    p.add_argument("--smoke-test", action="store_true", help="6 trials of 8 steps on one 0.74 s clip, PSNR "
-                   "objective, budget 34,000: seconds to a minute on a CPU")
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="6 trials of 8 steps on one 0.74 s clip, PSNR objective, budget 34,000: seconds to a minute on a CPU",
+    )
     args = p.parse_args(argv)
     if args.smoke_test:
         args.trials, args.steps, args.chunks, args.clips = 6, 8, 4, "1"
@@ -78,14 +118,28 @@ def main(argv: list[str] | None = None) -> int:
         corpus = resolve_corpus(args.corpus, length)
         clips = corpus_clips(corpus, args.clips, args.kind)
         summary = run_search(
-            {"family": args.family, "corpus": corpus, "clips": tuple(c.clip_id for c in clips),
-             "kind": clips[0].kind, "length": length, "steps": args.steps, "chunks": args.chunks,
-             "objective": args.objective, "weights": parse_weights(args.mix_weights), "seed": args.seed,
-             "experiment": args.experiment or f"search_inr-{args.family}",
-             "final_metrics": tuple(x.strip() for x in args.final_metrics.split(",") if x.strip())},
-            trials=args.trials, max_params=args.max_params, grace_chunks=args.grace_chunks,
-            reduction_factor=args.reduction_factor, concurrency=args.concurrency, address=args.address,
-            gpu_fraction=args.gpu_fraction)
+            {
+                "family": args.family,
+                "corpus": corpus,
+                "clips": tuple(c.clip_id for c in clips),
+                "kind": clips[0].kind,
+                "length": length,
+                "steps": args.steps,
+                "chunks": args.chunks,
+                "objective": args.objective,
+                "weights": parse_weights(args.mix_weights),
+                "seed": args.seed,
+                "experiment": args.experiment or f"search_inr-{args.family}",
+                "final_metrics": tuple(x.strip() for x in args.final_metrics.split(",") if x.strip()),
+            },
+            trials=args.trials,
+            max_params=args.max_params,
+            grace_chunks=args.grace_chunks,
+            reduction_factor=args.reduction_factor,
+            concurrency=args.concurrency,
+            address=args.address,
+            gpu_fraction=args.gpu_fraction,
+        )
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,8 +33,17 @@ from fewsound.errors import ConfigError, FewsoundError
 from fewsound.hyper import HyperConfig
 from fewsound.train import TrainConfig
 
-SMOKE = dict(preset="tiny", epochs=3, batch_size=4, samples_per_epoch=8, val_every=1, val_clips=4, log_clips=2,
-             val_metrics=("mse", "psnr", "snr", "si_snr", "lsd"), lr=1e-4)
+SMOKE = dict(
+    preset="tiny",
+    epochs=3,
+    batch_size=4,
+    samples_per_epoch=8,
+    val_every=1,
+    val_clips=4,
+    log_clips=2,
+    val_metrics=("mse", "psnr", "snr", "si_snr", "lsd"),
+    lr=1e-4,
+)
 
 
 def parse_value(text: str):
@@ -46,10 +55,20 @@ def parse_value(text: str):
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     model = HyperConfig(kind=args.kind, target=args.target, encoder=args.encoder, preset=args.preset)
-    fields = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
-                                ("samples_per_epoch", args.samples_per_epoch), ("val_every", args.val_every),
-                                ("val_clips", args.val_clips), ("schedule_step", args.schedule_step),
-                                ("seed", args.seed)) if v is not None}
+    fields = {
+        k: v
+        for k, v in (
+            ("epochs", args.epochs),
+            ("batch_size", args.batch_size),
+            ("lr", args.lr),
+            ("samples_per_epoch", args.samples_per_epoch),
+            ("val_every", args.val_every),
+            ("val_clips", args.val_clips),
+            ("schedule_step", args.schedule_step),
+            ("seed", args.seed),
+        )
+        if v is not None
+    }
     if args.metrics:
         fields["val_metrics"] = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if args.smoke_test:
@@ -70,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="kan", help="target INR: kan | nerf | siren (default: kan)")
     p.add_argument("--encoder", default="soundstream", help="soundstream | spectral | snac | whisper")
     p.add_argument("--preset", default="17.5M", help="model size: 17.5M | 41.2M | tiny (default: 17.5M)")
-    p.add_argument("--corpus", default=None, help="a corpus prepared with `jobs/prepare_data.py --protocol "
-                   "fewsound` (default: the built-in corpus, prepared on first use)")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="a corpus prepared with `jobs/prepare_data.py --protocol "
+        "fewsound` (default: the built-in corpus, prepared on first use)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default 2,500")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default 16)")
     p.add_argument("--samples-per-epoch", type=int, default=None, help="random training crops per epoch (10,000)")
@@ -83,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any TrainConfig field")
     p.add_argument("--num-workers", type=int, default=None, help="default: one per GPU, else 2 CPU workers")
-    p.add_argument("--storage", default=None, help="checkpoint storage: a folder or a cloud URI (default: "
-                   "$FEWSOUND_HOME/train, ~/.fewsound/train)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="checkpoint storage: a folder or a cloud URI (default: $FEWSOUND_HOME/train, ~/.fewsound/train)",
+    )
     p.add_argument("--name", default=None, help="run name (default: derived from the config and corpus)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: train_fewsound)")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
@@ -100,10 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args)
         from tune.train_job import run_training
 
-        s = run_training(cfg, corpus=args.corpus, storage=args.storage, name=args.name,
-                         experiment=args.experiment or "train_fewsound", num_workers=args.num_workers,
-                         address=args.address, max_failures=args.max_failures,
-                         keep_checkpoints=args.keep_checkpoints)
+        s = run_training(
+            cfg,
+            corpus=args.corpus,
+            storage=args.storage,
+            name=args.name,
+            experiment=args.experiment or "train_fewsound",
+            num_workers=args.num_workers,
+            address=args.address,
+            max_failures=args.max_failures,
+            keep_checkpoints=args.keep_checkpoints,
+        )
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -53,8 +53,9 @@ OTHER_MAX_S = 5.0  # music/environment clips are cut to at most this (keeps the 
 MUSIC_SR = 22_050
 # librosa 0.9's `kaiser_best` (resampy) expressed as torchaudio settings, the paper's resampler. Pinned here rather
 # than imported from fewsound.data.audio so that the corpus (and its checksums) does not change with library edits.
-KAISER_BEST = dict(lowpass_filter_width=64, rolloff=0.9475937167399596, resampling_method="sinc_interp_kaiser",
-                   beta=14.769656459379492)
+KAISER_BEST = dict(
+    lowpass_filter_width=64, rolloff=0.9475937167399596, resampling_method="sinc_interp_kaiser", beta=14.769656459379492
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +72,61 @@ class Voice:
 
 
 VOICES = [
-    Voice("en-allison", "asterisk-core-sounds-en-g722", "en_US_f_Allison", "en-US", "female",
-          "Allison Smith", "CC-BY-SA-3.0", "2003-2010 Allison Smith", 5),
-    Voice("es-allison", "asterisk-core-sounds-es-g722", "es_MX_f_Allison", "es-MX", "female",
-          "Allison Smith", "CC-BY-SA-3.0", "2003-2010 Allison Smith", 3),
-    Voice("fr-june", "asterisk-core-sounds-fr-g722", "fr_CA_f_June", "fr-CA", "female",
-          "June Wallack", "CC-BY-SA-3.0", "2006-2008 June Wallack", 5),
-    Voice("it-carlo", "asterisk-core-sounds-it-g722", "it_IT_m_Carlo", "it-IT", "male",
-          "Carlo Flora", "CC-BY-3.0", "2012 Carlo Flora", 8),
-    Voice("ru-ivrvoice", "asterisk-core-sounds-ru-g722", "ru_RU_f_IvrvoiceRU", "ru-RU", "female",
-          "ivrvoice.ru voice talent (unnamed; provided by Maxim Topal)", "CC-BY-3.0",
-          "2010 Maxim Topal (http://www.ivrvoice.ru)", 5),
+    Voice(
+        "en-allison",
+        "asterisk-core-sounds-en-g722",
+        "en_US_f_Allison",
+        "en-US",
+        "female",
+        "Allison Smith",
+        "CC-BY-SA-3.0",
+        "2003-2010 Allison Smith",
+        5,
+    ),
+    Voice(
+        "es-allison",
+        "asterisk-core-sounds-es-g722",
+        "es_MX_f_Allison",
+        "es-MX",
+        "female",
+        "Allison Smith",
+        "CC-BY-SA-3.0",
+        "2003-2010 Allison Smith",
+        3,
+    ),
+    Voice(
+        "fr-june",
+        "asterisk-core-sounds-fr-g722",
+        "fr_CA_f_June",
+        "fr-CA",
+        "female",
+        "June Wallack",
+        "CC-BY-SA-3.0",
+        "2006-2008 June Wallack",
+        5,
+    ),
+    Voice(
+        "it-carlo",
+        "asterisk-core-sounds-it-g722",
+        "it_IT_m_Carlo",
+        "it-IT",
+        "male",
+        "Carlo Flora",
+        "CC-BY-3.0",
+        "2012 Carlo Flora",
+        8,
+    ),
+    Voice(
+        "ru-ivrvoice",
+        "asterisk-core-sounds-ru-g722",
+        "ru_RU_f_IvrvoiceRU",
+        "ru-RU",
+        "female",
+        "ivrvoice.ru voice talent (unnamed; provided by Maxim Topal)",
+        "CC-BY-3.0",
+        "2010 Maxim Topal (http://www.ivrvoice.ru)",
+        5,
+    ),
 ]
 
 # sonic-pi files whose copyright stanza says CC0 (checked again at build time); (file stem, kind)
@@ -197,9 +242,12 @@ def voice_summary(rows: list[dict]) -> dict:
         mine = [r for r in rows if r["speaker"] == v.speaker]
         disp = np.concatenate([formant_dispersion(*sf.read(str(OUT / r["path"]), dtype="float32")) for r in mine])
         out[v.speaker] = {
-            "language": v.language, "gender": v.gender, "talent": v.talent, "package": v.package,
+            "language": v.language,
+            "gender": v.gender,
+            "talent": v.talent,
+            "package": v.package,
             "gender_source": f"package folder name '{v.folder}' and the credits in "
-                             f"/usr/share/doc/{v.package}/copyright",
+            f"/usr/share/doc/{v.package}/copyright",
             "n_clips": len(mine),
             "median_f0_hz": round(float(np.median([r["median_f0_hz"] for r in mine])), 1),
             "median_formant_dispersion_hz": round(float(np.median(disp)), 0),
@@ -263,14 +311,23 @@ def build_speech(versions: dict[str, str]) -> list[dict]:
         for f, x in even_pick(cands, v.n_clips):
             clip_id = f"{v.speaker}_{f.stem}"
             x = normalize(x)
-            row = {"clip_id": clip_id, "kind": "speech", "speaker": v.speaker, "gender": v.gender,
-                   "language": v.language, "talent": v.talent}
+            row = {
+                "clip_id": clip_id,
+                "kind": "speech",
+                "speaker": v.speaker,
+                "gender": v.gender,
+                "language": v.language,
+                "talent": v.talent,
+            }
             row |= write_flac(f"speech/{clip_id}.flac", x, 16_000)
-            row |= {"median_f0_hz": round(median_f0(x, 16_000), 1),
-                    "source": {"package": v.package, "version": versions[v.package]},
-                    "original_files": [str(f)], "licence": v.licence,
-                    "copyright": v.copyright,
-                    "transform": "G.722 decoded, trimmed, peak-normalised; 16 kHz 16-bit FLAC; no concatenation"}
+            row |= {
+                "median_f0_hz": round(median_f0(x, 16_000), 1),
+                "source": {"package": v.package, "version": versions[v.package]},
+                "original_files": [str(f)],
+                "licence": v.licence,
+                "copyright": v.copyright,
+                "transform": "G.722 decoded, trimmed, peak-normalised; 16 kHz 16-bit FLAC; no concatenation",
+            }
             rows.append(row)
     return rows
 
@@ -292,11 +349,15 @@ def build_other(versions: dict[str, str]) -> list[dict]:
         clip_id = f"sonic-pi_{stem}"
         row = {"clip_id": clip_id, "kind": kind, "speaker": speaker, "gender": None, "language": None}
         row |= write_flac(f"{kind}/{clip_id}.flac", x, MUSIC_SR)
-        row |= {"source": {"package": SONIC_PI_PACKAGE, "version": versions[SONIC_PI_PACKAGE]},
-                "original_files": [str(src)], "licence": "CC0-1.0", "copyright": copyright_,
-                "origin_url": source_url,
-                "transform": f"downmixed to mono, resampled to {MUSIC_SR} Hz, trimmed, first {OTHER_MAX_S:g} s "
-                             "at most, peak-normalised; 16-bit FLAC"}
+        row |= {
+            "source": {"package": SONIC_PI_PACKAGE, "version": versions[SONIC_PI_PACKAGE]},
+            "original_files": [str(src)],
+            "licence": "CC0-1.0",
+            "copyright": copyright_,
+            "origin_url": source_url,
+            "transform": f"downmixed to mono, resampled to {MUSIC_SR} Hz, trimmed, first {OTHER_MAX_S:g} s "
+            "at most, peak-normalised; 16-bit FLAC",
+        }
         rows.append(row)
     for stem, artist, start in MOH_CLIPS:
         src = ASTERISK / "moh" / f"{stem}.g722"
@@ -305,11 +366,14 @@ def build_other(versions: dict[str, str]) -> list[dict]:
         clip_id = f"moh_{stem}"
         row = {"clip_id": clip_id, "kind": "music", "speaker": f"moh-{artist}", "gender": None, "language": None}
         row |= write_flac(f"music/{clip_id}.flac", x, 16_000)
-        row |= {"source": {"package": MOH_PACKAGE, "version": versions[MOH_PACKAGE]},
-                "original_files": [str(src)], "licence": "CC-BY-SA-3.0",
-                "copyright": {"macroform": "2009 Paul Shuler (Macroform)", "manolo-camp": "2009 Manolo Camp"}[artist],
-                "transform": f"G.722 decoded, excerpt {start:g}-{start + OTHER_MAX_S:g} s, peak-normalised; "
-                             "16 kHz 16-bit FLAC"}
+        row |= {
+            "source": {"package": MOH_PACKAGE, "version": versions[MOH_PACKAGE]},
+            "original_files": [str(src)],
+            "licence": "CC-BY-SA-3.0",
+            "copyright": {"macroform": "2009 Paul Shuler (Macroform)", "manolo-camp": "2009 Manolo Camp"}[artist],
+            "transform": f"G.722 decoded, excerpt {start:g}-{start + OTHER_MAX_S:g} s, peak-normalised; "
+            "16 kHz 16-bit FLAC",
+        }
         rows.append(row)
     return rows
 
@@ -322,7 +386,7 @@ def write_attribution(rows: list[dict], versions: dict[str, str]) -> None:
     lines = [
         "# Built-in corpus: attribution and licences",
         "",
-        "The audio in this folder was taken from Debian packages (Debian 12 \"bookworm\") by",
+        'The audio in this folder was taken from Debian packages (Debian 12 "bookworm") by',
         "`scripts/build_builtin_corpus.py`, converted (decoded, trimmed, peak-normalised, resampled, cut) and",
         "stored as FLAC. Those changes are ours; the recordings belong to the people named below.",
         "`manifest.json` lists, per clip, the exact source file, package version, licence and checksum.",
@@ -339,7 +403,8 @@ def write_attribution(rows: list[dict], versions: dict[str, str]) -> None:
         "asterisk-core-sounds-es-g722": "Mexican Spanish prompts recorded by Allison Smith "
         "(http://www.theivrvoice.com), (c) 2003-2010 Allison Smith; financial contributions by Digium, Inc. "
         "Licence: CC-BY-SA-3.0.",
-        "asterisk-core-sounds-fr-g722": "Canadian French prompts recorded by June Wallack (http://www.junewallack.com), "
+        "asterisk-core-sounds-fr-g722": "Canadian French prompts recorded by June Wallack "
+        "(http://www.junewallack.com), "
         "(c) 2006-2008 June Wallack; translated by Clod Patry, Kristopher Lalletti and June Wallack; financial "
         "contributions by Digium, Inc., Unlimitel, BGM Informatique. Licence: CC-BY-SA-3.0.",
         "asterisk-core-sounds-it-g722": "Italian prompts recorded by Carlo Flora (http://www.carloflora.com; voice "
@@ -347,8 +412,8 @@ def write_attribution(rows: list[dict], versions: dict[str, str]) -> None:
         "the English text distributed by Digium (http://www.digium.com). Licence: CC-BY-3.0.",
         "asterisk-core-sounds-ru-g722": "Russian prompts provided by Maxim Topal (http://www.ivrvoice.ru), (c) 2010 "
         "Maxim. Licence: CC-BY-3.0.",
-        MOH_PACKAGE: "Music on hold: \"Cold Day\" by Paul Shuler (Macroform), (c) 2009, "
-        "http://macroform.bandcamp.com/; \"Morning Coffee\" by Manolo Camp, (c) 2009, "
+        MOH_PACKAGE: 'Music on hold: "Cold Day" by Paul Shuler (Macroform), (c) 2009, '
+        'http://macroform.bandcamp.com/; "Morning Coffee" by Manolo Camp, (c) 2009, '
         "http://ccmixter.org/people/ManoloCamp. Distributed under CC-BY-SA-3.0 through explicit permission "
         "from their authors.",
         SONIC_PI_PACKAGE: "Samples of Sonic Pi (https://github.com/samaaron/sonic-pi), each released under CC0 by "
@@ -361,10 +426,14 @@ def write_attribution(rows: list[dict], versions: dict[str, str]) -> None:
             extra = f" - {r['copyright']}, {r.get('origin_url', '')}".rstrip(", ") if pkg == SONIC_PI_PACKAGE else ""
             lines.append(f"- `{r['path']}` from `{r['original_files'][0]}` ({r['licence']}){extra}")
         lines.append("")
-    lines += ["## Full licence texts", "",
-              "The complete CC-BY-SA-3.0 and CC-BY-3.0 texts are in the Debian copyright files",
-              "`/usr/share/doc/asterisk-core-sounds-en-g722/copyright` (and the other packages listed above),",
-              "and at the URLs given at the top of this file.", ""]
+    lines += [
+        "## Full licence texts",
+        "",
+        "The complete CC-BY-SA-3.0 and CC-BY-3.0 texts are in the Debian copyright files",
+        "`/usr/share/doc/asterisk-core-sounds-en-g722/copyright` (and the other packages listed above),",
+        "and at the URLs given at the top of this file.",
+        "",
+    ]
     (OUT / "ATTRIBUTION.md").write_text("\n".join(lines))
 
 
@@ -383,7 +452,7 @@ def main() -> None:
     manifest = {
         "name": "fewsound-builtin",
         "description": "Real recorded speech (Asterisk voice prompts), music and environmental sound from Debian "
-                       "packages; see ATTRIBUTION.md.",
+        "packages; see ATTRIBUTION.md.",
         "built_by": "scripts/build_builtin_corpus.py",
         "packages": versions,
         "silence_rule": {"frame_s": FRAME_S, "threshold_db_re_loudest_frame": SILENCE_DB, "pad_s": PAD_S},
@@ -396,8 +465,10 @@ def main() -> None:
     total = sum(r["bytes"] for r in rows)
     print(f"{len(rows)} clips, {total / 1e6:.2f} MB of FLAC in {OUT}")
     for name, v in manifest["voices"].items():
-        print(f"  {name:12s} {v['gender']:6s} F0 {v['median_f0_hz']} Hz, formant dispersion "
-              f"{v['median_formant_dispersion_hz']:.0f} Hz")
+        print(
+            f"  {name:12s} {v['gender']:6s} F0 {v['median_f0_hz']} Hz, formant dispersion "
+            f"{v['median_formant_dispersion_hz']:.0f} Hz"
+        )
     for r in rows:
         f0 = f" f0={r['median_f0_hz']}" if r["kind"] == "speech" else ""
         print(f"  {r['kind']:11s} {r['clip_id']:45s} {r['seconds']:5.2f}s {r['bytes'] / 1e3:6.1f} kB{f0}")

@@ -7,17 +7,16 @@ import csv
 import os
 
 import pytest
+from sweep_jobs import job  # noqa: E402,F401  (shared by the sweep-job tests)
 
 from tune.ablation import BASE_LABEL, KNOBS, check_param_counts, configs, knob_rows, knob_tables, paper_params
 
 
-from sweep_jobs import job, sweep_jobs_home as home  # noqa: E402,F401  (shared by the sweep-job tests)
-
-
 def test_every_row_has_the_papers_parameter_count():
     assert check_param_counts(list(KNOBS.values())) == []
-    counts = {(k.name, k.label(v)): k.fit_config(v, 1, 0).build_inr().num_params()
-              for k in KNOBS.values() for v in k.values}
+    counts = {
+        (k.name, k.label(v)): k.fit_config(v, 1, 0).build_inr().num_params() for k in KNOBS.values() for v in k.values
+    }
     assert len(counts) == 31  # 7 + 7 + 5 + 5 + 5 + 2 rows, as printed in Tables 7-10, 16, 17
     assert counts[("encoding_length", "2")] == 23_016 and counts[("layers", "[96, 48, 24]")] == 102_480
     assert counts[("grid_size", "17")] == 46_620 and counts[("scale_spline", "False")] == 28_860
@@ -30,11 +29,18 @@ def test_base_is_fitted_once_and_shared_by_every_knob_table():
     assert cfgs[BASE_LABEL].build_inr().num_params() == 31_080 and cfgs[BASE_LABEL].resolved_lr == 5e-3
     assert cfgs["layers=[24, 12, 6]"].inr["widths"] == (24, 12, 6) and cfgs["lr=0.001"].resolved_lr == 1e-3
     assert {k.name: lab for k, lab in knob_rows(BASE_LABEL)} == {
-        "encoding_length": "8", "layers": "[48, 24, 12]", "spline_order": "2", "grid_size": "10", "lr": "0.005",
-        "scale_spline": "True"}
-    rows = [{"label": BASE_LABEL, "length": 32_768, "eval/psnr": 30.0},
-            {"label": "grid_size=5", "length": 32_768, "eval/psnr": 20.0},
-            {"label": "spline_order=3", "length": 65_536, "eval/psnr": 25.0}]
+        "encoding_length": "8",
+        "layers": "[48, 24, 12]",
+        "spline_order": "2",
+        "grid_size": "10",
+        "lr": "0.005",
+        "scale_spline": "True",
+    }
+    rows = [
+        {"label": BASE_LABEL, "length": 32_768, "eval/psnr": 30.0},
+        {"label": "grid_size=5", "length": 32_768, "eval/psnr": 20.0},
+        {"label": "spline_order=3", "length": 65_536, "eval/psnr": 25.0},
+    ]
     tables = knob_tables(rows)
     assert set(tables) == {"grid_size", "spline_order"}  # knobs not varied in the sweep get no table
     assert [r["label"] for r in tables["grid_size"]["rows"]] == ["10", "5"]

@@ -55,11 +55,14 @@ def test_no_credentials_in_the_file():
         assert word not in text
 
 
-@pytest.mark.parametrize("typo", [
-    ("top", "setup_comands", []),
-    ("node", "max_worker", 3),
-    ("docker", "imag", "rayproject/ray:2.60.0-py311-gpu"),
-])
+@pytest.mark.parametrize(
+    "typo",
+    [
+        ("top", "setup_comands", []),
+        ("node", "max_worker", 3),
+        ("docker", "imag", "rayproject/ray:2.60.0-py311-gpu"),
+    ],
+)
 def test_a_typo_in_a_key_fails_validation(config, typo):
     import jsonschema
 

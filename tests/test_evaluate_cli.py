@@ -31,8 +31,9 @@ def pair_dirs(tmp_path_factory, speech_clips):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fewsound", "evaluate", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fewsound", "evaluate", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_file_pair_prints_every_metric_as_json(pair_dirs):
@@ -83,4 +84,6 @@ def test_bad_inputs_name_the_file(pair_dirs, tmp_path, capsys):
     partial = tmp_path / "partial"
     save_audio(partial / "s0.wav", sf.read(str(rec / "s0.wav"), dtype="float32")[0])
     assert "s1.wav" in (e := _error_line(capsys, [ref, partial])) and "missing" in e
-    assert "silent" in _error_line(capsys, [save_audio(tmp_path / "zero.wav", np.zeros(SR, np.float32)), ref / "s0.wav"])
+    assert "silent" in _error_line(
+        capsys, [save_audio(tmp_path / "zero.wav", np.zeros(SR, np.float32)), ref / "s0.wav"]
+    )

@@ -59,8 +59,11 @@ def test_key_hash_ignores_runtime_fields_only():
     same = FitConfig(family="nerf", inr={"widths": (90, 90)}, device="cpu", log_every=7, checkpoint_every=50)
     assert base.key_hash() == same.key_hash()
     assert base.key_hash() == FitConfig(family="nerf", inr={"widths": (90, 90)}, lr=DEFAULT_LR["nerf"]).key_hash()
-    for changed in (FitConfig(family="nerf", inr={"widths": (90, 80)}), FitConfig(family="nerf", steps=9),
-                    FitConfig(family="nerf", inr={"widths": (90, 90)}, seed=1)):
+    for changed in (
+        FitConfig(family="nerf", inr={"widths": (90, 80)}),
+        FitConfig(family="nerf", steps=9),
+        FitConfig(family="nerf", inr={"widths": (90, 90)}, seed=1),
+    ):
         assert changed.key_hash() != base.key_hash()
 
 

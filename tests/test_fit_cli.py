@@ -18,8 +18,9 @@ SR = 22_050
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The real command in a fresh interpreter, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "fewsound", "fit", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fewsound", "fit", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def run_main(capsys, *args) -> tuple[int, str, str]:
@@ -41,19 +42,40 @@ def speech_wav(speech_clips, tmp_path_factory):
 
 def test_fit_round_trip(speech_wav, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli(speech_wav, "--inr", "nerf", "--steps", "40", "--length", "8192", "--offset", "4000",
-                   "--out", out, "--metrics", "mse,psnr,si_snr,lsd", "--log-every", "20")
+    proc = run_cli(
+        speech_wav,
+        "--inr",
+        "nerf",
+        "--steps",
+        "40",
+        "--length",
+        "8192",
+        "--offset",
+        "4000",
+        "--out",
+        out,
+        "--metrics",
+        "mse,psnr,si_snr,lsd",
+        "--log-every",
+        "20",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "step     40" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["gt.wav", "metrics.json", "params.pt", "pred.wav",
-                                                     "spectrogram.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gt.wav",
+        "metrics.json",
+        "params.pt",
+        "pred.wav",
+        "spectrogram.png",
+    ]
     gt, gt_sr = sf.read(out / "gt.wav", dtype="float32")
     pred, pred_sr = sf.read(out / "pred.wav", dtype="float32")
     assert gt_sr == pred_sr == SR and gt.shape == pred.shape == (8192,)
     assert np.abs(gt).max() == pytest.approx(1.0)  # peak-normalised target
     # gt.wav is the requested crop of the resampled file
-    np.testing.assert_allclose(gt, (lambda x: x / np.abs(x).max())(load_audio(speech_wav, sr=SR)[4000:12192]),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        gt, (lambda x: x / np.abs(x).max())(load_audio(speech_wav, sr=SR)[4000:12192]), atol=1e-6
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("fit/loss", "eval/mse", "eval/psnr", "eval/si_snr", "eval/lsd", "cost/steps_per_s", "model/params"):
         assert isinstance(metrics[key], float), key
@@ -65,8 +87,23 @@ def test_fit_round_trip(speech_wav, tmp_path):
 
 def test_resume_continues_the_checkpoint(speech_wav, tmp_path, capsys):
     out = tmp_path / "out"
-    common = [speech_wav, "--inr", "kan", "--steps", "6", "--length", "4096", "--out", out, "--metrics", "mse",
-              "--checkpoint-every", "3", "--log-every", "1"]
+    common = [
+        speech_wav,
+        "--inr",
+        "kan",
+        "--steps",
+        "6",
+        "--length",
+        "4096",
+        "--out",
+        out,
+        "--metrics",
+        "mse",
+        "--checkpoint-every",
+        "3",
+        "--log-every",
+        "1",
+    ]
     assert run_main(capsys, *common)[0] == 0
     first = json.loads((out / "metrics.json").read_text())
     code, stdout, stderr = run_main(capsys, *common, "--resume")

@@ -11,8 +11,15 @@ import torch
 
 from fewsound.config import cfg_hash, flatten, from_flat
 from fewsound.errors import ConfigError
-from fewsound.hyper import (HyperConfig, build_model, crossfade_weights, load_model, reconstruct_long, save_model,
-                            window_starts)
+from fewsound.hyper import (
+    HyperConfig,
+    build_model,
+    crossfade_weights,
+    load_model,
+    reconstruct_long,
+    save_model,
+    window_starts,
+)
 from fewsound.hyper.encoders import SnacEncoder, SoundStreamEncoder, SpectralEncoder
 from fewsound.hyper.model import CompactWeightEncoder, HyperMLP, ReferenceWeightEncoder
 from fewsound.inr import build_inr, coordinates
@@ -41,6 +48,7 @@ def speech(speech_clips):
 
 # --- parameter counts (reference-code-facts 1.5 / 2) --------------------------------------------------------
 
+
 def test_hypernetwork_17_5m_for_kan_l8_is_the_reference_count():
     kan = build_inr(HyperConfig(target="kan").target_config())
     assert kan.num_params() == 31_080
@@ -48,12 +56,15 @@ def test_hypernetwork_17_5m_for_kan_l8_is_the_reference_count():
     assert count(h) == 17_487_624
 
 
-@pytest.mark.parametrize("kind,target,expected", [
-    ("fewsound", "siren", 17_532_135),  # SIREN 31,191
-    ("fewsound", "nerf", 18_362_205),  # NeRF L = 12 (Table 1's 33,261)
-    ("hypersound", "nerf", 17_637_285),  # HyperSound NeRF 5 x [90], L = 10 (34,741)
-    ("hypersound", "siren", 16_951_575),  # HyperSound SIREN 5 x [90] (33,031)
-])
+@pytest.mark.parametrize(
+    "kind,target,expected",
+    [
+        ("fewsound", "siren", 17_532_135),  # SIREN 31,191
+        ("fewsound", "nerf", 18_362_205),  # NeRF L = 12 (Table 1's 33,261)
+        ("hypersound", "nerf", 17_637_285),  # HyperSound NeRF 5 x [90], L = 10 (34,741)
+        ("hypersound", "siren", 16_951_575),  # HyperSound SIREN 5 x [90] (33,031)
+    ],
+)
 def test_hypernetwork_counts_for_other_targets(kind, target, expected):
     cfg = HyperConfig(kind=kind, target=target)
     n_in = 3296 * (2 if kind == "fewsound" else 1)
@@ -61,11 +72,19 @@ def test_hypernetwork_counts_for_other_targets(kind, target, expected):
 
 
 def test_target_sizes_per_kind():
-    sizes = {(k, t): build_inr(HyperConfig(kind=k, target=t).target_config()).num_params()
-             for k in ("fewsound", "hypersound") for t in ("nerf", "kan", "siren")}
-    assert sizes == {("fewsound", "nerf"): 33_261, ("fewsound", "kan"): 31_080, ("fewsound", "siren"): 31_191,
-                     ("hypersound", "nerf"): 34_741, ("hypersound", "kan"): 19_908,
-                     ("hypersound", "siren"): 33_031}
+    sizes = {
+        (k, t): build_inr(HyperConfig(kind=k, target=t).target_config()).num_params()
+        for k in ("fewsound", "hypersound")
+        for t in ("nerf", "kan", "siren")
+    }
+    assert sizes == {
+        ("fewsound", "nerf"): 33_261,
+        ("fewsound", "kan"): 31_080,
+        ("fewsound", "siren"): 31_191,
+        ("hypersound", "nerf"): 34_741,
+        ("hypersound", "kan"): 19_908,
+        ("hypersound", "siren"): 33_031,
+    }
 
 
 def test_large_preset_and_weight_encoders():
@@ -88,8 +107,14 @@ def test_full_reference_model_count_and_param_counts():
     """The reference's FewSound-KAN(L8) with its G and LayerNorm encoder: 87,628,476 (built, not run)."""
     model = build_model(HyperConfig(target="kan", weight_encoder="reference", encoder_norm="layer"), verbose=False)
     c = model.param_counts()
-    assert c == {"encoder": 21_045_792, "weight_encoder": 49_063_980, "hypernetwork": 17_487_624,
-                 "universal": 31_080, "total": 87_628_476, "target_inr": 31_080}
+    assert c == {
+        "encoder": 21_045_792,
+        "weight_encoder": 49_063_980,
+        "hypernetwork": 17_487_624,
+        "universal": 31_080,
+        "total": 87_628_476,
+        "target_inr": 31_080,
+    }
     assert "hypernetwork 17,487,624" in model.describe() and "total 87,628,476" in model.describe()
 
 
@@ -103,6 +128,7 @@ def test_default_model_counts_and_construction_log(capsys):
 
 
 # --- forward, target params, the theta + delta algebra ------------------------------------------------------
+
 
 @pytest.mark.parametrize("target", ["nerf", "kan", "siren"])
 def test_fewsound_shapes_and_target_params(target, speech):
@@ -152,7 +178,7 @@ def test_per_sound_params_differ_and_identical_sounds_agree(speech):
     model = tiny(target="kan")
     audio = torch.cat([speech, speech[:1]])
     params, _ = model.target_params(audio)
-    for name, p in params.items():
+    for p in params.values():
         torch.testing.assert_close(p[3], p[0])  # same sound -> same network
     flat = model.target_flat(audio)
     assert (flat[0] - flat[1]).abs().max() > 1e-6 and (flat[1] - flat[2]).abs().max() > 1e-6
@@ -173,6 +199,7 @@ def test_gradients_reach_every_part(speech):
 def test_delta_scale_matches_the_target_blocks(speech):
     """block_rms: the initial delta of each block is of the size of that block's own init weights, even for
     KAN's spline coefficients (~100x smaller than its base weights); 'none' (the reference) is not."""
+
     @torch.no_grad()
     def ratios(model):
         delta = model.unflatten(model.delta(speech))
@@ -238,10 +265,19 @@ def test_training_steps_reduce_the_loss_and_beat_the_universal_inr(speech):
 
 # --- config, determinism, checkpoints -----------------------------------------------------------------------
 
+
 def test_config_validation_and_round_trip():
-    for bad in (dict(kind="maml"), dict(target="wire"), dict(encoder="wav2vec"), dict(preset="huge"),
-                dict(weight_encoder="big"), dict(encoder_norm="batch"), dict(delta_warmup_epochs=-1),
-                dict(hyper_widths=(0, 4)), dict(clip_length=100)):
+    for bad in (
+        dict(kind="maml"),
+        dict(target="wire"),
+        dict(encoder="wav2vec"),
+        dict(preset="huge"),
+        dict(weight_encoder="big"),
+        dict(encoder_norm="batch"),
+        dict(delta_warmup_epochs=-1),
+        dict(hyper_widths=(0, 4)),
+        dict(clip_length=100),
+    ):
         with pytest.raises(ConfigError):
             HyperConfig(**bad)
     with pytest.raises(ConfigError):
@@ -295,6 +331,7 @@ def test_save_load_round_trip_and_errors(tmp_path, speech):
 
 # --- encoders -----------------------------------------------------------------------------------------------
 
+
 def test_other_encoders_shapes(speech):
     e = 104
     for enc in (SpectralEncoder(e, 22_050, channels=32), SnacEncoder(TINY, e, d_model=8)):
@@ -312,6 +349,7 @@ def test_whisper_needs_a_local_checkpoint(tmp_path):
 
 
 # --- windowed reconstruction --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [1, 100, 4096, 4097, 10_000, int(3.3 * 4096), 5 * 3072 + 1024])
 def test_crossfade_weights_partition_unity(n):

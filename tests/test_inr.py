@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from fewsound.errors import ConfigError
-from fewsound.inr import FAMILIES, build_inr, coordinates
-from fewsound.inr import presets
+from fewsound.inr import FAMILIES, build_inr, coordinates, presets
 from fewsound.inr.kan import (
     KanConfig,
     bspline_basis_fast,
@@ -308,8 +307,17 @@ def _probe_points(grid_size, order):
     gen = torch.Generator().manual_seed(grid_size * 10 + order)
     span = float(g[-1] - g[0])
     inside = torch.rand(500, generator=gen, dtype=F64) * (span + 1.0) + float(g[0]) - 0.5
-    return torch.cat([inside, g, g + 1e-12, g - 1e-12, torch.nextafter(g, g + 1), torch.nextafter(g, g - 1),
-                      torch.tensor([-1.0, 1.0, -1e6, 1e6, -1e30, 1e30], dtype=F64)])
+    return torch.cat(
+        [
+            inside,
+            g,
+            g + 1e-12,
+            g - 1e-12,
+            torch.nextafter(g, g + 1),
+            torch.nextafter(g, g - 1),
+            torch.tensor([-1.0, 1.0, -1e6, 1e6, -1e30, 1e30], dtype=F64),
+        ]
+    )
 
 
 @pytest.mark.parametrize("order", [0, 1, 2, 3, 5, 7])
@@ -424,8 +432,9 @@ def test_kan_layer_fast_equals_recursion_with_base_branch(monkeypatch):
     # clip b's output depends only on clip b's weights (the flat embedding_bag table offsets rows per clip)
     y1 = kan_layer_fast(x[1:2], bw[1:2], coef[1:2], 10, 2, (-1.0, 1.0))
     assert torch.allclose(y1[0], yf[1], rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda a, w, c: kan_layer_fast(a, w, c, 10, 2, (-1.0, 1.0)),
-                                    (x[:2, :9], bw[:2], coef[:2]))
+    assert torch.autograd.gradcheck(
+        lambda a, w, c: kan_layer_fast(a, w, c, 10, 2, (-1.0, 1.0)), (x[:2, :9], bw[:2], coef[:2])
+    )
 
 
 def test_kan_fast_memory_is_one_tile():

@@ -32,9 +32,10 @@ def reference_loss(pred: np.ndarray, target: np.ndarray, lambda_t: float = 1.0, 
             warnings.simplefilter("ignore")  # librosa warns about nothing here, but be safe on old versions
             fb = librosa.filters.mel(sr=SR, n_fft=n_fft, n_mels=mel_bands_for(n_fft), dtype=np.float64)
 
-        def mel(x):
-            spec = librosa.stft(x, n_fft=n_fft, hop_length=hop, win_length=win, window="hann", center=True,
-                                pad_mode="reflect")
+        def mel(x, n_fft=n_fft, hop=hop, win=win, fb=fb):
+            spec = librosa.stft(
+                x, n_fft=n_fft, hop_length=hop, win_length=win, window="hann", center=True, pad_mode="reflect"
+            )
             return fb @ np.sqrt(np.maximum(spec.real**2 + spec.imag**2, 1e-8))
 
         d = mel(pred) - mel(target)

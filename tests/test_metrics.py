@@ -171,7 +171,10 @@ def test_cdpam_equals_the_package(speech, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.warns(UserWarning, match="weights_only"):
         pkg = cdpam.CDPAM(dev="cpu")
-    to_int16 = lambda a: torch.from_numpy(np.round(a.astype(np.float32).astype(np.float64) * 32768).astype(np.float32))
+
+    def to_int16(a):
+        return torch.from_numpy(np.round(a.astype(np.float32).astype(np.float64) * 32768).astype(np.float32))
+
     with torch.no_grad():
         for i in range(2):
             direct = pkg.forward(to_int16(x[i : i + 1]), to_int16(y[i : i + 1])).item()

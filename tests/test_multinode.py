@@ -39,21 +39,31 @@ def cluster(tmp_path_factory):
 
 
 def test_smoke_sweep_spreads_over_worker_nodes_and_logs_every_artifact(cluster):
+    import ray
     from mlflow.tracking import MlflowClient
 
     from tune.jobs import corpus_clips, resolve_corpus
     from tune.sweep import run_sweep
 
-    import ray
-
     c, worker_ids, uri = cluster
     assert ray.get_runtime_context().gcs_address == c.address
     corpus = resolve_corpus(None, 16_384)
     clips = corpus_clips(corpus, "3", "speech")
-    tasks = [FitTask(FitConfig(family=f, steps=3), clip.clip_id, clip.kind, 16_384, f.upper())
-             for f in ("nerf", "kan") for clip in clips]
-    s = run_sweep("multinode", tasks, corpus=corpus, experiment="test-multinode", address=c.address,
-                  pack_size=3, progress=False, metrics=("mse", "psnr", "lsd"))
+    tasks = [
+        FitTask(FitConfig(family=f, steps=3), clip.clip_id, clip.kind, 16_384, f.upper())
+        for f in ("nerf", "kan")
+        for clip in clips
+    ]
+    s = run_sweep(
+        "multinode",
+        tasks,
+        corpus=corpus,
+        experiment="test-multinode",
+        address=c.address,
+        pack_size=3,
+        progress=False,
+        metrics=("mse", "psnr", "lsd"),
+    )
     assert (s.done, s.failed) == (6, 0)
     assert s.resources == {"cpu": 1}  # no GPUs in this cluster: trials ask for CPUs only
 

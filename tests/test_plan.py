@@ -7,8 +7,11 @@ from tune.plan import FitTask, bundle, pack, pack_cost
 
 
 def tasks(n_configs: int, clips: int, steps=lambda i: 10) -> list[FitTask]:
-    return [FitTask(FitConfig(family="nerf", steps=steps(i), seed=i), f"c{j}", "speech", 4096)
-            for i in range(n_configs) for j in range(clips)]
+    return [
+        FitTask(FitConfig(family="nerf", steps=steps(i), seed=i), f"c{j}", "speech", 4096)
+        for i in range(n_configs)
+        for j in range(clips)
+    ]
 
 
 def test_packs_share_one_config_and_length_and_respect_the_size():

@@ -26,8 +26,12 @@ def test_round_trip_on_a_long_speech_file(tmp_path, model_path, speech_clips):
     inp = tmp_path / "in.flac"
     save_audio(inp, x, sr=clip.sample_rate)
     out = tmp_path / "out.wav"
-    proc = subprocess.run([sys.executable, "-m", "fewsound", "reconstruct", str(model_path), str(inp), str(out),
-                           "--batch-size", "4"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fewsound", "reconstruct", str(model_path), str(inp), str(out), "--batch-size", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     y, sr = sf.read(out, dtype="float32")
     expected = clip.load()  # the same clip at the model's 22,050 Hz

@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from sweep_jobs import job, sweep_jobs_home as home  # noqa: E402,F401  (shared by the sweep-job tests)
+from sweep_jobs import job  # noqa: E402,F401  (shared by the sweep-job tests)
 
 
 def test_report_regenerates_tables_matching_the_child_runs(home, tmp_path, capsys):
@@ -29,8 +28,15 @@ def test_report_regenerates_tables_matching_the_child_runs(home, tmp_path, capsy
 
     with open(tmp_path / "a" / "table.csv") as f:
         table = list(csv.DictReader(f))
-    columns = {"MSE": "eval/mse", "PSNR": "eval/psnr", "LSD": "eval/lsd", "SI-SNR": "eval/si_snr",
-               "PESQ": "eval/pesq", "STOI": "eval/stoi", "WD": "eval/wd_hf"}
+    columns = {
+        "MSE": "eval/mse",
+        "PSNR": "eval/psnr",
+        "LSD": "eval/lsd",
+        "SI-SNR": "eval/si_snr",
+        "PESQ": "eval/pesq",
+        "STOI": "eval/stoi",
+        "WD": "eval/wd_hf",
+    }
     seen = set()
     for row in table:
         key = columns[row["metric"]]
@@ -52,8 +58,14 @@ def test_report_regenerates_tables_matching_the_child_runs(home, tmp_path, capsy
     assert Path(logged).read_text() == (tmp_path / "a" / "table.csv").read_text()
 
 
-@pytest.mark.parametrize("argv, where", [(["--run-id", "0123456789abcdef"], "--run-id"),
-                                          (["--experiment", "no-such-experiment"], "--experiment"), ([], "--run-id")])
+@pytest.mark.parametrize(
+    "argv, where",
+    [
+        (["--run-id", "0123456789abcdef"], "--run-id"),
+        (["--experiment", "no-such-experiment"], "--experiment"),
+        ([], "--run-id"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(home, capsys, argv, where):
     assert job("report").main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -10,11 +10,10 @@ import os
 
 import optuna
 import pytest
+from sweep_jobs import job  # noqa: E402,F401  (shared by the sweep-job tests)
 
 from fewsound.errors import ConfigError
 from tune.search import SPACES, count_params, parse_weights, score, smallest_params, to_fit_config
-
-from sweep_jobs import job, sweep_jobs_home as home  # noqa: E402,F401  (shared by the sweep-job tests)
 
 BUDGET = 34_000
 
@@ -28,8 +27,17 @@ def test_every_space_gives_buildable_configs_and_the_paper_kan_fits_the_budget()
             cfg = to_fit_config(family, trial.params, steps=10)
             assert cfg.family == family and len(cfg.inr["widths"]) == trial.params["depth"]
             assert cfg.build_inr().num_params() == count_params(family, trial.params) > 0
-    paper = {"lr": 5e-3, "encoding_length": 10, "grid_size": 10, "spline_order": 2, "enable_scale_spline": True,
-             "depth": 3, "width0": 48, "width1": 24, "width2": 12}
+    paper = {
+        "lr": 5e-3,
+        "encoding_length": 10,
+        "grid_size": 10,
+        "spline_order": 2,
+        "enable_scale_spline": True,
+        "depth": 3,
+        "width0": 48,
+        "width1": 24,
+        "width2": 12,
+    }
     assert count_params("kan", paper) == 33_768 <= BUDGET
     # the smallest KAN of the space: 4 encoding features -> 4 -> 4 -> 1, G = 1, k = 1, no scaler: 3 per edge
     assert smallest_params("kan") == (4 * 4 + 4 * 4 + 4 * 1) * (1 + 1 + 1)
@@ -67,11 +75,14 @@ def test_search_smoke_logs_trials_respects_budget_and_stops_early(home, capsys):
     # over-budget suggestions were made (the space allows 100k+ parameters), rejected, and never fitted
     m = parent.data.metrics
     assert m["search/rejected_over_budget"] >= 1 and m["search/trials"] == 6
-    rejected = list(csv.DictReader(io.StringIO(open(client.download_artifacts(
-        parent.info.run_id, "search/rejected_over_budget.csv")).read())))
+    rejected = list(
+        csv.DictReader(
+            io.StringIO(open(client.download_artifacts(parent.info.run_id, "search/rejected_over_budget.csv")).read())
+        )
+    )
     assert len(rejected) == m["search/rejected_over_budget"]
     assert all(int(r["num_params"]) > BUDGET for r in rejected)
-    fitted = [{k[len("search."):]: v for k, v in r.data.params.items() if k.startswith("search.")} for r in trials]
+    fitted = [{k[len("search.") :]: v for k, v in r.data.params.items() if k.startswith("search.")} for r in trials]
     assert not any({k: str(v) for k, v in r.items() if k != "num_params"} in fitted for r in rejected)
     # ASHA stopped at least one trial early: its run is KILLED, tagged, with fewer objective points
     stopped = [r for r in trials if r.info.status == "KILLED"]
@@ -89,10 +100,16 @@ def test_search_smoke_logs_trials_respects_budget_and_stops_early(home, capsys):
     assert parent.data.tags["fewsound.best_run_id"] == max(finals, key=finals.get)
 
 
-@pytest.mark.parametrize("argv, where", [(["--family", "mlp"], "--family"), (["--objective", "loudness"],
-                                          "--objective"), (["--objective", "mix", "--mix-weights", "pesq"],
-                                                           "--mix-weights"), (["--max-params", "50"], "--max-params"),
-                                          (["--steps", "5", "--chunks", "10"], "--trials/--chunks/--steps")])
+@pytest.mark.parametrize(
+    "argv, where",
+    [
+        (["--family", "mlp"], "--family"),
+        (["--objective", "loudness"], "--objective"),
+        (["--objective", "mix", "--mix-weights", "pesq"], "--mix-weights"),
+        (["--max-params", "50"], "--max-params"),
+        (["--steps", "5", "--chunks", "10"], "--trials/--chunks/--steps"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(home, capsys, argv, where):
     assert job("search_inr").main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -59,7 +59,9 @@ def test_fewsound_protocol_round_trip_is_bit_exact(source, tmp_path):
     assert np.array_equal(arr[3], train[3].audio) and meta[3]["clip_id"] == train[3].clip_id
     t = pq.read_table(corpus.shard_paths("validation")[0])
     assert pa.types.is_list(t.schema.field("audio").type) and t.schema.field("audio").type.value_type == pa.float32()
-    assert {"clip_id", "speaker", "kind", "split", "sample_rate", "audio", "source_path", "start", "n_samples"} <= set(t.column_names)
+    assert {"clip_id", "speaker", "kind", "split", "sample_rate", "audio", "source_path", "start", "n_samples"} <= set(
+        t.column_names
+    )
 
 
 def test_manifest_counts_speakers_and_rejections(source, tmp_path):
@@ -101,7 +103,9 @@ def test_split_rule_for_few_and_many_speakers():
     assert [val_group_count(n) for n in (1, 2, 5, 9, 10, 49, 50, 110)] == [0, 1, 1, 1, 2, 9, 10, 10]
 
     def rec(kind, group, split=""):
-        return SourceRecord(path="/x", rel="x", utterance=f"{group}-1", speaker=group, group=group, kind=kind, split=split)
+        return SourceRecord(
+            path="/x", rel="x", utterance=f"{group}-1", speaker=group, group=group, kind=kind, split=split
+        )
 
     fs = get_protocol("fewsound")
     vctk = [rec("speech", f"p{225 + i}") for i in range(109)] + [rec("speech", "s5")]
@@ -120,7 +124,11 @@ def test_split_rule_for_few_and_many_speakers():
     assert [g for (_, g), s in folds.items() if s == "validation"] == ["fold9", "fold10"]
     # a layout's own split is kept when it has both halves
     libri = [rec("speech", "19", "train"), rec("speech", "103", "train"), rec("speech", "1688", "validation")]
-    assert {g: s for (_, g), s in split_groups(libri, fs).items()} == {"19": "train", "103": "train", "1688": "validation"}
+    assert {g: s for (_, g), s in split_groups(libri, fs).items()} == {
+        "19": "train",
+        "103": "train",
+        "1688": "validation",
+    }
     with pytest.raises(ConfigError, match="unknown protocol"):
         get_protocol("fewsound-xl")
 

@@ -24,8 +24,17 @@ from tune.plan import FitTask
 from tune.trial import KEY_TAG, REASON_TAG
 
 REPO = Path(__file__).resolve().parents[1]
-EVAL_KEYS = ("eval/mse", "eval/psnr", "eval/snr", "eval/si_snr", "eval/lsd", "eval/wd_hf", "eval/pesq", "eval/stoi",
-             "eval/cdpam")
+EVAL_KEYS = (
+    "eval/mse",
+    "eval/psnr",
+    "eval/snr",
+    "eval/si_snr",
+    "eval/lsd",
+    "eval/wd_hf",
+    "eval/pesq",
+    "eval/stoi",
+    "eval/cdpam",
+)
 FIT_KEYS = ("fit/loss", "cost/seconds", "cost/steps_per_s", "model/params")
 
 
@@ -132,8 +141,14 @@ def test_smoke_output_is_quiet_progress_lines_table_and_ui_address(smoke):
     assert "fits/h" in progress[-1] and "ETA" in progress[-1]
     assert "| NERF |" in out and "| KAN |" in out
     assert "MLflow UI: http://127.0.0.1:" in out
-    for noise in ("View run", "View experiment", "Configuration for experiment", "View detailed results",
-                  "tensorboard", "Traceback"):
+    for noise in (
+        "View run",
+        "View experiment",
+        "Configuration for experiment",
+        "View detailed results",
+        "tensorboard",
+        "Traceback",
+    ):
         assert noise not in out, noise
 
 
@@ -146,13 +161,23 @@ def test_parent_tables_parse_and_match_the_child_runs(smoke, client, tmp_path):
     label = {"nerf": "NERF", "kan": "KAN"}
     seen = set()
     for row in rows:
-        key = {"MSE": "eval/mse", "PSNR": "eval/psnr", "LSD": "eval/lsd", "SI-SNR": "eval/si_snr",
-               "PESQ": "eval/pesq", "STOI": "eval/stoi", "CDPAM": "eval/cdpam", "WD": "eval/wd_hf"}[row["metric"]]
+        key = {
+            "MSE": "eval/mse",
+            "PSNR": "eval/psnr",
+            "LSD": "eval/lsd",
+            "SI-SNR": "eval/si_snr",
+            "PESQ": "eval/pesq",
+            "STOI": "eval/stoi",
+            "CDPAM": "eval/cdpam",
+            "WD": "eval/wd_hf",
+        }[row["metric"]]
         xs = [r.data.metrics[key] for r in kids if label[r.data.tags["fewsound.family"]] == row["INR"]]
         assert int(row["n"]) == len(xs) == 3
         assert float(row["mean"]) == pytest.approx(np.mean(xs), rel=1e-9, abs=1e-12)
         assert float(row["std"]) == pytest.approx(np.std(xs), rel=1e-6, abs=1e-12)  # population std over clips
-        params = {int(r.data.metrics["model/params"]) for r in kids if label[r.data.tags["fewsound.family"]] == row["INR"]}
+        params = {
+            int(r.data.metrics["model/params"]) for r in kids if label[r.data.tags["fewsound.family"]] == row["INR"]
+        }
         assert {int(row["params"])} == params
         seen.add((row["INR"], row["metric"]))
     assert len(seen) == 2 * 8  # both families x every metric column
@@ -174,10 +199,21 @@ def test_a_diverging_fit_is_failed_with_its_reason_and_the_others_finish(ray_loc
     corpus = resolve_corpus(None, 4096)
     clips = corpus_clips(corpus, "2", "speech")
     # SIREN at lr=1e6 really diverges (non-finite loss at step 2); NERF at its default rate does not
-    tasks = [FitTask(FitConfig(family=f, steps=4, lr=lr), c.clip_id, c.kind, 4096, f)
-             for f, lr in (("nerf", None), ("siren", 1e6)) for c in clips]
-    s = run_sweep("diverge", tasks, corpus=corpus, experiment="test-diverge", max_retries=1, progress=False,
-                  metrics=("mse", "psnr"), log_artifacts=False)
+    tasks = [
+        FitTask(FitConfig(family=f, steps=4, lr=lr), c.clip_id, c.kind, 4096, f)
+        for f, lr in (("nerf", None), ("siren", 1e6))
+        for c in clips
+    ]
+    s = run_sweep(
+        "diverge",
+        tasks,
+        corpus=corpus,
+        experiment="test-diverge",
+        max_retries=1,
+        progress=False,
+        metrics=("mse", "psnr"),
+        log_artifacts=False,
+    )
     assert (s.done, s.failed) == (2, 2)
     parent, kids = children(client, "test-diverge")
     assert parent.info.status == "FAILED"  # the sweep finished, and says that some fits failed
@@ -200,31 +236,53 @@ def test_a_crashing_trial_is_retried_then_its_fits_are_failed_with_the_reason(ra
     corpus = resolve_corpus(None, 4096)
     good = corpus_clips(corpus, "1", "speech")[0]
     # a clip the corpus does not have: the trial raises (KeyError) on every attempt
-    tasks = [FitTask(FitConfig(family="nerf", steps=2), good.clip_id, "speech", 4096, "nerf"),
-             FitTask(FitConfig(family="rff", steps=2), "no-such-clip", "speech", 4096, "rff")]
-    s = run_sweep("crash", tasks, corpus=corpus, experiment="test-crash", trial_failures=1, progress=False,
-                  metrics=("mse",), log_artifacts=False)
+    tasks = [
+        FitTask(FitConfig(family="nerf", steps=2), good.clip_id, "speech", 4096, "nerf"),
+        FitTask(FitConfig(family="rff", steps=2), "no-such-clip", "speech", 4096, "rff"),
+    ]
+    s = run_sweep(
+        "crash",
+        tasks,
+        corpus=corpus,
+        experiment="test-crash",
+        trial_failures=1,
+        progress=False,
+        metrics=("mse",),
+        log_artifacts=False,
+    )
     assert (s.done, s.failed) == (1, 1)
     _, kids = children(client, "test-crash")
     failed = [r for r in kids if r.info.status == "FAILED"]
     assert len(failed) == 1 and failed[0].data.tags["fewsound.family"] == "rff"
-    assert failed[0].data.tags[REASON_TAG].startswith("trial crashed:") and "no-such-clip" in \
-        failed[0].data.tags[REASON_TAG]
+    assert (
+        failed[0].data.tags[REASON_TAG].startswith("trial crashed:")
+        and "no-such-clip" in failed[0].data.tags[REASON_TAG]
+    )
 
 
-def test_packs_bundled_into_one_trial_report_one_by_one_and_a_crashing_pack_spares_the_others(ray_local, client,
-                                                                                               env):
+def test_packs_bundled_into_one_trial_report_one_by_one_and_a_crashing_pack_spares_the_others(ray_local, client, env):
     from tune.jobs import corpus_clips, resolve_corpus
     from tune.sweep import run_sweep
 
     corpus = resolve_corpus(None, 4096)
     good = corpus_clips(corpus, "1", "speech")[0]
     # 3 packs on 2 slots, one trial per slot: pack 0 (the crashing one) shares its trial with pack 2
-    tasks = [FitTask(FitConfig(family="rff", steps=2, seed=7), "no-such-clip", "speech", 4096, "rff"),
-             FitTask(FitConfig(family="nerf", steps=2, seed=7), good.clip_id, "speech", 4096, "nerf"),
-             FitTask(FitConfig(family="siren", steps=2, seed=7), good.clip_id, "speech", 4096, "siren")]
-    s = run_sweep("bundled", tasks, corpus=corpus, experiment="test-bundled", trial_failures=1, progress=False,
-                  metrics=("mse",), log_artifacts=False, trials_per_slot=1)
+    tasks = [
+        FitTask(FitConfig(family="rff", steps=2, seed=7), "no-such-clip", "speech", 4096, "rff"),
+        FitTask(FitConfig(family="nerf", steps=2, seed=7), good.clip_id, "speech", 4096, "nerf"),
+        FitTask(FitConfig(family="siren", steps=2, seed=7), good.clip_id, "speech", 4096, "siren"),
+    ]
+    s = run_sweep(
+        "bundled",
+        tasks,
+        corpus=corpus,
+        experiment="test-bundled",
+        trial_failures=1,
+        progress=False,
+        metrics=("mse",),
+        log_artifacts=False,
+        trials_per_slot=1,
+    )
     assert s.n_trials == 2 and (s.done, s.failed) == (2, 1)
     # pack 2 ran in the crashing pack's trial, on its first attempt and again on the retry (finding its fit done)
     by_pack = {}
@@ -239,15 +297,24 @@ def test_packs_bundled_into_one_trial_report_one_by_one_and_a_crashing_pack_spar
     assert "no-such-clip" in failed.data.tags[REASON_TAG]
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--families", "nerf,transformer"], "--families: unknown value(s) ['transformer']"),
-    (["--corpus", "/nonexistent/corpus", "--steps", "2"], "/nonexistent/corpus: no such corpus folder"),
-    (["--gpu-fraction", "0.3", "--families", "nerf"], "gpu_fraction: 0.3 does not divide one GPU"),
-    (["--trials-per-slot", "-1", "--families", "nerf"], "trials_per_slot: need >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--families", "nerf,transformer"], "--families: unknown value(s) ['transformer']"),
+        (["--corpus", "/nonexistent/corpus", "--steps", "2"], "/nonexistent/corpus: no such corpus folder"),
+        (["--gpu-fraction", "0.3", "--families", "nerf"], "gpu_fraction: 0.3 does not divide one GPU"),
+        (["--trials-per-slot", "-1", "--families", "nerf"], "trials_per_slot: need >= 1"),
+    ],
+)
 def test_bad_input_is_one_line_and_a_nonzero_exit(env, args, expect):
-    p = subprocess.run([sys.executable, str(REPO / "jobs" / "fit_inrs.py"), *args], capture_output=True, text=True,
-                       timeout=300, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    p = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "fit_inrs.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert p.returncode == 2
     assert "Traceback" not in p.stderr + p.stdout
     lines = [x for x in p.stderr.splitlines() if x.strip()]

@@ -5,14 +5,14 @@ same sweep asking for CPUs only. Concurrency is read from the time spans the tri
 from __future__ import annotations
 
 import pytest
+from test_sweep import env  # noqa: F401  (the shared FEWSOUND_HOME + MLflow server fixture; tests/ is on sys.path)
 
 from fewsound.fit import FitConfig
-from test_sweep import env  # noqa: F401  (the shared FEWSOUND_HOME + MLflow server fixture; tests/ is on sys.path)
 from tune.plan import FitTask
 
 
 @pytest.fixture(scope="module")
-def corpus(env):
+def corpus(env):  # noqa: F811  (the fixture imported above)
     from tune.jobs import resolve_corpus
 
     return resolve_corpus(None, 4096)
@@ -40,8 +40,17 @@ def sweep(corpus: str, seed: int, experiment: str, **ray_kw):
     ray.shutdown()  # a Ray left running by an earlier test module would keep its own resources
     init_ray(**ray_kw)
     try:
-        return run_sweep("gpu", tasks, corpus=corpus, experiment=experiment, pack_size=1, gpu_fraction=0.25,
-                         progress=False, metrics=("mse",), log_artifacts=False)
+        return run_sweep(
+            "gpu",
+            tasks,
+            corpus=corpus,
+            experiment=experiment,
+            pack_size=1,
+            gpu_fraction=0.25,
+            progress=False,
+            metrics=("mse",),
+            log_artifacts=False,
+        )
     finally:
         ray.shutdown()
 

@@ -12,13 +12,20 @@ import time
 
 import psutil
 import pytest
-
 from test_sweep import REPO, children, sweep_home  # tests/ is on sys.path (rootdir-relative imports)
+
 from tune.trial import KEY_TAG
 
 EXPERIMENT = "test-resume"
-CMD = [sys.executable, str(REPO / "jobs" / "fit_inrs.py"), "--smoke-test", "--pack-size", "1",
-       "--experiment", EXPERIMENT]
+CMD = [
+    sys.executable,
+    str(REPO / "jobs" / "fit_inrs.py"),
+    "--smoke-test",
+    "--pack-size",
+    "1",
+    "--experiment",
+    EXPERIMENT,
+]
 
 
 @pytest.fixture(scope="module")

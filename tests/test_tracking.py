@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -64,8 +63,13 @@ def test_run_writer_runs_read_back_like_client_runs(server, tmp_path):
     rid = w.create(parent.experiment_id, "fit-1", {tracking.PARENT_TAG: parent.run_id, "fewsound.key": "k1"})
     assert parent.client.get_run(rid).info.status == "RUNNING"
     curve = [(s, 1.0 / (s + 1)) for s in range(0, 1500, 10)]  # with the other entities: more than one batch
-    w.log(rid, params={f"p{i}": i for i in range(130)}, metrics={"psnr": 31.25, "pesq": 1.5},
-          curves={"fit/loss_curve": curve}, tags={"fewsound.na.pesq": "too short"})
+    w.log(
+        rid,
+        params={f"p{i}": i for i in range(130)},
+        metrics={"psnr": 31.25, "pesq": 1.5},
+        curves={"fit/loss_curve": curve},
+        tags={"fewsound.na.pesq": "too short"},
+    )
     wav = tmp_path / "gt.wav"
     from fewsound.data.audio import load_audio, save_audio
 
@@ -91,10 +95,17 @@ def test_run_writer_runs_read_back_like_client_runs(server, tmp_path):
 
 
 def _pack_of_runs(parent: str, n: int) -> list[dict]:
-    return [{"run_name": f"fit-{i}", "tags": {tracking.PARENT_TAG: parent, "fewsound.key": f"k{i}"},
-             "params": {"lr": "0.005", "seed": str(i)}, "metrics": {"psnr": 30.0 + i, "mse": 1e-3},
-             "curves": {"fit/loss_curve": [(0, 1.0), (10, 0.25), (20, 0.5)]} if i == 0 else {},
-             "status": "RUNNING" if i == 0 else "FINISHED" if i % 2 else "FAILED"} for i in range(n)]
+    return [
+        {
+            "run_name": f"fit-{i}",
+            "tags": {tracking.PARENT_TAG: parent, "fewsound.key": f"k{i}"},
+            "params": {"lr": "0.005", "seed": str(i)},
+            "metrics": {"psnr": 30.0 + i, "mse": 1e-3},
+            "curves": {"fit/loss_curve": [(0, 1.0), (10, 0.25), (20, 0.5)]} if i == 0 else {},
+            "status": "RUNNING" if i == 0 else "FINISHED" if i % 2 else "FAILED",
+        }
+        for i in range(n)
+    ]
 
 
 def _check_pack(client, ids: list[str], parent: str) -> None:
@@ -110,10 +121,15 @@ def _check_pack(client, ids: list[str], parent: str) -> None:
     # MLflow's "latest" value of a curve is its last step, as MLflow computes it
     assert client.get_run(ids[0]).data.metrics["fit/loss_curve"] == 0.5
     assert [(m.step, m.value) for m in client.get_metric_history(ids[0], "fit/loss_curve")] == [
-        (0, 1.0), (10, 0.25), (20, 0.5)]
-    found = client.search_runs([client.get_run(ids[0]).info.experiment_id],
-                               filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}' and attributes.status = 'FINISHED'"
-                               " and metrics.psnr > 30.5")
+        (0, 1.0),
+        (10, 0.25),
+        (20, 0.5),
+    ]
+    found = client.search_runs(
+        [client.get_run(ids[0]).info.experiment_id],
+        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}' and attributes.status = 'FINISHED'"
+        " and metrics.psnr > 30.5",
+    )
     assert sorted(r.info.run_id for r in found) == sorted(ids[i] for i in range(1, len(ids), 2))
 
 
@@ -158,10 +174,24 @@ def test_write_runs_falls_back_to_mlflows_api_on_a_plain_server(tmp_path):
 
     port = tracking._free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    proc = subprocess.Popen(
+        [
+            str(mlflow_bin),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'db.sqlite'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

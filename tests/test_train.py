@@ -13,8 +13,18 @@ import torch
 
 from fewsound.errors import ConfigError
 from fewsound.hyper import HyperConfig, build_model
-from fewsound.train import (TrainConfig, choose_validation, load_training_state, make_optimizer, random_batches,
-                            run_epoch, save_training_state, state_digest, train, train_step)
+from fewsound.train import (
+    TrainConfig,
+    choose_validation,
+    load_training_state,
+    make_optimizer,
+    random_batches,
+    run_epoch,
+    save_training_state,
+    state_digest,
+    train,
+    train_step,
+)
 
 CLIP = 2048  # the shortest window the loss's 2048-point STFT accepts: keeps these tests to seconds
 
@@ -118,8 +128,9 @@ def test_fewsound_learns_and_beats_its_universal_weights(speech_segments):
     """Six real speech windows: the training loss falls by over a third in 100 steps, and FewSound's
     reconstructions (its per-sound delta) beat the universal weights alone on every measure that matters."""
     segments = speech_segments[:, :CLIP]  # one fixed window per clip: "validation" = the clips it trained on
-    cfg = tiny(batch_size=6, samples_per_epoch=60, epochs=10, val_every=10,
-               val_metrics=("mse", "psnr", "si_snr", "lsd"))
+    cfg = tiny(
+        batch_size=6, samples_per_epoch=60, epochs=10, val_every=10, val_metrics=("mse", "psnr", "si_snr", "lsd")
+    )
     model, history, summaries = train(cfg, segments, segments, ["speech"] * 6)
     first, last = history[0].loss, history[-1].loss
     assert last < 0.7 * first, [round(h.loss, 4) for h in history]
@@ -152,8 +163,19 @@ def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segment
     spec = importlib.util.spec_from_file_location("evaluate_fewsound", "jobs/evaluate_fewsound.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    rc = job.main(["--model", str(tmp_path / "ckpt"), "--model", str(tmp_path / "hs.pt"), "--corpus", str(corpus),
-                   "--smoke-test", "--out", str(tmp_path / "out")])
+    rc = job.main(
+        [
+            "--model",
+            str(tmp_path / "ckpt"),
+            "--model",
+            str(tmp_path / "hs.pt"),
+            "--corpus",
+            str(corpus),
+            "--smoke-test",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     table = capsys.readouterr().out
     assert "| FewSound tiny |" in table and "| HyperSound |" in table, table
@@ -170,14 +192,33 @@ def test_train_job_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("train_fewsound", "jobs/train_fewsound.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    for argv, needle in ((["--set", "nonsense=1"], "nonsense"), (["--corpus", str(tmp_path / "nope")], "nope"),
-                         (["--schedule-step", "weekly"], "schedule_step"), (["--kind", "fewsund"], "hyper.kind")):
+    for argv, needle in (
+        (["--set", "nonsense=1"], "nonsense"),
+        (["--corpus", str(tmp_path / "nope")], "nope"),
+        (["--schedule-step", "weekly"], "schedule_step"),
+        (["--kind", "fewsund"], "hyper.kind"),
+    ):
         assert job.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err and "\n" not in err, err
-    cfg = job.build_config(job.argparse.Namespace(
-        kind="hypersound", target="siren", encoder="soundstream", preset="tiny", epochs=None, batch_size=None,
-        lr=None, samples_per_epoch=None, val_every=None, val_clips=None, schedule_step="epoch", seed=None,
-        metrics=None, smoke_test=False, set=["model.delta_warmup_epochs=50", "val_every=5"]))
+    cfg = job.build_config(
+        job.argparse.Namespace(
+            kind="hypersound",
+            target="siren",
+            encoder="soundstream",
+            preset="tiny",
+            epochs=None,
+            batch_size=None,
+            lr=None,
+            samples_per_epoch=None,
+            val_every=None,
+            val_clips=None,
+            schedule_step="epoch",
+            seed=None,
+            metrics=None,
+            smoke_test=False,
+            set=["model.delta_warmup_epochs=50", "val_every=5"],
+        )
+    )
     assert (cfg.model.kind, cfg.model.target, cfg.schedule_step, cfg.val_every) == ("hypersound", "siren", "epoch", 5)
     assert cfg.model.delta_warmup_epochs == 50 and cfg.resolved_lr == 1e-6

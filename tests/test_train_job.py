@@ -48,16 +48,28 @@ def _ddp_step(config):
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = TrainConfig(model=HyperConfig(target="kan", preset="tiny", clip_length=CLIP), lr=1e-4, batch_size=4,
-                      samples_per_epoch=4, epochs=100)
+    cfg = TrainConfig(
+        model=HyperConfig(target="kan", preset="tiny", clip_length=CLIP),
+        lr=1e-4,
+        batch_size=4,
+        samples_per_epoch=4,
+        epochs=100,
+    )
     model = build_model(cfg.model, verbose=False)
     optimizer, scheduler = make_optimizer(model, cfg)
     ddp = ray.train.torch.prepare_model(model)
     batch = torch.from_numpy(np.load(config["batch"]))
     losses = train_step(ddp, batch[rank::world], optimizer, scheduler=scheduler)
     if rank == 0:
-        torch.save({"state": model.state_dict(), "grads": {n: p.grad for n, p in model.named_parameters()},
-                    "wrapped": type(ddp).__name__, "losses": losses}, config["out"])
+        torch.save(
+            {
+                "state": model.state_dict(),
+                "grads": {n: p.grad for n, p in model.named_parameters()},
+                "wrapped": type(ddp).__name__,
+                "losses": losses,
+            },
+            config["out"],
+        )
     ray.train.report({"rank": rank})
 
 
@@ -76,17 +88,24 @@ def test_ddp_step_equals_single_process_step_on_the_whole_batch(tmp_path, speech
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        TorchTrainer(_ddp_step, train_loop_config={"batch": str(tmp_path / "batch.npy"), "out": str(tmp_path / "r0.pt")},
-                     scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False,
-                                                            resources_per_worker={"CPU": 1}),
-                     run_config=ray.train.RunConfig(name="ddp", storage_path=str(tmp_path / "ray"))).fit()
+        TorchTrainer(
+            _ddp_step,
+            train_loop_config={"batch": str(tmp_path / "batch.npy"), "out": str(tmp_path / "r0.pt")},
+            scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+            run_config=ray.train.RunConfig(name="ddp", storage_path=str(tmp_path / "ray")),
+        ).fit()
     finally:
         ray.shutdown()
     ddp = torch.load(tmp_path / "r0.pt", weights_only=False)
     assert ddp["wrapped"] == "DistributedDataParallel"
 
-    cfg = TrainConfig(model=HyperConfig(target="kan", preset="tiny", clip_length=CLIP), lr=1e-4, batch_size=4,
-                      samples_per_epoch=4, epochs=100)
+    cfg = TrainConfig(
+        model=HyperConfig(target="kan", preset="tiny", clip_length=CLIP),
+        lr=1e-4,
+        batch_size=4,
+        samples_per_epoch=4,
+        epochs=100,
+    )
     torch.set_num_threads(1)
     model = build_model(cfg.model, verbose=False)
     optimizer, scheduler = make_optimizer(model, cfg)
@@ -116,27 +135,57 @@ def ray_head(tmp_path_factory):
     token.write_text(secrets.token_hex(32))  # the documented way: RAY_AUTH_MODE=token + a token (here a file)
     token.chmod(0o600)
     home = root / "fewsound_home"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FEWSOUND_HOME": str(home),
-           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FEWSOUND_HOME": str(home),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     dash = _free_port()
     temp_dir = Path(f"/tmp/fsrt_{secrets.token_hex(3)}")  # short: Ray's unix socket paths have a length limit
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-           "--temp-dir", str(temp_dir), "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash), "--ray-client-server-port", str(_free_port()),
-           "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-           "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
-           "--disable-usage-stats"]
+    cmd = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "0",
+        "--temp-dir",
+        str(temp_dir),
+        "--port",
+        str(_free_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--ray-client-server-port",
+        str(_free_port()),
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--dashboard-agent-grpc-port",
+        str(_free_port()),
+        "--metrics-export-port",
+        str(_free_port()),
+        "--runtime-env-agent-port",
+        str(_free_port()),
+        "--disable-usage-stats",
+    ]
     log = open(root / "ray_head.log", "wb")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            r = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                [str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True
+            )
             if r.returncode == 0:
                 break
             assert head.poll() is None, (root / "ray_head.log").read_text()[-3000:]
@@ -170,8 +219,9 @@ def _train_workers(head_pid: int) -> list:
 
 
 def _ray(env, *args, timeout=600):
-    return subprocess.run([str(VENV_BIN / "ray"), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(VENV_BIN / "ray"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
@@ -207,8 +257,9 @@ def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
     status = _ray(env, "job", "status", "--address", address, job_id).stdout
     assert "stopped" in status.lower(), (status, stop.stdout[-2000:], stop.stderr[-2000:])
     (run_dir,) = [p.parent for p in storage.glob("*/checkpoint_manager_snapshot.json")]
-    digests = {int(p.parent.name.split("_")[1]): json.loads(p.read_text())["digest"]
-               for p in run_dir.glob("epoch_*/meta.json")}
+    digests = {
+        int(p.parent.name.split("_")[1]): json.loads(p.read_text())["digest"] for p in run_dir.glob("epoch_*/meta.json")
+    }
     assert digests and max(digests) < 3, digests  # stopped before the last (3rd) epoch
 
     second = _ray(env, "job", "submit", "--address", address, "--working-dir", ".", *entry)
@@ -237,6 +288,5 @@ def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
     assert {"model_file", "reconstructions"} <= artifacts, artifacts
     recon = client.list_artifacts(run.info.run_id, "reconstructions")
     assert recon and client.list_artifacts(run.info.run_id, recon[-1].path)
-    logged = [lm for lm in client.search_logged_models([exp.experiment_id])
-              if lm.source_run_id == run.info.run_id]
+    logged = [lm for lm in client.search_logged_models([exp.experiment_id]) if lm.source_run_id == run.info.run_id]
     assert logged, "the final model was not logged with mlflow.pytorch.log_model"

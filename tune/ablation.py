@@ -21,8 +21,13 @@ from typing import Any
 from fewsound.errors import ConfigError
 from fewsound.fit import FitConfig
 
-BASE_INR: dict[str, Any] = {"encoding_length": 8, "widths": (48, 24, 12), "grid_size": 10, "spline_order": 2,
-                            "enable_scale_spline": True}
+BASE_INR: dict[str, Any] = {
+    "encoding_length": 8,
+    "widths": (48, 24, 12),
+    "grid_size": 10,
+    "spline_order": 2,
+    "enable_scale_spline": True,
+}
 BASE_LR = 5e-3
 BASE_LABEL = "base"
 
@@ -54,19 +59,51 @@ class Knob:
 
 
 _1_5, _3 = 32_768, 65_536
-KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("encoding_length", "encoding_length", (2, 4, 8, 10, 12, 16, 24), 8,
-         "KAN: encoding length", "Enc. Len.", {_1_5: 7, _3: 12}),
-    Knob("layers", "widths", ((24, 12, 6), (24, 24, 12, 6), (48, 12, 6), (48, 12, 12, 6), (48, 16, 8), (48, 24, 12),
-                              (96, 48, 24)), (48, 24, 12),
-         "KAN: number and sizes of hidden layers", "Layer Sizes", {_1_5: 8, _3: 13}),
-    Knob("spline_order", "spline_order", (1, 2, 3, 5, 7), 2, "KAN: spline order", "Spline Order", {_1_5: 9, _3: 14}),
-    Knob("grid_size", "grid_size", (1, 5, 10, 12, 17), 10, "KAN: grid size", "Grid Size", {_1_5: 10, _3: 15}),
-    Knob("lr", "lr", (0.01, 0.007, 0.006, 0.005, 0.001), BASE_LR, "KAN: learning rate", "Learning Rate",
-         {_1_5: 16, _3: 16}),
-    Knob("scale_spline", "enable_scale_spline", (False, True), True, "KAN: scale spline", "Scale Spline",
-         {_1_5: 17, _3: 17}),
-)}
+KNOBS: dict[str, Knob] = {
+    k.name: k
+    for k in (
+        Knob(
+            "encoding_length",
+            "encoding_length",
+            (2, 4, 8, 10, 12, 16, 24),
+            8,
+            "KAN: encoding length",
+            "Enc. Len.",
+            {_1_5: 7, _3: 12},
+        ),
+        Knob(
+            "layers",
+            "widths",
+            ((24, 12, 6), (24, 24, 12, 6), (48, 12, 6), (48, 12, 12, 6), (48, 16, 8), (48, 24, 12), (96, 48, 24)),
+            (48, 24, 12),
+            "KAN: number and sizes of hidden layers",
+            "Layer Sizes",
+            {_1_5: 8, _3: 13},
+        ),
+        Knob(
+            "spline_order", "spline_order", (1, 2, 3, 5, 7), 2, "KAN: spline order", "Spline Order", {_1_5: 9, _3: 14}
+        ),
+        Knob("grid_size", "grid_size", (1, 5, 10, 12, 17), 10, "KAN: grid size", "Grid Size", {_1_5: 10, _3: 15}),
+        Knob(
+            "lr",
+            "lr",
+            (0.01, 0.007, 0.006, 0.005, 0.001),
+            BASE_LR,
+            "KAN: learning rate",
+            "Learning Rate",
+            {_1_5: 16, _3: 16},
+        ),
+        Knob(
+            "scale_spline",
+            "enable_scale_spline",
+            (False, True),
+            True,
+            "KAN: scale spline",
+            "Scale Spline",
+            {_1_5: 17, _3: 17},
+        ),
+    )
+}
 
 
 def parse_knobs(text: str | None) -> list[Knob]:
@@ -139,10 +176,15 @@ def knob_tables(rows: list[dict[str, Any]], knobs: list[Knob] | None = None) -> 
         mine = [dict(r, label=row_label) for r in rows for k, row_label in knob_rows(str(r["label"]), [knob])]
         if mine:
             ids = "/".join(str(t) for t in sorted(set(knob.paper_tables.values())))
-            out[knob.name] = {"rows": mine, "table": {
-                "title": f"{knob.title} (paper Table{'s' if '/' in ids else ''} {ids})",
-                "row_header": knob.row_header, "paper_table": dict(knob.paper_tables),
-                "label_order": [knob.label(v) for v in knob.values]}}
+            out[knob.name] = {
+                "rows": mine,
+                "table": {
+                    "title": f"{knob.title} (paper Table{'s' if '/' in ids else ''} {ids})",
+                    "row_header": knob.row_header,
+                    "paper_table": dict(knob.paper_tables),
+                    "label_order": [knob.label(v) for v in knob.values],
+                },
+            }
     return out
 
 

@@ -13,26 +13,59 @@ BUILTIN_PROTOCOL = {32_768: "inr-1.5s", 65_536: "inr-3s"}
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default=None, help="a prepared corpus folder (jobs/prepare_data.py --protocol "
-                   "inr-3s); default: the built-in corpus, prepared on first use under $FEWSOUND_HOME/corpora")
-    p.add_argument("--clips", default=None, help="how many clips (a number: the first N of the corpus) or a "
-                   "comma-separated list of clip ids (default: every clip)")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="a prepared corpus folder (jobs/prepare_data.py --protocol "
+        "inr-3s); default: the built-in corpus, prepared on first use under $FEWSOUND_HOME/corpora",
+    )
+    p.add_argument(
+        "--clips",
+        default=None,
+        help="how many clips (a number: the first N of the corpus) or a "
+        "comma-separated list of clip ids (default: every clip)",
+    )
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: each family's, see fewsound.fit)")
     p.add_argument("--seed", type=int, default=0, help="base seed of every fit (default: 0)")
-    p.add_argument("--pack-size", type=int, default=16, help="fits of one configuration fitted at once by the "
-                   "packed engine (default: 16)")
-    p.add_argument("--trials-per-slot", type=int, default=4, help="packs are bundled into about this many Ray Tune "
-                   "trials per trial slot (trials the cluster runs at once), since each trial costs Tune a fixed "
-                   "overhead; 0: one trial per pack (default: 4)")
-    p.add_argument("--max-retries", type=int, default=1, help="refits (with a new seed) of a diverged fit before "
-                   "it is recorded FAILED (default: 1)")
-    p.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU share of one trial on a cluster with GPUs: "
-                   "1, 0.5, 0.25 or 0.125 (default: 0.25); trials ask for one CPU where there are no GPUs")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, e.g. under `ray job "
-                   "submit`, else a local Ray)")
+    p.add_argument(
+        "--pack-size",
+        type=int,
+        default=16,
+        help="fits of one configuration fitted at once by the packed engine (default: 16)",
+    )
+    p.add_argument(
+        "--trials-per-slot",
+        type=int,
+        default=4,
+        help="packs are bundled into about this many Ray Tune "
+        "trials per trial slot (trials the cluster runs at once), since each trial costs Tune a fixed "
+        "overhead; 0: one trial per pack (default: 4)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=1,
+        help="refits (with a new seed) of a diverged fit before it is recorded FAILED (default: 1)",
+    )
+    p.add_argument(
+        "--gpu-fraction",
+        type=float,
+        default=0.25,
+        help="GPU share of one trial on a cluster with GPUs: "
+        "1, 0.5, 0.25 or 0.125 (default: 0.25); trials ask for one CPU where there are no GPUs",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: $RAY_ADDRESS, e.g. under `ray job submit`, else a local Ray)",
+    )
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the job's name)")
-    p.add_argument("--smoke-test", action="store_true", help="a few fits of a few steps on short crops, every "
-                   "metric and artifact: the whole path in seconds of compute on a CPU")
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="a few fits of a few steps on short crops, every "
+        "metric and artifact: the whole path in seconds of compute on a CPU",
+    )
 
 
 def parse_list(text: str, valid: Any, option: str) -> list[str]:
@@ -50,8 +83,11 @@ def resolve_corpus(corpus: str | None, length: int) -> str:
 
         c = open_corpus(corpus)
         if c.manifest["stored_length"] < length:
-            raise DataError(corpus, f"stores {c.manifest['stored_length']}-sample clips, the sweep needs {length} "
-                            "(prepare it with --protocol inr-3s)")
+            raise DataError(
+                corpus,
+                f"stores {c.manifest['stored_length']}-sample clips, the sweep needs {length} "
+                "(prepare it with --protocol inr-3s)",
+            )
         return str(Path(corpus).resolve())
     from fewsound.data.prepare import prepare_corpus
     from fewsound.tracking import default_home
@@ -89,8 +125,7 @@ def print_summary(s: Any) -> None:
     print()
     if s.table_markdown:
         print(s.table_markdown)
-    print(f"{s.n_fits} fits: {s.done} done now, {s.skipped} already finished, {s.failed} failed, "
-          f"in {s.seconds:.1f} s")
+    print(f"{s.n_fits} fits: {s.done} done now, {s.skipped} already finished, {s.failed} failed, in {s.seconds:.1f} s")
     print(f"MLflow UI: {s.ui_url}  (experiment {s.experiment!r}, parent run {s.parent_run_id})")
     if os.environ.get("FEWSOUND_HOME") is None:
         print("browse it any time: the local MLflow server keeps running after this job")

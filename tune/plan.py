@@ -46,8 +46,16 @@ class FitTask:
     def params(self) -> dict[str, Any]:
         """MLflow params of this fit's child run."""
         p = {f"fit.{k}": v for k, v in flatten(self.cfg).items()}
-        p.update({"fit.lr_resolved": self.cfg.resolved_lr, "clip_id": self.clip_id, "clip.kind": self.kind,
-                  "clip.length": self.length, "label": self.label, "family": self.family})
+        p.update(
+            {
+                "fit.lr_resolved": self.cfg.resolved_lr,
+                "clip_id": self.clip_id,
+                "clip.kind": self.kind,
+                "clip.length": self.length,
+                "label": self.label,
+                "family": self.family,
+            }
+        )
         return p
 
 

@@ -32,8 +32,12 @@ def latest_parent(uri: str, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError("--experiment", f"no MLflow experiment {experiment!r} at {uri}")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`fewsound.role` = 'parent'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.`fewsound.role` = 'parent'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not runs:
         raise ConfigError("--experiment", f"experiment {experiment!r} has no sweep (parent run)")
     return runs[0].info.run_id
@@ -52,9 +56,12 @@ def collect(uri: str, parent_run_id: str) -> tuple[Any, list[dict[str, Any]]]:
         raise ConfigError("--run-id", f"no MLflow run {parent_run_id!r} at {uri} ({type(e).__name__})") from None
     runs, token = [], None
     while True:
-        page = client.search_runs([parent.info.experiment_id], max_results=5000, page_token=token,
-                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
-                                                "attributes.status = 'FINISHED'")
+        page = client.search_runs(
+            [parent.info.experiment_id],
+            max_results=5000,
+            page_token=token,
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'",
+        )
         runs += page
         token = page.token
         if not token:
@@ -72,15 +79,22 @@ def collect(uri: str, parent_run_id: str) -> tuple[Any, list[dict[str, Any]]]:
 
 def _row(run: Any) -> dict[str, Any]:
     p, t = run.data.params, run.data.tags
-    row = {"key": t.get("fewsound.fit_key", run.info.run_id), "label": t.get("fewsound.label") or p.get("label")
-           or run.info.run_name, "family": p.get("family"), "clip_id": p.get("clip_id", p.get("clips")),
-           "length": int(p.get("clip.length", 0)), "kind": p.get("clip.kind"), "run_id": run.info.run_id}
+    row = {
+        "key": t.get("fewsound.fit_key", run.info.run_id),
+        "label": t.get("fewsound.label") or p.get("label") or run.info.run_name,
+        "family": p.get("family"),
+        "clip_id": p.get("clip_id", p.get("clips")),
+        "length": int(p.get("clip.length", 0)),
+        "kind": p.get("clip.kind"),
+        "run_id": run.info.run_id,
+    }
     row.update(run.data.metrics)
     return row
 
 
-def write_report(uri: str, parent: Any, rows: list[dict[str, Any]], out: Path, *, clip: str | None = None,
-                 max_spectrograms: int = 8) -> tuple[list[Path], str]:
+def write_report(
+    uri: str, parent: Any, rows: list[dict[str, Any]], out: Path, *, clip: str | None = None, max_spectrograms: int = 8
+) -> tuple[list[Path], str]:
     """Tables (and, for an ablation, per-knob tables and the quality-vs-params plot) and the spectrogram
     comparison into `out`. Returns (paths, the tables as Markdown)."""
     from fewsound import tables
@@ -92,25 +106,30 @@ def write_report(uri: str, parent: Any, rows: list[dict[str, Any]], out: Path, *
     job = parent.data.tags.get("fewsound.job", "")
     kinds = {r["kind"] for r in rows}
     paper = PAPER_TABLE.get(kinds.pop()) if len(kinds) == 1 and job == "fit_inrs" else None
-    spec = {"title": f"{job or 'sweep'}: reconstruction metrics (regenerated from MLflow)",
-            "row_header": "INR" if job == "fit_inrs" else "configuration", "paper_table": paper,
-            # the paper's order: Table 1's families, or the ablation's knobs and values (the base first)
-            "label_order": list(configs(list(KNOBS.values()), 1)) if job == "kan_ablation" else PAPER_LABELS}
+    spec = {
+        "title": f"{job or 'sweep'}: reconstruction metrics (regenerated from MLflow)",
+        "row_header": "INR" if job == "fit_inrs" else "configuration",
+        "paper_table": paper,
+        # the paper's order: Table 1's families, or the ablation's knobs and values (the base first)
+        "label_order": list(configs(list(KNOBS.values()), 1)) if job == "kan_ablation" else PAPER_LABELS,
+    }
     paths = tables.write_results(out, rows, **spec)
     markdown = (out / "table.md").read_text()
     label_order = [r.label for g in tables.build_table(rows, **spec).groups for r in g.rows]
     if job == "kan_ablation":
         more, markdown = write_ablation_report(out / "ablation", rows)
         paths += more
-    png = spectrogram_comparison(uri, rows, out / "spectrograms.png", clip, list(dict.fromkeys(label_order)),
-                                 max_spectrograms)
+    png = spectrogram_comparison(
+        uri, rows, out / "spectrograms.png", clip, list(dict.fromkeys(label_order)), max_spectrograms
+    )
     if png:
         paths.append(png)
     return paths, markdown
 
 
-def spectrogram_comparison(uri: str, rows: list[dict[str, Any]], path: Path, clip: str | None,
-                           label_order: list[str], max_rows: int) -> Path | None:
+def spectrogram_comparison(
+    uri: str, rows: list[dict[str, Any]], path: Path, clip: str | None, label_order: list[str], max_rows: int
+) -> Path | None:
     """Ground truth and each label's reconstruction of one clip, from the runs' audio artifacts (None when the
     runs have no audio, e.g. a search)."""
     from fewsound.data.audio import read_audio

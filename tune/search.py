@@ -77,9 +77,11 @@ def objective_metrics(objective: str, weights: dict[str, float]) -> list[str]:
 
 def score(objective: str, weights: dict[str, float], row: dict[str, Any]) -> float:
     """One clip's objective from its evaluate() row (a metric that does not apply counts as WORST)."""
+
     def value(m: str) -> float:
         v = row.get(m)
         return float(v) if v is not None and math.isfinite(v) else WORST[m]
+
     if objective == "mix":
         return sum(w * NORMALIZE[m](value(m)) for m, w in weights.items()) / sum(weights.values())
     return value(objective)
@@ -138,8 +140,14 @@ def _rff(t):
     _widths(t, (2, 6), (16, 192))
 
 
-SPACES: dict[str, Callable[[Any], None]] = {"kan": _kan, "nerf": _nerf, "siren": _siren, "finer": _finer,
-                                            "wire": _wire, "rff": _rff}
+SPACES: dict[str, Callable[[Any], None]] = {
+    "kan": _kan,
+    "nerf": _nerf,
+    "siren": _siren,
+    "finer": _finer,
+    "wire": _wire,
+    "rff": _rff,
+}
 
 
 def to_fit_config(family: str, params: dict[str, Any], steps: int, seed: int = 0, **fit: Any) -> FitConfig:
@@ -208,8 +216,10 @@ def _budgeted_searcher_class():
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
                 del self._ot_trials[trial_id]
                 self.rejected.append(dict(params, num_params=n))
-            raise ConfigError("--max-params", f"{MAX_REJECTS} suggestions in a row were over {self.max_params:,} "
-                              "parameters; raise the budget")
+            raise ConfigError(
+                "--max-params",
+                f"{MAX_REJECTS} suggestions in a row were over {self.max_params:,} parameters; raise the budget",
+            )
 
     return BudgetedOptunaSearch
 
@@ -250,8 +260,9 @@ class _Watch:
         from fewsound.losses import ReconstructionLoss
 
         if self.loss is None:
-            self.loss = ReconstructionLoss(target, lambda_t=self.cfg.lambda_t, lambda_f=self.cfg.lambda_f,
-                                           sr=self.cfg.sample_rate)
+            self.loss = ReconstructionLoss(
+                target, lambda_t=self.cfg.lambda_t, lambda_f=self.cfg.lambda_f, sr=self.cfg.sample_rate
+            )
         self.pred = pred.detach()
         return self.loss(pred)
 
@@ -263,8 +274,9 @@ def _evaluate(ctx: SearchContext, clips: np.ndarray, recs: np.ndarray, metrics) 
     ok = np.isfinite(recs).all(axis=1)
     rows = [{} for _ in range(len(recs))]
     if ok.any():
-        for i, row in zip(np.flatnonzero(ok), evaluate(clips[ok], recs[ok], ctx.sample_rate, kind=ctx.kind,
-                                                        metrics=list(metrics))):
+        for i, row in zip(
+            np.flatnonzero(ok), evaluate(clips[ok], recs[ok], ctx.sample_rate, kind=ctx.kind, metrics=list(metrics))
+        ):
             rows[i] = row
     value = float(np.mean([score(ctx.objective, ctx.weights, r) for r in rows]))
     means = {}
@@ -275,8 +287,15 @@ def _evaluate(ctx: SearchContext, clips: np.ndarray, recs: np.ndarray, metrics) 
     return value, means
 
 
-def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, role: str, report: Callable | None = None,
-                  name: str | None = None, cfg: FitConfig | None = None) -> dict[str, Any]:
+def fit_and_score(
+    params: dict[str, Any],
+    ctx: SearchContext,
+    *,
+    role: str,
+    report: Callable | None = None,
+    name: str | None = None,
+    cfg: FitConfig | None = None,
+) -> dict[str, Any]:
     """Fit one configuration on the context's clips; log a child run; report the objective after every chunk.
 
     cfg: the configuration (default: `to_fit_config(params)`). report: called with each intermediate result
@@ -290,12 +309,26 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, role: str, repo
     from tune.trial import load_clip
 
     cfg = cfg or to_fit_config(ctx.family, params, ctx.steps, ctx.seed, log_every=ctx.chunk_steps)
-    run = MlflowRun(ctx.experiment, uri=ctx.tracking_uri, run_name=name, parent_run_id=ctx.parent_run_id,
-                    tags={"fewsound.role": role, "fewsound.family": ctx.family, "fewsound.label": name or role})
+    run = MlflowRun(
+        ctx.experiment,
+        uri=ctx.tracking_uri,
+        run_name=name,
+        parent_run_id=ctx.parent_run_id,
+        tags={"fewsound.role": role, "fewsound.family": ctx.family, "fewsound.label": name or role},
+    )
     n_params = cfg.build_inr().num_params()
-    run.log_params({**{f"search.{k}": v for k, v in params.items()}, **{f"fit.{k}": v for k, v in flatten(cfg).items()},
-                    "fit.lr_resolved": cfg.resolved_lr, "clips": ",".join(ctx.clips), "clip.length": ctx.length,
-                    "clip.kind": ctx.kind, "objective": ctx.objective, "family": ctx.family})
+    run.log_params(
+        {
+            **{f"search.{k}": v for k, v in params.items()},
+            **{f"fit.{k}": v for k, v in flatten(cfg).items()},
+            "fit.lr_resolved": cfg.resolved_lr,
+            "clips": ",".join(ctx.clips),
+            "clip.length": ctx.length,
+            "clip.kind": ctx.kind,
+            "objective": ctx.objective,
+            "family": ctx.family,
+        }
+    )
     run.log_metrics({"model/params": n_params})
     clips = np.stack([load_clip(ctx.corpus, c, ctx.length) for c in ctx.clips])
     watch = _Watch(cfg)
@@ -319,9 +352,14 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, role: str, repo
         results = fit(cfg, clips, logger=ChunkLogger(), loss_fn=watch)
         recs = np.stack([r.reconstruction for r in results])
         value, means = _evaluate(ctx, clips, recs, dict.fromkeys([*metrics, *ctx.final_metrics]))
-        final = {"search/objective": value, **to_mlflow(means), "model/params": n_params,
-                 "fit/loss": float(np.mean([r.loss for r in results])), "cost/seconds": time.perf_counter() - t0,
-                 "fit/diverged": float(sum(r.diverged for r in results))}
+        final = {
+            "search/objective": value,
+            **to_mlflow(means),
+            "model/params": n_params,
+            "fit/loss": float(np.mean([r.loss for r in results])),
+            "cost/seconds": time.perf_counter() - t0,
+            "fit/diverged": float(sum(r.diverged for r in results)),
+        }
         run.log_metrics(final, step=cfg.steps)
     except SystemExit:  # how Tune ends a trial its scheduler stopped: inside report(), in the trial's thread
         run.set_tags({"fewsound.stopped_early": f"ASHA at step {reached[0]}"})
@@ -372,9 +410,18 @@ class SearchSummary:
         return f"{self.tracking_uri}/#/experiments"
 
 
-def run_search(ctx_args: dict[str, Any], *, trials: int, max_params: int | None, grace_chunks: int = 1,
-               reduction_factor: int = 2, concurrency: int | None = None, address: str | None = None,
-               gpu_fraction: float = 0.25, progress: bool = True) -> SearchSummary:
+def run_search(
+    ctx_args: dict[str, Any],
+    *,
+    trials: int,
+    max_params: int | None,
+    grace_chunks: int = 1,
+    reduction_factor: int = 2,
+    concurrency: int | None = None,
+    address: str | None = None,
+    gpu_fraction: float = 0.25,
+    progress: bool = True,
+) -> SearchSummary:
     """Run the search described by `ctx_args` (SearchContext fields except parent_run_id / tracking_uri)."""
     import optuna
     import ray
@@ -391,45 +438,81 @@ def run_search(ctx_args: dict[str, Any], *, trials: int, max_params: int | None,
     if trials < 1 or ctx_args["chunks"] < 1 or ctx_args["steps"] < ctx_args["chunks"]:
         raise ConfigError("--trials/--chunks/--steps", "need trials >= 1, chunks >= 1 and steps >= chunks")
     if max_params is not None and smallest_params(family) > max_params:
-        raise ConfigError("--max-params", f"{max_params:,} is below the smallest {family} configuration of the "
-                          f"search space ({smallest_params(family):,} parameters)")
+        raise ConfigError(
+            "--max-params",
+            f"{max_params:,} is below the smallest {family} configuration of the "
+            f"search space ({smallest_params(family):,} parameters)",
+        )
     mode = MODES[objective]
     quiet_defaults()
     t0 = time.perf_counter()
     uri = tracking_uri()
     name = f"search-{family}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = MlflowRun(ctx_args["experiment"], uri=uri, run_name=name,
-                       tags={ROLE_TAG: "parent", "fewsound.job": "search_inr", "fewsound.family": family})
-    parent.log_params({"family": family, "objective": objective, "weights": json.dumps(ctx_args["weights"]),
-                       "trials": trials, "max_params": max_params, "steps": ctx_args["steps"],
-                       "chunks": ctx_args["chunks"], "clips": ",".join(ctx_args["clips"]),
-                       "clip.length": ctx_args["length"]})
+    parent = MlflowRun(
+        ctx_args["experiment"],
+        uri=uri,
+        run_name=name,
+        tags={ROLE_TAG: "parent", "fewsound.job": "search_inr", "fewsound.family": family},
+    )
+    parent.log_params(
+        {
+            "family": family,
+            "objective": objective,
+            "weights": json.dumps(ctx_args["weights"]),
+            "trials": trials,
+            "max_params": max_params,
+            "steps": ctx_args["steps"],
+            "chunks": ctx_args["chunks"],
+            "clips": ",".join(ctx_args["clips"]),
+            "clip.length": ctx_args["length"],
+        }
+    )
     ctx = SearchContext(**ctx_args, parent_run_id=parent.run_id, tracking_uri=uri)
     resources = trial_resources(init_ray(address), gpu_fraction)
     if progress:
-        print(f"[search_inr] {family}: {trials} trials of {ctx.steps} steps on {len(ctx.clips)} clips, objective "
-              f"{objective} ({mode}), budget {max_params or 'none'}; MLflow {uri} experiment {ctx.experiment!r}",
-              flush=True)
+        print(
+            f"[search_inr] {family}: {trials} trials of {ctx.steps} steps on {len(ctx.clips)} clips, objective "
+            f"{objective} ({mode}), budget {max_params or 'none'}; MLflow {uri} experiment {ctx.experiment!r}",
+            flush=True,
+        )
 
     # the paper's configuration on the same clips and steps, beside the search (one CPU / GPU share)
     paper_cfg = FitConfig(family=family, steps=ctx.steps, seed=ctx.seed, log_every=ctx.chunk_steps)
-    baseline_ref = ray.remote(_baseline_task).options(
-        num_cpus=resources["cpu"], num_gpus=resources.get("gpu", 0)).remote(paper_cfg, ctx)
+    baseline_ref = (
+        ray.remote(_baseline_task)
+        .options(num_cpus=resources["cpu"], num_gpus=resources.get("gpu", 0))
+        .remote(paper_cfg, ctx)
+    )
 
     searcher = _budgeted_searcher_class()(
-        space=SPACES[family], metric="objective", mode=mode, family=family, max_params=max_params,
-        sampler=optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=min(10, max(2, trials // 5))))
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=ctx.chunks, grace_period=grace_chunks,
-                              reduction_factor=reduction_factor)
+        space=SPACES[family],
+        metric="objective",
+        mode=mode,
+        family=family,
+        max_params=max_params,
+        sampler=optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=min(10, max(2, trials // 5))),
+    )
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration", max_t=ctx.chunks, grace_period=grace_chunks, reduction_factor=reduction_factor
+    )
     callback = _progress_callback(trials, mode, t0) if progress else None
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(search_trainable, ctx=ctx), resources),
-        tune_config=tune.TuneConfig(metric="objective", mode=mode, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=trials, reuse_actors=True, max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=f"search-{family}-{parent.run_id[:8]}", verbose=0,
-                                  storage_path=str(Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound"))
-                                                   / "ray_results"),
-                                  callbacks=[callback] if callback else None),
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode=mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=trials,
+            reuse_actors=True,
+            max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(
+            name=f"search-{family}-{parent.run_id[:8]}",
+            verbose=0,
+            storage_path=str(Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound")) / "ray_results"),
+            callbacks=[callback] if callback else None,
+        ),
     )
     grid = tuner.fit()
     baseline = ray.get(baseline_ref)
@@ -452,8 +535,21 @@ def run_search(ctx_args: dict[str, Any], *, trials: int, max_params: int | None,
     best = None
     if finished:
         best = (max if mode == "max" else min)(finished, key=lambda r: r["objective"])
-    summary = SearchSummary(ctx.experiment, parent.run_id, uri, mode, len(grid), len(finished), len(stopped),
-                            failed, searcher.rejected, best, baseline, "", time.perf_counter() - t0)
+    summary = SearchSummary(
+        ctx.experiment,
+        parent.run_id,
+        uri,
+        mode,
+        len(grid),
+        len(finished),
+        len(stopped),
+        failed,
+        searcher.rejected,
+        best,
+        baseline,
+        "",
+        time.perf_counter() - t0,
+    )
     summary.comparison_markdown = comparison_markdown(summary, family, objective)
     _finish_parent(parent, summary, family, trials_table(grid))
     return summary
@@ -466,25 +562,41 @@ def _baseline_task(cfg: FitConfig, ctx: SearchContext) -> dict[str, Any]:
     return fit_and_score({}, ctx, role="baseline", name="paper-config", cfg=cfg)
 
 
-FIELDS = [("objective", "objective"), ("# params", "num_params"), ("PSNR", "eval/psnr"), ("LSD", "eval/lsd"),
-          ("SI-SNR", "eval/si_snr"), ("PESQ", "eval/pesq"), ("STOI", "eval/stoi"), ("MSE", "eval/mse")]
+FIELDS = [
+    ("objective", "objective"),
+    ("# params", "num_params"),
+    ("PSNR", "eval/psnr"),
+    ("LSD", "eval/lsd"),
+    ("SI-SNR", "eval/si_snr"),
+    ("PESQ", "eval/pesq"),
+    ("STOI", "eval/stoi"),
+    ("MSE", "eval/mse"),
+]
 
 
 def comparison_markdown(s: SearchSummary, family: str, objective: str) -> str:
     """Best trial vs the paper's configuration, same clips and steps, as a Markdown table."""
+
     def fmt(v):
         if v is None:
             return "-"
         return f"{int(v):,}" if float(v).is_integer() and abs(v) >= 100 else f"{v:.4g}"
+
     rows = [("paper config", s.baseline)] + ([("best trial", s.best)] if s.best else [])
-    out = [f"### {family}: best of {s.trials} trials vs the paper's configuration (objective {objective}, "
-           f"{s.mode})", "", "| | " + " | ".join(c for c, _ in FIELDS) + " |", "|---|" + "---|" * len(FIELDS)]
+    out = [
+        f"### {family}: best of {s.trials} trials vs the paper's configuration (objective {objective}, {s.mode})",
+        "",
+        "| | " + " | ".join(c for c, _ in FIELDS) + " |",
+        "|---|" + "---|" * len(FIELDS),
+    ]
     for name, r in rows:
         out.append(f"| {name} | " + " | ".join(fmt(r.get(k)) for _, k in FIELDS) + " |")
     if s.best:
         out += ["", "best configuration: " + json.dumps(s.best["params"], sort_keys=True)]
-    out.append(f"{s.finished} trials ran every step, {s.stopped_early} stopped early by ASHA, {s.failed} failed, "
-               f"{len(s.rejected)} suggestions over the parameter budget never fitted")
+    out.append(
+        f"{s.finished} trials ran every step, {s.stopped_early} stopped early by ASHA, {s.failed} failed, "
+        f"{len(s.rejected)} suggestions over the parameter budget never fitted"
+    )
     return "\n".join(out)
 
 
@@ -492,28 +604,48 @@ def trials_table(grid) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
         m = result.metrics or {}
-        rows.append({**{f"param.{k}": v for k, v in (result.config or {}).items()},
-                     **{k: m.get(k) for k in ("objective", "steps", "final", "num_params", "mlflow_run_id")},
-                     "error": None if result.error is None else str(result.error).splitlines()[-1][:200]})
+        rows.append(
+            {
+                **{f"param.{k}": v for k, v in (result.config or {}).items()},
+                **{k: m.get(k) for k in ("objective", "steps", "final", "num_params", "mlflow_run_id")},
+                "error": None if result.error is None else str(result.error).splitlines()[-1][:200],
+            }
+        )
     return rows
 
 
 def _finish_parent(parent, s: SearchSummary, family: str, trials: list[dict[str, Any]]) -> None:
     from fewsound.tables import rows_to_csv
 
-    parent.log_metrics({"search/trials": s.trials, "search/finished": s.finished,
-                        "search/stopped_early": s.stopped_early, "search/failed": s.failed,
-                        "search/rejected_over_budget": len(s.rejected), "search/seconds": s.seconds,
-                        "search/baseline_objective": s.baseline["objective"]})
+    parent.log_metrics(
+        {
+            "search/trials": s.trials,
+            "search/finished": s.finished,
+            "search/stopped_early": s.stopped_early,
+            "search/failed": s.failed,
+            "search/rejected_over_budget": len(s.rejected),
+            "search/seconds": s.seconds,
+            "search/baseline_objective": s.baseline["objective"],
+        }
+    )
     if s.best:
         parent.log_metrics({"search/best_objective": s.best["objective"]})
         parent.log_params({f"best.{k}": v for k, v in s.best["params"].items()})
         parent.set_tags({"fewsound.best_run_id": s.best["mlflow_run_id"]})
     with tempfile.TemporaryDirectory() as d:
-        files = {"comparison.md": s.comparison_markdown, "trials.csv": rows_to_csv(trials) if trials else "",
-                 "rejected_over_budget.csv": rows_to_csv(s.rejected) if s.rejected else "",
-                 "best_config.json": json.dumps({"family": family, "params": s.best["params"] if s.best else None,
-                                                 "objective": s.best["objective"] if s.best else None}, indent=2)}
+        files = {
+            "comparison.md": s.comparison_markdown,
+            "trials.csv": rows_to_csv(trials) if trials else "",
+            "rejected_over_budget.csv": rows_to_csv(s.rejected) if s.rejected else "",
+            "best_config.json": json.dumps(
+                {
+                    "family": family,
+                    "params": s.best["params"] if s.best else None,
+                    "objective": s.best["objective"] if s.best else None,
+                },
+                indent=2,
+            ),
+        }
         for name, text in files.items():
             (Path(d) / name).write_text(text)
             parent.log_artifact(Path(d) / name, "search")
@@ -539,9 +671,12 @@ def _progress_callback(total: int, mode: str, t0: float):
                 self.best = r["objective"]
             elapsed = time.perf_counter() - t0
             eta = (total - self.ended) * elapsed / self.ended
-            print(f"[search_inr] trials done {self.ended}/{total}  stopped early {self.stopped}  remaining "
-                  f"{total - self.ended}  best {self.best if self.best is None else f'{self.best:.4g}'}  "
-                  f"ETA {eta:.0f} s", flush=True)
+            print(
+                f"[search_inr] trials done {self.ended}/{total}  stopped early {self.stopped}  remaining "
+                f"{total - self.ended}  best {self.best if self.best is None else f'{self.best:.4g}'}  "
+                f"ETA {eta:.0f} s",
+                flush=True,
+            )
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.on_trial_complete(iteration, trials, trial)

@@ -57,8 +57,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         address = address or os.environ.get("RAY_ADDRESS")
         # workers log to the same tracking server as the driver, as quietly
         env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", *QUIET_ENV) if k in os.environ}
-        kw = dict(runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False,
-                  logging_level=logging.WARNING)
+        kw = dict(
+            runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False, logging_level=logging.WARNING
+        )
         if address:
             ray.init(address=address, **kw)
         else:
@@ -130,13 +131,28 @@ def finished_runs(client: Any, exp_id: str) -> dict[str, Any]:
     return {r.data.tags[KEY_TAG]: r for r in runs if KEY_TAG in r.data.tags}
 
 
-def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment: str | None = None,
-              pack_size: int = 16, address: str | None = None, gpu_fraction: float = 0.25,
-              max_retries: int = 1, trial_failures: int = 1, curve_every_n_packs: int = 10,
-              num_cpus: int | None = None, num_gpus: int | None = None, storage: str | None = None,
-              progress: bool = True, table: dict[str, Any] | None = None,
-              metrics: tuple[str, ...] | None = None, log_artifacts: bool = True,
-              tune_restarts: int = 2, trials_per_slot: int | None = 4) -> SweepSummary:
+def run_sweep(
+    name: str,
+    tasks: list[FitTask],
+    *,
+    corpus: str | Path,
+    experiment: str | None = None,
+    pack_size: int = 16,
+    address: str | None = None,
+    gpu_fraction: float = 0.25,
+    max_retries: int = 1,
+    trial_failures: int = 1,
+    curve_every_n_packs: int = 10,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    storage: str | None = None,
+    progress: bool = True,
+    table: dict[str, Any] | None = None,
+    metrics: tuple[str, ...] | None = None,
+    log_artifacts: bool = True,
+    tune_restarts: int = 2,
+    trials_per_slot: int | None = 4,
+) -> SweepSummary:
     """Run every fit of `tasks` not already finished in MLflow. See the module docstring.
 
     pack_size: fits fitted at once (one config). trials_per_slot: packs are bundled into about this many trials
@@ -158,8 +174,10 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
         raise ConfigError(name, "the sweep lists the same fit (family, clip, config, length) twice")
     trial_resources({}, gpu_fraction)  # a bad fraction fails now, not after Ray has started
     if pack_size < 1 or max_retries < 0 or trial_failures < 0:
-        raise ConfigError("pack_size/max_retries/trial_failures", "need >= 1, >= 0, >= 0; got "
-                          f"{pack_size}, {max_retries}, {trial_failures}")
+        raise ConfigError(
+            "pack_size/max_retries/trial_failures",
+            f"need >= 1, >= 0, >= 0; got {pack_size}, {max_retries}, {trial_failures}",
+        )
     if trials_per_slot is not None and trials_per_slot < 1:
         raise ConfigError("trials_per_slot", f"need >= 1 (or None: one trial per pack); got {trials_per_slot}")
     quiet_defaults()
@@ -188,15 +206,25 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
         return packs, bundle(packs, len(packs) if trials_per_slot is None else slots * trials_per_slot)
 
     packs, bundles = plan(todo)
-    ctx = TrialContext(corpus=str(Path(corpus).resolve()), experiment=experiment, parent_run_id=parent.run_id,
-                       sweep=sid, tracking_uri=uri, max_retries=max_retries,
-                       curve_every_n_packs=curve_every_n_packs, log_artifacts=log_artifacts,
-                       experiment_id=parent.experiment_id, git_commit=git_commit(),
-                       metrics=tuple(metrics) if metrics is not None else None)
+    ctx = TrialContext(
+        corpus=str(Path(corpus).resolve()),
+        experiment=experiment,
+        parent_run_id=parent.run_id,
+        sweep=sid,
+        tracking_uri=uri,
+        max_retries=max_retries,
+        curve_every_n_packs=curve_every_n_packs,
+        log_artifacts=log_artifacts,
+        experiment_id=parent.experiment_id,
+        git_commit=git_commit(),
+        metrics=tuple(metrics) if metrics is not None else None,
+    )
     if progress:
-        print(f"[{name}] {len(tasks)} fits: {skipped} already finished, {len(todo)} to run in {len(packs)} packs, "
-              f"{len(bundles)} trials (each {resources}, {slots} at once); MLflow {uri} experiment {experiment!r}",
-              flush=True)
+        print(
+            f"[{name}] {len(tasks)} fits: {skipped} already finished, {len(todo)} to run in {len(packs)} packs, "
+            f"{len(bundles)} trials (each {resources}, {slots} at once); MLflow {uri} experiment {experiment!r}",
+            flush=True,
+        )
     n_trials = 0
     t = time.perf_counter()
     callback = _Progress(name, len(todo), t0, progress)
@@ -205,14 +233,25 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
             break
         n_trials += len(bundles)
         try:
-            grid = _tune(packs, bundles, ctx, resources, f"{sid}-r{attempt}" if attempt else sid, trial_failures,
-                         storage, callback)
+            grid = _tune(
+                packs,
+                bundles,
+                ctx,
+                resources,
+                f"{sid}-r{attempt}" if attempt else sid,
+                trial_failures,
+                storage,
+                callback,
+            )
         except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
             if attempt == tune_restarts:
                 raise
             lines = str(e).strip().splitlines() or [""]
-            print(f"[{name}] Ray Tune stopped ({type(e).__name__}: {lines[0][:200]}); restarting the fits that "
-                  "are not finished", flush=True)
+            print(
+                f"[{name}] Ray Tune stopped ({type(e).__name__}: {lines[0][:200]}); restarting the fits that "
+                "are not finished",
+                flush=True,
+            )
             _mark_stale(client, parent.experiment_id, {t.key for t in todo})
             done_keys = finished_runs(client, parent.experiment_id)
             packs, bundles = plan([t for t in todo if t.key not in done_keys])
@@ -226,29 +265,52 @@ def run_sweep(name: str, tasks: list[FitTask], *, corpus: str | Path, experiment
     finished = finished_runs(client, parent.experiment_id)
     rows = [_row(t, finished[t.key]) for t in tasks if t.key in finished]
     failed = len(tasks) - len(rows)
-    summary = SweepSummary(sid, experiment, parent.run_id, uri, len(tasks), skipped, len(rows) - skipped, failed,
-                           time.perf_counter() - t0, resources, rows, packs=callback.results, n_trials=n_trials,
-                           timings=timings)
+    summary = SweepSummary(
+        sid,
+        experiment,
+        parent.run_id,
+        uri,
+        len(tasks),
+        skipped,
+        len(rows) - skipped,
+        failed,
+        time.perf_counter() - t0,
+        resources,
+        rows,
+        packs=callback.results,
+        n_trials=n_trials,
+        timings=timings,
+    )
     _finish_parent(parent, summary, table or {})
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _tune(packs: list[list[FitTask]], bundles: list[list[int]], ctx: TrialContext, resources: dict[str, float],
-          run_name: str, trial_failures: int, storage: str | None, callback: Any) -> Any:
+def _tune(
+    packs: list[list[FitTask]],
+    bundles: list[list[int]],
+    ctx: TrialContext,
+    resources: dict[str, float],
+    run_name: str,
+    trial_failures: int,
+    storage: str | None,
+    callback: Any,
+) -> Any:
     """One Tune run: a trial per bundle of packs (the packs travel in the param_space as plain data), actors
     reused."""
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), resources)
-    trials = [{"index": t, "packs": [dict(pack_to_config(packs[i]), index=i) for i in b]}
-              for t, b in enumerate(bundles)]
+    trials = [
+        {"index": t, "packs": [dict(pack_to_config(packs[i]), index=i) for i in b]} for t, b in enumerate(bundles)
+    ]
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(reuse_actors=True,
-                                    trial_dirname_creator=lambda trial: f"trial{trial.config['trial']['index']}"),
+        tune_config=tune.TuneConfig(
+            reuse_actors=True, trial_dirname_creator=lambda trial: f"trial{trial.config['trial']['index']}"
+        ),
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=storage or storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
@@ -272,9 +334,18 @@ def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> Mlfl
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return MlflowRun(experiment, uri=uri, run_id=run_id)
-    run = MlflowRun(experiment, uri=uri, run_name=sid, tags={ROLE_TAG: "parent", SWEEP_TAG: sid,
-                                                               "fewsound.job": name, "fewsound.n_fits": n,
-                                                               "fewsound.command": " ".join(sys.argv)})
+    run = MlflowRun(
+        experiment,
+        uri=uri,
+        run_name=sid,
+        tags={
+            ROLE_TAG: "parent",
+            SWEEP_TAG: sid,
+            "fewsound.job": name,
+            "fewsound.n_fits": n,
+            "fewsound.command": " ".join(sys.argv),
+        },
+    )
     return run
 
 
@@ -285,8 +356,7 @@ def _mark_stale(client: Any, exp_id: str, todo_keys: set[str]) -> None:
             client.set_terminated(r.info.run_id, status="KILLED")
 
 
-def _record_crashed_trials(grid: Any, packs: list[list[FitTask]], ctx: TrialContext, client: Any,
-                           exp_id: str) -> None:
+def _record_crashed_trials(grid: Any, packs: list[list[FitTask]], ctx: TrialContext, client: Any, exp_id: str) -> None:
     """A trial that crashed beyond its retries leaves fits without a run: record each as FAILED with the reason."""
     crashed = [r for r in grid if r.error is not None]
     if not crashed:
@@ -304,16 +374,34 @@ def _record_failed_pack(tasks: list[FitTask], reason: str, ctx: TrialContext, fi
     for t in tasks:
         if t.key in finished:
             continue
-        run = MlflowRun(ctx.experiment, uri=ctx.tracking_uri, run_name=t.key, parent_run_id=ctx.parent_run_id,
-                        tags={KEY_TAG: t.key, SWEEP_TAG: ctx.sweep, REASON_TAG: reason, "fewsound.pack": pid,
-                              "fewsound.family": t.family, "fewsound.label": t.label})
+        run = MlflowRun(
+            ctx.experiment,
+            uri=ctx.tracking_uri,
+            run_name=t.key,
+            parent_run_id=ctx.parent_run_id,
+            tags={
+                KEY_TAG: t.key,
+                SWEEP_TAG: ctx.sweep,
+                REASON_TAG: reason,
+                "fewsound.pack": pid,
+                "fewsound.family": t.family,
+                "fewsound.label": t.label,
+            },
+        )
         run.log_params(t.params())
         run.end("FAILED")
 
 
 def _row(t: FitTask, run: Any) -> dict[str, Any]:
-    row = {"key": t.key, "label": t.label or t.family, "family": t.family, "clip_id": t.clip_id,
-           "length": t.length, "kind": t.kind, "run_id": run.info.run_id}
+    row = {
+        "key": t.key,
+        "label": t.label or t.family,
+        "family": t.family,
+        "clip_id": t.clip_id,
+        "length": t.length,
+        "kind": t.kind,
+        "run_id": run.info.run_id,
+    }
     row.update(run.data.metrics)
     return row
 
@@ -321,8 +409,9 @@ def _row(t: FitTask, run: Any) -> dict[str, Any]:
 def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any]) -> None:
     from fewsound import tables
 
-    parent.log_metrics({"sweep/fits": s.n_fits, "sweep/done": s.done + s.skipped, "sweep/failed": s.failed,
-                        "sweep/seconds": s.seconds})
+    parent.log_metrics(
+        {"sweep/fits": s.n_fits, "sweep/done": s.done + s.skipped, "sweep/failed": s.failed, "sweep/seconds": s.seconds}
+    )
     with tempfile.TemporaryDirectory() as d:
         if s.rows:
             tables.write_results(Path(d), s.rows, **table)
@@ -352,8 +441,11 @@ def _progress_class():
             rate = n / elapsed * 3600 if elapsed > 0 else 0.0
             remaining = self.total - n
             eta = remaining / (n / elapsed) if n else float("nan")
-            print(f"[{self.name}] done {self.done}  failed {self.failed}  remaining {remaining}  "
-                  f"ETA {_fmt_s(eta)}  {rate:.0f} fits/h{note}", flush=True)
+            print(
+                f"[{self.name}] done {self.done}  failed {self.failed}  remaining {remaining}  "
+                f"ETA {_fmt_s(eta)}  {rate:.0f} fits/h{note}",
+                flush=True,
+            )
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "fits_done" not in result:

@@ -7,16 +7,16 @@ Driver (this process):
    (address="local": never attach by accident to another Ray running on the same machine).
 2. Workers from the cluster: one per GPU with use_gpu when it has GPUs, else CPU workers (default 2) that share
    all CPUs but one, which is left to Ray Data's readers (a 2-core laptop: 2 workers x 0.5 CPU).
-3. The run's key `train-{kind}-{target}-{hash8 of config, corpus and experiment}` names both the Ray Train run (its folder
-   under the storage path, local or a cloud URI) and the MLflow run (tag fewsound.train_key). Re-running the same
-   command finds both: Ray Train V2 restores its run from the storage folder and hands the workers the latest
-   checkpoint; the unfinished MLflow run is reopened, so curves continue in the same run. A run already FINISHED
-   in MLflow is not trained again.
+3. The run's key `train-{kind}-{target}-{hash8 of config, corpus and experiment}` names both the Ray Train run
+   (its folder under the storage path, local or a cloud URI) and the MLflow run (tag fewsound.train_key).
+   Re-running the same command finds both: Ray Train V2 restores its run from the storage folder and hands the
+   workers the latest checkpoint; the unfinished MLflow run is reopened, so curves continue in the same run. A run
+   already FINISHED in MLflow is not trained again.
 4. Data: `ray.data.read_parquet` of the corpus's shards. "train" is split between the workers
    (`get_dataset_shard`, a streaming split: no process holds the corpus); each worker crops its rows at random
    and peak-normalises them. A worker whose share is small (<= 512 MiB, e.g. the built-in corpus) keeps it after
-   the first pass instead of paying Ray Data's per-pass start-up for every few batches. "validation" (filtered to the fixed validation subset) is not split: worker r
-   keeps the subset's clips r, r + W, ... and caches its crops.
+   the first pass instead of paying Ray Data's per-pass start-up for every few batches. "validation" (filtered
+   to the fixed validation subset) is not split: worker r keeps the subset's clips r, r + W, ... and caches its crops.
 
 Workers (`train_loop_per_worker`): build the model from the config (same seed on every rank), restore the latest
 checkpoint if any, wrap in DDP (`prepare_model`), then per epoch: `fewsound.train.run_epoch`, the mean loss
@@ -67,7 +67,9 @@ def resolve_train_corpus(corpus: str | None, clip_length: int) -> str:
     c = open_corpus(corpus)
     for split in ("train", "validation"):
         if c.count(split) == 0:
-            raise DataError(corpus, f"has no {split!r} clips; prepare it with `jobs/prepare_data.py --protocol fewsound`")
+            raise DataError(
+                corpus, f"has no {split!r} clips; prepare it with `jobs/prepare_data.py --protocol fewsound`"
+            )
     if c.manifest["stored_length"] < clip_length:
         raise DataError(corpus, f"stores {c.manifest['stored_length']}-sample clips, the model needs {clip_length}")
     return str(Path(corpus).resolve())
@@ -94,8 +96,10 @@ def choose_scaling(resources: dict[str, float], num_workers: int | None = None):
     n = num_workers or DEFAULT_CPU_WORKERS
     spare = cpus - 1  # one CPU for Ray Data's read tasks: without it the data pipeline starves next to the workers
     if spare / n < 0.25:
-        raise ConfigError("--num-workers", f"{n} CPU workers do not fit a cluster of {cpus:g} CPUs (one is kept for "
-                          "Ray Data); ask for fewer workers")
+        raise ConfigError(
+            "--num-workers",
+            f"{n} CPU workers do not fit a cluster of {cpus:g} CPUs (one is kept for Ray Data); ask for fewer workers",
+        )
     cpu_each = spare / n if spare / n < 1 else float(int(spare // n))
     return ScalingConfig(num_workers=n, use_gpu=False, resources_per_worker={"CPU": cpu_each}), cpu_each
 
@@ -115,27 +119,31 @@ def init_ray(address: str | None = None) -> dict[str, float]:
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        env = {"env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}} \
-            if os.environ.get("MLFLOW_TRACKING_URI") else None
+        env = (
+            {"env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}}
+            if os.environ.get("MLFLOW_TRACKING_URI")
+            else None
+        )
         if address:
             ray.init(address=address, runtime_env=env)
         else:
-            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                     runtime_env=env)
+            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, runtime_env=env)
     return ray.cluster_resources()
 
 
 def open_mlflow_run(experiment: str, key: str, params: dict[str, Any], tags: dict[str, Any]):
     """(MlflowRun, finished): the FINISHED run of `key` if any, else its latest unfinished run (reopened, for a
     resume), else a new one with the params logged."""
-    from fewsound.tracking import MlflowRun, get_or_create_experiment, tracking_uri
     from mlflow.tracking import MlflowClient
+
+    from fewsound.tracking import MlflowRun, get_or_create_experiment, tracking_uri
 
     uri = tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     exp_id = get_or_create_experiment(client, experiment)
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", order_by=["attributes.start_time DESC"], max_results=50
+    )
     done = [r for r in runs if r.info.status == "FINISHED"]
     if done:
         return MlflowRun(experiment, uri=uri, run_id=done[0].info.run_id), True
@@ -175,9 +183,18 @@ class TrainSummary:
     use_gpu: bool
 
 
-def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | None = None,
-                 name: str | None = None, experiment: str = "train_fewsound", num_workers: int | None = None,
-                 address: str | None = None, max_failures: int = 3, keep_checkpoints: int = 2) -> TrainSummary:
+def run_training(
+    cfg: TrainConfig,
+    *,
+    corpus: str | None = None,
+    storage: str | None = None,
+    name: str | None = None,
+    experiment: str = "train_fewsound",
+    num_workers: int | None = None,
+    address: str | None = None,
+    max_failures: int = 3,
+    keep_checkpoints: int = 2,
+) -> TrainSummary:
     """Train (or resume, or report an already finished run of) `cfg` with Ray Train. See the module docstring."""
     import ray
     import ray.data
@@ -195,23 +212,45 @@ def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | 
     resources = init_ray(address)
     scaling, cpu_each = choose_scaling(resources, num_workers)
     if cfg.batch_size % scaling.num_workers:
-        raise ConfigError("batch_size", f"the global batch {cfg.batch_size} does not split evenly over "
-                          f"{scaling.num_workers} workers")
+        raise ConfigError(
+            "batch_size", f"the global batch {cfg.batch_size} does not split evenly over {scaling.num_workers} workers"
+        )
     key = name or run_key(cfg, corpus, experiment)
     storage = storage or storage_root("train")
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     val_ids, val_kinds, log_ids = validation_plan(corpus, cfg)
-    params = {**flatten(cfg), "data.corpus": corpus, "data.val_subset": len(val_ids),
-              "ray.num_workers": scaling.num_workers, "ray.use_gpu": scaling.use_gpu, "ray.cpus_per_worker": cpu_each,
-              "ray.storage": storage, "lr.resolved": cfg.resolved_lr, "lr.peak": cfg.resolved_lr * cfg.div_factor,
-              "steps_per_epoch": cfg.steps_per_epoch}
-    run, finished = open_mlflow_run(experiment, key, params, {"fewsound.kind": cfg.model.kind,
-                                                               "fewsound.target": cfg.model.target})
+    params = {
+        **flatten(cfg),
+        "data.corpus": corpus,
+        "data.val_subset": len(val_ids),
+        "ray.num_workers": scaling.num_workers,
+        "ray.use_gpu": scaling.use_gpu,
+        "ray.cpus_per_worker": cpu_each,
+        "ray.storage": storage,
+        "lr.resolved": cfg.resolved_lr,
+        "lr.peak": cfg.resolved_lr * cfg.div_factor,
+        "steps_per_epoch": cfg.steps_per_epoch,
+    }
+    run, finished = open_mlflow_run(
+        experiment, key, params, {"fewsound.kind": cfg.model.kind, "fewsound.target": cfg.model.target}
+    )
     if finished:
         m = run.client.get_run(run.run_id).data.metrics
-        return TrainSummary(key, experiment, run.run_id, uri, storage, True, int(m.get("epoch", -1)) + 1, m, None,
-                            time.perf_counter() - t0, scaling.num_workers, scaling.use_gpu)
+        return TrainSummary(
+            key,
+            experiment,
+            run.run_id,
+            uri,
+            storage,
+            True,
+            int(m.get("epoch", -1)) + 1,
+            m,
+            None,
+            time.perf_counter() - t0,
+            scaling.num_workers,
+            scaling.use_gpu,
+        )
 
     from fewsound.data.shards import open_corpus
 
@@ -219,20 +258,33 @@ def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | 
     c = open_corpus(corpus)
     columns = ["clip_id", "audio"]
     train_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("train")], columns=columns, shuffle="files")
-    val_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("validation")], columns=columns) \
-        .filter(expr=col("clip_id").is_in(val_ids))
+    val_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("validation")], columns=columns).filter(
+        expr=col("clip_id").is_in(val_ids)
+    )
     share = c.count("train") * int(c.manifest["stored_length"]) * 4 / scaling.num_workers
-    loop_config = {"train": to_dict(cfg), "run_id": run.run_id, "cache_train": share <= CACHE_BYTES,
-                   "tracking_uri": uri, "experiment": experiment,
-                   "val_ids": val_ids, "val_kinds": val_kinds, "log_ids": log_ids, "cpus_per_worker": cpu_each,
-                   "key": key}
+    loop_config = {
+        "train": to_dict(cfg),
+        "run_id": run.run_id,
+        "cache_train": share <= CACHE_BYTES,
+        "tracking_uri": uri,
+        "experiment": experiment,
+        "val_ids": val_ids,
+        "val_kinds": val_kinds,
+        "log_ids": log_ids,
+        "cpus_per_worker": cpu_each,
+        "key": key,
+    }
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
         run_config=ray.train.RunConfig(
-            name=key, storage_path=storage,
+            name=key,
+            storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
-            worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+            worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri}},
+        ),
         datasets={"train": train_ds, "validation": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
@@ -243,9 +295,20 @@ def run_training(cfg: TrainConfig, *, corpus: str | None = None, storage: str | 
         raise
     run.end("FINISHED")
     metrics = dict(result.metrics or {})
-    return TrainSummary(key, experiment, run.run_id, uri, storage, False, int(metrics.get("epoch", -1)) + 1,
-                        metrics, result.checkpoint.path if result.checkpoint else None, time.perf_counter() - t0,
-                        scaling.num_workers, scaling.use_gpu)
+    return TrainSummary(
+        key,
+        experiment,
+        run.run_id,
+        uri,
+        storage,
+        False,
+        int(metrics.get("epoch", -1)) + 1,
+        metrics,
+        result.checkpoint.path if result.checkpoint else None,
+        time.perf_counter() - t0,
+        scaling.num_workers,
+        scaling.use_gpu,
+    )
 
 
 # --------------------------------------------------------------------------------------------- workers
@@ -256,8 +319,9 @@ def _audio_matrix(batch: dict[str, Any]) -> np.ndarray:
     return a.astype(np.float32) if a.dtype != object else np.stack([np.asarray(x, dtype=np.float32) for x in a])
 
 
-def ray_batches(shard: Any, local_batch: int, length: int, *, seed: int, rank: int, start_epoch: int,
-                cache: bool = False):
+def ray_batches(
+    shard: Any, local_batch: int, length: int, *, seed: int, rank: int, start_epoch: int, cache: bool = False
+):
     """Endless stream of this worker's [local_batch, length] random crops from its Ray Data shard: pass after
     pass over the shard (each pass a new streaming-split epoch, locally shuffled), cropped at random.
 
@@ -282,9 +346,13 @@ def ray_batches(shard: Any, local_batch: int, length: int, *, seed: int, rank: i
                 yield crop_batch(rows[order[i : i + local_batch]], length, rng)
         else:
             pending: list[np.ndarray] = []
-            for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy", drop_last=False,
-                                            local_shuffle_buffer_size=max(4 * local_batch, 32),
-                                            local_shuffle_seed=int(rng.integers(2**31))):
+            for batch in shard.iter_batches(
+                batch_size=local_batch,
+                batch_format="numpy",
+                drop_last=False,
+                local_shuffle_buffer_size=max(4 * local_batch, 32),
+                local_shuffle_seed=int(rng.integers(2**31)),
+            ):
                 audio = _audio_matrix(batch)
                 if cache:
                     kept.extend(audio)
@@ -294,8 +362,10 @@ def ray_batches(shard: Any, local_batch: int, length: int, *, seed: int, rank: i
                     yield crop_batch(np.stack(pending[:local_batch]), length, rng)
                     pending = pending[local_batch:]
         if got == 0:
-            raise DataError("train split", f"yields no full batch of {local_batch} clips per worker; use a smaller "
-                            "--batch-size or fewer workers")
+            raise DataError(
+                "train split",
+                f"yields no full batch of {local_batch} clips per worker; use a smaller --batch-size or fewer workers",
+            )
         n_pass += 1
 
 
@@ -327,8 +397,13 @@ def _log_audio(run: Any, epoch: int, rows: list[dict], sr: int) -> None:
             folder = Path(d) / f"epoch_{epoch + 1:05d}" / stem
             save_audio(folder / "gt.wav", r["ref"], sr)
             save_audio(folder / "pred.wav", r["rec"], sr)
-            save_spectrogram_png(folder / "spectrogram.png", r["ref"], r["rec"], sr,
-                                 title=f"{r['clip_id']} ({r['kind']}), epoch {epoch + 1}")
+            save_spectrogram_png(
+                folder / "spectrogram.png",
+                r["ref"],
+                r["rec"],
+                sr,
+                title=f"{r['clip_id']} ({r['kind']}), epoch {epoch + 1}",
+            )
             if r.get("uni") is not None:
                 save_audio(folder / "universal.wav", r["uni"], sr)
         run.log_artifact(Path(d) / f"epoch_{epoch + 1:05d}", f"reconstructions/epoch_{epoch + 1:05d}")
@@ -354,8 +429,12 @@ def _log_final_model(run: Any, model: Any, uri: str) -> None:
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run.run_id):
         # explicit requirements: inferring them would load the model in a subprocess (slow, and needs the GPU)
-        mlflow.pytorch.log_model(model.cpu(), name="model", serialization_format="pickle",
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        mlflow.pytorch.log_model(
+            model.cpu(),
+            name="model",
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -367,8 +446,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from fewsound.hyper import build_model
     from fewsound.tracking import MlflowRun, NullLogger
-    from fewsound.train import (load_training_state, make_optimizer, run_epoch, save_training_state,
-                                summarize_validation, torch_threads, train_config_from_dict, unwrap, validate)
+    from fewsound.train import (
+        load_training_state,
+        make_optimizer,
+        run_epoch,
+        save_training_state,
+        summarize_validation,
+        torch_threads,
+        train_config_from_dict,
+        unwrap,
+        validate,
+    )
 
     cfg = train_config_from_dict(config["train"])
     quiet_ray_data()
@@ -380,8 +468,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = build_model(cfg.model, verbose=rank == 0).to(device)
     optimizer, scheduler = make_optimizer(model, cfg)
-    run = MlflowRun(config["experiment"], uri=config["tracking_uri"], run_id=config["run_id"]) if rank == 0 \
+    run = (
+        MlflowRun(config["experiment"], uri=config["tracking_uri"], run_id=config["run_id"])
+        if rank == 0
         else NullLogger()
+    )
     start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -390,16 +481,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, step = meta["epoch"] + 1, meta["step"]
         assert meta["digest_loaded"] == meta["digest"], "restored state differs from the checkpoint's"
         if rank == 0:
-            print(f"[train] resumed after epoch {meta['epoch'] + 1} (step {step}); state digest "
-                  f"{meta['digest_loaded']}", flush=True)
+            print(
+                f"[train] resumed after epoch {meta['epoch'] + 1} (step {step}); state digest {meta['digest_loaded']}",
+                flush=True,
+            )
             run.set_tags({RESUME_TAG: "true", f"fewsound.resume.epoch_{meta['epoch'] + 1}": meta["digest_loaded"]})
     elif rank == 0:
         run.log_metrics({"model/params": float(model.param_counts()["total"])}, step=0)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False)
 
     local_batch = cfg.batch_size // world
-    stream = ray_batches(ray.train.get_dataset_shard("train"), local_batch, length, seed=cfg.seed, rank=rank,
-                         start_epoch=start_epoch, cache=config.get("cache_train", False))
+    stream = ray_batches(
+        ray.train.get_dataset_shard("train"),
+        local_batch,
+        length,
+        seed=cfg.seed,
+        rank=rank,
+        start_epoch=start_epoch,
+        cache=config.get("cache_train", False),
+    )
     val_cache = None
     log_ids = set(config["log_ids"])
     for epoch in range(start_epoch, cfg.epochs):
@@ -409,13 +509,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if world > 1:  # each rank's loss is the mean over its equal share: the global mean is the mean of means
             dist.all_reduce(losses)
             losses /= world
-        metrics = {"epoch": float(epoch), "train/loss": float(losses.mean()), "train/lr": stats.lr,
-                   "cost/samples_per_s": stats.samples * world / max(stats.seconds, 1e-9),
-                   "cost/epoch_seconds": stats.seconds}
+        metrics = {
+            "epoch": float(epoch),
+            "train/loss": float(losses.mean()),
+            "train/lr": stats.lr,
+            "cost/samples_per_s": stats.samples * world / max(stats.seconds, 1e-9),
+            "cost/epoch_seconds": stats.seconds,
+        }
         if cfg.is_val_epoch(epoch):
             if val_cache is None:
-                val_cache = _my_validation(ray.train.get_dataset_shard("validation"), config["val_ids"],
-                                           config["val_kinds"], rank, world, length)
+                val_cache = _my_validation(
+                    ray.train.get_dataset_shard("validation"),
+                    config["val_ids"],
+                    config["val_kinds"],
+                    rank,
+                    world,
+                    length,
+                )
             clips, ids, kinds = val_cache
             rows = validate(model, clips, kinds, cfg, ids, device=device) if len(ids) else []
             audio_rows = []
@@ -425,8 +535,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 pick = [i for i, c in enumerate(ids) if c in log_ids]
                 recs = reconstruct(model, clips[pick], device=device) if pick else []
                 uni = universal_reconstruction(model, length)
-                audio_rows = [{"clip_id": ids[i], "kind": kinds[i], "ref": clips[i], "rec": recs[j], "uni": uni}
-                              for j, i in enumerate(pick)]
+                audio_rows = [
+                    {"clip_id": ids[i], "kind": kinds[i], "ref": clips[i], "rec": recs[j], "uni": uni}
+                    for j, i in enumerate(pick)
+                ]
             gathered: list[Any] = [None] * world
             if world > 1:
                 dist.all_gather_object(gathered, (rows, audio_rows))
@@ -442,15 +554,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _log_curve(run, "train/loss_step", stats.losses, first_step=step - cfg.steps_per_epoch + 1)
             run.log_metrics(metrics, step=step)
             with tempfile.TemporaryDirectory() as d:
-                meta = save_training_state(d, model, optimizer, scheduler, cfg, epoch=epoch, step=step,
-                                           extra={"run_id": config["run_id"], "key": config["key"]})
-                ray.train.report({**metrics, "digest": meta["digest"]},
-                                 checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"epoch_{epoch + 1:05d}")
-            print(f"[train] epoch {epoch + 1}/{cfg.epochs} step {step} loss {metrics['train/loss']:.4f}"
-                  + (f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
-                  + (f" universal {metrics['universal/loss']:.4f}" if "universal/loss" in metrics else ""),
-                  flush=True)
+                meta = save_training_state(
+                    d,
+                    model,
+                    optimizer,
+                    scheduler,
+                    cfg,
+                    epoch=epoch,
+                    step=step,
+                    extra={"run_id": config["run_id"], "key": config["key"]},
+                )
+                ray.train.report(
+                    {**metrics, "digest": meta["digest"]},
+                    checkpoint=ray.train.Checkpoint.from_directory(d),
+                    checkpoint_dir_name=f"epoch_{epoch + 1:05d}",
+                )
+            print(
+                f"[train] epoch {epoch + 1}/{cfg.epochs} step {step} loss {metrics['train/loss']:.4f}"
+                + (f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
+                + (f" universal {metrics['universal/loss']:.4f}" if "universal/loss" in metrics else ""),
+                flush=True,
+            )
         else:
             ray.train.report(metrics)
     if rank == 0:
@@ -484,8 +608,9 @@ def load_trained(source: str, *, tracking: str | None = None):
         from fewsound.tracking import tracking_uri
 
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=source, artifact_path=f"model_file/{MODEL_FILE}",
-                                                        tracking_uri=tracking or tracking_uri())
+            local = mlflow.artifacts.download_artifacts(
+                run_id=source, artifact_path=f"model_file/{MODEL_FILE}", tracking_uri=tracking or tracking_uri()
+            )
         except Exception as e:  # noqa: BLE001 - an unknown run or a run without the artifact is the user's input
             raise ConfigError(source, f"MLflow run has no model_file/{MODEL_FILE} ({type(e).__name__})") from None
         return load_model(local)

@@ -163,25 +163,54 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
 
     t = time.perf_counter()
     log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
-    done, failed = _log_pack(client, writer, exp_id, tasks, results, evals, eval_errors, clips if tasks else None,
-                             ctx, pid, attempts, log_curves)
+    done, failed = _log_pack(
+        client,
+        writer,
+        exp_id,
+        tasks,
+        results,
+        evals,
+        eval_errors,
+        clips if tasks else None,
+        ctx,
+        pid,
+        attempts,
+        log_curves,
+    )
     log_seconds = time.perf_counter() - t
-    return {"fits_done": done, "fits_failed": failed, "fits_skipped": skipped, "setup_seconds": setup_seconds,
-            "fit_seconds": fit_seconds,
-            "eval_seconds": eval_seconds, "log_seconds": log_seconds, "seconds": time.perf_counter() - t0,
-            "fit_cpu": fit_cpu, "eval_cpu": eval_cpu, "process_cpu": time.process_time() - cpu0,
-            "start": start, "end": time.time(), "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
+    return {
+        "fits_done": done,
+        "fits_failed": failed,
+        "fits_skipped": skipped,
+        "setup_seconds": setup_seconds,
+        "fit_seconds": fit_seconds,
+        "eval_seconds": eval_seconds,
+        "log_seconds": log_seconds,
+        "seconds": time.perf_counter() - t0,
+        "fit_cpu": fit_cpu,
+        "eval_cpu": eval_cpu,
+        "process_cpu": time.process_time() - cpu0,
+        "start": start,
+        "end": time.time(),
+        "pid": os.getpid(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _finished_keys(client: Any, exp_id: str, sweep: str, pid: str) -> set[str]:
     """Keys of this pack that already have a FINISHED run (a trial retried by Tune after it crashed)."""
-    runs = client.search_runs([exp_id], filter_string=f"attributes.status = 'FINISHED' and "
-                              f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{PACK_TAG}` = '{pid}'", max_results=5000)
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"attributes.status = 'FINISHED' and "
+        f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{PACK_TAG}` = '{pid}'",
+        max_results=5000,
+    )
     return {r.data.tags[KEY_TAG] for r in runs if KEY_TAG in r.data.tags}
 
 
-def _evaluate(tasks: list[FitTask], results: list[Any], clips: np.ndarray | None,
-              ctx: TrialContext) -> tuple[list[dict | None], dict[int, str]]:
+def _evaluate(
+    tasks: list[FitTask], results: list[Any], clips: np.ndarray | None, ctx: TrialContext
+) -> tuple[list[dict | None], dict[int, str]]:
     """Metrics of every fit that did not diverge, batched per clip kind. A batch that raises is redone fit by fit,
     so one bad fit (e.g. a silent reconstruction) only fails itself. Returns (evals, {index: error})."""
     from fewsound.metrics import evaluate
@@ -219,9 +248,20 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _log_pack(client: Any, writer: RunWriter, exp_id: str, tasks: list[FitTask], results: list[Any],
-              evals: list[dict | None], eval_errors: dict[int, str], clips: np.ndarray | None, ctx: TrialContext,
-              pid: str, attempts: list[int], log_curves: bool) -> tuple[int, int]:
+def _log_pack(
+    client: Any,
+    writer: RunWriter,
+    exp_id: str,
+    tasks: list[FitTask],
+    results: list[Any],
+    evals: list[dict | None],
+    eval_errors: dict[int, str],
+    clips: np.ndarray | None,
+    ctx: TrialContext,
+    pid: str,
+    attempts: list[int],
+    log_curves: bool,
+) -> tuple[int, int]:
     """The pack's child runs, one per fit: all written in one request (tags, params, metrics; RunWriter), then the
     artifacts of each, then their final status in one more request - a run is FINISHED only once its artifacts
     are there. A diverged fit or failed evaluation is a FAILED run with its reason. Returns (done, failed)."""
@@ -234,8 +274,10 @@ def _log_pack(client: Any, writer: RunWriter, exp_id: str, tasks: list[FitTask],
             reason = f"evaluation failed: {eval_errors[i]}"
         reasons.append(reason)
     with_artifacts = [i for i, r in enumerate(results) if ctx.log_artifacts and not r.diverged]
-    specs = [_run_spec(t, results[i], evals[i], ctx, pid, reasons[i], attempts[i], curve=log_curves and i == 0)
-             for i, t in enumerate(tasks)]
+    specs = [
+        _run_spec(t, results[i], evals[i], ctx, pid, reasons[i], attempts[i], curve=log_curves and i == 0)
+        for i, t in enumerate(tasks)
+    ]
     for i in with_artifacts:
         specs[i]["status"] = "RUNNING"
     try:
@@ -265,15 +307,23 @@ def _log_pack(client: Any, writer: RunWriter, exp_id: str, tasks: list[FitTask],
     return sum(ok), len(ok) - sum(ok)
 
 
-def _run_spec(task: FitTask, r: Any, ev: dict | None, ctx: TrialContext, pid: str, reason: str | None,
-              attempts: int, curve: bool) -> dict[str, Any]:
+def _run_spec(
+    task: FitTask, r: Any, ev: dict | None, ctx: TrialContext, pid: str, reason: str | None, attempts: int, curve: bool
+) -> dict[str, Any]:
     """One fit's child run for RunWriter.write_runs: tags (parent, sweep, pack, key, ...), params, final metrics,
     n/a reasons as tags, the loss curve when `curve`; FINISHED, or FAILED with the reason."""
     from fewsound.metrics import to_mlflow
 
-    tags = {KEY_TAG: task.key, SWEEP_TAG: ctx.sweep, PACK_TAG: pid, PARENT_TAG: ctx.parent_run_id,
-            "fewsound.family": task.family, "fewsound.label": task.label, "fewsound.attempts": attempts,
-            "fewsound.node": _node()}
+    tags = {
+        KEY_TAG: task.key,
+        SWEEP_TAG: ctx.sweep,
+        PACK_TAG: pid,
+        PARENT_TAG: ctx.parent_run_id,
+        "fewsound.family": task.family,
+        "fewsound.label": task.label,
+        "fewsound.attempts": attempts,
+        "fewsound.node": _node(),
+    }
     if ctx.git_commit:
         tags[COMMIT_TAG] = ctx.git_commit
     if reason:
@@ -282,10 +332,14 @@ def _run_spec(task: FitTask, r: Any, ev: dict | None, ctx: TrialContext, pid: st
     if ev is not None:
         metrics.update(to_mlflow(ev))
         tags.update({f"fewsound.na.{k}": v[:250] for k, v in ev.get("not_applicable", {}).items()})
-    return {"run_name": task.key, "tags": {k: str(v) for k, v in tags.items()},
-            "params": {k: str(v)[:6000] for k, v in task.params().items()}, "metrics": _finite(metrics),
-            "curves": {"fit/loss_curve": [(step, v) for step, v in r.history if math.isfinite(v)]} if curve else {},
-            "status": "FINISHED" if reason is None else "FAILED"}
+    return {
+        "run_name": task.key,
+        "tags": {k: str(v) for k, v in tags.items()},
+        "params": {k: str(v)[:6000] for k, v in task.params().items()},
+        "metrics": _finite(metrics),
+        "curves": {"fit/loss_curve": [(step, v) for step, v in r.history if math.isfinite(v)]} if curve else {},
+        "status": "FINISHED" if reason is None else "FAILED",
+    }
 
 
 def _log_artifacts(client: Any, run_id: str, task: FitTask, r: Any, ref: np.ndarray) -> None:

@@ -26,10 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("ref", type=Path, help="reference audio file, or a folder of them")
     parser.add_argument("rec", type=Path, help="reconstruction audio file, or a folder with the same file names")
-    parser.add_argument("--kind", choices=KINDS, default="speech",
-                        help="what the audio is; PESQ/STOI/CDPAM apply to clean speech only (default: speech)")
-    parser.add_argument("--metrics", nargs="+", choices=METRICS + EXTRA_METRICS, default=None, metavar="NAME",
-                        help=f"metrics to compute (default: {' '.join(METRICS)}; also {' '.join(EXTRA_METRICS)})")
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="speech",
+        help="what the audio is; PESQ/STOI/CDPAM apply to clean speech only (default: speech)",
+    )
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=METRICS + EXTRA_METRICS,
+        default=None,
+        metavar="NAME",
+        help=f"metrics to compute (default: {' '.join(METRICS)}; also {' '.join(EXTRA_METRICS)})",
+    )
     parser.add_argument("--sr", type=int, default=22_050, help="evaluation sample rate (default: 22050)")
     parser.add_argument("--workers", type=int, default=0, help="processes for PESQ/STOI (default: in-process)")
     parser.add_argument("--device", default=None, help="torch device for CDPAM (default: cuda when present)")
@@ -71,16 +81,25 @@ def run(args: argparse.Namespace) -> int:
     for name, ref_path, rec_path in pairs:
         x, y = load_audio(ref_path, sr=args.sr), load_audio(rec_path, sr=args.sr)
         if x.shape != y.shape:
-            raise AudioError(rec_path, f"length {y.shape[-1]} differs from the reference {ref_path} ({x.shape[-1]} "
-                                       f"samples at {args.sr} Hz)")
+            raise AudioError(
+                rec_path,
+                f"length {y.shape[-1]} differs from the reference {ref_path} ({x.shape[-1]} samples at {args.sr} Hz)",
+            )
         loaded.append((name, x, y, rec_path))
     results = {}
     # Clips of one length are evaluated as one batch (what evaluate() batches); folders may mix lengths.
     for n in sorted({x.shape[-1] for _, x, _, _ in loaded}):
         group = [item for item in loaded if item[1].shape[-1] == n]
-        rows = evaluate(np.stack([g[1] for g in group]), np.stack([g[2] for g in group]), args.sr, kind=args.kind,
-                        metrics=args.metrics, device=args.device, workers=args.workers,
-                        names=[str(g[3]) for g in group])
+        rows = evaluate(
+            np.stack([g[1] for g in group]),
+            np.stack([g[2] for g in group]),
+            args.sr,
+            kind=args.kind,
+            metrics=args.metrics,
+            device=args.device,
+            workers=args.workers,
+            names=[str(g[3]) for g in group],
+        )
         for (name, *_), row in zip(group, rows):
             results[name] = {k: _json_value(v) for k, v in row.items()}
     json.dump({name: results[name] for name, *_ in pairs}, sys.stdout, indent=2, allow_nan=False)

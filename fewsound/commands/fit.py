@@ -35,13 +35,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-f", type=float, default=1.0, help="weight of the mel-STFT term (default 1)")
     p.add_argument("--seed", type=int, default=0, help="init seed (default 0)")
     p.add_argument("--sr", type=int, default=22_050, help="sample rate to resample to (default 22,050)")
-    p.add_argument("--length", type=int, default=DEFAULT_LENGTH,
-                   help=f"crop length in samples (default {DEFAULT_LENGTH:,}; 0 = whole file)")
+    p.add_argument(
+        "--length",
+        type=int,
+        default=DEFAULT_LENGTH,
+        help=f"crop length in samples (default {DEFAULT_LENGTH:,}; 0 = whole file)",
+    )
     p.add_argument("--offset", type=int, default=0, help="crop start in samples (default 0)")
-    p.add_argument("--set", dest="inr_set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the INR's config, e.g. --set grid_size=5 (repeatable)")
-    p.add_argument("--metrics", default="all",
-                   help="comma-separated metric names for metrics.json, or 'all' (the paper's set; default)")
+    p.add_argument(
+        "--set",
+        dest="inr_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the INR's config, e.g. --set grid_size=5 (repeatable)",
+    )
+    p.add_argument(
+        "--metrics",
+        default="all",
+        help="comma-separated metric names for metrics.json, or 'all' (the paper's set; default)",
+    )
     p.add_argument("--kind", default="speech", help="speech, noisy_speech, music or environment (which metrics apply)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint to DIR/checkpoint every N steps")
@@ -77,8 +90,11 @@ def run(args: argparse.Namespace) -> int:
     x = load_audio(args.clip, sr=args.sr)
     if args.length:
         if x.size < args.offset + args.length:
-            raise AudioError(args.clip, f"too short: {x.size} samples at {args.sr} Hz, need {args.offset + args.length}"
-                                        f" for --offset {args.offset} --length {args.length} (--length 0: whole file)")
+            raise AudioError(
+                args.clip,
+                f"too short: {x.size} samples at {args.sr} Hz, need {args.offset + args.length}"
+                f" for --offset {args.offset} --length {args.length} (--length 0: whole file)",
+            )
         x = x[args.offset : args.offset + args.length]
     else:
         x = x[args.offset :]
@@ -87,18 +103,28 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = out / "checkpoint" if (args.checkpoint_every or args.resume) else None
-    print(f"fitting {config.family} ({config.build_inr().num_params():,} params) to {args.clip}: "
-          f"{target.size:,} samples at {args.sr} Hz, {config.steps:,} steps, lr {config.resolved_lr:g}", flush=True)
+    print(
+        f"fitting {config.family} ({config.build_inr().num_params():,} params) to {args.clip}: "
+        f"{target.size:,} samples at {args.sr} Hz, {config.steps:,} steps, lr {config.resolved_lr:g}",
+        flush=True,
+    )
     (result,) = fit(config, target[None], logger=_PrintLogger(), checkpoint_dir=checkpoint_dir, resume=args.resume)
 
     import torch
 
     save_audio(out / "gt.wav", target, args.sr)
     save_audio(out / "pred.wav", result.reconstruction, args.sr)
-    save_spectrogram_png(out / "spectrogram.png", target, result.reconstruction, args.sr,
-                         title=f"{config.family} - {Path(args.clip).name}")
-    torch.save({"family": config.family, "inr": dict(config.inr), "params": result.params,
-                "buffers": result.buffers}, out / "params.pt")
+    save_spectrogram_png(
+        out / "spectrogram.png",
+        target,
+        result.reconstruction,
+        args.sr,
+        title=f"{config.family} - {Path(args.clip).name}",
+    )
+    torch.save(
+        {"family": config.family, "inr": dict(config.inr), "params": result.params, "buffers": result.buffers},
+        out / "params.pt",
+    )
     metrics = {
         **quality_metrics(target, result.reconstruction, args.sr, metrics=args.metrics, kind=args.kind),
         **result.metrics(),
@@ -117,8 +143,11 @@ def run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k.split('/')[-1]} {metrics[k]:.4g}" for k in shown)
     print(f"{summary}; {result.steps_per_s:.2f} steps/s; wrote {out}")
     if result.diverged:
-        print(f"error: the fit diverged at step {result.diverged_step} (non-finite loss); outputs are from its last"
-              f" finite weights - try a lower --lr", file=sys.stderr)
+        print(
+            f"error: the fit diverged at step {result.diverged_step} (non-finite loss); outputs are from its last"
+            f" finite weights - try a lower --lr",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -144,7 +173,9 @@ def _check_metric_names(metrics: str, kind: str) -> None:
     if metrics != "all":
         unknown = [m for m in metrics.split(",") if m.strip() and m.strip() not in METRICS + EXTRA_METRICS]
         if unknown or not metrics.strip():
-            raise ConfigError("--metrics", f"unknown metric(s) {unknown}; expected 'all' or names from {METRICS + EXTRA_METRICS}")
+            raise ConfigError(
+                "--metrics", f"unknown metric(s) {unknown}; expected 'all' or names from {METRICS + EXTRA_METRICS}"
+            )
 
 
 class _PrintLogger:

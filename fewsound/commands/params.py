@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fewsound.inr import build_inr
-from fewsound.inr import presets
+from fewsound.inr import build_inr, presets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,11 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="model checkpoint written by fewsound.hyper.save_model")
     parser.add_argument("input", type=Path, help="audio file to reconstruct (any length, any rate)")
     parser.add_argument("output", type=Path, help="where to write the reconstruction (format from the suffix)")
-    parser.add_argument("--overlap", type=int, default=None,
-                        help="samples shared by neighbouring windows (default: a quarter of the window)")
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help="samples shared by neighbouring windows (default: a quarter of the window)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    parser.add_argument("--no-normalize", action="store_true",
-                        help="do not peak-normalise each window before the model (training clips are)")
+    parser.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="do not peak-normalise each window before the model (training clips are)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
 
 
@@ -41,9 +48,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError("--batch-size", f"must be at least 1, got {args.batch_size}")
     audio = load_audio(args.input, sr=cfg.sample_rate)
-    y = reconstruct_long(model, audio, overlap=args.overlap, batch_size=args.batch_size,
-                         normalize=not args.no_normalize)
+    y = reconstruct_long(
+        model, audio, overlap=args.overlap, batch_size=args.batch_size, normalize=not args.no_normalize
+    )
     save_audio(args.output, y.numpy(), sr=cfg.sample_rate)
-    print(f"{args.output}: {y.numel():,} samples at {cfg.sample_rate} Hz from {args.input} "
-          f"({model.describe()})", file=sys.stderr)
+    print(
+        f"{args.output}: {y.numel():,} samples at {cfg.sample_rate} Hz from {args.input} ({model.describe()})",
+        file=sys.stderr,
+    )
     return 0

@@ -1,10 +1,10 @@
 """Audio data: loading and validation, resampling and cropping, dataset importers, protocols, Parquet shards.
 
-    load_audio(path)                                   float32 mono [N] at 22,050 Hz (AudioError when faulty)
-    scan(folder, layout="auto")                        (layout, [SourceRecord]) of a dataset folder
-    prepare_corpus(source, out=..., protocol=...)      source -> Parquet shards + manifest.json (serial)
-    open_corpus(folder)                                a prepared corpus: .manifest, .clips(split), .shard_paths(split)
-    CropDataset(corpus, "train")                       load-time crops a model sees
+load_audio(path)                                   float32 mono [N] at 22,050 Hz (AudioError when faulty)
+scan(folder, layout="auto")                        (layout, [SourceRecord]) of a dataset folder
+prepare_corpus(source, out=..., protocol=...)      source -> Parquet shards + manifest.json (serial)
+open_corpus(folder)                                a prepared corpus: .manifest, .clips(split), .shard_paths(split)
+CropDataset(corpus, "train")                       load-time crops a model sees
 """
 
 from fewsound.data.audio import DEFAULT_SR, load_audio, save_audio

@@ -18,10 +18,13 @@ from fewsound.errors import AudioError
 class TooShort(AudioError):
     """The audio is valid but shorter than a crop or segment needs (a protocol's choice, not a faulty file)."""
 
+
 DEFAULT_SR = 22_050
 SILENCE_PEAK = 1e-4  # a clip whose peak |x| is below this is "silent" (about -80 dBFS)
 # Suffixes of the formats libsndfile reads; importers look for these (case-insensitive).
-AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf", ".rf64"})
+AUDIO_SUFFIXES = frozenset(
+    {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf", ".rf64"}
+)
 # The paper resampled with librosa 0.9's default `kaiser_best` (resampy); these are torchaudio's documented
 # equivalent settings of that filter, so our 22,050 Hz audio matches the paper's to within filter precision.
 _KAISER_BEST = dict(

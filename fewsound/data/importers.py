@@ -15,8 +15,8 @@ Every record names its `group`: the unit a protocol selects from and splits on. 
 from __future__ import annotations
 
 import csv
-import os
 import dataclasses
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -124,7 +124,9 @@ def import_librispeech(root: Path) -> list[SourceRecord]:
     train-* folders are the training split, dev-*/test-* the validation split (the paper trains on
     train-clean-100 and validates on test-other).
     """
-    splits = [d for d in sorted([root, *root.glob("*"), *root.glob("*/*")]) if d.is_dir() and _LIBRI_SPLIT.match(d.name)]
+    splits = [
+        d for d in sorted([root, *root.glob("*"), *root.glob("*/*")]) if d.is_dir() and _LIBRI_SPLIT.match(d.name)
+    ]
     if not splits:
         raise DataError(root, "not a LibriSpeech tree: no train-*/dev-*/test-* folder")
     out = []
@@ -150,9 +152,7 @@ def import_ljspeech(root: Path) -> list[SourceRecord]:
             listed = [row[0] for row in csv.reader(fh, delimiter="|", quoting=csv.QUOTE_NONE) if row]
     files = {f.stem: f for f in _audio_files(wavs, "*")}
     order = [u for u in listed if u in files] + sorted(set(files) - set(listed))
-    return [
-        _record(root, files[u], utterance=u, speaker="LJ", group=u.split("-")[0], kind="speech") for u in order
-    ]
+    return [_record(root, files[u], utterance=u, speaker="LJ", group=u.split("-")[0], kind="speech") for u in order]
 
 
 def import_gtzan(root: Path) -> list[SourceRecord]:
@@ -165,7 +165,9 @@ def import_gtzan(root: Path) -> list[SourceRecord]:
     if base is None:
         raise DataError(root, "not a GTZAN tree: no genres_original/ folder")
     return [
-        _record(root, f, utterance=f.stem, speaker=f.parent.name, group=f.parent.name, kind="music", label=f.parent.name)
+        _record(
+            root, f, utterance=f.stem, speaker=f.parent.name, group=f.parent.name, kind="music", label=f.parent.name
+        )
         for f in _audio_files(base, "*/*")
     ]
 

@@ -88,7 +88,9 @@ def summarize(manifest: dict, out_dir: str | Path, seconds: float | None = None,
     rejected = manifest["rejected"]
     if rejected:
         faults = sum(r["fault"] for r in rejected)
-        lines.append(f"  rejected {len(rejected)} files ({faults} faulty, {len(rejected) - faults} too short for the protocol):")
+        lines.append(
+            f"  rejected {len(rejected)} files ({faults} faulty, {len(rejected) - faults} too short for the protocol):"
+        )
         for why, n in Counter(re.split(r"[:(]", r["reason"])[0].strip() for r in rejected).most_common():
             lines.append(f"    {n:>6} x {why}")
         for r in rejected[:max_rejected]:

@@ -134,7 +134,9 @@ def plan_items(records: list[SourceRecord], protocol: Protocol) -> list[WorkItem
         else:
             items.extend(WorkItem(split, kind, group, (r,), take=0) for r in recs)
     order_key = {"train": 0, "validation": 1, "test": 2}
-    items.sort(key=lambda it: (order_key[it.split], it.kind, natural_key(it.group), natural_key(it.candidates[0].utterance)))
+    items.sort(
+        key=lambda it: (order_key[it.split], it.kind, natural_key(it.group), natural_key(it.candidates[0].utterance))
+    )
     return items
 
 
@@ -168,7 +170,9 @@ def crop_start(n_samples: int, length: int, *, split: str, seed: int = 0, index:
     return int(np.random.default_rng(stable_seed(seed, epoch, index)).integers(0, n_samples - length + 1))
 
 
-def load_crop(audio: np.ndarray, length: int, *, split: str, seed: int = 0, index: int = 0, epoch: int = 0) -> np.ndarray:
+def load_crop(
+    audio: np.ndarray, length: int, *, split: str, seed: int = 0, index: int = 0, epoch: int = 0
+) -> np.ndarray:
     """The `length`-sample view of a stored clip a model trains or validates on. audio: [N] -> [length]."""
     s = crop_start(audio.shape[-1], length, split=split, seed=seed, index=index, epoch=epoch)
     return audio[..., s : s + length]

@@ -303,13 +303,13 @@ class Clip:
 class Corpus:
     """A prepared corpus on disk. `open_corpus(dir)` builds it; nothing is read until asked for.
 
-        corpus.manifest                 the parsed manifest.json
-        corpus.splits                   e.g. ["train", "validation"]
-        corpus.shard_paths("train")     [Path, ...]  (for ray.data.read_parquet or your own reader)
-        corpus.table("train")           pyarrow.Table of every column
-        corpus.clips("validation")      iterator of Clip, in shard order
-        corpus.arrays("train")          (float32 [n, L], [Clip without audio]) when every clip has length L
-        corpus.verify()                 sha256 of every shard against the manifest (DataError on mismatch)
+    corpus.manifest                 the parsed manifest.json
+    corpus.splits                   e.g. ["train", "validation"]
+    corpus.shard_paths("train")     [Path, ...]  (for ray.data.read_parquet or your own reader)
+    corpus.table("train")           pyarrow.Table of every column
+    corpus.clips("validation")      iterator of Clip, in shard order
+    corpus.arrays("train")          (float32 [n, L], [Clip without audio]) when every clip has length L
+    corpus.verify()                 sha256 of every shard against the manifest (DataError on mismatch)
     """
 
     def __init__(self, root: Path, manifest: dict):
@@ -397,7 +397,10 @@ def open_corpus(root: str | Path, *, verify: bool = False) -> Corpus:
     except (OSError, ValueError) as e:
         raise DataError(mpath, f"unreadable manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(mpath, f"not a {FORMAT} manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        raise DataError(
+            mpath,
+            f"not a {FORMAT} manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})",
+        )
     corpus = Corpus(root, manifest)
     for p in corpus.shard_paths():
         if not p.exists():

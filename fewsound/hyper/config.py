@@ -34,12 +34,23 @@ TARGETS = ("nerf", "kan", "siren")
 ENCODER_NAMES = ("soundstream", "spectral", "snac", "whisper")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "17.5M": dict(clip_length=32_768, hyper_widths=(400, 768, 768, 768, 768, 400), encoder_channels=16,
-                  embedding_dim=32, weight_encoder_kernel=8101),
-    "41.2M": dict(clip_length=32_768, hyper_widths=(832, 1536, 1536, 1536, 1536, 832), encoder_channels=16,
-                  embedding_dim=32, weight_encoder_kernel=8101),
-    "tiny": dict(clip_length=4096, hyper_widths=(64, 64), encoder_channels=4, embedding_dim=8,
-                 weight_encoder_kernel=65),
+    "17.5M": dict(
+        clip_length=32_768,
+        hyper_widths=(400, 768, 768, 768, 768, 400),
+        encoder_channels=16,
+        embedding_dim=32,
+        weight_encoder_kernel=8101,
+    ),
+    "41.2M": dict(
+        clip_length=32_768,
+        hyper_widths=(832, 1536, 1536, 1536, 1536, 832),
+        encoder_channels=16,
+        embedding_dim=32,
+        weight_encoder_kernel=8101,
+    ),
+    "tiny": dict(
+        clip_length=4096, hyper_widths=(64, 64), encoder_channels=4, embedding_dim=8, weight_encoder_kernel=65
+    ),
 }
 
 # Target INR per (kind, preset class); `target_overrides` are applied on top.
@@ -121,28 +132,44 @@ class HyperConfig:
             bad("preset", f"must be one of {list(PRESETS)}, got {self.preset!r}")
         if not isinstance(self.target_overrides, dict):
             bad("target_overrides", f"must be a mapping of target config keys, got {self.target_overrides!r}")
-        object.__setattr__(self, "target_overrides",
-                           {k: tuple(v) if isinstance(v, list) else v for k, v in self.target_overrides.items()})
+        object.__setattr__(
+            self,
+            "target_overrides",
+            {k: tuple(v) if isinstance(v, list) else v for k, v in self.target_overrides.items()},
+        )
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
         if isinstance(self.hyper_widths, list):
             object.__setattr__(self, "hyper_widths", tuple(self.hyper_widths))
-        for key in ("clip_length", "sample_rate", "encoder_channels", "embedding_dim", "weight_encoder_kernel",
-                    "spectral_channels", "snac_d_model"):
+        for key in (
+            "clip_length",
+            "sample_rate",
+            "encoder_channels",
+            "embedding_dim",
+            "weight_encoder_kernel",
+            "spectral_channels",
+            "snac_d_model",
+        ):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(key, f"must be a positive int, got {v!r}")
         if self.clip_length < 1024:
             bad("clip_length", f"must be at least 1,024 samples, got {self.clip_length}")
-        if not (isinstance(self.hyper_widths, tuple) and self.hyper_widths
-                and all(isinstance(w, int) and w > 0 for w in self.hyper_widths)):
+        if not (
+            isinstance(self.hyper_widths, tuple)
+            and self.hyper_widths
+            and all(isinstance(w, int) and w > 0 for w in self.hyper_widths)
+        ):
             bad("hyper_widths", f"must be a non-empty sequence of positive ints, got {self.hyper_widths!r}")
         if not isinstance(self.delta_warmup_epochs, int) or self.delta_warmup_epochs < 0:
             bad("delta_warmup_epochs", f"must be an int >= 0, got {self.delta_warmup_epochs!r}")
-        for key, choices in (("output_scaling", ("block_rms", "none")), ("theta_init", ("inr", "reference")),
-                             ("weight_encoder", ("compact", "reference")),
-                             ("encoder_norm", ("group", "layer", "none"))):
+        for key, choices in (
+            ("output_scaling", ("block_rms", "none")),
+            ("theta_init", ("inr", "reference")),
+            ("weight_encoder", ("compact", "reference")),
+            ("encoder_norm", ("group", "layer", "none")),
+        ):
             if getattr(self, key) not in choices:
                 bad(key, f"must be one of {list(choices)}, got {getattr(self, key)!r}")
 

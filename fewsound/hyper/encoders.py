@@ -59,8 +59,12 @@ class ResidualUnit(nn.Module):
     def __init__(self, channels: int, dilation: int, norm: str, length: int):
         super().__init__()
         self.body = nn.Sequential(
-            CausalConv1d(channels, channels, 7, dilation=dilation), _norm(norm, channels, length), nn.ELU(),
-            nn.Conv1d(channels, channels, 1), _norm(norm, channels, length), nn.ELU(),
+            CausalConv1d(channels, channels, 7, dilation=dilation),
+            _norm(norm, channels, length),
+            nn.ELU(),
+            nn.Conv1d(channels, channels, 1),
+            _norm(norm, channels, length),
+            nn.ELU(),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -172,8 +176,10 @@ class SnacResidual(nn.Module):
     def __init__(self, channels: int, dilation: int):
         super().__init__()
         self.body = nn.Sequential(
-            Snake(channels), nn.Conv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation, groups=channels),
-            Snake(channels), nn.Conv1d(channels, channels, 1),
+            Snake(channels),
+            nn.Conv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation, groups=channels),
+            Snake(channels),
+            nn.Conv1d(channels, channels, 1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -241,8 +247,11 @@ class WhisperEncoder(nn.Module):
     def __init__(self, checkpoint: str, out_dim: int, sample_rate: int):
         super().__init__()
         if not checkpoint:
-            raise ConfigError("hyper.whisper_checkpoint", "the Whisper encoder needs a local pretrained checkpoint "
-                              "(a Hugging Face Whisper model folder); none given and nothing is downloaded")
+            raise ConfigError(
+                "hyper.whisper_checkpoint",
+                "the Whisper encoder needs a local pretrained checkpoint "
+                "(a Hugging Face Whisper model folder); none given and nothing is downloaded",
+            )
         path = Path(checkpoint)
         if not path.exists():
             raise ConfigError("hyper.whisper_checkpoint", f"no such checkpoint: {path}")
@@ -278,8 +287,9 @@ def build_encoder(cfg) -> nn.Module:
 
 
 ENCODERS = {
-    "soundstream": lambda cfg, e: SoundStreamEncoder(cfg.clip_length, cfg.encoder_channels, cfg.embedding_dim,
-                                                     cfg.encoder_norm),
+    "soundstream": lambda cfg, e: SoundStreamEncoder(
+        cfg.clip_length, cfg.encoder_channels, cfg.embedding_dim, cfg.encoder_norm
+    ),
     "spectral": lambda cfg, e: SpectralEncoder(e, cfg.sample_rate, cfg.spectral_channels),
     "snac": lambda cfg, e: SnacEncoder(cfg.clip_length, e, cfg.snac_d_model),
     "whisper": lambda cfg, e: WhisperEncoder(cfg.whisper_checkpoint, e, cfg.sample_rate),

@@ -68,7 +68,9 @@ class ReferenceWeightEncoder(nn.Module):
         super().__init__()
         n = n_target - 2 * (kernel - 1)
         if n < 1:
-            raise ConfigError("hyper.weight_encoder_kernel", f"kernel {kernel} too large for a {n_target}-weight target")
+            raise ConfigError(
+                "hyper.weight_encoder_kernel", f"kernel {kernel} too large for a {n_target}-weight target"
+            )
         self.convs = nn.Sequential(nn.Conv1d(1, 1, kernel), nn.ELU(), nn.Conv1d(1, 1, kernel), nn.ELU())
         self.proj = nn.Linear(n, out_dim)
 
@@ -80,12 +82,15 @@ class CompactWeightEncoder(nn.Module):
     """Our default G: theta [N] -> [Conv1d(stride 8) + ELU] x 2 (8 channels) -> adaptive mean pool to 64
     positions -> Linear(512 -> E). ~1.7M parameters for E = 3,296, whatever the target size."""
 
-    def __init__(self, n_target: int, out_dim: int, channels: int = 8, kernel: int = 32, stride: int = 8,
-                 positions: int = 64):
+    def __init__(
+        self, n_target: int, out_dim: int, channels: int = 8, kernel: int = 32, stride: int = 8, positions: int = 64
+    ):
         super().__init__()
         self.convs = nn.Sequential(
-            nn.Conv1d(1, channels, kernel, stride=stride, padding=kernel // 2), nn.ELU(),
-            nn.Conv1d(channels, channels, kernel, stride=stride, padding=kernel // 2), nn.ELU(),
+            nn.Conv1d(1, channels, kernel, stride=stride, padding=kernel // 2),
+            nn.ELU(),
+            nn.Conv1d(channels, channels, kernel, stride=stride, padding=kernel // 2),
+            nn.ELU(),
             nn.AdaptiveAvgPool1d(positions),
         )
         self.proj = nn.Linear(channels * positions, out_dim)
@@ -154,8 +159,10 @@ class _HyperModel(nn.Module):
         return out
 
     def target_buffers(self, b: int) -> dict[str, Tensor]:
-        return {name: getattr(self, attr).expand(b, *getattr(self, attr).shape[1:])
-                for name, attr in self._buffer_names.items()}
+        return {
+            name: getattr(self, attr).expand(b, *getattr(self, attr).shape[1:])
+            for name, attr in self._buffer_names.items()
+        }
 
     def target_flat(self, audio: Tensor) -> Tensor:
         raise NotImplementedError
@@ -173,7 +180,8 @@ class _HyperModel(nn.Module):
     def forward(self, audio: Tensor) -> Tensor:
         """audio [B, N] (N = clip_length) -> reconstruction [B, N]."""
         assert audio.dim() == 2 and audio.shape[1] == self.config.clip_length, (
-            f"audio must be [B, {self.config.clip_length}], got {tuple(audio.shape)}")
+            f"audio must be [B, {self.config.clip_length}], got {tuple(audio.shape)}"
+        )
         params, buffers = self.target_params(audio)
         return self.render(params, buffers)
 
@@ -206,8 +214,10 @@ class _HyperModel(nn.Module):
     def describe(self) -> str:
         c = self.param_counts()
         parts = ", ".join(f"{k} {v:,}" for k, v in c.items() if k not in ("total", "target_inr"))
-        return (f"{self.config.kind}[{self.config.preset}] target={self.config.target} ({c['target_inr']:,} weights) "
-                f"encoder={self.config.encoder} E={self.embedding_dim:,}: {parts}; total {c['total']:,}")
+        return (
+            f"{self.config.kind}[{self.config.preset}] target={self.config.target} ({c['target_inr']:,} weights) "
+            f"encoder={self.config.encoder} E={self.embedding_dim:,}: {parts}; total {c['total']:,}"
+        )
 
 
 def _rms(x: Tensor) -> float:
@@ -297,8 +307,13 @@ def save_model(path: str | Path, model: _HyperModel, config: HyperConfig | None 
     path = Path(path)
     config = model.config if config is None else config
     assert config == model.config, "save_model: config differs from the model's own"
-    payload = {"format": FORMAT, "version": 1, "config": to_dict(config), "epoch": model.epoch,
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    payload = {
+        "format": FORMAT,
+        "version": 1,
+        "config": to_dict(config),
+        "epoch": model.epoch,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(payload, tmp)

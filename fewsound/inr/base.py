@@ -170,7 +170,11 @@ def mlp_dims(n_in: int, widths: Sequence[int]) -> list[tuple[int, int]]:
 
 def check_widths(cfg: Any, key: str = "widths") -> None:
     v = getattr(cfg, key)
-    if not isinstance(v, tuple) or not v or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in v):
+    if (
+        not isinstance(v, tuple)
+        or not v
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in v)
+    ):
         raise ConfigError(_where(cfg, key), f"must be a non-empty sequence of positive ints, got {v!r}")
 
 
@@ -179,7 +183,9 @@ def check_positive(cfg: Any, key: str, *, integer: bool = False, allow_zero: boo
     ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok_type or not math.isfinite(v) or (v < 0 if allow_zero else v <= 0):
         kind = "int" if integer else "number"
-        raise ConfigError(_where(cfg, key), f"must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {v!r}")
+        raise ConfigError(
+            _where(cfg, key), f"must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {v!r}"
+        )
 
 
 def check_choice(cfg: Any, key: str, choices: Sequence[str]) -> None:

@@ -186,8 +186,15 @@ class _Layout:
         first = (i * self.width).view(-1, 1, n_in).expand(bsz, 1, n_in)
         return [first] + [first + c for c in self.shifts]
 
-    def local(self, x: Tensor, rows: list[Tensor], with_derivative: bool = False, work: "_Work | None" = None,
-              keep: "tuple[Tensor, Tensor, Tensor] | None" = None, reuse: bool = False):
+    def local(
+        self,
+        x: Tensor,
+        rows: list[Tensor],
+        with_derivative: bool = False,
+        work: "_Work | None" = None,
+        keep: "tuple[Tensor, Tensor, Tensor] | None" = None,
+        reuse: bool = False,
+    ):
         """x [B, r, in] -> idx [B, r, S, in] table rows (int32, or int64 if `work` says so); w [B, r, S, in]
         values; dw [B, r, S, in] d(values)/dx, or None.
 
@@ -367,8 +374,14 @@ class _KanLayer(torch.autograd.Function):
         d = x.new_empty(bsz * tile * cols) if need_x else None
         picked = x.new_empty(bsz * tile * lay.slots * n_in) if need_x else None
         for c, rc in _chunks(n, step):
-            idx, w, dw = lay.local(x[:, c : c + rc], rows, with_derivative=need_x, work=work,
-                                   keep=tuple(t[:, c : c + rc] for t in kept), reuse=True)
+            idx, w, dw = lay.local(
+                x[:, c : c + rc],
+                rows,
+                with_derivative=need_x,
+                work=work,
+                keep=tuple(t[:, c : c + rc] for t in kept),
+                reuse=True,
+            )
             idx, w = idx.view(bsz, rc, -1), w.view(bsz, rc, -1)
             for s, r in _chunks(rc, tile):
                 gys = gy[:, c + s : c + s + r]
@@ -406,8 +419,9 @@ def kan_layer_fast(x: Tensor, bw: Tensor, coef: Tensor, grid_size: int, spline_o
     """x: [B, N, in], bw: [B, out, in], coef: [B, out, in, G + k] -> [B, N, out] = SiLU(x) bw^T + spline(x).
 
     Closed-form local basis, one embedding_bag per chunk, tiled custom backward (`_KanLayer`)."""
-    return _KanLayer.apply(x.contiguous(), bw.contiguous(), coef.contiguous(), grid_size, spline_order,
-                           tuple(grid_range))
+    return _KanLayer.apply(
+        x.contiguous(), bw.contiguous(), coef.contiguous(), grid_size, spline_order, tuple(grid_range)
+    )
 
 
 def kan_layer_recursion(x: Tensor, bw: Tensor, coef: Tensor, grid_size: int, spline_order: int, grid_range) -> Tensor:
@@ -462,7 +476,9 @@ class Kan(INR):
         solve = torch.linalg.pinv(design)  # [G + k, G + 1]
         params = {}
         for i, (n_in, n_out) in enumerate(self.dims):
-            params[f"bw{i}"] = uniform(gen, (n_out, n_in), kaiming_uniform_bound(n_in, math.sqrt(5) * c.scale_base), dtype)
+            params[f"bw{i}"] = uniform(
+                gen, (n_out, n_in), kaiming_uniform_bound(n_in, math.sqrt(5) * c.scale_base), dtype
+            )
             noise = (torch.rand(g + 1, n_in, n_out, generator=gen, dtype=torch.float64) - 0.5) * c.scale_noise / g
             sw = torch.einsum("cg,gio->oic", solve, noise)
             if not c.enable_scale_spline:

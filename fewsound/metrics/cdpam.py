@@ -49,8 +49,9 @@ from fewsound.metrics.common import as_batch, check_pair, resample_paper
 
 CDPAM_SR = 22_050
 # The hyper-parameters cdpam.CDPAM.__init__ (cdpam 0.0.6) builds its FINnet with.
-_FINNET_ARGS = dict(encoder_layers=16, encoder_filters=64, ndim=[16, 6], classif_dp=0.05, classif_BN=0,
-                    classif_act="no", input_size=512)
+_FINNET_ARGS = dict(
+    encoder_layers=16, encoder_filters=64, ndim=[16, 6], classif_dp=0.05, classif_BN=0, classif_act="no", input_size=512
+)
 _LEAKY_SLOPE = 0.1  # base_encoder's F.leaky_relu(x, 0.1)
 
 _models: dict[str, "CDPAMModel"] = {}
@@ -175,8 +176,12 @@ class _Layer:
         # conj(rfft(w, nfft)) as [freq, C_out, C_in] (a cross-correlation is a product with the conjugate
         # spectrum), by one DFT matmul: 2-3x faster than rfft + permute for these short, wide kernels
         c_out, c_in, k = w.shape
-        angle = 2 * math.pi * torch.outer(torch.arange(self.nfft // 2 + 1, dtype=torch.float64),
-                                          torch.arange(k, dtype=torch.float64)) / self.nfft
+        angle = (
+            2
+            * math.pi
+            * torch.outer(torch.arange(self.nfft // 2 + 1, dtype=torch.float64), torch.arange(k, dtype=torch.float64))
+            / self.nfft
+        )
         taps = w.reshape(c_out * c_in, k).T
         re, im = torch.cos(angle).float() @ taps, torch.sin(angle).float() @ taps
         self.spectrum = torch.complex(re, im).view(-1, c_out, c_in)
