@@ -1,26 +1,22 @@
-"""What one fit's MLflow child run costs: the tracking server's CPU, the client's CPU and the wall time per run,
-for the way sweeps log now and for the way they logged before, in the same run on the same machine.
+"""What one fit's MLflow child run costs on the two tracking servers a user meets: the tracking server's CPU,
+the client's CPU and the wall time per run, in the same run on the same machine.
 
     python benchmarks/mlflow_run_cost.py [--runs 300] [--repeats 2]
 
-A child run here is exactly what a sweep logs per fit when artifacts are off: create the run with its tags
-(parent, sweep, pack, key, ...), one batch of params and final metrics, then mark it FINISHED - the params and
-tags of a real FitTask, the metrics of evaluate(). Four set-ups, each a fresh real `mlflow server` (one worker,
-SQLite store in its own temporary directory, proxied artifacts):
+A child run here is exactly what a sweep logs per fit when artifacts are off (fewsound.tracking.log_run, as
+tune/trial.py calls it): create the run with its tags (parent, sweep, pack, key, ...), one batch of params and
+final metrics, then mark it FINISHED - the params and tags of a real FitTask, the metrics of evaluate(). Two
+servers, each a fresh real `mlflow server` (one worker, SQLite store in its own temporary directory, proxied
+artifacts):
 
-  server   uvicorn      MLflow's default server (ASGI, MLflow's Flask app behind an adapter), SQLite defaults
-           gunicorn+wal fewsound's embedded server (fewsound/mlflow_gunicorn.py: plain WSGI worker, SQLite in WAL
-                        mode with synchronous=NORMAL; --app-name fewsound adds fewsound/mlflow_app.py's endpoints)
-  client   MlflowClient create_run / log_batch / set_terminated (how sweeps logged before)
-           RunWriter    fewsound.tracking.RunWriter's create / log / end: the same three REST calls, as JSON posted
-                        on a kept connection
-           write_runs   fewsound.tracking.RunWriter.write_runs: a pack's runs (--pack, default 19) in one request
-                        to fewsound's endpoint (fewsound/mlflow_app.py: one transaction), as sweeps log now
+  uvicorn       MLflow's default server (ASGI, MLflow's Flask app behind an adapter), SQLite defaults: the baseline
+  gunicorn+wal  fewsound's embedded server (fewsound/mlflow_gunicorn.py: plain WSGI worker, SQLite in WAL mode
+                with synchronous=NORMAL), as jobs start it
 
 Runs are sent one after the other from this process (a sweep sends several at once, which changes wall time but
-not CPU per run). Server CPU is read from /proc via psutil (the server and its worker processes). The set-ups
-run in turn, `--repeats` times each, and the median per set-up is reported, with ratios to the old way
-(uvicorn + MlflowClient). Prints the figures and writes benchmarks/results/mlflow_run_cost.json.
+not CPU per run). Server CPU is read from /proc via psutil (the server and its worker processes). The servers
+run in turn, `--repeats` times each, and the median per server is reported with the ratio to the baseline.
+Prints the figures and writes benchmarks/results/mlflow_run_cost.json.
 """
 
 from __future__ import annotations
@@ -117,8 +113,7 @@ def payload() -> tuple[dict, dict, dict]:
     return tags, params, metrics
 
 
-def one_setup(gunicorn: bool, writer: str, runs: int, pack: int) -> dict:
-    from mlflow.entities import Metric, Param
+def one_setup(gunicorn: bool, runs: int) -> dict:
     from mlflow.tracking import MlflowClient
 
     from fewsound import tracking
@@ -131,44 +126,18 @@ def one_setup(gunicorn: bool, writer: str, runs: int, pack: int) -> dict:
         exp = tracking.get_or_create_experiment(client, "run-cost")
         parent = client.create_run(exp, run_name="parent").info.run_id
         t = dict(tags, **{tracking.PARENT_TAG: parent})
-        w = tracking.RunWriter(uri)
 
-        def via_client(i: int) -> None:
-            rid = client.create_run(exp, run_name=f"fit-{i}", tags=t).info.run_id
-            now = int(time.time() * 1000)
-            client.log_batch(
-                rid,
-                metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                params=[Param(k, v) for k, v in params.items()],
-            )
-            client.set_terminated(rid, "FINISHED")
+        def one(i: int) -> None:
+            tracking.log_run(client, exp, run_name=f"fit-{i}", tags=t, params=params, metrics=metrics)
 
-        def via_writer(i: int) -> None:
-            rid = w.create(exp, f"fit-{i}", t)
-            w.log(rid, params=params, metrics=metrics)
-            w.end(rid, "FINISHED")
-
-        def via_pack(i: int) -> None:  # runs i .. i+pack-1 in one request
-            w.write_runs(
-                exp,
-                [
-                    {"run_name": f"fit-{j}", "tags": t, "params": params, "metrics": metrics, "status": "FINISHED"}
-                    for j in range(i, i + pack)
-                ],
-            )
-
-        fn, step = {"client": (via_client, 1), "rest": (via_writer, 1), "pack": (via_pack, pack)}[writer]
-        for i in range(0, 10 * step, step):  # warm up: connections, caches, the server's first-request imports
-            fn(i)
-        runs = -(-runs // step) * step
+        for i in range(10):  # warm up: connections, caches, the server's first-request imports
+            one(i)
         s0, c0, t0 = server_cpu(proc), time.process_time(), time.perf_counter()
-        for i in range(0, runs, step):
-            fn(i)
+        for i in range(runs):
+            one(i)
         s1, c1, t1 = server_cpu(proc), time.process_time(), time.perf_counter()
-        if writer == "pack":
-            assert w._bulk, "the embedded server did not take the pack in one request"
         n = len(client.search_runs([exp], max_results=runs + 1000))
-        assert n == runs + 10 * step + 1, n  # every run landed (+ warm-up and parent)
+        assert n == runs + 10 + 1, n  # every run landed (+ warm-up and parent)
     finally:
         import signal
 
@@ -183,45 +152,36 @@ def one_setup(gunicorn: bool, writer: str, runs: int, pack: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=300, help="child runs timed per set-up and repeat")
-    ap.add_argument("--pack", type=int, default=19, help="runs per write_runs request (a sweep's pack of fits)")
     ap.add_argument("--repeats", type=int, default=2, help="times each set-up runs (in turn); medians reported")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "mlflow_run_cost.json"))
     a = ap.parse_args()
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    setups = {
-        "uvicorn + MlflowClient (before)": (False, "client"),
-        "uvicorn + RunWriter": (False, "rest"),
-        "gunicorn+wal + MlflowClient": (True, "client"),
-        "gunicorn+wal + RunWriter": (True, "rest"),
-        f"gunicorn+wal + write_runs x{a.pack} (now)": (True, "pack"),
-    }
+    setups = {"uvicorn (MLflow's default server)": False, "gunicorn+wal (fewsound's embedded server)": True}
     load0 = os.getloadavg()
     raw: dict[str, list[dict]] = {k: [] for k in setups}
     for rep in range(a.repeats):
-        for name, (g, w) in setups.items():
-            r = one_setup(g, w, a.runs, a.pack)
+        for name, g in setups.items():
+            r = one_setup(g, a.runs)
             raw[name].append(r)
             print(
-                f"  [{rep + 1}/{a.repeats}] {name:36s} wall {r['wall_ms']:5.1f} ms  server CPU "
+                f"  [{rep + 1}/{a.repeats}] {name:42s} wall {r['wall_ms']:5.1f} ms  server CPU "
                 f"{r['server_cpu_ms']:5.1f} ms  client CPU {r['client_cpu_ms']:5.1f} ms per run",
                 flush=True,
             )
     med = {name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]} for name, rs in raw.items()}
-    base = med["uvicorn + MlflowClient (before)"]
+    base, now = (med[name] for name in setups)
     print(f"\nper child run, median of {a.repeats} x {a.runs} runs ({os.cpu_count()} CPUs):")
-    print(f"{'set-up':34s} {'wall ms':>8s} {'server CPU ms':>14s} {'client CPU ms':>14s} {'CPU ms in all':>14s}")
+    print(f"{'set-up':42s} {'wall ms':>8s} {'server CPU ms':>14s} {'client CPU ms':>14s} {'CPU ms in all':>14s}")
     for name, m in med.items():
         m["cpu_ms_total"] = round(m["server_cpu_ms"] + m["client_cpu_ms"], 2)
         print(
-            f"{name:34s} {m['wall_ms']:8.1f} {m['server_cpu_ms']:14.1f} {m['client_cpu_ms']:14.1f} "
+            f"{name:42s} {m['wall_ms']:8.1f} {m['server_cpu_ms']:14.1f} {m['client_cpu_ms']:14.1f} "
             f"{m['cpu_ms_total']:14.1f}"
         )
-    now = med[f"gunicorn+wal + write_runs x{a.pack} (now)"]
-    base["cpu_ms_total"] = round(base["server_cpu_ms"] + base["client_cpu_ms"], 2)
     ratios = {k: round(base[k] / now[k], 2) for k in ("wall_ms", "server_cpu_ms", "client_cpu_ms", "cpu_ms_total")}
     print(
-        f"\nnow vs before: wall {ratios['wall_ms']}x, server CPU {ratios['server_cpu_ms']}x, client CPU "
-        f"{ratios['client_cpu_ms']}x, CPU in all {ratios['cpu_ms_total']}x less per child run"
+        f"\nembedded vs MLflow's default server: wall {ratios['wall_ms']}x, server CPU {ratios['server_cpu_ms']}x, "
+        f"client CPU {ratios['client_cpu_ms']}x, CPU in all {ratios['cpu_ms_total']}x less per child run"
     )
     out = {
         "machine": {
@@ -231,11 +191,10 @@ def main() -> None:
             "load_avg_after": os.getloadavg(),
         },
         "runs": a.runs,
-        "pack": a.pack,
         "repeats": a.repeats,
         "median": med,
         "raw": raw,
-        "now_vs_before": ratios,
+        "embedded_vs_default": ratios,
     }
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {a.out}")

@@ -7,9 +7,7 @@ the worker that serves MLflow. It sets two SQLite pragmas on every connection of
 - synchronous=NORMAL: with WAL, commits survive the server being killed; only a power cut or OS crash may lose
   the last few. A sweep that loses them re-runs those fits on resume (they have no FINISHED run).
 Together with Gunicorn's plain WSGI worker (the default Uvicorn path wraps MLflow's Flask app in an ASGI
-adapter) a child run costs the server ~20 ms of CPU instead of ~35-45 ms (benchmarks/mlflow_run_cost.py); the
-server also runs fewsound's app (fewsound/mlflow_app.py), which writes a sweep's pack of child runs in one
-request at ~4 ms each.
+adapter) a child run costs the server less CPU (benchmarks/mlflow_run_cost.py measures both servers).
 """
 
 from sqlalchemy import event

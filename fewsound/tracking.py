@@ -17,10 +17,8 @@ import shlex
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -138,8 +136,6 @@ def _spawn_server(home: Path, port: int) -> subprocess.Popen:
     if os.name == "posix":  # Gunicorn (not on Windows): a plain WSGI worker and SQLite in WAL mode, see the file
         conf = Path(__file__).with_name("mlflow_gunicorn.py")
         cmd += ["--gunicorn-opts", f"--config {shlex.quote(str(conf))}"]
-        if _app_plugin_installed():  # + the endpoint that writes a pack's runs at once (fewsound/mlflow_app.py)
-            cmd += ["--app-name", "fewsound"]
     # MLflow 3's server also starts a job runner with a dozen huey worker processes (for GenAI jobs we never
     # submit): switched off to keep the embedded server light on a laptop or CI's 2 cores.
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
@@ -153,14 +149,6 @@ def _spawn_server(home: Path, port: int) -> subprocess.Popen:
             cwd=home,
             env=env,
         )
-
-
-def _app_plugin_installed() -> bool:
-    """Whether this install registered fewsound's `mlflow.app` entry point (a checkout updated without
-    re-running `pip install -e .` has not; the server then runs without it and RunWriter falls back)."""
-    from importlib.metadata import entry_points
-
-    return any(e.name == "fewsound" for e in entry_points(group="mlflow.app"))
 
 
 def stop_local_server(home: Path | None = None) -> bool:
@@ -264,17 +252,15 @@ class MlflowRun:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params per call
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        # the client splits a batch to MLflow's limits (100 params per request)
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items() if v is not None]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        self.client.log_batch(self.run_id, metrics=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -284,169 +270,43 @@ class MlflowRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
 
-class RunWriter:
-    """Writes whole runs for sweeps that log a child run per fit by the thousand: `write_runs` sends a pack's
-    runs in one request to fewsound's server (fewsound/mlflow_app.py; one transaction) and falls back to three
-    REST calls per run (create with its tags, log-batch, update) on any other MLflow server.
+def log_run(
+    client: Any,
+    experiment_id: str,
+    *,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
+    curves: dict[str, list[tuple[int, float]]] | None = None,
+    status: str = "FINISHED",
+) -> str:
+    """One whole run through MLflow's client: created with its tags (`mlflow.parentRunId` makes it a child run),
+    its params, final metrics (step 0) and metric curves ({name: [(step, value)]}) in one log_batch (which the
+    client splits to MLflow's batch limits), then ended with `status` unless that is RUNNING (a run that still
+    gets artifacts is ended by the caller). Values must be finite. Returns the run id."""
+    from mlflow.entities import Metric, Param
 
-    The same calls through MlflowClient cost ~10-12 ms of client CPU per run (entity and protobuf conversions, and
-    MLflow's request-header plugins probing for Databricks on every request); here they are JSON posted on a kept
-    connection (benchmarks/mlflow_run_cost.py). Credentials and TLS settings are MLflow's own (MLFLOW_TRACKING_TOKEN,
-    MLFLOW_TRACKING_USERNAME/PASSWORD, MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH, ...); other
-    kinds of auth (Databricks, AWS SigV4, auth plugins) go through MLflow's http_request. Transient failures (429,
-    5xx, dropped connections) are retried with backoff; errors are MLflow's (RestException with the server's message).
-    """
-
-    def __init__(self, uri: str):
-        if uri.startswith("databricks"):
-            from mlflow.utils.databricks_utils import get_databricks_host_creds
-
-            self._creds = get_databricks_host_creds(uri)
-        else:
-            from mlflow.utils.credentials import get_default_host_creds
-
-            self._creds = get_default_host_creds(uri)
-        c = self._creds
-        self._plain = not (uri.startswith("databricks") or c.aws_sigv4 or c.auth or c.use_databricks_sdk or c.client_id)
-        self._timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 120))
-        self._local = threading.local()  # one session (kept connection) per logging thread
-        self._bulk = True  # until a server answers that it lacks fewsound's endpoints
-
-    def _session(self) -> Any:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            import requests
-            from requests.adapters import HTTPAdapter
-            from urllib3.util.retry import Retry
-
-            retry = Retry(
-                total=5,
-                backoff_factor=0.5,
-                status_forcelist=(429, 500, 502, 503, 504),
-                allowed_methods=None,
-                raise_on_status=False,
-            )  # the last answer reaches verify_rest_response: MLflow's message
-            s = requests.Session()
-            for scheme in ("http://", "https://"):
-                s.mount(scheme, HTTPAdapter(max_retries=retry))
-            c = self._creds
-            if c.username and c.password:
-                s.auth = (c.username, c.password)
-            elif c.token:
-                s.headers["Authorization"] = f"Bearer {c.token}"
-            s.verify = c.server_cert_path or not c.ignore_tls_verification
-            if c.client_cert_path:
-                s.cert = c.client_cert_path
-            self._local.session = s
-        return s
-
-    def _post(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._post_path(f"/api/2.0/mlflow/{endpoint}", body, bulk=False)
-
-    def _post_path(self, path: str, body: dict[str, Any], bulk: bool = True) -> dict[str, Any] | None:
-        """POST `body` to `path`; the answer's JSON. For fewsound's bulk endpoints (`bulk`): None when the server
-        does not have them (another MLflow server: the caller falls back to MLflow's own API, from then on)."""
-        from mlflow.utils.rest_utils import http_request, verify_rest_response
-
-        if self._plain:
-            r = self._session().post(self._creds.host.rstrip("/") + path, json=body, timeout=self._timeout)
-        else:
-            r = http_request(self._creds, path, "POST", json=body)
-        if bulk and r.status_code in (404, 405) and "error_code" not in r.text:  # no such route (not MLflow's 404)
-            self._bulk = False
-            return None
-        return verify_rest_response(r, path).json()
-
-    def write_runs(self, experiment_id: str, runs: list[dict[str, Any]]) -> list[str]:
-        """Create several whole runs at once; returns their ids. Each run is a dict: run_name, tags, params,
-        metrics (final, step 0), curves ({name: [(step, value)]}), status (RUNNING, FINISHED, FAILED). Values must
-        be finite. One request on fewsound's server (fewsound/mlflow_app.py); elsewhere three per run."""
-        now = int(time.time() * 1000)
-        runs = [
-            dict(r, run_id=r.get("run_id") or uuid.uuid4().hex, start_time=r.get("start_time") or now) for r in runs
-        ]
-        if self._bulk:
-            from fewsound.mlflow_app import WRITE
-
-            body = {
-                "experiment_id": experiment_id,
-                "runs": [
-                    dict(
-                        r,
-                        curves={k: [[int(s), float(v)] for s, v in pts] for k, pts in (r.get("curves") or {}).items()},
-                    )
-                    for r in runs
-                ],
-            }
-            out = self._post_path(WRITE, body)
-            if out is not None:
-                return out["run_ids"]
-        ids = []
-        for r in runs:
-            run_id = self.create(experiment_id, r["run_name"], r.get("tags") or {})
-            self.log(run_id, params=r.get("params"), metrics=r.get("metrics"), curves=r.get("curves"))
-            if r.get("status", "FINISHED") != "RUNNING":
-                self.end(run_id, r.get("status", "FINISHED"))
-            ids.append(run_id)
-        return ids
-
-    def end_runs(self, statuses: dict[str, str]) -> None:
-        """Set {run_id: status} (FINISHED, FAILED, KILLED) and the end time of several runs at once."""
-        if not statuses:
-            return
-        if self._bulk:
-            from fewsound.mlflow_app import END
-
-            body = {
-                "runs": [{"run_id": k, "status": v} for k, v in statuses.items()],
-                "end_time": int(time.time() * 1000),
-            }
-            if self._post_path(END, body) is not None:
-                return
-        for run_id, status in statuses.items():
-            self.end(run_id, status)
-
-    def create(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
-        """A RUNNING run with its tags (where `mlflow.parentRunId` makes it a child run); returns its id."""
-        body = {
-            "experiment_id": experiment_id,
-            "run_name": run_name,
-            "start_time": int(time.time() * 1000),
-            "tags": [{"key": k, "value": str(v)} for k, v in tags.items()],
-        }
-        return self._post("runs/create", body)["run"]["info"]["run_id"]
-
-    def log(
-        self,
-        run_id: str,
-        *,
-        params: dict[str, str] | None = None,
-        metrics: dict[str, float] | None = None,
-        curves: dict[str, list[tuple[int, float]]] | None = None,
-        tags: dict[str, str] | None = None,
-    ) -> None:
-        """Params, final metrics (step 0), metric curves ({name: [(step, value)]}) and tags, in as few calls as
-        MLflow's batch limits allow (1,000 metrics, 100 params, 100 tags per call). Values must be finite."""
-        now = int(time.time() * 1000)
-        ms = [{"key": k, "value": float(v), "timestamp": now, "step": 0} for k, v in (metrics or {}).items()]
-        for k, points in (curves or {}).items():
-            ms += [{"key": k, "value": float(v), "timestamp": now, "step": int(step)} for step, v in points]
-        ps = [{"key": k, "value": str(v)} for k, v in (params or {}).items()]
-        ts = [{"key": k, "value": str(v)} for k, v in (tags or {}).items()]
-        while ms or ps or ts:
-            self._post("runs/log-batch", {"run_id": run_id, "metrics": ms[:800], "params": ps[:100], "tags": ts[:100]})
-            ms, ps, ts = ms[800:], ps[100:], ts[100:]
-
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
-        assert status in ("FINISHED", "FAILED", "KILLED"), status
-        self._post("runs/update", {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
+    assert status in ("RUNNING", "FINISHED", "FAILED", "KILLED"), status
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    for k, points in (curves or {}).items():
+        ms += [Metric(k, float(v), now, int(step)) for step, v in points]
+    ps = [Param(k, str(v)) for k, v in (params or {}).items()]
+    if ms or ps:
+        client.log_batch(run_id, metrics=ms, params=ps)
+    if status != "RUNNING":
+        client.set_terminated(run_id, status=status)
+    return run_id
 
 
 def get_or_create_experiment(client: Any, name: str) -> str:

@@ -56,157 +56,49 @@ def test_server_store_is_sqlite_in_wal_mode(server):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_run_writer_runs_read_back_like_client_runs(server, tmp_path):
+def test_log_run_reads_back_like_a_client_run(server, tmp_path):
+    """A whole child run in one call: tags, params and a curve over several of MLflow's batches, final metrics;
+    RUNNING until its artifacts are up, then FINISHED; FAILED as given."""
     _, uri = server
     parent = tracking.MlflowRun("test-tracking", uri=uri, run_name="sweep")
-    w = tracking.RunWriter(uri)
-    rid = w.create(parent.experiment_id, "fit-1", {tracking.PARENT_TAG: parent.run_id, "fewsound.key": "k1"})
-    assert parent.client.get_run(rid).info.status == "RUNNING"
-    curve = [(s, 1.0 / (s + 1)) for s in range(0, 1500, 10)]  # with the other entities: more than one batch
-    w.log(
-        rid,
+    client = parent.client
+    curve = [(s, 1.0 / (s + 1)) for s in range(0, 15000, 10)]  # 1,500 points: more than one batch
+    rid = tracking.log_run(
+        client,
+        parent.experiment_id,
+        run_name="fit-1",
+        tags={tracking.PARENT_TAG: parent.run_id, "fewsound.key": "k1", "fewsound.na.pesq": "too short"},
         params={f"p{i}": i for i in range(130)},
         metrics={"psnr": 31.25, "pesq": 1.5},
         curves={"fit/loss_curve": curve},
-        tags={"fewsound.na.pesq": "too short"},
+        status="RUNNING",
     )
+    assert client.get_run(rid).info.status == "RUNNING"
     wav = tmp_path / "gt.wav"
     from fewsound.data.audio import load_audio, save_audio
 
     save_audio(wav, np.linspace(-0.5, 0.5, 2205, dtype=np.float32), 22050)
-    parent.client.log_artifact(rid, str(wav), "audio")  # artifacts still through the client (proxied upload)
-    w.end(rid, "FINISHED")
-    run = parent.client.get_run(rid)
+    client.log_artifact(rid, str(wav), "audio")
+    client.set_terminated(rid, "FINISHED")
+    run = client.get_run(rid)
     assert run.info.status == "FINISHED" and run.info.run_name == "fit-1" and run.info.end_time
     assert run.data.tags[tracking.PARENT_TAG] == parent.run_id and run.data.tags["fewsound.na.pesq"] == "too short"
     assert run.data.params["p129"] == "129" and len(run.data.params) == 130
     assert run.data.metrics["psnr"] == 31.25
-    hist = parent.client.get_metric_history(rid, "fit/loss_curve")
+    assert run.data.metrics["fit/loss_curve"] == curve[-1][1]  # MLflow's latest value of a curve: its last step
+    hist = client.get_metric_history(rid, "fit/loss_curve")
     assert [(m.step, m.value) for m in hist] == curve
-    back = parent.client.download_artifacts(rid, "audio/gt.wav", str(tmp_path / "dl"))
+    back = client.download_artifacts(rid, "audio/gt.wav", str(tmp_path / "dl"))
     np.testing.assert_allclose(load_audio(back, sr=None), np.linspace(-0.5, 0.5, 2205), atol=1e-6)
-    failed = w.create(parent.experiment_id, "fit-2", {tracking.PARENT_TAG: parent.run_id})
-    w.end(failed, "FAILED")
-    assert parent.client.get_run(failed).info.status == "FAILED"
-    from mlflow.exceptions import MlflowException
-
-    with pytest.raises(MlflowException, match="not found"):
-        w.log("0" * 32, params={"a": 1})
-
-
-def _pack_of_runs(parent: str, n: int) -> list[dict]:
-    return [
-        {
-            "run_name": f"fit-{i}",
-            "tags": {tracking.PARENT_TAG: parent, "fewsound.key": f"k{i}"},
-            "params": {"lr": "0.005", "seed": str(i)},
-            "metrics": {"psnr": 30.0 + i, "mse": 1e-3},
-            "curves": {"fit/loss_curve": [(0, 1.0), (10, 0.25), (20, 0.5)]} if i == 0 else {},
-            "status": "RUNNING" if i == 0 else "FINISHED" if i % 2 else "FAILED",
-        }
-        for i in range(n)
-    ]
-
-
-def _check_pack(client, ids: list[str], parent: str) -> None:
-    assert len(set(ids)) == len(ids)
-    for i, rid in enumerate(ids):
-        run = client.get_run(rid)
-        assert run.info.run_name == f"fit-{i}" and run.data.tags["fewsound.key"] == f"k{i}"
-        assert run.info.status == ("RUNNING" if i == 0 else "FINISHED" if i % 2 else "FAILED")
-        assert (run.info.end_time is None) == (i == 0)
-        assert run.data.params == {"lr": "0.005", "seed": str(i)}
-        assert run.data.metrics["psnr"] == 30.0 + i
-        assert run.info.artifact_uri.endswith(f"{rid}/artifacts")
-    # MLflow's "latest" value of a curve is its last step, as MLflow computes it
-    assert client.get_run(ids[0]).data.metrics["fit/loss_curve"] == 0.5
-    assert [(m.step, m.value) for m in client.get_metric_history(ids[0], "fit/loss_curve")] == [
-        (0, 1.0),
-        (10, 0.25),
-        (20, 0.5),
-    ]
+    failed = tracking.log_run(
+        client, parent.experiment_id, run_name="fit-2", tags={tracking.PARENT_TAG: parent.run_id}, status="FAILED"
+    )
+    assert client.get_run(failed).info.status == "FAILED"
     found = client.search_runs(
-        [client.get_run(ids[0]).info.experiment_id],
-        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}' and attributes.status = 'FINISHED'"
-        " and metrics.psnr > 30.5",
+        [parent.experiment_id],
+        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.run_id}' and attributes.status = 'FINISHED'",
     )
-    assert sorted(r.info.run_id for r in found) == sorted(ids[i] for i in range(1, len(ids), 2))
-
-
-def test_write_runs_writes_a_pack_in_one_request(server, tmp_path):
-    from mlflow.exceptions import MlflowException
-
-    _, uri = server
-    parent = tracking.MlflowRun("test-bulk", uri=uri, run_name="sweep")
-    w = tracking.RunWriter(uri)
-    runs = _pack_of_runs(parent.run_id, 5)
-    ids = w.write_runs(parent.experiment_id, runs)
-    assert w._bulk  # fewsound's endpoint answered (no fallback)
-    _check_pack(parent.client, ids, parent.run_id)
-    # artifacts, then the final status: the run is FINISHED with its files
-    (tmp_path / "a.txt").write_text("x")
-    parent.client.log_artifact(ids[0], str(tmp_path / "a.txt"), "audio")
-    w.end_runs({ids[0]: "FINISHED"})
-    run = parent.client.get_run(ids[0])
-    assert run.info.status == "FINISHED" and run.info.end_time
-    assert [a.path for a in parent.client.list_artifacts(ids[0], "audio")] == ["audio/a.txt"]
-    # a retried request (same client-chosen run ids) does not write its runs twice
-    again = w.write_runs(parent.experiment_id, [dict(r, run_id=i) for r, i in zip(runs, ids)])
-    assert again == ids
-    assert len(parent.client.search_runs([parent.experiment_id], max_results=100)) == 1 + 5
-    with pytest.raises(MlflowException, match="status"):
-        w.write_runs(parent.experiment_id, [dict(runs[1], status="DONE")])
-    with pytest.raises(MlflowException, match="no such run"):
-        w.end_runs({"f" * 32: "FINISHED"})
-    with pytest.raises(MlflowException, match="99999"):  # MLflow's own 404 is an error, not "no endpoint"
-        w.write_runs("99999", runs[:1])
-    assert w._bulk
-
-
-def test_write_runs_falls_back_to_mlflows_api_on_a_plain_server(tmp_path):
-    """Any other MLflow server (a cluster's, without fewsound's app): the same runs, three REST calls each."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    port = tracking._free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [
-            str(mlflow_bin),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'db.sqlite'}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not tracking._healthy(uri):
-            assert proc.poll() is None and time.monotonic() < deadline, "plain mlflow server did not start"
-            time.sleep(0.5)
-        parent = tracking.MlflowRun("test-bulk", uri=uri, run_name="sweep")
-        w = tracking.RunWriter(uri)
-        ids = w.write_runs(parent.experiment_id, _pack_of_runs(parent.run_id, 5))
-        assert not w._bulk  # the server said 404 to the bulk endpoint: MLflow's own API from then on
-        _check_pack(parent.client, ids, parent.run_id)
-        w.end_runs({ids[0]: "FINISHED"})
-        assert parent.client.get_run(ids[0]).info.status == "FINISHED"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    assert [r.info.run_id for r in found] == [rid]
 
 
 def test_file_store_uri_is_refused(monkeypatch):
@@ -237,3 +129,62 @@ def test_config_flatten_round_trip_and_hash():
     assert cfg_hash(Outer()) == cfg_hash(cfg)
     with pytest.raises(ConfigError, match="inr.gird"):
         override(cfg, **{"inr.gird": 5})
+
+
+@pytest.mark.e2e
+def test_runs_reach_a_server_with_mlflows_basic_auth(tmp_path, monkeypatch):
+    """The cluster's server may run MLflow's own authentication app (`--app-name basic-auth`): fewsound logs
+    through MLflow's client, so MLflow's credential variables are all a job needs; without them, MLflow refuses."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from mlflow.exceptions import MlflowException
+
+    (tmp_path / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    port = tracking._free_port()
+    conf = Path(tracking.__file__).with_name("mlflow_gunicorn.py")
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth"]
+    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--workers", "1", "--gunicorn-opts", f"--config {conf}"]
+    env = dict(
+        os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_AUTH_CONFIG_PATH=str(tmp_path / "auth.ini")
+    )
+    env["MLFLOW_AUTH_ADMIN_PASSWORD"] = "s3cret-for-test"
+    env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = "csrf-key-for-test"  # the auth app refuses to start without one
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not tracking._healthy(uri):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-for-test")
+        parent = tracking.MlflowRun("test-auth", uri=uri, run_name="sweep")
+        rid = tracking.log_run(
+            parent.client,
+            parent.experiment_id,
+            run_name="fit",
+            tags={tracking.PARENT_TAG: parent.run_id},
+            params={"lr": "0.005"},
+            metrics={"psnr": 30.0},
+        )
+        run = parent.client.get_run(rid)
+        assert run.info.status == "FINISHED" and run.data.metrics["psnr"] == 30.0
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        from mlflow.tracking import MlflowClient
+
+        with pytest.raises(MlflowException, match="401|[Uu]nauthori[sz]ed|credentials"):
+            MlflowClient(uri).get_run(rid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        log.close()

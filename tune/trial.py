@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fewsound.data.audio import peak_normalize, save_audio
-from fewsound.tracking import PARENT_TAG, RunWriter
+from fewsound.tracking import PARENT_TAG
 from tune.plan import FitTask, pack_from_config
 
 KEY_TAG = "fewsound.fit_key"
@@ -43,7 +43,7 @@ SWEEP_TAG = "fewsound.sweep"
 PACK_TAG = "fewsound.pack"
 REASON_TAG = "fewsound.failure_reason"
 COMMIT_TAG = "mlflow.source.git.commit"
-LOG_THREADS = 4  # artifact uploads of a pack at once (they mostly wait on the server)
+LOG_THREADS = 4  # child runs of a pack logged at once (they mostly wait on the server)
 _PLOT_LOCK = threading.Lock()
 INF_DB = 200.0  # PSNR/SNR of an exact reconstruction is +inf; MLflow stores finite floats only
 
@@ -80,11 +80,6 @@ def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
-
-
-@functools.lru_cache(maxsize=4)
-def _writer(uri: str) -> RunWriter:
-    return RunWriter(uri)
 
 
 @functools.lru_cache(maxsize=16)
@@ -128,7 +123,6 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     tasks = pack_from_config(pack)
     pid = pack_id(tasks)
     client = _client(ctx.tracking_uri)
-    writer = _writer(ctx.tracking_uri)
     exp_id = ctx.experiment_id or _experiment_id(ctx.tracking_uri, ctx.experiment)
     finished = _finished_keys(client, exp_id, ctx.sweep, pid)
     skipped = sum(t.key in finished for t in tasks)
@@ -165,7 +159,6 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
     done, failed = _log_pack(
         client,
-        writer,
         exp_id,
         tasks,
         results,
@@ -250,7 +243,6 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
 
 def _log_pack(
     client: Any,
-    writer: RunWriter,
     exp_id: str,
     tasks: list[FitTask],
     results: list[Any],
@@ -262,55 +254,42 @@ def _log_pack(
     attempts: list[int],
     log_curves: bool,
 ) -> tuple[int, int]:
-    """The pack's child runs, one per fit: all written in one request (tags, params, metrics; RunWriter), then the
-    artifacts of each, then their final status in one more request - a run is FINISHED only once its artifacts
-    are there. A diverged fit or failed evaluation is a FAILED run with its reason. Returns (done, failed)."""
-    reasons: list[str | None] = []
-    for i, r in enumerate(results):
+    """The pack's child runs, one per fit, through MLflow's client: the run with its tags, params and metrics,
+    then its artifacts, then its final status - a run is FINISHED only once its artifacts are there. A diverged
+    fit or failed evaluation is a FAILED run with its reason. A fit whose logging fails is counted failed (a
+    retry or resume re-runs it); the pack's other fits are not affected. Returns (done, failed)."""
+    from fewsound.tracking import log_run
+
+    def log_one(i: int) -> bool:
+        task, r = tasks[i], results[i]
         reason = None
         if r.diverged:
             reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts[i]} attempt(s)"
         elif i in eval_errors:
             reason = f"evaluation failed: {eval_errors[i]}"
-        reasons.append(reason)
-    with_artifacts = [i for i, r in enumerate(results) if ctx.log_artifacts and not r.diverged]
-    specs = [
-        _run_spec(t, results[i], evals[i], ctx, pid, reasons[i], attempts[i], curve=log_curves and i == 0)
-        for i, t in enumerate(tasks)
-    ]
-    for i in with_artifacts:
-        specs[i]["status"] = "RUNNING"
-    try:
-        run_ids = writer.write_runs(exp_id, specs) if specs else []
-    except Exception as e:  # this pack's fits are lost (a retry or resume re-runs them); the sweep goes on
-        print(f"[pack {pid}] logging {len(specs)} runs to MLflow failed: {type(e).__name__}: {e}", flush=True)
-        return 0, len(specs)
-
-    def upload(i: int) -> bool:
+        spec = _run_spec(task, r, evals[i], ctx, pid, reason, attempts[i], curve=log_curves and i == 0)
+        with_artifacts = ctx.log_artifacts and not r.diverged
+        final = spec.pop("status")
         try:
-            _log_artifacts(client, run_ids[i], tasks[i], results[i], clips[i])
-            return True
-        except Exception as e:  # this fit's run ends FAILED; the pack's other fits are not affected
-            print(f"[{tasks[i].key}] logging artifacts to MLflow failed: {type(e).__name__}: {e}", flush=True)
+            run_id = log_run(client, exp_id, **spec, status="RUNNING" if with_artifacts else final)
+            if with_artifacts:
+                _log_artifacts(client, run_id, task, r, clips[i])
+                client.set_terminated(run_id, status=final)
+        except Exception as e:
+            print(f"[{task.key}] logging to MLflow failed: {type(e).__name__}: {e}", flush=True)
             return False
+        return reason is None
 
-    # uploads are HTTP round trips that mostly wait on the server: a few at once hide that latency
+    # each run is a few HTTP round trips that mostly wait on the server: a few at once hide that latency
     with ThreadPoolExecutor(max_workers=LOG_THREADS) as pool:
-        uploaded = dict(zip(with_artifacts, pool.map(upload, with_artifacts)))
-    final = {run_ids[i]: "FINISHED" if ok and reasons[i] is None else "FAILED" for i, ok in uploaded.items()}
-    try:
-        writer.end_runs(final)
-    except Exception as e:
-        print(f"[pack {pid}] ending {len(final)} runs in MLflow failed: {type(e).__name__}: {e}", flush=True)
-        uploaded = dict.fromkeys(uploaded, False)
-    ok = [reasons[i] is None and uploaded.get(i, True) for i in range(len(tasks))]
+        ok = list(pool.map(log_one, range(len(tasks))))
     return sum(ok), len(ok) - sum(ok)
 
 
 def _run_spec(
     task: FitTask, r: Any, ev: dict | None, ctx: TrialContext, pid: str, reason: str | None, attempts: int, curve: bool
 ) -> dict[str, Any]:
-    """One fit's child run for RunWriter.write_runs: tags (parent, sweep, pack, key, ...), params, final metrics,
+    """One fit's child run for fewsound.tracking.log_run: tags (parent, sweep, pack, key, ...), params, final metrics,
     n/a reasons as tags, the loss curve when `curve`; FINISHED, or FAILED with the reason."""
     from fewsound.metrics import to_mlflow
 
