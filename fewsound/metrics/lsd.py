@@ -1,4 +1,4 @@
-"""Log-spectral distance exactly as the paper's code computes it (reference-code-facts 1.9, erratum 15).
+"""Log-spectral distance exactly as the paper's public code computes it (its formula differs from the text's).
 
     n_fft = int(2048 / (44100 / sr))  (1024 at 22,050 Hz),  hop = int(sr / 100)  (220),  Hann window,
     torch.stft(center=True, pad_mode="constant"),  S = |STFT(x)|,  S' = |STFT(x')|
