@@ -217,8 +217,71 @@ def test_train_job_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
             seed=None,
             metrics=None,
             smoke_test=False,
+            phase_mangle=0.8,
+            dequantize_bits=16,
             set=["model.delta_warmup_epochs=50", "val_every=5"],
         )
     )
     assert (cfg.model.kind, cfg.model.target, cfg.schedule_step, cfg.val_every) == ("hypersound", "siren", "epoch", 5)
     assert cfg.model.delta_warmup_epochs == 50 and cfg.resolved_lr == 1e-6
+    assert (cfg.phase_mangle, cfg.dequantize_bits) == (0.8, 16)
+
+
+# ------------------------------------------------------------------------------------------------ augmentations
+
+
+def test_phase_mangle_keeps_the_magnitude_spectrum_and_changes_the_waveform(speech_segments):
+    """The all-pass biquad has unit gain at every frequency, so a real speech crop (zero-padded so that the
+    filter's tail fits) keeps its magnitude spectrum while its waveform changes; p=0 is the identity."""
+    from scipy.signal import lfilter
+
+    from fewsound.train import allpass_coefficients, phase_mangle
+
+    for freq in (20.0, 300.0, 2000.0):
+        impulse = np.zeros(1 << 16)
+        impulse[0] = 1.0
+        gain = np.abs(np.fft.rfft(lfilter(*allpass_coefficients(freq, 22_050), impulse)))
+        assert np.allclose(gain, 1.0, atol=1e-6), (freq, gain.min(), gain.max())
+    x = np.concatenate([speech_segments[:3], np.zeros((3, 1 << 14), np.float32)], axis=1)
+    y = phase_mangle(x, np.random.default_rng(0), 22_050, p=1.0)
+    assert y.shape == x.shape and y.dtype == np.float32
+    for xi, yi in zip(x, y):
+        sx, sy = np.abs(np.fft.rfft(xi)), np.abs(np.fft.rfft(yi))
+        assert np.allclose(sy, sx, rtol=1e-3, atol=1e-3 * sx.max())
+        assert np.linalg.norm(yi - xi) > 0.05 * np.linalg.norm(xi)  # the phase (hence the waveform) moved
+    assert np.array_equal(phase_mangle(x, np.random.default_rng(0), 22_050, p=0.0), x)
+    some = phase_mangle(np.repeat(x[:1], 200, axis=0), np.random.default_rng(1), 22_050, p=0.8)
+    changed = np.mean([not np.array_equal(r, x[0]) for r in some])
+    assert 0.7 < changed < 0.9  # each crop is filtered with probability p
+
+
+def test_dequantize_adds_one_quantisation_step_of_uniform_noise(speech_segments):
+    from fewsound.train import dequantize
+
+    x = speech_segments[:4]
+    noise = dequantize(x, np.random.default_rng(0), bits=16).astype(np.float64) - x
+    step = 2.0**-16
+    assert np.abs(noise).max() <= 0.5 * step * 1.01  # float32 rounding of x + noise
+    assert abs(noise.mean()) < 0.01 * step
+    assert noise.std() == pytest.approx(step / math.sqrt(12), rel=0.05)
+
+
+def test_augmentations_are_off_by_default_and_applied_to_training_crops_only(speech_segments):
+    """Default config: no augmentation and the very same crops as before; with both on, the crops differ and are
+    still peak-normalised."""
+    from fewsound.train import crop_batch
+
+    assert tiny().augment is None
+    plain = next(random_batches(speech_segments, 4, CLIP, seed=2))
+    expected = crop_batch(
+        speech_segments[np.random.default_rng([2, 0]).permutation(6)[:4]], CLIP, np.random.default_rng([2, 1])
+    )
+    assert torch.equal(plain, expected)
+    cfg = tiny(phase_mangle=1.0, dequantize_bits=16)
+    aug = next(random_batches(speech_segments, 4, CLIP, seed=2, augment=cfg.augment))
+    assert not torch.allclose(aug, plain, atol=1e-3)
+    assert torch.allclose(aug.abs().amax(dim=1), torch.ones(4))
+    with pytest.raises(ConfigError, match="phase_mangle"):
+        tiny(phase_mangle=1.5)
+    with pytest.raises(ConfigError, match="dequantize_bits"):
+        tiny(dequantize_bits=-1)
