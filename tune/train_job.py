@@ -196,8 +196,10 @@ def run_training(
     address: str | None = None,
     max_failures: int = 3,
     keep_checkpoints: int = 2,
+    tags: dict[str, Any] | None = None,
 ) -> TrainSummary:
-    """Train (or resume, or report an already finished run of) `cfg` with Ray Train. See the module docstring."""
+    """Train (or resume, or report an already finished run of) `cfg` with Ray Train. See the module docstring.
+    `tags`: more tags of a new MLflow run (e.g. mlflow.parentRunId: a grid's child run)."""
     import ray
     import ray.data
     import ray.train
@@ -235,7 +237,7 @@ def run_training(
         "steps_per_epoch": cfg.steps_per_epoch,
     }
     run, finished = open_mlflow_run(
-        experiment, key, params, {"fewsound.kind": cfg.model.kind, "fewsound.target": cfg.model.target}
+        experiment, key, params, {"fewsound.kind": cfg.model.kind, "fewsound.target": cfg.model.target, **(tags or {})}
     )
     if finished:
         m = run.client.get_run(run.run_id).data.metrics
@@ -696,11 +698,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- evaluation
 
 
+def is_run_id(source: str) -> bool:
+    """Whether `source` reads as an MLflow run id (32 hex digits) rather than a path."""
+    import re
+
+    return re.fullmatch(r"[0-9a-f]{32}", source) is not None and not Path(source).exists()
+
+
 def load_trained(source: str, *, tracking: str | None = None):
     """A trained model from: a fewsound model file (save_model), a training checkpoint folder, a run's storage
     folder (its latest epoch_* checkpoint), or an MLflow run id (its model_file artifact)."""
-    import re
-
     from fewsound.hyper import load_model
     from fewsound.train import STATE_FILE, model_from_training_state
 
@@ -714,7 +721,7 @@ def load_trained(source: str, *, tracking: str | None = None):
         if epochs:
             return model_from_training_state(epochs[-1])
         raise ConfigError(source, "folder holds no training checkpoint (train_state.pt) nor epoch_* checkpoints")
-    if re.fullmatch(r"[0-9a-f]{32}", source):
+    if is_run_id(source):
         import mlflow.artifacts
 
         from fewsound.tracking import tracking_uri
