@@ -213,11 +213,12 @@ def _best(group: Group, column: str) -> str | None:
 
 
 def _cell(row: Row, column: str, bold: bool, latex: bool) -> str:
-    if column not in row.values:
-        return "-"
-    mean, std = row.values[column]
     pm = r" $\pm$ " if latex else " ± "
-    text = f"{_fmt(column, mean)}{pm}{_fmt(column, std)}"
+    if column not in row.values:
+        text = "-"
+    else:
+        mean, std = row.values[column]
+        text = f"{_fmt(column, mean)}{pm}{_fmt(column, std)}"
     if bold:
         text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
     if column in row.paper:

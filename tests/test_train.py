@@ -141,15 +141,28 @@ def test_fewsound_learns_and_beats_its_universal_weights(speech_segments):
     assert v["val/clips"] == 6
 
 
-def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segments, capsys):
+@pytest.mark.e2e
+def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segments, capsys, monkeypatch):
     """jobs/evaluate_fewsound.py on a real prepared corpus: a FewSound training checkpoint folder and a
-    HyperSound model file give Table 2's two rows; a bad --model is one line and exit code 2."""
+    HyperSound model file give Table 2's two rows and the long-audio rows, each model's results on a new MLflow
+    run; a model given as a run id gets them on its own run; a bad --model is one line and exit code 2."""
     import csv
     import importlib.util
+    import socket
 
+    from mlflow.tracking import MlflowClient
+
+    from fewsound import tracking
     from fewsound.data.prepare import prepare_corpus
     from fewsound.hyper import save_model
+    from tune.hyper_eval import EVAL_TAG
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("FEWSOUND_HOME", str(tmp_path))
+    uri = tracking.start_local_server(home=tmp_path, port=port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     corpus = tmp_path / "corpus"
     prepare_corpus("builtin", out=corpus, protocol="fewsound")
     cfg = tiny()
@@ -159,30 +172,45 @@ def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segment
     save_training_state(tmp_path / "ckpt" / "epoch_00001", fs, opt, sched, cfg, epoch=0, step=1)
     hs = build_model(cfg.model.replace(kind="hypersound"), verbose=False)
     save_model(tmp_path / "hs.pt", hs)
+    trained = tracking.MlflowRun("train_fewsound")  # a model on its own run, as train_fewsound leaves it
+    trained.log_artifact(save_model(tmp_path / "m" / "fewsound_model.pt", hs), "model_file")
 
     spec = importlib.util.spec_from_file_location("evaluate_fewsound", "jobs/evaluate_fewsound.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    rc = job.main(
-        [
-            "--model",
-            str(tmp_path / "ckpt"),
-            "--model",
-            str(tmp_path / "hs.pt"),
-            "--corpus",
-            str(corpus),
-            "--smoke-test",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
-    assert rc == 0
-    table = capsys.readouterr().out
+    try:
+        common = ["--corpus", str(corpus), "--smoke-test"]
+        rc = job.main(
+            [
+                "--model",
+                str(tmp_path / "ckpt"),
+                "--model",
+                str(tmp_path / "hs.pt"),
+                *common,
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        assert rc == 0
+        table = capsys.readouterr().out
+        assert job.main(["--model", trained.run_id, *common]) == 0
+        capsys.readouterr()
+        client = MlflowClient(uri)
+        new = client.search_runs([client.get_experiment_by_name("evaluate_fewsound").experiment_id])
+        own = client.get_run(trained.run_id)
+    finally:
+        tracking.stop_local_server(tmp_path)
     assert "| FewSound tiny |" in table and "| HyperSound |" in table, table
+    assert "FewSound tiny, windowed" in table and "HyperSound, one window" in table, table
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert sorted({r["label"] for r in rows}) == ["FewSound tiny", "HyperSound"] and len(rows) == 8
     assert all(float(r["eval/mse"]) > 0 for r in rows)
-    assert job.main(["--model", str(tmp_path / "missing.pt"), "--corpus", str(corpus)]) == 2
+    assert (tmp_path / "out" / "long_audio" / "table.md").exists()
+    assert len(new) == 2 and all(r.data.tags[EVAL_TAG].startswith("eval-") for r in new)
+    assert all({"evaluation/mse", "evaluation_long/mse"} <= set(r.data.metrics) for r in new)
+    assert {r.data.params["model.kind"] for r in new} == {"fewsound", "hypersound"}
+    assert own.data.tags[EVAL_TAG].startswith("eval-") and "evaluation/psnr" in own.data.metrics
+    assert job.main(["--model", str(tmp_path / "missing.pt"), "--corpus", str(corpus), "--no-mlflow"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 
