@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -191,6 +192,7 @@ def _train_and_evaluate(tr: Training, s: Settings, parent_id: str, grid_id: str)
     from tune.hyper_eval import evaluate_trained, evaluation_key, load_evaluation, log_evaluation, validation_set
     from tune.train_job import load_trained, run_training
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download buries the log
     t0 = time.perf_counter()
     summary = run_training(
         tr.cfg,
