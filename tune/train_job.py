@@ -540,7 +540,7 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(torch_threads(config["cpus_per_worker"]))
     device = ray.train.torch.get_device()
-    model = build_model(cfg.model, verbose=rank == 0).to(device)
+    model = build_model(cfg.model, verbose=False).to(device)  # it logs its description (once: print would repeat)
     optimizer, scheduler = make_optimizer(model, cfg)
     run = (
         MlflowRun(config["experiment"], uri=config["tracking_uri"], run_id=config["run_id"])
