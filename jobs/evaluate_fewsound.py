@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += evaluate_model(
                 model, segments, [m["kind"] for m in meta], [m["clip_id"] for m in meta], label=label, metrics=metrics
             )
-        title = f"Validation reconstruction ({corpus.root.name})" + (f", paper Table {table}" if table else "")
+        title = f"Validation reconstruction ({corpus.name})" + (f", paper Table {table}" if table else "")
         print(to_markdown(build_table(rows, title=title, row_header="Model", paper_table=table, label_order=labels)))
         if args.out:
             for path in write_results(
