@@ -105,7 +105,8 @@ class Backups:
         self._stop.set()
 
 
-def server_command(backend_uri: str, artifacts: str, host: str, port: int, workers: int) -> list[str]:
+def server_command(backend_uri: str, artifacts: str, host: str, port: int, workers: int,
+                   app_name: str | None = None) -> list[str]:  # fmt: skip
     """`mlflow server` with the flags fewsound's servers use (proxied artifacts, gunicorn settings)."""
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [
@@ -126,11 +127,13 @@ def server_command(backend_uri: str, artifacts: str, host: str, port: int, worke
     conf = Path(__file__).with_name("mlflow_gunicorn.py")
     if os.name == "posix" and conf.exists():  # SQLite in WAL mode, threaded workers (see that file)
         cmd += ["--gunicorn-opts", f"--config {shlex.quote(str(conf))}"]
+    if app_name:
+        cmd += ["--app-name", app_name]
     return cmd
 
 
 def serve(store: str, *, artifacts: str, backup: str | None = None, host: str = "127.0.0.1", port: int = 5000,
-          workers: int = 2, backup_minutes: float = 10.0, log=print) -> int:  # fmt: skip
+          workers: int = 2, backup_minutes: float = 10.0, app_name: str | None = None, log=print) -> int:  # fmt: skip
     """Restore, run `mlflow server` until it exits or this process gets SIGTERM/SIGINT, backing up meanwhile and
     at the end. Returns the exit code (0 after a signal)."""
     db = sqlite_path(store)
@@ -150,7 +153,8 @@ def serve(store: str, *, artifacts: str, backup: str | None = None, host: str = 
         artifacts = storage.normalize(artifacts)
         Path(artifacts).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job runner (see tracking.py)
-    proc = subprocess.Popen(server_command(store, artifacts, host, port, workers), start_new_session=True, env=env)
+    cmd = server_command(store, artifacts, host, port, workers, app_name)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     log(f"mlflow server pid {proc.pid} on {host}:{port}, store {store}, artifacts {artifacts}"
         + (f", backup {backup} every {backup_minutes:g} min" if backups else ""))  # fmt: skip
 

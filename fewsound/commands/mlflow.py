@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     s.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
     s.add_argument("--backup-every", type=float, default=10.0, help="minutes between backups (default 10)")
+    s.add_argument("--app-name", default=None, help="MLflow server app, e.g. basic-auth (logins; README)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,5 +43,6 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         backup_minutes=args.backup_every,
+        app_name=args.app_name,
         log=lambda m: print(m, flush=True),
     )
