@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("fewsound.commands.fit", "fit one INR to one audio clip and write pred/gt audio, spectrogram, metrics"),
     "evaluate": ("fewsound.commands.evaluate", "compute the paper's metrics between reference and reconstruction"),
     "reconstruct": ("fewsound.commands.reconstruct", "reconstruct a long audio file with a trained hypernetwork"),
+    "mlflow": ("fewsound.commands.mlflow", "serve: an MLflow server whose history is backed up to shared storage"),
 }
 
 

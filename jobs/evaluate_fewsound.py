@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds_of = {m.config.kind for m in models}
         table = args.table if args.table is not None else (2 if kinds_of == {"fewsound", "hypersound"} else None)
         corpus = open_corpus(resolve_train_corpus(args.corpus, max(m.config.clip_length for m in models)))
-        dataset = args.dataset or DATASET_NAMES.get(str(corpus.manifest.get("layout")), corpus.root.name)
+        dataset = args.dataset or DATASET_NAMES.get(str(corpus.manifest.get("layout")), corpus.name)
         segments, meta = validation_set(str(corpus.root), args.clips)
         metrics = [x.strip() for x in args.metrics.split(",")] if args.metrics else None
         rows, long_rows, labels = [], [], []

@@ -3,6 +3,7 @@ parallel with Ray (one task per shard). Re-running the same command resumes: fin
 
     python jobs/prepare_data.py                                   # built-in corpus, FewSound protocol
     python jobs/prepare_data.py --source ~/VCTK-Corpus-0.92 --protocol inr-1.5s --out data/vctk-inr
+    python jobs/prepare_data.py --source ~/VCTK-Corpus-0.92 --protocol inr-3s --out s3://bucket/corpora/vctk-inr-3s
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/prepare_data.py --source /shared/vctk ...
 """
 
@@ -27,7 +28,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     # choices are checked by the library, so a wrong one is a one-line `error: ...` like any other bad input
     p.add_argument("--layout", default="auto", help=f"folder layout: {', '.join(LAYOUTS)} (default: detect)")
     p.add_argument("--protocol", default="fewsound", help=f"the paper's data protocol: {', '.join(PROTOCOLS)}")
-    p.add_argument("--out", default="data/builtin", help="output folder (default: data/builtin)")
+    p.add_argument(
+        "--out",
+        default="data/builtin",
+        help="where the corpus goes: a folder, s3://bucket/path, gs://bucket/path (default: data/builtin)",
+    )
     p.add_argument("--strict", action="store_true", help="a faulty input file aborts the import")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="source files per shard")
     p.add_argument("--seed", type=int, default=None, help="seed of the protocol's random picks and crops (default 0)")

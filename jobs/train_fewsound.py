@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--corpus",
         default=None,
-        help="a corpus prepared with `jobs/prepare_data.py --protocol "
-        "fewsound` (default: the built-in corpus, prepared on first use)",
+        help="a corpus prepared with `jobs/prepare_data.py --protocol fewsound`: a folder every node sees, "
+        "s3://..., gs://... (default: builtin:fewsound, prepared on each node on first use)",
     )
     p.add_argument("--epochs", type=int, default=None, help="default 2,500")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default 16)")

@@ -24,3 +24,16 @@ def builtin_clips():
 @pytest.fixture(scope="session")
 def speech_clips(builtin_clips):
     return [c for c in builtin_clips if c.kind == "speech"]
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """A real S3-compatible server (moto, tests/s3.py) with bucket "fewsound", and this process's AWS_*
+    variables pointing at it (subprocesses inherit them)."""
+    from s3 import MotoS3  # tests/s3.py (tests/ is on sys.path)
+
+    with MotoS3(tmp_path / "moto.log") as server:
+        for k, v in server.env.items():
+            monkeypatch.setenv(k, v)
+        server.create_bucket("fewsound")
+        yield server

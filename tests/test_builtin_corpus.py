@@ -172,3 +172,21 @@ def test_manifest_is_json_roundtrip(manifest):
     assert sorted(p.relative_to(builtin_root()).as_posix() for p in builtin_root().rglob("*.flac")) == sorted(
         r["path"] for r in manifest["clips"]
     )  # no stray or missing audio files
+
+
+def test_builtin_name_is_prepared_per_node_and_bit_identical(tmp_path, monkeypatch):
+    """`builtin:<protocol>`: each machine (here: each FEWSOUND_HOME) prepares its own copy from the package, and
+    every copy has the same shards byte for byte, so trials on different nodes read the same clips."""
+    from fewsound.data.shards import open_corpus
+    from fewsound.errors import ConfigError
+
+    digests = []
+    for node in ("node-a", "node-b"):
+        monkeypatch.setenv("FEWSOUND_HOME", str(tmp_path / node))
+        corpus = open_corpus("builtin:inr-1.5s")
+        assert corpus.location == str(tmp_path / node / "corpora" / "builtin-inr-1.5s")
+        assert corpus.manifest["protocol"]["name"] == "inr-1.5s" and len(corpus) > 0
+        digests.append([(s["file"], s["sha256"]) for s in corpus.manifest["shards"]])
+    assert digests[0] == digests[1]
+    with pytest.raises(ConfigError, match="unknown protocol 'inr-9s'"):
+        open_corpus("builtin:inr-9s")

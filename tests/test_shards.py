@@ -185,7 +185,7 @@ def test_reader_errors_name_the_file(source, tmp_path):
     corpus = open_corpus(tmp_path)
     with pytest.raises(DataError, match="no split 'train'"):
         corpus.shard_paths("train")
-    victim = corpus.shard_paths("test")[1]
+    victim = Path(corpus.shard_paths("test")[1])
     victim.write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="checksum mismatch") as e:
         open_corpus(tmp_path, verify=True)

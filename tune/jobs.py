@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
 from fewsound.errors import ConfigError, DataError
@@ -16,8 +15,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--corpus",
         default=None,
-        help="a prepared corpus folder (jobs/prepare_data.py --protocol "
-        "inr-3s); default: the built-in corpus, prepared on first use under $FEWSOUND_HOME/corpora",
+        help="a prepared corpus (jobs/prepare_data.py --protocol inr-3s): a folder every node sees, s3://..., "
+        "gs://..., or builtin:<protocol>; default: the built-in corpus, prepared on each node under "
+        "$FEWSOUND_HOME/corpora",
     )
     p.add_argument(
         "--clips",
@@ -77,41 +77,41 @@ def parse_list(text: str, valid: Any, option: str) -> list[str]:
 
 
 def resolve_corpus(corpus: str | None, length: int) -> str:
-    """The corpus folder; the built-in corpus is prepared (once, cached) with the INR protocol of `length`."""
-    if corpus is not None:
-        from fewsound.data.shards import open_corpus
+    """Where the sweep's trials read their clips: `corpus` (a folder every node mounts, s3://..., gs://..., or
+    builtin:<protocol>) checked to store clips of `length` samples; None: the built-in corpus, by name (the
+    shortest INR protocol that stores `length` samples), so each node prepares its own copy from the package."""
+    from fewsound.data.builtin import builtin_name
+    from fewsound.data.shards import corpus_location, open_corpus
 
-        c = open_corpus(corpus)
-        if c.manifest["stored_length"] < length:
-            raise DataError(
-                corpus,
-                f"stores {c.manifest['stored_length']}-sample clips, the sweep needs {length} "
-                "(prepare it with --protocol inr-3s)",
-            )
-        return str(Path(corpus).resolve())
-    from fewsound.data.prepare import prepare_corpus
-    from fewsound.tracking import default_home
-
-    fits = [p for n, p in sorted(BUILTIN_PROTOCOL.items()) if n >= length]
-    if not fits:
-        raise ConfigError("length", f"{length} samples: the built-in corpus stores at most {max(BUILTIN_PROTOCOL)}")
-    proto = fits[0]  # the shortest protocol that stores clips of `length` samples
-    out = default_home() / "corpora" / f"builtin-{proto}"
-    if not (out / "manifest.json").exists():
-        prepare_corpus("builtin", out=out, protocol=proto)
-    return str(out)
+    if corpus is None:
+        fits = [p for n, p in sorted(BUILTIN_PROTOCOL.items()) if n >= length]
+        if not fits:
+            raise ConfigError("length", f"{length} samples: the built-in corpus stores at most {max(BUILTIN_PROTOCOL)}")
+        corpus = builtin_name(fits[0])
+    c = open_corpus(corpus)  # here too the driver reads the clip list (and prepares a built-in one)
+    if c.manifest["stored_length"] < length:
+        raise DataError(
+            corpus,
+            f"stores {c.manifest['stored_length']}-sample clips, the sweep needs {length} "
+            "(prepare it with --protocol inr-3s)",
+        )
+    return corpus_location(corpus)
 
 
 def corpus_clips(corpus: str, clips: str | None, kind: str) -> list[Any]:
-    """The corpus's clips of `kind` ('all' for every kind), narrowed by --clips (a count or a list of ids)."""
+    """The corpus's clips of `kind` ('all' for every kind), narrowed by --clips (a count or a list of ids).
+    Metadata only (fewsound.data.shards.ClipInfo): the driver never reads the audio."""
     from fewsound.data.shards import open_corpus
 
-    every = [c for c in open_corpus(corpus).clips() if kind == "all" or c.kind == kind]
+    every = [c for c in open_corpus(corpus).infos() if kind == "all" or c.kind == kind]
     if not every:
         raise DataError(corpus, f"has no clips of kind {kind!r}")
     if clips is None:
         return every
     if clips.isdigit():
+        if int(clips) > len(every):
+            print(f"note: --clips {clips}: the corpus has {len(every)} clips of kind {kind!r}; using all of them",
+                  flush=True)  # fmt: skip
         return every[: int(clips)]
     wanted = [x.strip() for x in clips.split(",") if x.strip()]
     by_id = {c.clip_id: c for c in every}

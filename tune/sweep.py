@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fewsound.config import cfg_hash
+from fewsound.data.shards import corpus_location
 from fewsound.errors import ConfigError
 from fewsound.tracking import MlflowRun, git_commit, storage_root, tracking_uri
 from tune.plan import FitTask, bundle, pack, pack_to_config
@@ -207,7 +208,7 @@ def run_sweep(
 
     packs, bundles = plan(todo)
     ctx = TrialContext(
-        corpus=str(Path(corpus).resolve()),
+        corpus=corpus_location(corpus),  # a URI or a name every node resolves, never a relative path
         experiment=experiment,
         parent_run_id=parent.run_id,
         sweep=sid,

@@ -55,17 +55,12 @@ MODEL_FILE = "fewsound_model.pt"
 
 
 def resolve_train_corpus(corpus: str | None, clip_length: int) -> str:
-    """The corpus folder; the built-in corpus is prepared once (cached) with the fewsound protocol."""
-    from fewsound.data.shards import open_corpus
+    """Where training reads: `corpus` (a folder every node mounts, s3://..., gs://..., builtin:<protocol>), checked
+    for train/validation clips of `clip_length` samples; None: the built-in corpus by name (builtin:fewsound)."""
+    from fewsound.data.builtin import builtin_name
+    from fewsound.data.shards import corpus_location, open_corpus
 
-    if corpus is None:
-        from fewsound.data.prepare import prepare_corpus
-        from fewsound.tracking import default_home
-
-        out = default_home() / "corpora" / "builtin-fewsound"
-        if not (out / "manifest.json").exists():
-            prepare_corpus("builtin", out=out, protocol="fewsound")
-        corpus = str(out)
+    corpus = corpus_location(corpus if corpus is not None else builtin_name("fewsound"))
     c = open_corpus(corpus)
     for split in ("train", "validation"):
         if c.count(split) == 0:
@@ -74,7 +69,7 @@ def resolve_train_corpus(corpus: str | None, clip_length: int) -> str:
             )
     if c.manifest["stored_length"] < clip_length:
         raise DataError(corpus, f"stores {c.manifest['stored_length']}-sample clips, the model needs {clip_length}")
-    return str(Path(corpus).resolve())
+    return corpus
 
 
 def run_key(cfg: TrainConfig, corpus: str, experiment: str) -> str:
@@ -260,11 +255,8 @@ def run_training(
 
     quiet_ray_data()
     c = open_corpus(corpus)
-    columns = ["clip_id", "audio"]
-    train_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("train")], columns=columns, shuffle="files")
-    val_ds = ray.data.read_parquet([str(p) for p in c.shard_paths("validation")], columns=columns).filter(
-        expr=col("clip_id").is_in(val_ids)
-    )
+    train_ds, val_ds = read_splits(c, corpus)
+    val_ds = val_ds.filter(expr=col("clip_id").is_in(val_ids))
     share = c.count("train") * int(c.manifest["stored_length"]) * 4 / scaling.num_workers
     loop_config = {
         "train": to_dict(cfg),
@@ -313,6 +305,29 @@ def run_training(
         scaling.num_workers,
         scaling.use_gpu,
     )
+
+
+def read_splits(c: Any, corpus: str) -> tuple[Any, Any]:
+    """Ray Datasets of the train and validation splits (clip_id, audio). A corpus at a URI or on a shared mount
+    is streamed by Ray Data's readers, on whichever nodes they run, from its shards (each reader opens its
+    shards through pyarrow.fs, like fewsound.storage). The built-in corpus (builtin:<protocol>) is prepared on
+    each machine that opens it; Ray Data's readers may run on a node that has not, so the driver reads its few
+    MB and hands them to Ray's object store (ray.data.from_arrow), which every node reaches."""
+    import ray.data
+
+    from fewsound import storage
+    from fewsound.data.builtin import SCHEME
+
+    columns = ["clip_id", "audio"]
+    if corpus.startswith(SCHEME):
+        return ray.data.from_arrow(c.table("train", columns)), ray.data.from_arrow(c.table("validation", columns))
+    fs = storage.location(c.location)[0]  # the same filesystem (and S3 endpoint) fewsound itself reads with
+
+    def paths(split: str) -> list[str]:
+        return [storage.location(p)[1] for p in c.shard_paths(split)]
+
+    train = ray.data.read_parquet(paths("train"), filesystem=fs, columns=columns, shuffle="files")
+    return train, ray.data.read_parquet(paths("validation"), filesystem=fs, columns=columns)
 
 
 # --------------------------------------------------------------------------------------------- workers

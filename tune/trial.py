@@ -52,7 +52,7 @@ INF_DB = 200.0  # PSNR/SNR of an exact reconstruction is +inf; MLflow stores fin
 class TrialContext:
     """Everything a trial needs besides its pack (shared by every trial of a sweep)."""
 
-    corpus: str  # a prepared corpus folder
+    corpus: str  # where the clips are: a URI (s3://..., gs://...), a path every node mounts, or builtin:<protocol>
     experiment: str
     parent_run_id: str
     sweep: str
@@ -69,10 +69,11 @@ class TrialContext:
 
 
 @functools.lru_cache(maxsize=4)
-def _corpus_clips(corpus: str) -> dict[str, Any]:
+def _corpus(corpus: str) -> Any:
+    """The corpus, opened once per worker process; its clips are read when a pack needs them (row groups)."""
     from fewsound.data.shards import open_corpus
 
-    return {c.clip_id: c for c in open_corpus(corpus).clips()}
+    return open_corpus(corpus)
 
 
 @functools.lru_cache(maxsize=4)
@@ -91,7 +92,7 @@ def _experiment_id(uri: str, experiment: str) -> str:
 
 def load_clip(corpus: str, clip_id: str, length: int) -> np.ndarray:
     """The first `length` samples of a stored clip, peak-normalised as in the paper."""
-    clip = _corpus_clips(corpus)[clip_id]
+    clip = _corpus(corpus).clip(clip_id)
     x = clip.audio[:length]
     assert x.shape[0] == length, f"{clip_id}: stored {clip.audio.shape[0]} samples < requested {length}"
     return peak_normalize(np.asarray(x, dtype=np.float32), where=clip_id)

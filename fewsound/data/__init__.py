@@ -3,7 +3,8 @@
 load_audio(path)                                   float32 mono [N] at 22,050 Hz (AudioError when faulty)
 scan(folder, layout="auto")                        (layout, [SourceRecord]) of a dataset folder
 prepare_corpus(source, out=..., protocol=...)      source -> Parquet shards + manifest.json (serial)
-open_corpus(folder)                                a prepared corpus: .manifest, .clips(split), .shard_paths(split)
+open_corpus(location)                              a prepared corpus (folder, s3://, gs://, builtin:<protocol>):
+                                                   .manifest, .infos(), .clips(), .clip(id), .shard_paths()
 CropDataset(corpus, "train")                       load-time crops a model sees
 """
 

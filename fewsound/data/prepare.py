@@ -5,6 +5,9 @@
     manifest = finish_corpus(plan, results)                          # manifest.json
 
 `prepare_corpus` runs the three serially (tests, notebooks, small folders).
+
+`out` is a folder or a URI (`s3://bucket/corpus`, `gs://...`, a mounted path): shards, receipts and the
+manifest are written there through fewsound.storage, never to a local folder named after the URI.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from fewsound import storage
 from fewsound.data.importers import LAYOUTS, SourceRecord, builtin_records, scan
 from fewsound.data.protocols import Protocol, get_protocol, plan_items
 from fewsound.data.shards import ShardPlan, ShardResult, plan_shards, process_shard, write_manifest
@@ -27,7 +31,7 @@ class CorpusPlan:
     source: str  # "builtin" or the absolute source folder
     layout: str
     protocol: Protocol
-    out_dir: Path
+    out_dir: str  # an absolute path or a URI
     records: list[SourceRecord]
     shards: list[ShardPlan]
 
@@ -49,8 +53,9 @@ def plan_corpus(source: str | Path = "builtin", *, out: str | Path, layout: str 
     else:
         src = str(Path(source).resolve())
         layout, records = scan(source, layout, kind=kind)
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.normalize(out)
+    if storage.is_local(out):  # object stores have no folders: their objects appear with their keys
+        Path(storage.location(out)[1]).mkdir(parents=True, exist_ok=True)
     shards = plan_shards(plan_items(records, proto), out, proto, shard_size=shard_size, strict=strict)
     return CorpusPlan(src, layout, proto, out, records, shards)
 
@@ -100,5 +105,5 @@ def summarize(manifest: dict, out_dir: str | Path, seconds: float | None = None,
     else:
         lines.append("  rejected 0 files")
     mb = sum(s["bytes"] for s in manifest["shards"]) / 1e6
-    lines.append(f"  output {Path(out_dir).resolve()}  ({len(manifest['shards'])} shards, {mb:.1f} MB)")
+    lines.append(f"  output {storage.normalize(out_dir)}  ({len(manifest['shards'])} shards, {mb:.1f} MB)")
     return "\n".join(lines)

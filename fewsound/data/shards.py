@@ -1,14 +1,19 @@
 """A prepared corpus: Parquet shards + `manifest.json`, written by `process_shard`, read by `open_corpus`.
 
-Folder layout:
+A corpus lives in a local folder, a mounted shared filesystem or an object store (`s3://bucket/corpus`,
+`gs://...`): every read and write goes through `fewsound.storage` (pyarrow.fs). Readers stream: a clip is read
+from its shard's row group when it is asked for, never the whole corpus per process.
+
+Folder (or prefix) layout:
     manifest.json              what the corpus is (see `write_manifest`); written last, atomically
     train-00000.parquet        one shard: rows = stored clips, `audio` = float32 list (bit-exact round trip)
     receipts/train-00000.json  written right after its shard: the shard's key, sha256, rows and rejected files
 
 The receipt makes an import resumable without the manifest: a shard whose receipt has the same key (a hash of
 the protocol and the exact input files) and whose bytes hash to the recorded sha256 is complete and is not
-rewritten. Every file appears atomically (write to a temp name in the same folder, fsync, rename), so an
-interrupted import leaves only complete shards and stray `.tmp` files (removed when the manifest is written).
+rewritten. Every file appears whole (`storage.write_bytes`: temp name + rename on a filesystem, one upload on an
+object store), receipts after their shard and the manifest last, so an interrupted import leaves only complete
+shards (and, on a filesystem, stray `.tmp` files, removed when the manifest is written).
 
 `process_shard` is a plain function of one picklable `ShardPlan`: a caller runs it serially or as a Ray task.
 """
@@ -30,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fewsound import storage
 from fewsound.data.audio import TooShort, check_samples, is_silent, load_audio
 from fewsound.data.protocols import Protocol, WorkItem, clip_starts
 from fewsound.errors import AudioError, DataError
@@ -64,7 +70,7 @@ SCHEMA = pa.schema(
 class ShardPlan:
     """Everything one worker needs to write one shard (picklable, no open handles)."""
 
-    out_dir: str
+    out_dir: str  # the corpus's location: an absolute path or a URI (storage.normalize)
     name: str  # "train-00000"
     split: str
     items: tuple[WorkItem, ...]
@@ -73,8 +79,9 @@ class ShardPlan:
     strict: bool = False
 
     @property
-    def path(self) -> Path:
-        return Path(self.out_dir) / f"{self.name}.parquet"
+    def path(self) -> str:
+        """Where the shard goes (a path or URI, like out_dir)."""
+        return storage.join(self.out_dir, f"{self.name}.parquet")
 
 
 def _file_sig(path: str) -> str:
@@ -105,7 +112,7 @@ def plan_shards(items: list[WorkItem], out_dir: str | Path, protocol: Protocol, 
                     h.update(f"|{it.split}|{it.take}|{r.rel}|{r.utterance}|{r.speaker}|{r.group}|{r.kind}|{r.label}"
                              f"|{r.pair}|{_file_sig(r.path)}".encode())  # fmt: skip
             name = f"{split}-{i // shard_size:05d}"
-            plans.append(ShardPlan(str(out_dir), name, split, part, protocol, h.hexdigest(), strict))
+            plans.append(ShardPlan(storage.normalize(out_dir), name, split, part, protocol, h.hexdigest(), strict))
     return plans
 
 
@@ -126,32 +133,20 @@ class ShardResult:
     skipped: bool = False  # True when a complete shard from an earlier run was kept
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a shard (a path or URI), streamed."""
+    return storage.sha256(path)
 
 
-def _receipt_path(plan: ShardPlan) -> Path:
-    return Path(plan.out_dir) / RECEIPTS / f"{plan.name}.json"
+def _receipt_path(plan: ShardPlan) -> str:
+    return storage.join(plan.out_dir, RECEIPTS, f"{plan.name}.json")
 
 
 def completed(plan: ShardPlan) -> ShardResult | None:
     """The result of an earlier run of `plan` if its shard is complete and intact (checksum-verified)."""
     try:
-        rec = json.loads(_receipt_path(plan).read_text())
-        if rec["key"] != plan.key or not plan.path.exists() or plan.path.stat().st_size != rec["bytes"]:
+        rec = json.loads(storage.read_bytes(_receipt_path(plan)))
+        if rec["key"] != plan.key or storage.size(plan.path) != rec["bytes"]:
             return None
         if sha256_file(plan.path) != rec["sha256"]:
             return None
@@ -220,18 +215,17 @@ def process_shard(plan: ShardPlan) -> ShardResult:
     buf = io.BytesIO()
     pq.write_table(_to_table(rows), buf, compression="zstd", row_group_size=64)
     data = buf.getvalue()
-    out = Path(plan.out_dir)
-    (out / RECEIPTS).mkdir(parents=True, exist_ok=True)
-    _atomic_write(plan.path, data)
+    storage.write_bytes(plan.path, data)
     result = ShardResult(
-        name=plan.name, split=plan.split, file=plan.path.name, rows=len(rows), sha256=hashlib.sha256(data).hexdigest(),
-        bytes=len(data), rejected=rejected, kinds=dict(Counter(r["kind"] for r in rows)),
+        name=plan.name, split=plan.split, file=f"{plan.name}.parquet", rows=len(rows),
+        sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rejected=rejected,
+        kinds=dict(Counter(r["kind"] for r in rows)),
         speakers=sorted({r["speaker"] for r in rows}), n_inputs=sum(len(it.candidates) for it in plan.items),
         seconds=round(time.perf_counter() - t0, 3),
     )  # fmt: skip
     receipt = {**dataclasses.asdict(result), "key": plan.key}
     receipt.pop("skipped")
-    _atomic_write(_receipt_path(plan), json.dumps(receipt, indent=1).encode())
+    storage.write_bytes(_receipt_path(plan), json.dumps(receipt, indent=1).encode())  # after its shard
     return result
 
 
@@ -241,7 +235,7 @@ def write_manifest(out_dir: str | Path, results: list[ShardResult], *, source: s
     """Write `manifest.json` for the shards in `results` (atomically) and delete stale shards and temp files."""
     import fewsound
 
-    out = Path(out_dir)
+    out = storage.normalize(out_dir)
     counts: dict[str, int] = Counter()
     by_kind: dict[str, Counter] = {}
     speakers: dict[str, set] = {}
@@ -271,18 +265,18 @@ def write_manifest(out_dir: str | Path, results: list[ShardResult], *, source: s
         **(extra or {}),
     }
     keep = {r.file for r in results}
-    for p in out.iterdir():  # shards of an earlier, different plan and temp files of killed writers
-        if (_SHARD_NAME.match(p.name) and p.name not in keep) or p.name.endswith(".tmp"):
-            p.unlink(missing_ok=True)
-            (out / RECEIPTS / p.name.replace(".parquet", ".json")).unlink(missing_ok=True)
-    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    for name in storage.listdir(out):  # shards of an earlier, different plan and temp files of killed writers
+        if (_SHARD_NAME.match(name) and name not in keep) or name.endswith(".tmp"):
+            storage.delete(storage.join(out, name))
+            storage.delete(storage.join(out, RECEIPTS, name.replace(".parquet", ".json")))
+    storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())  # last
     return manifest
 
 
 # --------------------------------------------------------------------------------------------------- reader
 @dataclasses.dataclass(frozen=True)
-class Clip:
-    """One stored clip. audio: float32 [n_samples] (raw, not peak-normalised; see `peak`)."""
+class ClipInfo:
+    """What the corpus says about one stored clip, without its audio (cheap: read from the metadata columns)."""
 
     clip_id: str
     utterance: str
@@ -297,24 +291,48 @@ class Clip:
     peak: float
     source_path: str
     pair_path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip(ClipInfo):
+    """One stored clip. audio: float32 [n_samples] (raw, not peak-normalised; see `peak`)."""
+
     audio: np.ndarray
 
 
-class Corpus:
-    """A prepared corpus on disk. `open_corpus(dir)` builds it; nothing is read until asked for.
+META_COLUMNS = [f.name for f in SCHEMA if f.name != "audio"]
+ROW_GROUP_CACHE = 4  # row groups (up to 64 clips each) a Corpus keeps decoded for `clip()`
 
+
+class Corpus:
+    """A prepared corpus at a path or URI. `open_corpus(location)` builds it; nothing is read until asked for.
+
+    corpus.location                 where it is (an absolute path or a URI); corpus.name: its last component
     corpus.manifest                 the parsed manifest.json
     corpus.splits                   e.g. ["train", "validation"]
-    corpus.shard_paths("train")     [Path, ...]  (for ray.data.read_parquet or your own reader)
+    corpus.shard_paths("train")     [path or URI, ...]  (for ray.data.read_parquet or your own reader)
     corpus.table("train")           pyarrow.Table of every column
-    corpus.clips("validation")      iterator of Clip, in shard order
-    corpus.arrays("train")          (float32 [n, L], [Clip without audio]) when every clip has length L
+    corpus.infos("train")           [ClipInfo]: every clip's metadata, no audio read
+    corpus.clips("validation")      iterator of Clip, one shard in memory at a time
+    corpus.clip("p225_001@11025")   one Clip, read from its shard's row group (a few are cached)
+    corpus.arrays("train")          (float32 [n, L], [metadata dicts]) when every clip has length L
     corpus.verify()                 sha256 of every shard against the manifest (DataError on mismatch)
     """
 
-    def __init__(self, root: Path, manifest: dict):
-        self.root = root
+    def __init__(self, location: str, manifest: dict):
+        self.location = storage.normalize(location)
         self.manifest = manifest
+        self._index: dict[str, tuple[str, int, int]] | None = None  # clip_id -> (shard, row group, row)
+        self._groups: dict[tuple[str, int], pa.Table] = {}
+
+    @property
+    def root(self) -> str:
+        """Same as `location` (the name older callers use)."""
+        return self.location
+
+    @property
+    def name(self) -> str:
+        return storage.name(self.location)
 
     @property
     def splits(self) -> list[str]:
@@ -334,24 +352,35 @@ class Corpus:
     def count(self, split: str | None = None) -> int:
         return len(self) if split is None else int(self.manifest["counts"].get(split, 0))
 
-    def shard_paths(self, split: str | None = None) -> list[Path]:
+    def shard_paths(self, split: str | None = None) -> list[str]:
         if split is not None and split not in self.splits:
-            raise DataError(self.root, f"no split {split!r}; this corpus has {self.splits}")
-        return [self.root / s["file"] for s in self.manifest["shards"] if split is None or s["split"] == split]
+            raise DataError(self.location, f"no split {split!r}; this corpus has {self.splits}")
+        return [
+            storage.join(self.location, s["file"])
+            for s in self.manifest["shards"]
+            if split is None or s["split"] == split
+        ]
 
     def verify(self) -> None:
         for s in self.manifest["shards"]:
-            p = self.root / s["file"]
-            if not p.exists():
+            p = storage.join(self.location, s["file"])
+            if not storage.exists(p):
                 raise DataError(p, "shard listed in manifest.json is missing")
             if sha256_file(p) != s["sha256"]:
                 raise DataError(p, "checksum mismatch: the shard changed or is corrupt (re-run prepare_data)")
 
-    def _read(self, path: Path, columns: list[str] | None = None) -> pa.Table:
-        if not path.exists():
-            raise DataError(path, "shard listed in manifest.json is missing")
+    def _parquet(self, path: str) -> pq.ParquetFile:
         try:
-            return pq.read_table(path, columns=columns)
+            return pq.ParquetFile(storage.open_input_file(path))
+        except FileNotFoundError:
+            raise DataError(path, "shard listed in manifest.json is missing") from None
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(path, f"corrupt Parquet shard ({e})") from None
+
+    def _read(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        pf = self._parquet(path)
+        try:
+            return pf.read(columns=columns)
         except (pa.ArrowException, OSError) as e:
             raise DataError(path, f"corrupt Parquet shard ({e})") from None
 
@@ -361,15 +390,43 @@ class Corpus:
             return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
         return pa.concat_tables(tables)
 
+    def infos(self, split: str | None = None) -> list[ClipInfo]:
+        """Every clip's metadata in shard order; reads the small columns only, never the audio."""
+        return [ClipInfo(**row) for row in self.table(split, META_COLUMNS).to_pylist()]
+
     def clips(self, split: str | None = None) -> Iterator[Clip]:
         for path in self.shard_paths(split):
-            t = self._read(path)
-            audio = t.column("audio").combine_chunks()
-            values = audio.values.to_numpy(zero_copy_only=False)
-            offsets = audio.offsets.to_numpy()
-            meta = t.drop_columns(["audio"]).to_pylist()
-            for i, row in enumerate(meta):
-                yield Clip(**row, audio=values[offsets[i] : offsets[i + 1]])
+            yield from _clips_of_table(self._read(path))
+
+    def clip(self, clip_id: str) -> Clip:
+        """One clip, read from the row group that holds it (DataError when the corpus has no such clip)."""
+        if self._index is None:
+            self._index = self._build_index()
+        if clip_id not in self._index:
+            raise DataError(self.location, f"has no clip {clip_id!r}")
+        path, group, row = self._index[clip_id]
+        key = (path, group)
+        if key not in self._groups:
+            if len(self._groups) >= ROW_GROUP_CACHE:
+                self._groups.pop(next(iter(self._groups)))  # the oldest: packs read their clips in order
+            try:
+                self._groups[key] = self._parquet(path).read_row_group(group)
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(path, f"corrupt Parquet shard ({e})") from None
+        return next(_clips_of_table(self._groups[key].slice(row, 1)))
+
+    def _build_index(self) -> dict[str, tuple[str, int, int]]:
+        """clip_id -> (shard, row group, row in the group), from the clip_id column and the Parquet footers."""
+        index = {}
+        for path in self.shard_paths():
+            pf = self._parquet(path)
+            ids = pf.read(columns=["clip_id"]).column(0).to_pylist()
+            i = 0
+            for g in range(pf.metadata.num_row_groups):
+                for r in range(pf.metadata.row_group(g).num_rows):
+                    index[ids[i]] = (path, g, r)
+                    i += 1
+        return index
 
     def arrays(self, split: str) -> tuple[np.ndarray, list[dict]]:
         """All clips of `split` as one float32 array [n, L] (every stored clip has the same length L) plus
@@ -379,32 +436,54 @@ class Corpus:
         values = audio.values.to_numpy(zero_copy_only=False)
         lengths = np.diff(audio.offsets.to_numpy())
         if len(lengths) and (lengths != lengths[0]).any():
-            raise DataError(self.root, f"split {split!r} mixes clip lengths {sorted(set(lengths.tolist()))}")
+            raise DataError(self.location, f"split {split!r} mixes clip lengths {sorted(set(lengths.tolist()))}")
         n = len(lengths)
         return values.reshape(n, int(lengths[0]) if n else 0), t.drop_columns(["audio"]).to_pylist()
 
 
-def open_corpus(root: str | Path, *, verify: bool = False) -> Corpus:
-    """The prepared corpus in folder `root`. DataError when it is missing, unfinished or corrupt."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(root, "no such corpus folder (run jobs/prepare_data.py first)")
-    mpath = root / MANIFEST
-    if not mpath.exists():
-        raise DataError(mpath, "missing: not a prepared corpus, or its import was interrupted (re-run prepare_data)")
+def _clips_of_table(t: pa.Table) -> Iterator[Clip]:
+    audio = t.column("audio").combine_chunks()
+    values = audio.values.to_numpy(zero_copy_only=False)
+    offsets = audio.offsets.to_numpy()
+    for i, row in enumerate(t.drop_columns(["audio"]).to_pylist()):
+        yield Clip(**row, audio=values[offsets[i] : offsets[i + 1]])
+
+
+def corpus_location(where: str | Path) -> str:
+    """How to name a corpus to another process or node: builtin:<protocol> as is, a URI as is, a path absolute."""
+    from fewsound.data.builtin import SCHEME
+
+    return str(where) if str(where).startswith(SCHEME) else storage.normalize(where)
+
+
+def open_corpus(where: str | Path, *, verify: bool = False) -> Corpus:
+    """The prepared corpus at `where`: a folder, a URI (s3://bucket/corpus, gs://..., file://...) or the name of
+    the built-in corpus prepared with a protocol (`builtin:inr-1.5s`, see fewsound.data.builtin.resolve_builtin).
+    DataError when it is missing, unfinished or corrupt."""
+    from fewsound.data.builtin import resolve_builtin
+
+    loc = storage.normalize(resolve_builtin(where) or where)
     try:
-        manifest = json.loads(mpath.read_text())
+        if not storage.is_dir(loc):
+            raise DataError(loc, "no such corpus folder (run jobs/prepare_data.py first)")
+        mpath = storage.join(loc, MANIFEST)
+        if not storage.exists(mpath):
+            raise DataError(
+                mpath, "missing: not a prepared corpus, or its import was interrupted (re-run prepare_data)"
+            )
+        manifest = json.loads(storage.read_bytes(mpath))
     except (OSError, ValueError) as e:
-        raise DataError(mpath, f"unreadable manifest ({e})") from None
+        raise DataError(loc, f"unreadable corpus ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(
             mpath,
             f"not a {FORMAT} manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})",
         )
-    corpus = Corpus(root, manifest)
-    for p in corpus.shard_paths():
-        if not p.exists():
-            raise DataError(p, "shard listed in manifest.json is missing")
+    corpus = Corpus(loc, manifest)
+    present = set(storage.listdir(loc))  # one listing, not one request per shard
+    for s in manifest["shards"]:
+        if s["file"] not in present:
+            raise DataError(storage.join(loc, s["file"]), "shard listed in manifest.json is missing")
     if verify:
         corpus.verify()
     return corpus
