@@ -130,7 +130,7 @@ def write_runs(store: Any, experiment_id: str, runs: list[dict[str, Any]]) -> li
         wanted = [p[0] for p in prepared]
         # a retried request (the answer was lost) must not write its runs twice
         existing = {r for (r,) in session.query(SqlRun.run_uuid).filter(SqlRun.run_uuid.in_(wanted))}
-        for _run_id, name, status, spec, ms, ps, ts in prepared:
+        for run_id, name, status, spec, ms, ps, ts in prepared:
             if run_id in existing:
                 continue
             start = int(spec.get("start_time") or now)
