@@ -3,7 +3,7 @@
 Researchers judge an audio INR by ear and by spectrogram before they trust a table, and comparing families means
 comparing reconstructions of the same clip. The page puts them together:
 
-    sections = sample_sections(rows, n_clips=4, label_order=["NERF", "SIREN", "KAN"])
+    sections = sample_sections(rows, n_clips=4, label_order=["NERF", "SIREN", "KAN"])  # None: default_clips
     html = render_page(sections, audio, header={"command": ...}, summary=[tables.build_table(rows, ...)])
 
 - rows: the per-fit dicts the sweeps collect (label, clip_id, length, run_id, metrics; see `fewsound.tables`).
@@ -14,7 +14,7 @@ comparing reconstructions of the same clip. The page puts them together:
 
 The page embeds everything it plays and shows as data: URIs (16-bit FLAC audio, palette PNGs of downsized
 spectrograms) and has no script, so it works offline after a download and inside MLflow's artifact preview.
-Its size grows with the number of sections shown, not with the sweep: `n_clips` bounds it.
+Its size grows with the fits shown, not with the sweep: `n_clips` (by default `default_clips`) bounds it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import functools
 import html
 import io
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,7 +34,8 @@ import numpy as np
 from fewsound import tables
 from fewsound.report import SPEC_RANGE_DB, magnitude_db
 
-LISTEN_CLIPS = 4  # clips shown by default (each at every length it was fitted at)
+LISTEN_CLIPS = 4  # clips shown by default (each at every length it was fitted at) ...
+LISTEN_MAX_FITS = 64  # ... or fewer, so that a default page shows at most this many fits (an ablation's 26 rows)
 IMAGE_ROWS = 128  # frequency bins of a spectrogram image (max-pooled from SPEC_N_FFT // 2 + 1)
 
 
@@ -59,14 +61,24 @@ class ClipAudio:
     sr: int
 
 
+def default_clips(rows: list[dict[str, Any]]) -> int:
+    """LISTEN_CLIPS, or fewer where a clip has many fits (every length, family, knob value): the page's size grows
+    with the fits it shows, so a default page shows at most LISTEN_MAX_FITS (and at least one clip)."""
+    per_clip = max(Counter(str(r["clip_id"]) for r in rows).values(), default=1)
+    return max(1, min(LISTEN_CLIPS, LISTEN_MAX_FITS // per_clip))
+
+
 def sample_sections(
-    rows: list[dict[str, Any]], n_clips: int = LISTEN_CLIPS, label_order: list[str] | None = None
+    rows: list[dict[str, Any]], n_clips: int | None = None, label_order: list[str] | None = None
 ) -> list[Section]:
-    """The sections to show: `n_clips` clips spread evenly over the sweep's clips (in the sweep's order, which is
-    the corpus's), each at every length it was fitted at (shortest first), rows in `label_order` then by label.
+    """The sections to show: `n_clips` clips (None: `default_clips`) spread evenly over the sweep's clips (in the
+    sweep's order, which is the corpus's), each at every length it was fitted at (shortest first), rows in
+    `label_order` then by label.
 
     Every fit of a sampled clip is shown, so a section compares all families / knob values on the same sound.
     """
+    if n_clips is None:
+        n_clips = default_clips(rows)
     if n_clips < 1:
         return []
     clips = list(dict.fromkeys(str(r["clip_id"]) for r in rows))

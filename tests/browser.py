@@ -53,7 +53,7 @@ class Chromium:
                 "about:blank",
             ],
             preexec_fn=child_fds,
-            pass_fds=(to_browser_r, from_browser_w),
+            pass_fds=(3, 4),  # kept open after preexec_fn (subprocess closes the rest after it)
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -70,15 +70,15 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_listen_argument(p: argparse.ArgumentParser) -> None:
-    from fewsound.listen import LISTEN_CLIPS
+    from fewsound.listen import LISTEN_CLIPS, LISTEN_MAX_FITS
 
     p.add_argument(
         "--listen-clips",
         type=int,
-        default=LISTEN_CLIPS,
+        default=None,
         help="clips on the sweep's listening page (report/listen.html on the parent run: every fit of each clip "
-        "as audio and spectrograms beside its metrics), spread over the sweep's clips; 0: no page "
-        f"(default: {LISTEN_CLIPS})",
+        "as audio and spectrograms beside its metrics), spread over the sweep's clips; 0: no page (default: "
+        f"{LISTEN_CLIPS}, fewer where a clip has many fits, so that the page shows at most {LISTEN_MAX_FITS})",
     )
 
 

@@ -9,12 +9,12 @@ later from MLflow alone equals the tables the sweep logged when it finished.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from fewsound.errors import ConfigError
-from fewsound.listen import LISTEN_CLIPS
 from fewsound.tracking import PARENT_TAG
 
 PAPER_TABLE = {"speech": 1, "music": 18, "environment": 19}
@@ -116,11 +116,11 @@ def write_report(
     *,
     clip: str | None = None,
     max_spectrograms: int = 8,
-    listen_clips: int = LISTEN_CLIPS,
+    listen_clips: int | None = None,
 ) -> tuple[list[Path], str]:
     """Tables (and, for an ablation, per-knob tables and the quality-vs-params plot), the spectrogram
     comparison and the listening page (also logged on the parent run as report/listen.html; `listen_clips` clips,
-    0: none) into `out`. Returns (paths, the tables as Markdown)."""
+    None: fewsound.listen.default_clips, 0: none) into `out`. Returns (paths, the tables as Markdown)."""
     from fewsound import tables
     from tune.ablation import write_ablation_report
 
@@ -140,7 +140,7 @@ def write_report(
     )
     if png:
         paths.append(png)
-    if listen_clips > 0:
+    if listen_clips is None or listen_clips > 0:
         paths.append(write_listen_page(uri, parent.info.run_id, rows, out / "listen.html", spec, listen_clips))
     return paths, markdown
 
@@ -214,6 +214,8 @@ def _fetch_audio(client: Any, sections: list[Any], workdir: Path) -> dict[tuple[
         except Exception:  # this run logged no audio (e.g. log_artifacts=False), or it is gone
             return None
 
+    # a progress bar per downloaded file would bury the sweep's output; only a default, as in tune.sweep
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     jobs = [(s, r["run_id"]) for s in sections for r in s.rows]
     with ThreadPoolExecutor(max_workers=4) as pool:
         preds = list(pool.map(lambda job: get(job[1], "pred.wav"), jobs))
@@ -237,7 +239,7 @@ def listen_page(
     parent_run_id: str,
     rows: list[dict[str, Any]],
     table: dict[str, Any] | None = None,
-    n_clips: int = LISTEN_CLIPS,
+    n_clips: int | None = None,
 ) -> str:
     """The listening page of a sweep (fewsound.listen) as HTML: `n_clips` clips of `rows` (one per finished fit)
     with the audio of their child runs; the header from the parent run's tags and the fits' params.
@@ -276,7 +278,7 @@ def write_listen_page(
     rows: list[dict[str, Any]],
     path: Path,
     table: dict[str, Any] | None = None,
-    n_clips: int = LISTEN_CLIPS,
+    n_clips: int | None = None,
 ) -> Path:
     """Write the listening page to `path` and log it on the parent run as report/listen.html. Returns `path`."""
     path = Path(path)
@@ -294,7 +296,7 @@ def log_listen_page(
 ) -> None:
     """The sweep driver's hook: the listening page on the parent run. The fits are already durable and logged, so
     a page that cannot be made (e.g. an artifact store that went away) is reported in one line, not raised."""
-    if not rows or n_clips < 1:
+    if not rows or (n_clips is not None and n_clips < 1):
         return
     try:
         with tempfile.TemporaryDirectory() as d:

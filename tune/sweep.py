@@ -33,7 +33,6 @@ from typing import Any
 
 from fewsound.config import cfg_hash
 from fewsound.errors import ConfigError
-from fewsound.listen import LISTEN_CLIPS
 from fewsound.tracking import MlflowRun, git_commit, storage_root, tracking_uri
 from tune.plan import FitTask, bundle, pack, pack_to_config
 from tune.resources import use_gpus
@@ -153,7 +152,7 @@ def run_sweep(
     log_artifacts: bool = True,
     tune_restarts: int = 2,
     trials_per_slot: int | None = 4,
-    listen_clips: int = LISTEN_CLIPS,
+    listen_clips: int | None = None,
 ) -> SweepSummary:
     """Run every fit of `tasks` not already finished in MLflow. See the module docstring.
 
@@ -168,7 +167,7 @@ def run_sweep(
     paper_table, label_order).
     metrics: the metrics to compute (None: all that apply; see TrialContext.metrics). log_artifacts: audio and
     spectrogram per fit (benchmarks turn both down to isolate orchestration; the child runs are logged anyway).
-    listen_clips: clips on the parent run's listening page, report/listen.html (tune.report; 0: no page).
+    listen_clips: clips on the parent run's listening page, report/listen.html (tune.report; None: a few, 0: none).
     """
     if not tasks:
         raise ConfigError(name, "the sweep has no fits (check --families/--clips/--lengths)")
@@ -409,7 +408,7 @@ def _row(t: FitTask, run: Any) -> dict[str, Any]:
     return row
 
 
-def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any], listen_clips: int = LISTEN_CLIPS) -> None:
+def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any], listen_clips: int | None = None) -> None:
     from fewsound import tables
     from tune.report import log_listen_page
 
