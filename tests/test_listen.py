@@ -172,6 +172,14 @@ def test_sampling_spreads_clips_and_bounds_the_page(fits):
     clip = rows[0]["clip_id"]
     assert [(s.clip_id, s.length) for s in sections] == [(clip, LENGTH), (clip, 2 * LENGTH)]
     assert listen.sample_sections(rows, 0) == []
+    # the default: LISTEN_CLIPS clips, fewer when a clip has many fits (an ablation's 26 configurations x 2 lengths)
+    table1 = [{"label": f, "clip_id": f"c{c}", "length": n} for n in (1, 2) for f in "abcdef" for c in range(84)]
+    ablation = [
+        {"label": f"k{k}", "clip_id": f"c{c}", "length": n} for n in (1, 2) for k in range(26) for c in range(9)
+    ]
+    assert len({s.clip_id for s in listen.sample_sections(table1)}) == listen.LISTEN_CLIPS == 4
+    assert len({s.clip_id for s in listen.sample_sections(ablation)}) == 1
+    assert sum(len(s.rows) for s in listen.sample_sections(ablation)) <= listen.LISTEN_MAX_FITS
 
 
 def test_header_shows_the_papers_numbers_and_sections_without_audio_show_metrics(fits):
