@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_fraction=args.gpu_fraction,
             max_retries=args.max_retries,
             trials_per_slot=args.trials_per_slot or None,
+            listen_clips=args.listen_clips,
             table={
                 "title": "Table 1: reconstruction metrics of single-INR fits",
                 "paper_table": None

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_fraction=args.gpu_fraction,
             max_retries=args.max_retries,
             trials_per_slot=args.trials_per_slot or None,
+            listen_clips=args.listen_clips,
             metrics=metrics,
             table={"title": "KAN ablation: every configuration", "row_header": "configuration"},
         )

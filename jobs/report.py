@@ -8,7 +8,9 @@ Writes into --out: table.md / table.tex / table.csv / results.csv (mean ± std p
 for MSE, PSNR, LSD, SI-SNR, PESQ, STOI, CDPAM and WD; best in bold; the paper's numbers in parentheses where
 the protocol matches), one folder of tables per knob and quality_vs_params.png for a KAN ablation, and
 spectrograms.png: ground truth and every row's reconstruction of one clip (the paper's Fig. 3), from the child
-runs' audio/gt.wav and audio/pred.wav.
+runs' audio/gt.wav and audio/pred.wav; and listen.html, the listening page (also logged on the parent run as
+report/listen.html): for --listen-clips clips, the target and every row's reconstruction as playable audio with
+spectrograms (target | prediction | difference) and metrics side by side, self-contained (works offline).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 from fewsound.errors import ConfigError, FewsoundError
+from tune.jobs import add_listen_argument
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         default=8,
         help="most reconstructions in the spectrogram comparison (default: 8)",
     )
+    add_listen_argument(p)
     p.add_argument(
         "--smoke-test",
         action="store_true",
@@ -54,7 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         run_id = args.run_id or latest_parent(uri, args.experiment)
         parent, rows = collect(uri, run_id)
         out = Path(args.out or f"report-{run_id[:8]}")
-        paths, markdown = write_report(uri, parent, rows, out, clip=args.clip, max_spectrograms=args.max_spectrograms)
+        paths, markdown = write_report(
+            uri,
+            parent,
+            rows,
+            out,
+            clip=args.clip,
+            max_spectrograms=args.max_spectrograms,
+            listen_clips=args.listen_clips,
+        )
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

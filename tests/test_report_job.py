@@ -8,7 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
-from sweep_jobs import job  # noqa: E402,F401  (shared by the sweep-job tests)
+import sweep_jobs
+from sweep_jobs import job
+
+home = sweep_jobs.sweep_jobs_home  # the session home the sweep-job tests share (a fixture)
 
 
 def test_report_regenerates_tables_matching_the_child_runs(home, tmp_path, capsys):
@@ -47,6 +50,11 @@ def test_report_regenerates_tables_matching_the_child_runs(home, tmp_path, capsy
     md = (tmp_path / "a" / "table.md").read_text()
     assert md.count("**") >= 2  # the best value of each column in bold
     assert (tmp_path / "a" / "table.tex").read_text().count(r"\begin{tabular}") == 1
+    # the listening page: in --out and on the parent run, a row per fit of the sweep's one clip
+    page = (tmp_path / "a" / "listen.html").read_text()
+    assert page.count('<tr class="fit"') == 2 and page.count("<audio") == 3
+    logged_page = client.download_artifacts(parent.info.run_id, "report/listen.html", str(tmp_path / "logged"))
+    assert Path(logged_page).read_text() == page
     png = tmp_path / "a" / "spectrograms.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 

@@ -60,11 +60,25 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         help="Ray cluster address (default: $RAY_ADDRESS, e.g. under `ray job submit`, else a local Ray)",
     )
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the job's name)")
+    add_listen_argument(p)
     p.add_argument(
         "--smoke-test",
         action="store_true",
         help="a few fits of a few steps on short crops, every "
         "metric and artifact: the whole path in seconds of compute on a CPU",
+    )
+
+
+def add_listen_argument(p: argparse.ArgumentParser) -> None:
+    from fewsound.listen import LISTEN_CLIPS, LISTEN_MAX_FITS
+
+    p.add_argument(
+        "--listen-clips",
+        type=int,
+        default=None,
+        help="clips on the sweep's listening page (report/listen.html on the parent run: every fit of each clip "
+        "as audio and spectrograms beside its metrics), spread over the sweep's clips; 0: no page (default: "
+        f"{LISTEN_CLIPS}, fewer where a clip has many fits, so that the page shows at most {LISTEN_MAX_FITS})",
     )
 
 

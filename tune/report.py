@@ -9,6 +9,7 @@ later from MLflow alone equals the tables the sweep logged when it finished.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,27 +93,42 @@ def _row(run: Any) -> dict[str, Any]:
     return row
 
 
-def write_report(
-    uri: str, parent: Any, rows: list[dict[str, Any]], out: Path, *, clip: str | None = None, max_spectrograms: int = 8
-) -> tuple[list[Path], str]:
-    """Tables (and, for an ablation, per-knob tables and the quality-vs-params plot) and the spectrogram
-    comparison into `out`. Returns (paths, the tables as Markdown)."""
-    from fewsound import tables
-    from tune.ablation import KNOBS, configs, write_ablation_report
+def _table_spec(job: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """build_table keyword arguments for a sweep of job `job`: its paper table, row header and the paper's order."""
+    from tune.ablation import KNOBS, configs
 
-    if not rows:
-        raise ConfigError(parent.info.run_id, "the sweep has no finished fits to report")
-    out = Path(out)
-    job = parent.data.tags.get("fewsound.job", "")
     kinds = {r["kind"] for r in rows}
     paper = PAPER_TABLE.get(kinds.pop()) if len(kinds) == 1 and job == "fit_inrs" else None
-    spec = {
+    return {
         "title": f"{job or 'sweep'}: reconstruction metrics (regenerated from MLflow)",
         "row_header": "INR" if job == "fit_inrs" else "configuration",
         "paper_table": paper,
         # the paper's order: Table 1's families, or the ablation's knobs and values (the base first)
         "label_order": list(configs(list(KNOBS.values()), 1)) if job == "kan_ablation" else PAPER_LABELS,
     }
+
+
+def write_report(
+    uri: str,
+    parent: Any,
+    rows: list[dict[str, Any]],
+    out: Path,
+    *,
+    clip: str | None = None,
+    max_spectrograms: int = 8,
+    listen_clips: int | None = None,
+) -> tuple[list[Path], str]:
+    """Tables (and, for an ablation, per-knob tables and the quality-vs-params plot), the spectrogram
+    comparison and the listening page (also logged on the parent run as report/listen.html; `listen_clips` clips,
+    None: fewsound.listen.default_clips, 0: none) into `out`. Returns (paths, the tables as Markdown)."""
+    from fewsound import tables
+    from tune.ablation import write_ablation_report
+
+    if not rows:
+        raise ConfigError(parent.info.run_id, "the sweep has no finished fits to report")
+    out = Path(out)
+    job = parent.data.tags.get("fewsound.job", "")
+    spec = _table_spec(job, rows)
     paths = tables.write_results(out, rows, **spec)
     markdown = (out / "table.md").read_text()
     label_order = [r.label for g in tables.build_table(rows, **spec).groups for r in g.rows]
@@ -124,6 +140,8 @@ def write_report(
     )
     if png:
         paths.append(png)
+    if listen_clips is None or listen_clips > 0:
+        paths.append(write_listen_page(uri, parent.info.run_id, rows, out / "listen.html", spec, listen_clips))
     return paths, markdown
 
 
@@ -162,3 +180,126 @@ def spectrogram_comparison(
         return None
     fig = spectrogram_comparison_figure(ref, preds, sr, title=f"{clip} ({shortest / sr:.1f} s)")
     return save_figure(fig, path)
+
+
+# --- the listening page (fewsound.listen) from a sweep's runs ---------------------------------------------------
+
+LISTEN_ARTIFACT = "report/listen.html"
+
+
+def listen_tables(job: str, rows: list[dict[str, Any]], table: dict[str, Any]) -> tuple[list[Any], list[str]]:
+    """(the paper-style tables for the page's header, the paper's row order). An ablation gets one table per knob
+    (the paper's numbers are per knob) and its knobs' order; other sweeps their own table (`table`: build_table
+    keyword arguments)."""
+    from fewsound import tables
+    from tune.ablation import KNOBS, configs, knob_tables
+
+    if job == "kan_ablation":
+        summary = [tables.build_table(kt["rows"], **kt["table"]) for kt in knob_tables(rows).values() if kt["rows"]]
+        return summary, list(configs(list(KNOBS.values()), 1))
+    return [tables.build_table(rows, **table)], list(table.get("label_order") or [])
+
+
+def _fetch_audio(client: Any, sections: list[Any], workdir: Path) -> dict[tuple[str, int], Any]:
+    """(clip, length) -> ClipAudio from the child runs' audio/gt.wav and audio/pred.wav (sections of runs that
+    logged no audio are left out). Downloads run a few at a time: each is one round trip to the server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fewsound.data.audio import read_audio
+    from fewsound.listen import ClipAudio
+
+    def get(run_id: str, name: str) -> tuple[Any, int] | None:
+        try:
+            return read_audio(client.download_artifacts(run_id, f"audio/{name}", str(workdir / run_id)))
+        except Exception:  # this run logged no audio (e.g. log_artifacts=False), or it is gone
+            return None
+
+    # a progress bar per downloaded file would bury the sweep's output; only a default, as in tune.sweep
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    jobs = [(s, r["run_id"]) for s in sections for r in s.rows]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        preds = list(pool.map(lambda job: get(job[1], "pred.wav"), jobs))
+        by_section: dict[tuple[str, int], dict[str, Any]] = {}
+        for (s, run_id), got in zip(jobs, preds):
+            if got is not None and got[0].shape[0] == s.length:
+                by_section.setdefault((s.clip_id, s.length), {})[run_id] = got
+        out = {}
+        for s in sections:
+            have = by_section.get((s.clip_id, s.length))
+            if not have:
+                continue
+            target = get(next(iter(have)), "gt.wav")
+            if target is not None:
+                out[(s.clip_id, s.length)] = ClipAudio(target[0], {k: v[0] for k, v in have.items()}, target[1])
+    return out
+
+
+def listen_page(
+    uri: str,
+    parent_run_id: str,
+    rows: list[dict[str, Any]],
+    table: dict[str, Any] | None = None,
+    n_clips: int | None = None,
+) -> str:
+    """The listening page of a sweep (fewsound.listen) as HTML: `n_clips` clips of `rows` (one per finished fit)
+    with the audio of their child runs; the header from the parent run's tags and the fits' params.
+    table: the sweep's build_table keyword arguments (default: what the report job would use for this sweep)."""
+    from fewsound import listen
+
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    tags = parent.data.tags
+    job = tags.get("fewsound.job", "")
+    if table is None:
+        table = _table_spec(job, rows)
+    summary, order = listen_tables(job, rows, table)
+    sections = listen.sample_sections(rows, n_clips, order)
+    with tempfile.TemporaryDirectory() as d:
+        audio = _fetch_audio(client, sections, Path(d))
+    steps = sorted({client.get_run(s.rows[0]["run_id"]).data.params.get("fit.steps", "?") for s in sections})
+    header = {
+        "job": job,
+        "command": tags.get("fewsound.command"),
+        "steps": ", ".join(map(str, steps)),
+        "commit": tags.get("mlflow.source.git.commit"),
+        "sweep": tags.get("fewsound.sweep"),
+        "parent run": parent_run_id,
+        "fits": f"{len(rows)} finished of {tags.get('fewsound.n_fits', len(rows))}",
+    }
+    n_total = len({r["clip_id"] for r in rows})
+    return listen.render_page(
+        sections, audio, title=f"{job or 'sweep'}: listen", header=header, summary=summary, n_clips_total=n_total
+    )
+
+
+def write_listen_page(
+    uri: str,
+    parent_run_id: str,
+    rows: list[dict[str, Any]],
+    path: Path,
+    table: dict[str, Any] | None = None,
+    n_clips: int | None = None,
+) -> Path:
+    """Write the listening page to `path` and log it on the parent run as report/listen.html. Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(listen_page(uri, parent_run_id, rows, table, n_clips), encoding="utf-8")
+    with tempfile.TemporaryDirectory() as d:  # logged under its artifact name whatever `path` is called
+        named = Path(d) / Path(LISTEN_ARTIFACT).name
+        named.write_bytes(path.read_bytes())
+        _client(uri).log_artifact(parent_run_id, str(named), str(Path(LISTEN_ARTIFACT).parent))
+    return path
+
+
+def log_listen_page(
+    uri: str, parent_run_id: str, rows: list[dict[str, Any]], table: dict[str, Any], n_clips: int
+) -> None:
+    """The sweep driver's hook: the listening page on the parent run. The fits are already durable and logged, so
+    a page that cannot be made (e.g. an artifact store that went away) is reported in one line, not raised."""
+    if not rows or (n_clips is not None and n_clips < 1):
+        return
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            write_listen_page(uri, parent_run_id, rows, Path(d) / "listen.html", table, n_clips)
+    except Exception as e:
+        print(f"warning: no listening page for sweep run {parent_run_id}: {type(e).__name__}: {e}", flush=True)

@@ -153,6 +153,7 @@ def run_sweep(
     log_artifacts: bool = True,
     tune_restarts: int = 2,
     trials_per_slot: int | None = 4,
+    listen_clips: int | None = None,
 ) -> SweepSummary:
     """Run every fit of `tasks` not already finished in MLflow. See the module docstring.
 
@@ -167,6 +168,7 @@ def run_sweep(
     paper_table, label_order).
     metrics: the metrics to compute (None: all that apply; see TrialContext.metrics). log_artifacts: audio and
     spectrogram per fit (benchmarks turn both down to isolate orchestration; the child runs are logged anyway).
+    listen_clips: clips on the parent run's listening page, report/listen.html (tune.report; None: a few, 0: none).
     """
     if not tasks:
         raise ConfigError(name, "the sweep has no fits (check --families/--clips/--lengths)")
@@ -282,7 +284,7 @@ def run_sweep(
         n_trials=n_trials,
         timings=timings,
     )
-    _finish_parent(parent, summary, table or {})
+    _finish_parent(parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays the fits' audio
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -407,8 +409,9 @@ def _row(t: FitTask, run: Any) -> dict[str, Any]:
     return row
 
 
-def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any]) -> None:
+def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any], listen_clips: int | None = None) -> None:
     from fewsound import tables
+    from tune.report import log_listen_page
 
     parent.log_metrics(
         {"sweep/fits": s.n_fits, "sweep/done": s.done + s.skipped, "sweep/failed": s.failed, "sweep/seconds": s.seconds}
@@ -418,6 +421,7 @@ def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any]) ->
             tables.write_results(Path(d), s.rows, **table)
             parent.log_artifact(d, "tables")  # results.csv, table.md, table.tex, table.csv
             s.table_markdown = (Path(d) / "table.md").read_text()
+    log_listen_page(parent.uri, parent.run_id, s.rows, table, listen_clips)  # report/listen.html
     parent.end("FINISHED" if s.failed == 0 else "FAILED")
 
 
