@@ -20,7 +20,7 @@ import pytest
 
 from fewsound import tracking
 from fewsound.fit import FitConfig
-from tune.plan import FitTask
+from fewsound.plan import FitTask
 from tune.trial import KEY_TAG, REASON_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def env(tmp_path_factory, request):
 def ray_local(env):
     import ray
 
-    from tune.sweep import init_ray, quiet_defaults
+    from tune.ray_env import init_ray, quiet_defaults
 
     quiet_defaults()
     init_ray(num_cpus=2)

@@ -98,7 +98,7 @@ def write_report(
     """Tables (and, for an ablation, per-knob tables and the quality-vs-params plot) and the spectrogram
     comparison into `out`. Returns (paths, the tables as Markdown)."""
     from fewsound import tables
-    from tune.ablation import KNOBS, configs, write_ablation_report
+    from fewsound.ablation import KNOBS, configs, write_ablation_report
 
     if not rows:
         raise ConfigError(parent.info.run_id, "the sweep has no finished fits to report")

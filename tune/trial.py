@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from fewsound.data.audio import peak_normalize, save_audio
+from fewsound.plan import FitTask, pack_from_config
 from fewsound.tracking import PARENT_TAG, RunWriter
-from tune.plan import FitTask, pack_from_config
 
 KEY_TAG = "fewsound.fit_key"
 SWEEP_TAG = "fewsound.sweep"
