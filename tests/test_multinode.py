@@ -11,6 +11,8 @@ from fewsound.fit import FitConfig
 from fewsound.plan import FitTask
 from tune.trial import KEY_TAG
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

@@ -17,6 +17,7 @@ these on every node; a laptop sets none and gets what it has):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -38,6 +39,7 @@ __all__ = [
     "storage_root",
     "trial_resources",
     "trial_slots",
+    "tune_errors_silenced",
     "use_gpus",
     "workers_have_cuda",
 ]
@@ -58,6 +60,19 @@ def quiet_defaults() -> None:
     """Turn the libraries' chatter off unless the user set these variables (see QUIET_ENV)."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
+
+
+@contextlib.contextmanager
+def tune_errors_silenced():
+    """Ray Tune logs every failed trial attempt with its whole traceback on the "ray.tune" logger (Ray's documented
+    logger for Tune). A sweep prints each failed fit once, with the reason recorded on its child run, instead."""
+    logger = logging.getLogger("ray.tune")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:

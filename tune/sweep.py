@@ -43,6 +43,7 @@ from tune.ray_env import (
     storage_root,
     trial_resources,
     trial_slots,
+    tune_errors_silenced,
 )
 from tune.trial import KEY_TAG, REASON_TAG, SWEEP_TAG, TrialContext, pack_id, tune_trainable
 
@@ -355,7 +356,8 @@ def _tune(
             callbacks=[callback],
         ),
     )
-    return tuner.fit()
+    with tune_errors_silenced():  # each failed fit is printed once by run_sweep, with its reason
+        return tuner.fit()
 
 
 def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> MlflowRun:
