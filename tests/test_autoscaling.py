@@ -11,7 +11,8 @@ fits and training run on the CPU, as they fall back to.
   state (nothing is up when it starts), makes the autoscaler start worker nodes and runs its trials there,
   each with 1/4 GPU.
 - A training smoke run (jobs/train_fewsound.py --smoke-test) gets its workers on the 4-GPU type.
-The figures (nodes started, trials per node, GPU fraction per trial) are printed for the record.
+Drivers run as their own processes (tests/emulated_driver.py), as a job's driver does. The figures (nodes
+started, fits per node, GPU fraction per trial) are printed for the record.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from pathlib import Path
 import pytest
 
 from fewsound import tracking
-from fewsound.fit import FitConfig
-from fewsound.plan import FitTask
 
 pytestmark = pytest.mark.e2e
 
@@ -94,33 +93,37 @@ def fake_cluster_config(gcs_address: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """The emulated cluster (head only at first) joined by this process; FEWSOUND_* ceiling settings as
-    cluster.yaml sets them. Yields (dashboard address, MLflow URI)."""
+    """The emulated cluster (its head only, at first), token authentication on as in cluster.yaml, and an MLflow
+    server. Yields the environment of a driver process (RAY_ADDRESS, the FEWSOUND_* ceiling settings as
+    cluster.yaml sets them, MLFLOW_TRACKING_URI)."""
     import psutil
-    import ray
 
-    from tune.ray_env import init_ray
-
-    ray.shutdown()  # an earlier test module's Ray in this process must not stand in for the cluster
     root = tmp_path_factory.mktemp("autoscaling")
     home = root / "home"
-    ip = ray.util.get_node_ip_address()
+    ip = socket.gethostbyname(socket.gethostname())
     gcs = f"{ip}:{_free_port()}"
     config = root / "autoscaling.json"
     config.write_text(json.dumps(fake_cluster_config(gcs)))
     dash = _free_port()
     temp_dir = Path(f"/tmp/fsas_{secrets.token_hex(3)}")  # short: Ray's unix socket paths have a length limit
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
     env = {
         **os.environ,
         **CEILING,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "FEWSOUND_HOME": str(home),
         "RAY_USAGE_STATS_ENABLED": "0",
         "OMP_NUM_THREADS": "1",
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
         str(VENV_BIN / "ray"),
         "start",
@@ -143,125 +146,108 @@ def cluster(tmp_path_factory):
     ]
     log = open(root / "ray_head.log", "wb")
     head = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in CEILING.items():
-            mp.setenv(k, v)
-        mp.setenv("FEWSOUND_HOME", str(home))
+    uri = None
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            r = subprocess.run(
+                [str(VENV_BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{dash}"],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if r.returncode == 0:
+                break
+            assert head.poll() is None, (root / "ray_head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, r.stderr[-2000:]
+            time.sleep(2)
         uri = tracking.start_local_server(home=home)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("RAY_ADDRESS", gcs)
+        yield {**env, "RAY_ADDRESS": gcs, "MLFLOW_TRACKING_URI": uri}
+    finally:
+        ours = psutil.Process(head.pid).children(recursive=True)  # head, autoscaler and the nodes it started
+        head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started, then exits
         try:
-            deadline = time.monotonic() + 120
-            while not ray.is_initialized():
-                assert head.poll() is None, (root / "ray_head.log").read_text()[-3000:]
-                try:
-                    init_ray(gcs)  # as the jobs join a cluster
-                except ConnectionError:
-                    assert time.monotonic() < deadline, "the head did not start"
-                    time.sleep(2)
-            yield f"http://127.0.0.1:{dash}", uri
-        finally:
-            ray.shutdown()
-            ours = psutil.Process(head.pid).children(recursive=True)  # head, autoscaler and the nodes it started
-            head.send_signal(signal.SIGTERM)
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        for proc in ours:  # worker nodes are started by the autoscaler, outside the head's process group
             try:
-                head.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-            for proc in ours:  # worker nodes are started by the autoscaler, outside the head's process group
-                try:
-                    proc.kill()
-                except psutil.Error:
-                    pass
-            log.close()
+                proc.kill()
+            except psutil.Error:
+                pass
+        log.close()
+        if uri:
             tracking.stop_local_server(home)
 
 
-def worker_nodes() -> dict[str, dict]:
-    """Node id -> resources of every worker node that has been up (alive or not), from ray.nodes()."""
-    import ray
-
-    return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Resources"].get("GPU", 0) > 0}
+def drive(env: dict, what: str) -> tuple[dict, str]:
+    """Run tests/emulated_driver.py WHAT on the cluster: (its RESULT, its output)."""
+    p = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "emulated_driver.py"), what],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-5000:]
+    assert "RESULT " in p.stdout, out[-5000:]
+    (line,) = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT ")), p.stdout
 
 
 def test_a_sweep_scales_from_zero_and_runs_its_trials_with_gpu_fractions_on_the_new_nodes(cluster, capsys):
     from mlflow.tracking import MlflowClient
 
-    from tune.jobs import corpus_clips, resolve_corpus
-    from tune.sweep import run_sweep
     from tune.trial import KEY_TAG
 
-    _, uri = cluster
-    assert worker_nodes() == {}, "the cluster starts with no worker node"
-    corpus = resolve_corpus(None, 4096)
-    clips = corpus_clips(corpus, "10", "all")
-    families = ("nerf", "siren")
-    tasks = [FitTask(FitConfig(family=f, steps=3), c.clip_id, c.kind, 4096, f) for f in families for c in clips]
-    assert len(tasks) >= 20
-    t0 = time.perf_counter()
-    s = run_sweep(
-        "autoscale",
-        tasks,
-        corpus=corpus,
-        experiment="test-autoscale",
-        pack_size=2,
-        trials_per_slot=1,
-        metrics=("mse",),
-        log_artifacts=False,
-    )
-    seconds = time.perf_counter() - t0
-    out = capsys.readouterr().out
+    r, out = drive(cluster, "sweep")
+    assert r["nodes_before"] == {}, "the cluster starts with no worker node"
     # planned for the ceiling: 6 GPUs, 4 CPUs -> 4 slots of 1/4 GPU + 1 CPU (not 1 slot for the 0 CPUs up now),
     # more than one node holds: the autoscaler has to start several
     assert (
         "[autoscale] planning for 6 GPUs, 4 CPUs (cluster ceiling from FEWSOUND_MAX_GPUS/FEWSOUND_MAX_CPUS; "
         "up now: 0 GPUs, 0 CPUs): 4 trial slots of 1/4 GPU + 1 CPU" in out
-    ), out
-    assert (s.done, s.failed) == (len(tasks), 0)
-    assert s.resources == {"cpu": 1, "gpu": 0.25}
-    assert all(p["assigned_GPU"] == 0.25 and p["assigned_CPU"] == 1.0 for p in s.packs)
+    ), out[-3000:]
+    assert (r["done"], r["failed"]) == (r["fits"], 0) and r["fits"] >= 20, out[-3000:]
+    assert r["resources"] == {"cpu": 1, "gpu": 0.25}
+    assert r["packs"] and all(p["assigned_GPU"] == 0.25 and p["assigned_CPU"] == 1.0 for p in r["packs"])
 
-    nodes = worker_nodes()
-    client = MlflowClient(tracking_uri=uri)
+    nodes = r["nodes"]
+    client = MlflowClient(tracking_uri=cluster["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("test-autoscale")
-    kids = [r for r in client.search_runs([exp.experiment_id], max_results=1000) if KEY_TAG in r.data.tags]
-    per_node = collections.Counter(r.data.tags["fewsound.node"] for r in kids)
-    assert len(kids) == len(tasks) and all(r.info.status == "FINISHED" for r in kids)
+    kids = [k for k in client.search_runs([exp.experiment_id], max_results=1000) if KEY_TAG in k.data.tags]
+    assert len(kids) == r["fits"] and all(k.info.status == "FINISHED" for k in kids)
+    per_node = collections.Counter(k.data.tags["fewsound.node"] for k in kids)
     assert set(per_node) <= set(nodes), "every fit ran on a worker node the autoscaler started"
     assert len(per_node) >= 2, per_node
     figures = {
         "worker_nodes_started": dict(
-            collections.Counter("gpu_multi" if r.get("gpu_multi") else "gpu_spot" for r in nodes.values())
+            collections.Counter("gpu_multi" if n.get("gpu_multi") else "gpu_spot" for n in nodes.values())
         ),
-        "fits_per_node": {f"{nid[:8]} ({int(nodes[nid]['GPU'])} GPU)": n for nid, n in per_node.items()},
-        "gpu_fraction_per_trial": sorted({p["assigned_GPU"] for p in s.packs}),
-        "trials": s.n_trials,
-        "fits": len(tasks),
-        "sweep_seconds": round(seconds, 1),
+        "fits_per_node": {f"{nid[-6:]} ({int(nodes[nid]['GPU'])} GPU)": n for nid, n in sorted(per_node.items())},
+        "gpu_fraction_per_trial": sorted({p["assigned_GPU"] for p in r["packs"]}),
+        "trials": r["trials"],
+        "packs": len(r["packs"]),
+        "fits": r["fits"],
+        "sweep_seconds": round(r["seconds"], 1),
     }
     with capsys.disabled():
         print(f"\nemulated autoscaling sweep: {json.dumps(figures)}")
 
 
 def test_training_smoke_run_gets_its_workers_on_the_4_gpu_node_type(cluster, capsys):
-    from ray.util.state import list_actors
-
-    dashboard, _ = cluster
-    sys.path.insert(0, str(REPO / "jobs"))
-    import train_fewsound
-
-    assert train_fewsound.main(["--smoke-test", "--experiment", "test-autoscale-train"]) == 0
-    out = capsys.readouterr().out
+    r, out = drive(cluster, "train")
+    assert r["rc"] == 0, out[-3000:]
     assert (
         "[train] asking for 2 GPU workers x (1 GPU + 0.5 CPU) on nodes with gpu_multi (--num-workers 2; pinned to it)"
         in out
-    ), out
+    ), out[-3000:]
     assert "no CUDA device: training on their CPUs (gloo)" in out
     assert "3 epochs on 2 GPU worker(s)" in out
-    nodes = worker_nodes()
-    workers = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker")], limit=100)
-    assert len(workers) >= 2
-    on = collections.Counter(nodes[w.node_id].get("gpu_multi", 0) for w in workers)
-    assert on == {MULTI["gpu_multi"]: len(workers)}, "every training worker ran on a 4-GPU (gpu_multi) node"
+    nodes = r["nodes"]
+    assert len(r["worker_nodes"]) >= 2
+    assert all(nodes[n].get("gpu_multi") == MULTI["gpu_multi"] for n in r["worker_nodes"]), (r, nodes)
     with capsys.disabled():
-        print(f"\nemulated training: {len(workers)} workers, all on gpu_multi nodes")
+        print(f"\nemulated training: {len(r['worker_nodes'])} Ray Train workers, all on gpu_multi nodes")
