@@ -82,7 +82,7 @@ def server_cpu(proc) -> float:  # noqa: ANN001
 def payload() -> tuple[dict, dict, dict]:
     """Tags, params and metrics of one real fit's child run."""
     from fewsound.fit import FitConfig
-    from tune.plan import FitTask
+    from fewsound.plan import FitTask
 
     task = FitTask(FitConfig(family="nerf", steps=10), "speech-00", "speech", 4096, "NERF")
     tags = {

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def tasks_for(n: int, clips: list, per_config: int, steps: int, length: int, seed0: int) -> list:
     """n distinct fits: `per_config` clips per config, configs differing by seed (one config = one full pack)."""
     from fewsound.fit import FitConfig
-    from tune.plan import FitTask
+    from fewsound.plan import FitTask
 
     out = []
     seed = seed0
@@ -203,7 +203,7 @@ def main() -> int:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from fewsound import tracking
     from tune.jobs import resolve_corpus
-    from tune.sweep import init_ray, quiet_defaults
+    from tune.ray_env import init_ray, quiet_defaults
 
     load_before = os.getloadavg()
     quiet_defaults()

@@ -18,8 +18,8 @@ import sys
 from fewsound.errors import FewsoundError
 from fewsound.fit import FitConfig
 from fewsound.inr import FAMILIES
+from fewsound.plan import FitTask
 from tune.jobs import add_common_arguments, corpus_clips, parse_list, print_summary, resolve_corpus
-from tune.plan import FitTask
 
 PAPER_LABELS = {"nerf": "NERF", "siren": "SIREN", "finer": "FINER", "wire": "WIRE", "rff": "RFF", "kan": "KAN"}
 LENGTHS = {"1.5": 32_768, "3": 65_536}
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             max_retries=args.max_retries,
             trials_per_slot=args.trials_per_slot or None,
             listen_clips=args.listen_clips,
+            max_concurrent=args.max_concurrent,
             table={
                 "title": "Table 1: reconstruction metrics of single-INR fits",
                 "paper_table": None

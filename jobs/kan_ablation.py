@@ -19,10 +19,10 @@ import argparse
 import sys
 import tempfile
 
+from fewsound.ablation import KNOBS, check_param_counts, configs, parse_knobs, write_ablation_report
 from fewsound.errors import FewsoundError
-from tune.ablation import KNOBS, check_param_counts, configs, parse_knobs, write_ablation_report
+from fewsound.plan import FitTask
 from tune.jobs import add_common_arguments, corpus_clips, parse_list, print_summary, resolve_corpus
-from tune.plan import FitTask
 
 LENGTHS = {"1.5": 32_768, "3": 65_536}
 SMOKE_LENGTH = 16_384
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             max_retries=args.max_retries,
             trials_per_slot=args.trials_per_slot or None,
             listen_clips=args.listen_clips,
+            max_concurrent=args.max_concurrent,
             metrics=metrics,
             table={"title": "KAN ablation: every configuration", "row_header": "configuration"},
         )

@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _smoke_sweep() -> str:
     from fewsound.fit import FitConfig
+    from fewsound.plan import FitTask
     from tune.jobs import corpus_clips, resolve_corpus
-    from tune.plan import FitTask
     from tune.sweep import run_sweep
 
     length = 16_384  # 0.74 s: enough for STOI; every metric but CDPAM (seconds per fit on a CPU)

@@ -6,8 +6,8 @@
 
 Each trial fits one configuration on a small pack of clips and reports the objective after every chunk of
 steps; ASHA stops the poor ones. Suggestions over --max-params are rejected before fitting (TPE is told they
-are infeasible). The search spaces (tune/search.py SPACES) cover the rate, depth and widths, and each family's
-own knobs, including those the paper left unstated (FINER k/omega, WIRE omega0/s0, RFF sigma). The paper's
+are infeasible). The search spaces (fewsound/search_space.py SPACES) cover the rate, depth and widths, and each
+family's own knobs, including those the paper left unstated (FINER k/omega, WIRE omega0/s0, RFF sigma). The paper's
 configuration is fitted on the same clips with the same steps as a baseline. Results: one MLflow parent run
 (best configuration, comparison, every trial as CSV), one child run per trial.
 """
@@ -18,8 +18,8 @@ import argparse
 import sys
 
 from fewsound.errors import FewsoundError
+from fewsound.search_space import FINAL_METRICS, MODES, NORMALIZE, SPACES, parse_weights
 from tune.jobs import corpus_clips, resolve_corpus
-from tune.search import FINAL_METRICS, MODES, NORMALIZE, SPACES, parse_weights
 
 LENGTHS = {"1.5": 32_768, "3": 65_536}
 SMOKE_LENGTH = 16_384  # 0.74 s crops: the smoke test's fits cost half as much

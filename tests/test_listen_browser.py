@@ -47,8 +47,8 @@ def test_smoke_sweeps_listening_page_plays_in_chromium(home, tmp_path):
 
     from fewsound import listen
     from fewsound.fit import FitConfig
+    from fewsound.plan import FitTask
     from tune.jobs import corpus_clips, resolve_corpus
-    from tune.plan import FitTask
     from tune.report import LISTEN_ARTIFACT
     from tune.sweep import run_sweep
 

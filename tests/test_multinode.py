@@ -8,8 +8,10 @@ import pytest
 
 from fewsound import tracking
 from fewsound.fit import FitConfig
-from tune.plan import FitTask
+from fewsound.plan import FitTask
 from tune.trial import KEY_TAG
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +19,7 @@ def cluster(tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
-    from tune.sweep import quiet_defaults
+    from tune.ray_env import quiet_defaults
 
     ray.shutdown()  # an earlier test module's Ray in this process must not stand in for the cluster
     home = tmp_path_factory.mktemp("multinode-home")

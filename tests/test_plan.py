@@ -1,9 +1,9 @@
-"""Packing fits and bundling packs into Tune trials (tune.plan): pure planning, no Ray."""
+"""Packing fits and bundling packs into Tune trials (fewsound.plan): pure planning, no Ray."""
 
 from __future__ import annotations
 
 from fewsound.fit import FitConfig
-from tune.plan import FitTask, bundle, pack, pack_cost
+from fewsound.plan import FitTask, bundle, pack, pack_cost
 
 
 def tasks(n_configs: int, clips: int, steps=lambda i: 10) -> list[FitTask]:
@@ -40,12 +40,3 @@ def test_never_more_trials_than_packs_and_never_an_empty_one():
     assert bundle(packs, 10) == [[0], [1], [2]]
     assert bundle(packs, 1) == [[0, 1, 2]]
     assert bundle(packs, 0) == [[0, 1, 2]]
-
-
-def test_trial_slots_follow_the_clusters_resources():
-    from tune.sweep import trial_slots
-
-    assert trial_slots({"CPU": 2.0}, {"cpu": 1}) == 2
-    assert trial_slots({"CPU": 16.0, "GPU": 1.0}, {"cpu": 1, "gpu": 0.25}) == 4  # four quarters of one GPU
-    assert trial_slots({"CPU": 2.0, "GPU": 1.0}, {"cpu": 1, "gpu": 0.125}) == 2  # CPUs bound it
-    assert trial_slots({}, {"cpu": 1}) == 1

@@ -10,10 +10,11 @@ import os
 
 import optuna
 import pytest
-from sweep_jobs import job  # noqa: E402,F401  (shared by the sweep-job tests)
+from sweep_jobs import job
+from sweep_jobs import sweep_jobs_home as home  # noqa: F401  (a fixture shared by the sweep-job tests)
 
 from fewsound.errors import ConfigError
-from tune.search import SPACES, count_params, parse_weights, score, smallest_params, to_fit_config
+from fewsound.search_space import SPACES, count_params, parse_weights, score, smallest_params, to_fit_config
 
 BUDGET = 34_000
 
@@ -53,7 +54,7 @@ def test_objective_scores():
         parse_weights("pesq=1,loudness=2")
 
 
-def test_search_smoke_logs_trials_respects_budget_and_stops_early(home, capsys):
+def test_search_smoke_logs_trials_respects_budget_and_stops_early(home, capsys):  # noqa: F811 (the imported fixture)
     from mlflow.tracking import MlflowClient
 
     assert job("search_inr").main(["--smoke-test"]) == 0
@@ -110,7 +111,7 @@ def test_search_smoke_logs_trials_respects_budget_and_stops_early(home, capsys):
         (["--steps", "5", "--chunks", "10"], "--trials/--chunks/--steps"),
     ],
 )
-def test_bad_input_is_a_one_line_error(home, capsys, argv, where):
+def test_bad_input_is_a_one_line_error(home, capsys, argv, where):  # noqa: F811 (the imported fixture)
     assert job("search_inr").main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {where}") and "\n" not in err

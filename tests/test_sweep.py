@@ -20,7 +20,7 @@ import pytest
 
 from fewsound import tracking
 from fewsound.fit import FitConfig
-from tune.plan import FitTask
+from fewsound.plan import FitTask
 from tune.trial import KEY_TAG, REASON_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def env(tmp_path_factory, request):
 def ray_local(env):
     import ray
 
-    from tune.sweep import init_ray, quiet_defaults
+    from tune.ray_env import init_ray, quiet_defaults
 
     quiet_defaults()
     init_ray(num_cpus=2)
@@ -135,7 +135,13 @@ def test_smoke_job_logs_parent_and_six_children_with_metrics_and_artifacts(smoke
 
 def test_smoke_output_is_quiet_progress_lines_table_and_ui_address(smoke):
     rc, out = smoke
-    progress = [line for line in out.splitlines() if line.startswith("[fit_inrs] done")]
+    lines = out.splitlines()
+    asked = (
+        "[fit_inrs] planning for 0 GPUs, 2 CPUs (the resources up now; set FEWSOUND_MAX_GPUS/FEWSOUND_MAX_CPUS to "
+        "plan for an autoscaler): 2 trial slots of 1 CPU"
+    )
+    assert asked in lines and lines.index(asked) < min(i for i, x in enumerate(lines) if "] done " in x), out
+    progress = [line for line in lines if line.startswith("[fit_inrs] done")]
     assert len(progress) == 2  # one per trial (2 packs of 3 fits)
     assert progress[-1].split()[1:7] == ["done", "6", "failed", "0", "remaining", "0"]
     assert "fits/h" in progress[-1] and "ETA" in progress[-1]
@@ -229,7 +235,7 @@ def test_a_diverging_fit_is_failed_with_its_reason_and_the_others_finish(ray_loc
     assert not client.list_artifacts(by_family["siren"][0].info.run_id)
 
 
-def test_a_crashing_trial_is_retried_then_its_fits_are_failed_with_the_reason(ray_local, client, env):
+def test_a_crashing_trial_is_retried_then_its_fits_are_failed_with_the_reason(ray_local, client, env, capfd):
     from tune.jobs import corpus_clips, resolve_corpus
     from tune.sweep import run_sweep
 
@@ -246,11 +252,15 @@ def test_a_crashing_trial_is_retried_then_its_fits_are_failed_with_the_reason(ra
         corpus=corpus,
         experiment="test-crash",
         trial_failures=1,
-        progress=False,
         metrics=("mse",),
         log_artifacts=False,
     )
     assert (s.done, s.failed) == (1, 1)
+    out, err = capfd.readouterr()
+    # the failure reaches the user once, in one line with its reason, without Tune's tracebacks
+    (line,) = [x for x in out.splitlines() if " FAILED " in x]
+    assert line.startswith("[crash] FAILED rff-no-such-clip-") and "KeyError: 'no-such-clip'" in line, line
+    assert "Traceback" not in out + err, (out + err)[-3000:]
     _, kids = children(client, "test-crash")
     failed = [r for r in kids if r.info.status == "FAILED"]
     assert len(failed) == 1 and failed[0].data.tags["fewsound.family"] == "rff"

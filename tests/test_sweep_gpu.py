@@ -8,7 +8,7 @@ import pytest
 from test_sweep import env  # noqa: F401  (the shared FEWSOUND_HOME + MLflow server fixture; tests/ is on sys.path)
 
 from fewsound.fit import FitConfig
-from tune.plan import FitTask
+from fewsound.plan import FitTask
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def sweep(corpus: str, seed: int, experiment: str, **ray_kw):
     import ray
 
     from tune.jobs import corpus_clips
-    from tune.sweep import init_ray, quiet_defaults, run_sweep
+    from tune.ray_env import init_ray, quiet_defaults
+    from tune.sweep import run_sweep
 
     quiet_defaults()
     clips = corpus_clips(corpus, "8", "all")  # the INR protocol keeps one speech clip per voice (5)

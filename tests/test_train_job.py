@@ -1,5 +1,6 @@
 """The training job on real Ray: DDP correctness, and `ray job submit` of the smoke test against a dedicated
-`ray start --head` with Ray 2.60's token authentication, stopped mid-training and resubmitted (resume).
+`ray start --head` started as cluster.yaml starts it (from the checkout, token authentication on), stopped
+mid-training and resubmitted with the user's exact command, without --working-dir (resume).
 
 The head node is ours alone: its own temp dir, ports and auth token file; it runs as `ray start --head --block`
 in its own session, so the test stops it (and only it) with SIGTERM to that process - never `ray stop`, which
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -129,7 +132,8 @@ def test_ddp_step_equals_single_process_step_on_the_whole_batch(tmp_path, speech
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A private `ray start --head --block` with token authentication: (env for the CLI, dashboard address)."""
+    """A private `ray start --head --block` with token authentication, started from the checkout as cluster.yaml
+    does (jobs submitted without --working-dir run there): (env for the CLI, dashboard address, home, pid)."""
     root = tmp_path_factory.mktemp("rayhead")
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))  # the documented way: RAY_AUTH_MODE=token + a token (here a file)
@@ -178,7 +182,7 @@ def ray_head(tmp_path_factory):
         "--disable-usage-stats",
     ]
     log = open(root / "ray_head.log", "wb")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 120
@@ -218,16 +222,17 @@ def _train_workers(head_pid: int) -> list:
     return out
 
 
-def _ray(env, *args, timeout=600):
+def _ray(env, *args, timeout=600, cwd=REPO):
     return subprocess.run(
-        [str(VENV_BIN / "ray"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [str(VENV_BIN / "ray"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
 def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
     """`ray job submit --working-dir . -- python jobs/train_fewsound.py --smoke-test` on a token-authenticated
-    head. The first submission is stopped after its first checkpoint; resubmitting the same command resumes
-    from that checkpoint (same state digest, later epochs only), finishes, and completes the same MLflow run."""
+    head, stopped after its first checkpoint; then exactly `ray job submit -- python jobs/train_fewsound.py
+    --smoke-test` (RAY_ADDRESS set, no --working-dir: the head runs its checkout) resumes from that checkpoint (same
+    state digest, later epochs only), finishes, and completes the same MLflow run."""
     env, address, home, head_pid = ray_head
     entry = ["--", "python", "jobs/train_fewsound.py", "--smoke-test"]
     # without the token the cluster refuses us: authentication is really on
@@ -262,9 +267,11 @@ def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
     }
     assert digests and max(digests) < 3, digests  # stopped before the last (3rd) epoch
 
-    second = _ray(env, "job", "submit", "--address", address, "--working-dir", ".", *entry)
+    # from another folder: the entrypoint is resolved in the head's folder (the checkout), not the client's
+    second = _ray({**env, "RAY_ADDRESS": address}, "job", "submit", *entry, cwd=home.parent)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-5000:]
+    assert "[train] asking for 2 CPU workers x 0.5 CPU (--num-workers 2; no GPUs in the cluster)" in out, out[-5000:]
     m = re.search(r"resumed after epoch (\d+) \(step (\d+)\); state digest (\w+)", out)
     assert m, out[-5000:]
     resumed = int(m.group(1))

@@ -55,6 +55,13 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         "1, 0.5, 0.25 or 0.125 (default: 0.25); trials ask for one CPU where there are no GPUs",
     )
     p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="most trials at once (default: as many as the cluster runs at its ceiling, FEWSOUND_MAX_GPUS/"
+        "FEWSOUND_MAX_CPUS, or at its present size where no ceiling is set)",
+    )
+    p.add_argument(
         "--address",
         default=None,
         help="Ray cluster address (default: $RAY_ADDRESS, e.g. under `ray job submit`, else a local Ray)",
@@ -123,9 +130,8 @@ def corpus_clips(corpus: str, clips: str | None, kind: str) -> list[Any]:
     if clips is None:
         return every
     if clips.isdigit():
-        if int(clips) > len(every):
-            print(f"note: --clips {clips}: the corpus has {len(every)} clips of kind {kind!r}; using all of them",
-                  flush=True)  # fmt: skip
+        if int(clips) > len(every):  # e.g. the built-in Table-1 protocol holds one speech clip per voice
+            print(f"note: --clips {clips}: the corpus holds {len(every)} clips of kind {kind!r}; using all of them")
         return every[: int(clips)]
     wanted = [x.strip() for x in clips.split(",") if x.strip()]
     by_id = {c.clip_id: c for c in every}

@@ -95,7 +95,7 @@ def _row(run: Any) -> dict[str, Any]:
 
 def _table_spec(job: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """build_table keyword arguments for a sweep of job `job`: its paper table, row header and the paper's order."""
-    from tune.ablation import KNOBS, configs
+    from fewsound.ablation import KNOBS, configs
 
     kinds = {r["kind"] for r in rows}
     paper = PAPER_TABLE.get(kinds.pop()) if len(kinds) == 1 and job == "fit_inrs" else None
@@ -122,7 +122,7 @@ def write_report(
     comparison and the listening page (also logged on the parent run as report/listen.html; `listen_clips` clips,
     None: fewsound.listen.default_clips, 0: none) into `out`. Returns (paths, the tables as Markdown)."""
     from fewsound import tables
-    from tune.ablation import write_ablation_report
+    from fewsound.ablation import write_ablation_report
 
     if not rows:
         raise ConfigError(parent.info.run_id, "the sweep has no finished fits to report")
@@ -192,7 +192,7 @@ def listen_tables(job: str, rows: list[dict[str, Any]], table: dict[str, Any]) -
     (the paper's numbers are per knob) and its knobs' order; other sweeps their own table (`table`: build_table
     keyword arguments)."""
     from fewsound import tables
-    from tune.ablation import KNOBS, configs, knob_tables
+    from fewsound.ablation import KNOBS, configs, knob_tables
 
     if job == "kan_ablation":
         summary = [tables.build_table(kt["rows"], **kt["table"]) for kt in knob_tables(rows).values() if kt["rows"]]

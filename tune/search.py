@@ -29,199 +29,61 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from fewsound.errors import ConfigError
 from fewsound.fit import FitConfig
+from fewsound.search_space import (
+    FINAL_METRICS,
+    MODES,
+    SPACES,
+    count_params,
+    objective_metrics,
+    score,
+    smallest_params,
+    to_fit_config,
+)
+from fewsound.tracking import MlflowRun, tracking_uri
+from tune.ray_env import capacity, fraction_text, init_ray, quiet_defaults, storage_root, trial_resources, trial_slots
+from tune.sweep import ROLE_TAG
 
-# Objective = mean over the pack of a per-clip score. Every metric is also put on a common "higher is better,
-# about 0..1" scale for the weighted mix: PESQ 1..4.5, PSNR 0..50 dB, SI-SNR 0..30 dB, LSD 4..0.
-NORMALIZE: dict[str, Callable[[float], float]] = {
-    "pesq": lambda v: (v - 1.0) / 3.5,
-    "psnr": lambda v: v / 50.0,
-    "si_snr": lambda v: v / 30.0,
-    "lsd": lambda v: 1.0 - v / 4.0,
-}
-MODES = {"pesq": "max", "psnr": "max", "si_snr": "max", "lsd": "min", "mix": "max"}
-WORST = {"pesq": 1.0, "psnr": 0.0, "si_snr": -30.0, "lsd": 10.0}  # a metric that does not apply to a clip
-DEFAULT_MIX = {"pesq": 0.5, "lsd": 0.25, "si_snr": 0.25}
-FINAL_METRICS = ("mse", "psnr", "lsd", "si_snr", "pesq", "stoi")
 PARENT_ROLE = "search_parent"
 MAX_REJECTS = 500  # consecutive over-budget suggestions before giving up
 
 
-def parse_weights(text: str | None) -> dict[str, float]:
-    """'pesq=0.5,lsd=0.25' -> {"pesq": 0.5, "lsd": 0.25} (ConfigError on unknown names or bad numbers)."""
-    if not text:
-        return dict(DEFAULT_MIX)
-    out = {}
-    for item in text.split(","):
-        name, _, value = item.partition("=")
-        name = name.strip()
-        try:
-            w = float(value)
-        except ValueError:
-            raise ConfigError("--mix-weights", f"{item!r} is not name=weight") from None
-        if name not in NORMALIZE or not math.isfinite(w) or w < 0:
-            raise ConfigError("--mix-weights", f"{item!r}: names are {', '.join(NORMALIZE)}, weights >= 0")
-        out[name] = w
-    if not sum(out.values()) > 0:
-        raise ConfigError("--mix-weights", "at least one weight must be positive")
-    return out
+class BudgetedOptunaSearch(OptunaSearch):
+    """OptunaSearch that never hands Tune a configuration over the parameter budget (see module docstring)."""
 
+    def __init__(self, *args, family: str, max_params: int | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.family, self.max_params = family, max_params
+        self.rejected: list[dict[str, Any]] = []
 
-def objective_metrics(objective: str, weights: dict[str, float]) -> list[str]:
-    if objective not in MODES:
-        raise ConfigError("--objective", f"unknown objective {objective!r}; valid: {', '.join(MODES)}")
-    return [m for m, w in weights.items() if w > 0] if objective == "mix" else [objective]
-
-
-def score(objective: str, weights: dict[str, float], row: dict[str, Any]) -> float:
-    """One clip's objective from its evaluate() row (a metric that does not apply counts as WORST)."""
-
-    def value(m: str) -> float:
-        v = row.get(m)
-        return float(v) if v is not None and math.isfinite(v) else WORST[m]
-
-    if objective == "mix":
-        return sum(w * NORMALIZE[m](value(m)) for m, w in weights.items()) / sum(weights.values())
-    return value(objective)
-
-
-# --- search spaces (define-by-run: depth decides how many widths exist) ----------------------------------------
-
-
-def _widths(trial: Any, depth: tuple[int, int], width: tuple[int, int]) -> None:
-    n = trial.suggest_int("depth", *depth)
-    for i in range(n):
-        trial.suggest_int(f"width{i}", *width, log=True)
-
-
-def _kan(t):
-    t.suggest_float("lr", 1e-3, 3e-2, log=True)
-    t.suggest_int("encoding_length", 2, 16)
-    t.suggest_int("grid_size", 1, 20)
-    t.suggest_int("spline_order", 1, 5)
-    t.suggest_categorical("enable_scale_spline", [True, False])
-    _widths(t, (2, 4), (4, 96))
-
-
-def _nerf(t):
-    t.suggest_float("lr", 1e-4, 1e-2, log=True)
-    t.suggest_int("encoding_length", 4, 16)
-    _widths(t, (2, 6), (16, 192))
-
-
-def _siren(t):
-    t.suggest_float("lr", 1e-5, 1e-3, log=True)
-    t.suggest_float("omega_0", 100.0, 5000.0, log=True)
-    t.suggest_float("omega_i", 5.0, 60.0, log=True)
-    _widths(t, (2, 6), (16, 192))
-
-
-def _finer(t):
-    _siren(t)
-    t.suggest_float("first_bias_scale", 0.01, 20.0, log=True)  # FINER's k
-
-
-def _wire(t):
-    t.suggest_float("lr", 1e-4, 1e-2, log=True)
-    t.suggest_float("omega_0", 100.0, 5000.0, log=True)
-    # a hidden Gabor unit's magnitude can reach exp(omega_i^2 / (4 s0^2)): s0 above ~1 zeroes the units and
-    # omega_i above ~2 s0 explodes them (fewsound/inr/wire.py), so the space centres on the defaults 1 / 0.5
-    t.suggest_float("omega_i", 0.25, 4.0, log=True)
-    t.suggest_float("s0", 0.1, 2.0, log=True)
-    _widths(t, (2, 6), (16, 192))
-
-
-def _rff(t):
-    t.suggest_float("lr", 1e-4, 1e-2, log=True)
-    t.suggest_float("sigma", 10.0, 5000.0, log=True)
-    t.suggest_int("num_frequencies", 16, 128, log=True)
-    _widths(t, (2, 6), (16, 192))
-
-
-SPACES: dict[str, Callable[[Any], None]] = {
-    "kan": _kan,
-    "nerf": _nerf,
-    "siren": _siren,
-    "finer": _finer,
-    "wire": _wire,
-    "rff": _rff,
-}
-
-
-def to_fit_config(family: str, params: dict[str, Any], steps: int, seed: int = 0, **fit: Any) -> FitConfig:
-    """A suggestion (flat Optuna params) -> the FitConfig it stands for."""
-    from fewsound.inr import FAMILIES
-
-    fields = {f.name for f in dataclasses.fields(FAMILIES[family].Config)}
-    inr = {k: v for k, v in params.items() if k in fields}
-    if "depth" in params:
-        inr["widths"] = tuple(int(params[f"width{i}"]) for i in range(int(params["depth"])))
-    return FitConfig(family=family, inr=inr, lr=params.get("lr"), steps=steps, seed=seed, **fit)
-
-
-def count_params(family: str, params: dict[str, Any]) -> int:
-    return to_fit_config(family, params, 1).build_inr().num_params()
-
-
-class _Smallest:
-    """A stand-in Optuna trial answering every suggestion with its smallest value (the last choice of a
-    categorical, listed largest first): the space's smallest configuration, to check a budget up front."""
-
-    def __init__(self):
-        self.params: dict[str, Any] = {}
-
-    def suggest_int(self, name, low, high, **_):
-        return self.params.setdefault(name, low)
-
-    def suggest_float(self, name, low, high, **_):
-        return self.params.setdefault(name, low)
-
-    def suggest_categorical(self, name, choices):
-        return self.params.setdefault(name, choices[-1])
-
-
-def smallest_params(family: str) -> int:
-    trial = _Smallest()
-    SPACES[family](trial)
-    return count_params(family, trial.params)
-
-
-def _budgeted_searcher_class():
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
-
-    class BudgetedOptunaSearch(OptunaSearch):
-        """OptunaSearch that never hands Tune a configuration over the parameter budget (see module docstring)."""
-
-        def __init__(self, *args, family: str, max_params: int | None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.family, self.max_params = family, max_params
-            self.rejected: list[dict[str, Any]] = []
-
-        def suggest(self, trial_id: str):
-            for _ in range(MAX_REJECTS):
-                params = super().suggest(trial_id)
-                if params is None:
-                    return None
-                n = count_params(self.family, params)
-                ot_trial = self._ot_trials[trial_id]
-                ot_trial.set_user_attr("num_params", n)
-                if self.max_params is None:
-                    return params
-                ot_trial.set_constraint("params_over_budget", n - self.max_params)
-                if n <= self.max_params:
-                    return params
-                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-                del self._ot_trials[trial_id]
-                self.rejected.append(dict(params, num_params=n))
-            raise ConfigError(
-                "--max-params",
-                f"{MAX_REJECTS} suggestions in a row were over {self.max_params:,} parameters; raise the budget",
-            )
-
-    return BudgetedOptunaSearch
+    def suggest(self, trial_id: str):
+        for _ in range(MAX_REJECTS):
+            params = super().suggest(trial_id)
+            if params is None:
+                return None
+            n = count_params(self.family, params)
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr("num_params", n)
+            if self.max_params is None:
+                return params
+            ot_trial.set_constraint("params_over_budget", n - self.max_params)
+            if n <= self.max_params:
+                return params
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            del self._ot_trials[trial_id]
+            self.rejected.append(dict(params, num_params=n))
+        raise ConfigError(
+            "--max-params",
+            f"{MAX_REJECTS} suggestions in a row were over {self.max_params:,} parameters; raise the budget",
+        )
 
 
 # --- the trial ------------------------------------------------------------------------------------------------
@@ -305,7 +167,6 @@ def fit_and_score(
     from fewsound.config import flatten
     from fewsound.fit import fit
     from fewsound.metrics import to_mlflow
-    from fewsound.tracking import MlflowRun
     from tune.trial import load_clip
 
     cfg = cfg or to_fit_config(ctx.family, params, ctx.steps, ctx.seed, log_every=ctx.chunk_steps)
@@ -377,13 +238,12 @@ def fit_and_score(
 
 def search_trainable(config: dict[str, Any], ctx: SearchContext) -> None:
     """Ray Tune function trainable: one configuration on the context's pack of clips."""
-    import ray.tune
     import torch
 
     torch.set_num_threads(1)
     os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
-    trial_id = ray.tune.get_context().get_trial_id()
-    fit_and_score(config, ctx, role="trial", report=ray.tune.report, name=f"trial-{trial_id}")
+    trial_id = tune.get_context().get_trial_id()
+    fit_and_score(config, ctx, role="trial", report=tune.report, name=f"trial-{trial_id}")
 
 
 # --- the driver -----------------------------------------------------------------------------------------------
@@ -422,15 +282,77 @@ def run_search(
     gpu_fraction: float = 0.25,
     progress: bool = True,
 ) -> SearchSummary:
-    """Run the search described by `ctx_args` (SearchContext fields except parent_run_id / tracking_uri)."""
-    import optuna
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    """Run the search described by `ctx_args` (SearchContext fields except parent_run_id / tracking_uri).
 
-    from fewsound.tracking import MlflowRun, tracking_uri
-    from tune.sweep import ROLE_TAG, init_ray, quiet_defaults, trial_resources
+    concurrency: most trials at once (None: as many as the cluster runs at its capacity, tune.ray_env)."""
+    _check_search(ctx_args, trials, max_params)
+    family, objective = ctx_args["family"], ctx_args["objective"]
+    mode = MODES[objective]
+    quiet_defaults()
+    t0 = time.perf_counter()
+    parent = _open_search_parent(ctx_args, trials, max_params)
+    ctx = SearchContext(**ctx_args, parent_run_id=parent.run_id, tracking_uri=parent.uri)
+    cap = capacity(init_ray(address))
+    resources = trial_resources(cap, gpu_fraction)
+    if progress:
+        slots = trial_slots(cap, resources, concurrency)
+        print(
+            f"[search_inr] planning for {cap.describe()}: {slots} trials at once of {fraction_text(resources)}"
+            + (f"; capped by --concurrency {concurrency}" if concurrency else ""),
+            flush=True,
+        )
+        print(
+            f"[search_inr] {family}: {trials} trials of {ctx.steps} steps on {len(ctx.clips)} clips, objective "
+            f"{objective} ({mode}), budget {max_params or 'none'}; MLflow {parent.uri} experiment {ctx.experiment!r}",
+            flush=True,
+        )
 
+    # the paper's configuration on the same clips and steps, beside the search (one CPU / GPU share)
+    paper_cfg = FitConfig(family=family, steps=ctx.steps, seed=ctx.seed, log_every=ctx.chunk_steps)
+    baseline_ref = (
+        ray.remote(_baseline_task)
+        .options(num_cpus=resources["cpu"], num_gpus=resources.get("gpu", 0))
+        .remote(paper_cfg, ctx)
+    )
+    searcher = BudgetedOptunaSearch(
+        space=SPACES[family],
+        metric="objective",
+        mode=mode,
+        family=family,
+        max_params=max_params,
+        sampler=optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=min(10, max(2, trials // 5))),
+    )
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration", max_t=ctx.chunks, grace_period=grace_chunks, reduction_factor=reduction_factor
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(search_trainable, ctx=ctx), resources),
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode=mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=trials,
+            reuse_actors=True,
+            max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(
+            name=f"search-{family}-{parent.run_id[:8]}",
+            verbose=0,
+            storage_path=storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
+            callbacks=[SearchProgress(trials, mode, t0)] if progress else None,
+        ),
+    )
+    grid = tuner.fit()
+    baseline = ray.get(baseline_ref)
+    summary = _summarize_search(grid, parent, ctx, mode, searcher.rejected, baseline, t0)
+    summary.comparison_markdown = comparison_markdown(summary, family, objective)
+    _finish_parent(parent, summary, family, trials_table(grid))
+    return summary
+
+
+def _check_search(ctx_args: dict[str, Any], trials: int, max_params: int | None) -> None:
+    """Bad arguments fail here, before MLflow or Ray start."""
     family, objective = ctx_args["family"], ctx_args["objective"]
     if family not in SPACES:
         raise ConfigError("--family", f"unknown family {family!r}; valid: {', '.join(SPACES)}")
@@ -443,14 +365,14 @@ def run_search(
             f"{max_params:,} is below the smallest {family} configuration of the "
             f"search space ({smallest_params(family):,} parameters)",
         )
-    mode = MODES[objective]
-    quiet_defaults()
-    t0 = time.perf_counter()
-    uri = tracking_uri()
+
+
+def _open_search_parent(ctx_args: dict[str, Any], trials: int, max_params: int | None) -> MlflowRun:
+    family, objective = ctx_args["family"], ctx_args["objective"]
     name = f"search-{family}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}"
     parent = MlflowRun(
         ctx_args["experiment"],
-        uri=uri,
+        uri=tracking_uri(),
         run_name=name,
         tags={ROLE_TAG: "parent", "fewsound.job": "search_inr", "fewsound.family": family},
     )
@@ -467,56 +389,19 @@ def run_search(
             "clip.length": ctx_args["length"],
         }
     )
-    ctx = SearchContext(**ctx_args, parent_run_id=parent.run_id, tracking_uri=uri)
-    resources = trial_resources(init_ray(address), gpu_fraction)
-    if progress:
-        print(
-            f"[search_inr] {family}: {trials} trials of {ctx.steps} steps on {len(ctx.clips)} clips, objective "
-            f"{objective} ({mode}), budget {max_params or 'none'}; MLflow {uri} experiment {ctx.experiment!r}",
-            flush=True,
-        )
+    return parent
 
-    # the paper's configuration on the same clips and steps, beside the search (one CPU / GPU share)
-    paper_cfg = FitConfig(family=family, steps=ctx.steps, seed=ctx.seed, log_every=ctx.chunk_steps)
-    baseline_ref = (
-        ray.remote(_baseline_task)
-        .options(num_cpus=resources["cpu"], num_gpus=resources.get("gpu", 0))
-        .remote(paper_cfg, ctx)
-    )
 
-    searcher = _budgeted_searcher_class()(
-        space=SPACES[family],
-        metric="objective",
-        mode=mode,
-        family=family,
-        max_params=max_params,
-        sampler=optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=min(10, max(2, trials // 5))),
-    )
-    scheduler = ASHAScheduler(
-        time_attr="training_iteration", max_t=ctx.chunks, grace_period=grace_chunks, reduction_factor=reduction_factor
-    )
-    callback = _progress_callback(trials, mode, t0) if progress else None
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(search_trainable, ctx=ctx), resources),
-        tune_config=tune.TuneConfig(
-            metric="objective",
-            mode=mode,
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=trials,
-            reuse_actors=True,
-            max_concurrent_trials=concurrency,
-        ),
-        run_config=tune.RunConfig(
-            name=f"search-{family}-{parent.run_id[:8]}",
-            verbose=0,
-            storage_path=str(Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound")) / "ray_results"),
-            callbacks=[callback] if callback else None,
-        ),
-    )
-    grid = tuner.fit()
-    baseline = ray.get(baseline_ref)
-
+def _summarize_search(
+    grid: Any,
+    parent: MlflowRun,
+    ctx: SearchContext,
+    mode: str,
+    rejected: list[dict[str, Any]],
+    baseline: dict[str, Any],
+    t0: float,
+) -> SearchSummary:
+    """Sort the trials into finished / stopped early / failed (closing the runs a dead worker left open)."""
     finished, stopped, failed = [], [], 0
     for result in grid:
         m = result.metrics or {}
@@ -535,24 +420,21 @@ def run_search(
     best = None
     if finished:
         best = (max if mode == "max" else min)(finished, key=lambda r: r["objective"])
-    summary = SearchSummary(
+    return SearchSummary(
         ctx.experiment,
         parent.run_id,
-        uri,
+        parent.uri,
         mode,
         len(grid),
         len(finished),
         len(stopped),
         failed,
-        searcher.rejected,
+        rejected,
         best,
         baseline,
         "",
         time.perf_counter() - t0,
     )
-    summary.comparison_markdown = comparison_markdown(summary, family, objective)
-    _finish_parent(parent, summary, family, trials_table(grid))
-    return summary
 
 
 def _baseline_task(cfg: FitConfig, ctx: SearchContext) -> dict[str, Any]:
@@ -652,33 +534,29 @@ def _finish_parent(parent, s: SearchSummary, family: str, trials: list[dict[str,
     parent.end("FINISHED" if s.best else "FAILED")
 
 
-def _progress_callback(total: int, mode: str, t0: float):
-    from ray.tune import Callback
+class SearchProgress(tune.Callback):
+    """One line per ended trial: done / stopped early / remaining / best so far / ETA."""
 
-    class Progress(Callback):
-        """One line per ended trial: done / stopped early / remaining / best so far / ETA."""
+    def __init__(self, total: int, mode: str, t0: float):
+        self.total, self.mode, self.t0 = total, mode, t0
+        self.ended = self.stopped = 0
+        self.best = None
 
-        def __init__(self):
-            self.ended = self.stopped = 0
-            self.best = None
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended += 1
+        r = trial.last_result or {}
+        if r.get("final") != 1:
+            self.stopped += 1
+        elif self.best is None or (r["objective"] > self.best if self.mode == "max" else r["objective"] < self.best):
+            self.best = r["objective"]
+        elapsed = time.perf_counter() - self.t0
+        eta = (self.total - self.ended) * elapsed / self.ended
+        print(
+            f"[search_inr] trials done {self.ended}/{self.total}  stopped early {self.stopped}  remaining "
+            f"{self.total - self.ended}  best {self.best if self.best is None else f'{self.best:.4g}'}  "
+            f"ETA {eta:.0f} s",
+            flush=True,
+        )
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.ended += 1
-            r = trial.last_result or {}
-            if r.get("final") != 1:
-                self.stopped += 1
-            elif self.best is None or (r["objective"] > self.best if mode == "max" else r["objective"] < self.best):
-                self.best = r["objective"]
-            elapsed = time.perf_counter() - t0
-            eta = (total - self.ended) * elapsed / self.ended
-            print(
-                f"[search_inr] trials done {self.ended}/{total}  stopped early {self.stopped}  remaining "
-                f"{total - self.ended}  best {self.best if self.best is None else f'{self.best:.4g}'}  "
-                f"ETA {eta:.0f} s",
-                flush=True,
-            )
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.on_trial_complete(iteration, trials, trial)
-
-    return Progress()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.on_trial_complete(iteration, trials, trial)

@@ -1,89 +1,54 @@
-"""The sweep driver: one MLflow parent run, one Ray Tune trial per pack of fits, idempotent resume.
+"""The sweep driver: one MLflow parent run, Ray Tune trials of packed fits, idempotent resume.
 
     summary = run_sweep("fit_inrs", tasks, corpus=DIR)
 
 1. Open (or, when re-run, reopen) the sweep's parent run; list the keys that already have a FINISHED child run
    and skip them; mark runs of unfinished keys left RUNNING by a killed driver as KILLED.
-2. Start or join Ray (a local Ray unless an address is given or RAY_ADDRESS is set, as under `ray job submit`).
+2. Start or join Ray and plan for the cluster's capacity (tune.ray_env: its ceiling where the cluster states one,
+   so that pending trials make the autoscaler start nodes): trials ask for a GPU fraction when the cluster has or
+   can grow GPUs, one CPU otherwise; the first line printed says what was asked for and why.
 3. Pack the remaining fits (one config, many clips per pack), bundle the packs into a few Tune trials per trial
-   slot (tune.plan.bundle: near-equal cost, Tune's per-trial cost paid per trial, not per pack) and run them with
-   actor reuse; trials ask for a GPU fraction when the cluster has GPUs, one CPU otherwise (trial_resources).
-4. Record a FAILED child run for every fit whose trial crashed beyond its retries (the sweep goes on), then
-   log the per-clip results and the paper-style tables to the parent run.
+   slot (fewsound.plan.bundle: near-equal cost, Tune's per-trial cost paid per trial, not per pack) and run them
+   with actor reuse.
+4. Record a FAILED child run for every fit whose trial crashed beyond its retries (the sweep goes on), print one
+   line per failed fit with its reason (the tag on its child run), then log the per-clip results and the
+   paper-style tables to the parent run.
 
-Output is one line per finished trial (done / failed / remaining / ETA / fits per hour). Two documented switches
-keep the libraries quiet; each is only a default (os.environ.setdefault), so a user can turn it back on:
-- RAY_AIR_NEW_OUTPUT=0 with RunConfig(verbose=0): Tune's legacy reporter at verbosity 0 prints nothing (the new
-  engine prints its configuration box, results path and TensorBoard hint even at verbose=0);
-- MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true: no "View run ... at" lines (and no get_run call) per child run.
-(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 would also drop Tune's per-trial result files, but then the ResultGrid
-warns that it cannot read them; they cost little.) ray.init(logging_level=WARNING) drops Ray's INFO lines.
+Output: what the sweep asked for, one line per finished pack (done / failed / remaining / ETA / fits per hour),
+one line per failed fit. Trials' own output reaches the driver (and `ray job logs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+
 from fewsound.config import cfg_hash
 from fewsound.data.shards import corpus_location
 from fewsound.errors import ConfigError
-from fewsound.tracking import MlflowRun, git_commit, storage_root, tracking_uri
-from tune.plan import FitTask, bundle, pack, pack_to_config
-from tune.resources import use_gpus
+from fewsound.plan import FitTask, bundle, pack, pack_to_config
+from fewsound.tracking import MlflowRun, git_commit, tracking_uri
+from tune.ray_env import (
+    Capacity,
+    capacity,
+    check_gpu_fraction,
+    fraction_text,
+    init_ray,
+    quiet_defaults,
+    storage_root,
+    trial_resources,
+    trial_slots,
+    tune_errors_silenced,
+)
 from tune.trial import KEY_TAG, REASON_TAG, SWEEP_TAG, TrialContext, pack_id, tune_trainable
 
 ROLE_TAG = "fewsound.role"
-GPU_FRACTIONS = (1.0, 0.5, 0.25, 0.125)  # fractions that divide one GPU exactly
-QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-
-
-def quiet_defaults() -> None:
-    """Turn the libraries' chatter off unless the user set these variables (see the module docstring)."""
-    for k, v in QUIET_ENV.items():
-        os.environ.setdefault(k, v)
-
-
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray. Returns the cluster resources."""
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        # workers log to the same tracking server as the driver, as quietly
-        env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", *QUIET_ENV) if k in os.environ}
-        kw = dict(
-            runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False, logging_level=logging.WARNING
-        )
-        if address:
-            ray.init(address=address, **kw)
-        else:
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kw)
-    return ray.cluster_resources()
-
-
-def trial_resources(cluster: dict, gpu_fraction: float = 0.25) -> dict[str, float]:
-    """What one trial asks for: a GPU fraction when the cluster has GPUs, else one CPU (never a GPU request on a
-    cluster without GPUs: it would pend forever). Either way one CPU, hence one torch thread (tune_trainable)."""
-    if gpu_fraction not in GPU_FRACTIONS:
-        raise ConfigError("gpu_fraction", f"{gpu_fraction} does not divide one GPU; use one of {GPU_FRACTIONS}")
-    if use_gpus(cluster):  # tune/resources.py: FEWSOUND_USE_GPU=auto|1|0
-        return {"cpu": 1, "gpu": gpu_fraction}
-    return {"cpu": 1}
-
-
-def trial_slots(cluster: dict, resources: dict[str, float]) -> int:
-    """How many trials asking for `resources` the cluster runs at once."""
-    n = cluster.get("CPU", 1) // resources["cpu"]
-    if "gpu" in resources:
-        n = min(n, cluster.get("GPU", 0) / resources["gpu"])
-    return max(1, int(n + 1e-9))
 
 
 @dataclasses.dataclass
@@ -132,6 +97,28 @@ def finished_runs(client: Any, exp_id: str) -> dict[str, Any]:
     return {r.data.tags[KEY_TAG]: r for r in runs if KEY_TAG in r.data.tags}
 
 
+@dataclasses.dataclass
+class SweepPlan:
+    """What the sweep asks Ray for, and why."""
+
+    capacity: Capacity
+    resources: dict[str, float]  # per trial
+    slots: int  # trials at once at the cluster's capacity (capped by max_concurrent)
+    max_concurrent: int | None
+
+    def describe(self) -> str:
+        cap = f"; capped by --max-concurrent {self.max_concurrent}" if self.max_concurrent else ""
+        return (
+            f"planning for {self.capacity.describe()}: {self.slots} trial slots of {fraction_text(self.resources)}{cap}"
+        )
+
+
+def plan_sweep(cluster: dict, gpu_fraction: float, max_concurrent: int | None = None) -> SweepPlan:
+    cap = capacity(cluster)
+    resources = trial_resources(cap, gpu_fraction)
+    return SweepPlan(cap, resources, trial_slots(cap, resources, max_concurrent), max_concurrent)
+
+
 def run_sweep(
     name: str,
     tasks: list[FitTask],
@@ -154,11 +141,13 @@ def run_sweep(
     tune_restarts: int = 2,
     trials_per_slot: int | None = 4,
     listen_clips: int | None = None,
+    max_concurrent: int | None = None,
 ) -> SweepSummary:
     """Run every fit of `tasks` not already finished in MLflow. See the module docstring.
 
     pack_size: fits fitted at once (one config). trials_per_slot: packs are bundled into about this many trials
-    per trial slot (trials the cluster runs at once); None: one trial per pack.
+    per trial slot (trials the cluster runs at once at its capacity); None: one trial per pack.
+    max_concurrent: most trials at once (None: the cluster's capacity).
     max_retries: refits of a diverged fit (new seed) before it is
     FAILED. trial_failures: Tune's retries of a crashed trial (FailureConfig.max_failures). tune_restarts: new
     Tune runs over the unfinished fits when Tune itself stops with an exception (it does when, e.g., Ray's OOM
@@ -170,19 +159,7 @@ def run_sweep(
     spectrogram per fit (benchmarks turn both down to isolate orchestration; the child runs are logged anyway).
     listen_clips: clips on the parent run's listening page, report/listen.html (tune.report; None: a few, 0: none).
     """
-    if not tasks:
-        raise ConfigError(name, "the sweep has no fits (check --families/--clips/--lengths)")
-    keys = [t.key for t in tasks]
-    if len(set(keys)) != len(keys):
-        raise ConfigError(name, "the sweep lists the same fit (family, clip, config, length) twice")
-    trial_resources({}, gpu_fraction)  # a bad fraction fails now, not after Ray has started
-    if pack_size < 1 or max_retries < 0 or trial_failures < 0:
-        raise ConfigError(
-            "pack_size/max_retries/trial_failures",
-            f"need >= 1, >= 0, >= 0; got {pack_size}, {max_retries}, {trial_failures}",
-        )
-    if trials_per_slot is not None and trials_per_slot < 1:
-        raise ConfigError("trials_per_slot", f"need >= 1 (or None: one trial per pack); got {trials_per_slot}")
+    _check_arguments(name, tasks, gpu_fraction, pack_size, max_retries, trial_failures, trials_per_slot, max_concurrent)
     quiet_defaults()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -195,20 +172,17 @@ def run_sweep(
     finished = finished_runs(client, parent.experiment_id)
     todo = [t for t in tasks if t.key not in finished]
     _mark_stale(client, parent.experiment_id, {t.key for t in todo})
-    skipped = len(tasks) - len(todo)
     timings["mlflow_setup"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    cluster = init_ray(address, num_cpus=num_cpus, num_gpus=num_gpus)
+    plan = plan_sweep(init_ray(address, num_cpus=num_cpus, num_gpus=num_gpus), gpu_fraction, max_concurrent)
     timings["ray_init"] = time.perf_counter() - t
-    resources = trial_resources(cluster, gpu_fraction)
-    slots = trial_slots(cluster, resources)
 
-    def plan(tasks_left: list[FitTask]) -> tuple[list[list[FitTask]], list[list[int]]]:
+    def packs_and_bundles(tasks_left: list[FitTask]) -> tuple[list[list[FitTask]], list[list[int]]]:
         packs = pack(tasks_left, pack_size)
-        return packs, bundle(packs, len(packs) if trials_per_slot is None else slots * trials_per_slot)
+        return packs, bundle(packs, len(packs) if trials_per_slot is None else plan.slots * trials_per_slot)
 
-    packs, bundles = plan(todo)
+    packs, bundles = packs_and_bundles(todo)
     ctx = TrialContext(
         corpus=corpus_location(corpus),  # a URI or a name every node resolves, never a relative path
         experiment=experiment,
@@ -223,14 +197,15 @@ def run_sweep(
         metrics=tuple(metrics) if metrics is not None else None,
     )
     if progress:
+        print(f"[{name}] {plan.describe()}", flush=True)
         print(
-            f"[{name}] {len(tasks)} fits: {skipped} already finished, {len(todo)} to run in {len(packs)} packs, "
-            f"{len(bundles)} trials (each {resources}, {slots} at once); MLflow {uri} experiment {experiment!r}",
+            f"[{name}] {len(tasks)} fits: {len(tasks) - len(todo)} already finished, {len(todo)} to run in "
+            f"{len(packs)} packs, {len(bundles)} trials; MLflow {uri} experiment {experiment!r}",
             flush=True,
         )
-    n_trials = 0
     t = time.perf_counter()
-    callback = _Progress(name, len(todo), t0, progress)
+    callback = Progress(name, len(todo), t0, progress)
+    n_trials = 0
     for attempt in range(tune_restarts + 1):
         if not packs:
             break
@@ -240,7 +215,7 @@ def run_sweep(
                 packs,
                 bundles,
                 ctx,
-                resources,
+                plan,
                 f"{sid}-r{attempt}" if attempt else sid,
                 trial_failures,
                 storage,
@@ -249,15 +224,14 @@ def run_sweep(
         except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
             if attempt == tune_restarts:
                 raise
-            lines = str(e).strip().splitlines() or [""]
             print(
-                f"[{name}] Ray Tune stopped ({type(e).__name__}: {lines[0][:200]}); restarting the fits that "
+                f"[{name}] Ray Tune stopped ({type(e).__name__}: {_first_line(e)}); restarting the fits that "
                 "are not finished",
                 flush=True,
             )
             _mark_stale(client, parent.experiment_id, {t.key for t in todo})
             done_keys = finished_runs(client, parent.experiment_id)
-            packs, bundles = plan([t for t in todo if t.key not in done_keys])
+            packs, bundles = packs_and_bundles([t for t in todo if t.key not in done_keys])
             continue
         _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
         _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
@@ -265,10 +239,60 @@ def run_sweep(
     timings["tune"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    finished = finished_runs(client, parent.experiment_id)
+    summary = _summarize(sid, experiment, tasks, todo, parent, uri, plan, callback, n_trials, timings, t0)
+    if progress:
+        _print_failures(name, client, parent.experiment_id, sid, {t.key for t in todo})
+    _finish_parent(parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays the fits' audio
+    timings["report"] = time.perf_counter() - t
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _check_arguments(
+    name: str,
+    tasks: list[FitTask],
+    gpu_fraction: float,
+    pack_size: int,
+    max_retries: int,
+    trial_failures: int,
+    trials_per_slot: int | None,
+    max_concurrent: int | None,
+) -> None:
+    """Bad arguments fail here, before MLflow or Ray start."""
+    if not tasks:
+        raise ConfigError(name, "the sweep has no fits (check --families/--clips/--lengths)")
+    keys = [t.key for t in tasks]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(name, "the sweep lists the same fit (family, clip, config, length) twice")
+    check_gpu_fraction(gpu_fraction)
+    if pack_size < 1 or max_retries < 0 or trial_failures < 0:
+        raise ConfigError(
+            "pack_size/max_retries/trial_failures",
+            f"need >= 1, >= 0, >= 0; got {pack_size}, {max_retries}, {trial_failures}",
+        )
+    if trials_per_slot is not None and trials_per_slot < 1:
+        raise ConfigError("trials_per_slot", f"need >= 1 (or None: one trial per pack); got {trials_per_slot}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError("--max-concurrent", f"need >= 1; got {max_concurrent}")
+
+
+def _summarize(
+    sid: str,
+    experiment: str,
+    tasks: list[FitTask],
+    todo: list[FitTask],
+    parent: MlflowRun,
+    uri: str,
+    plan: SweepPlan,
+    callback: Progress,
+    n_trials: int,
+    timings: dict[str, float],
+    t0: float,
+) -> SweepSummary:
+    finished = finished_runs(parent.client, parent.experiment_id)
     rows = [_row(t, finished[t.key]) for t in tasks if t.key in finished]
-    failed = len(tasks) - len(rows)
-    summary = SweepSummary(
+    skipped = len(tasks) - len(todo)
+    return SweepSummary(
         sid,
         experiment,
         parent.run_id,
@@ -276,35 +300,46 @@ def run_sweep(
         len(tasks),
         skipped,
         len(rows) - skipped,
-        failed,
+        len(tasks) - len(rows),
         time.perf_counter() - t0,
-        resources,
+        plan.resources,
         rows,
         packs=callback.results,
         n_trials=n_trials,
         timings=timings,
     )
-    _finish_parent(parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays the fits' audio
-    timings["report"] = time.perf_counter() - t
-    summary.seconds = time.perf_counter() - t0
-    return summary
+
+
+def _print_failures(name: str, client: Any, exp_id: str, sid: str, keys: set[str]) -> None:
+    """One line per fit of this run that FAILED, with the reason on its child run (no tracebacks)."""
+    failed = _search(client, exp_id, f"attributes.status = 'FAILED' and tags.`{SWEEP_TAG}` = '{sid}'")
+    seen = set()
+    for r in failed:
+        key = r.data.tags.get(KEY_TAG)
+        if key in keys and key not in seen:
+            seen.add(key)
+            reason = " ".join(r.data.tags.get(REASON_TAG, "no reason recorded").split())
+            print(f"[{name}] FAILED {key}: {reason[:300]}", flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines() or [""]
+    return lines[0][:200]
 
 
 def _tune(
     packs: list[list[FitTask]],
     bundles: list[list[int]],
     ctx: TrialContext,
-    resources: dict[str, float],
+    plan: SweepPlan,
     run_name: str,
     trial_failures: int,
     storage: str | None,
     callback: Any,
 ) -> Any:
     """One Tune run: a trial per bundle of packs (the packs travel in the param_space as plain data), actors
-    reused."""
-    from ray import tune
-
-    trainable = tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), resources)
+    reused, at most `plan.slots` at once (what the cluster runs at its capacity, or --max-concurrent)."""
+    trainable = tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), plan.resources)
     trials = [
         {"index": t, "packs": [dict(pack_to_config(packs[i]), index=i) for i in b]} for t, b in enumerate(bundles)
     ]
@@ -312,7 +347,9 @@ def _tune(
         trainable,
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(
-            reuse_actors=True, trial_dirname_creator=lambda trial: f"trial{trial.config['trial']['index']}"
+            reuse_actors=True,
+            trial_dirname_creator=lambda trial: f"trial{trial.config['trial']['index']}",
+            max_concurrent_trials=plan.max_concurrent,
         ),
         run_config=tune.RunConfig(
             name=run_name,
@@ -322,7 +359,8 @@ def _tune(
             callbacks=[callback],
         ),
     )
-    return tuner.fit()
+    with tune_errors_silenced():  # each failed fit is printed once by run_sweep, with its reason
+        return tuner.fit()
 
 
 def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> MlflowRun:
@@ -425,54 +463,45 @@ def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any], li
     parent.end("FINISHED" if s.failed == 0 else "FAILED")
 
 
-def _progress_class():
-    from ray.tune import Callback
+class Progress(tune.Callback):
+    """Collects every pack's result; with `show`, one line per finished pack: done / failed / remaining / ETA /
+    fits per hour."""
 
-    class Progress(Callback):
-        """Collects every pack's result; with `show`, one line per finished pack: done / failed / remaining / ETA /
-        fits per hour."""
+    def __init__(self, name: str, total: int, t0: float, show: bool):
+        self.name, self.total, self.t0, self.show = name, total, t0, show
+        self.done = self.failed = 0
+        self.results: list[dict[str, Any]] = []
+        self.reported: dict[str, int] = {}  # trial id -> fits it reported
 
-        def __init__(self, name: str, total: int, t0: float, show: bool):
-            self.name, self.total, self.t0, self.show = name, total, t0, show
-            self.done = self.failed = 0
-            self.results: list[dict[str, Any]] = []
-            self.reported: dict[str, int] = {}  # trial id -> fits it reported
+    def _line(self, note: str = "") -> None:
+        if not self.show:
+            return
+        elapsed = time.perf_counter() - self.t0
+        n = self.done + self.failed
+        rate = n / elapsed * 3600 if elapsed > 0 else 0.0
+        remaining = self.total - n
+        eta = remaining / (n / elapsed) if n else float("nan")
+        print(
+            f"[{self.name}] done {self.done}  failed {self.failed}  remaining {remaining}  "
+            f"ETA {_fmt_s(eta)}  {rate:.0f} fits/h{note}",
+            flush=True,
+        )
 
-        def _line(self, note: str = "") -> None:
-            if not self.show:
-                return
-            elapsed = time.perf_counter() - self.t0
-            n = self.done + self.failed
-            rate = n / elapsed * 3600 if elapsed > 0 else 0.0
-            remaining = self.total - n
-            eta = remaining / (n / elapsed) if n else float("nan")
-            print(
-                f"[{self.name}] done {self.done}  failed {self.failed}  remaining {remaining}  "
-                f"ETA {_fmt_s(eta)}  {rate:.0f} fits/h{note}",
-                flush=True,
-            )
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "fits_done" not in result:
+            return
+        self.results.append({k: v for k, v in result.items() if k != "config"})
+        # fits_skipped: FINISHED by an earlier attempt of this trial (a retry), so already counted
+        n = int(result.get("fits_done", 0))
+        self.done += n
+        self.failed += int(result.get("fits_failed", 0))
+        self.reported[trial.trial_id] = self.reported.get(trial.trial_id, 0) + n + int(result.get("fits_failed", 0))
+        self._line()
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "fits_done" not in result:
-                return
-            self.results.append({k: v for k, v in result.items() if k != "config"})
-            # fits_skipped: FINISHED by an earlier attempt of this trial (a retry), so already counted
-            n = int(result.get("fits_done", 0))
-            self.done += n
-            self.failed += int(result.get("fits_failed", 0))
-            self.reported[trial.trial_id] = self.reported.get(trial.trial_id, 0) + n + int(result.get("fits_failed", 0))
-            self._line()
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            lost = sum(len(p["clips"]) for p in trial.config["trial"]["packs"]) - self.reported.get(trial.trial_id, 0)
-            self.failed += lost
-            self._line(f"  (a trial crashed beyond its retries: its {lost} unreported fits are recorded FAILED)")
-
-    return Progress
-
-
-def _Progress(name: str, total: int, t0: float, show: bool = True):
-    return _progress_class()(name, total, t0, show)
+    def on_trial_error(self, iteration, trials, trial, **info):
+        lost = sum(len(p["clips"]) for p in trial.config["trial"]["packs"]) - self.reported.get(trial.trial_id, 0)
+        self.failed += lost
+        self._line(f"  (a trial crashed beyond its retries: its {lost} unreported fits are recorded FAILED)")
 
 
 def _fmt_s(s: float) -> str:

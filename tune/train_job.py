@@ -5,8 +5,10 @@
 Driver (this process):
 1. Start or join Ray: `--address`, else $RAY_ADDRESS (set by `ray job submit`), else a new LOCAL Ray
    (address="local": never attach by accident to another Ray running on the same machine).
-2. Workers from the cluster: one per GPU with use_gpu when it has GPUs, else CPU workers (default 2) that share
-   all CPUs but one, which is left to Ray Data's readers (a 2-core laptop: 2 workers x 0.5 CPU).
+2. Workers (tune.ray_env.choose_scaling): with GPUs, one GPU per worker, by default as many as one node of the
+   multi-GPU type has (FEWSOUND_TRAIN_GPUS), pinned to that type (its custom resource); else CPU workers (default
+   2) that share all CPUs but one, which is left to Ray Data's readers. The job's first line says which and why.
+   Workers without a CUDA device (an emulated cluster's fake GPUs) train on their CPUs with gloo.
 3. The run's key `train-{kind}-{target}-{hash8 of config, corpus and experiment}` names both the Ray Train run
    (its folder under the storage path, local or a cloud URI) and the MLflow run (tag fewsound.train_key).
    Re-running the same command finds both: Ray Train V2 restores its run from the storage folder and hands the
@@ -30,7 +32,6 @@ most every 30 s within an epoch and one per epoch, with samples/s and the ETA of
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import tempfile
 import time
@@ -42,11 +43,10 @@ import numpy as np
 from fewsound.config import cfg_hash, flatten, to_dict
 from fewsound.errors import ConfigError, DataError
 from fewsound.train import TrainConfig
-from tune.resources import use_gpus
+from tune.ray_env import choose_scaling, init_ray, storage_root, workers_have_cuda
 
 KEY_TAG = "fewsound.train_key"
 RESUME_TAG = "fewsound.resumed"
-DEFAULT_CPU_WORKERS = 2
 CACHE_BYTES = 512 << 20  # a worker keeps its share of the training split in memory when it is at most this
 MODEL_FILE = "fewsound_model.pt"
 
@@ -78,29 +78,6 @@ def run_key(cfg: TrainConfig, corpus: str, experiment: str) -> str:
     return f"train-{cfg.model.kind}-{cfg.model.target}-{h}"
 
 
-def choose_scaling(resources: dict[str, float], num_workers: int | None = None):
-    """(ScalingConfig, CPUs per worker) for the cluster: one GPU per worker when it has GPUs (default: all of
-    them), else CPU workers sharing all CPUs but one (left to Ray Data)."""
-    from ray.train import ScalingConfig
-
-    if num_workers is not None and num_workers < 1:
-        raise ConfigError("--num-workers", f"must be >= 1, got {num_workers}")
-    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
-    if use_gpus(resources):  # tune/resources.py: FEWSOUND_USE_GPU=auto|1|0 (GPU nodes may still be at zero)
-        n = num_workers or max(gpus, 1)
-        cpu_each = max(1.0, min(4.0, float(int((cpus - 1) // n)))) if cpus > n else 0.5
-        return ScalingConfig(num_workers=n, use_gpu=True, resources_per_worker={"CPU": cpu_each, "GPU": 1}), cpu_each
-    n = num_workers or DEFAULT_CPU_WORKERS
-    spare = cpus - 1  # one CPU for Ray Data's read tasks: without it the data pipeline starves next to the workers
-    if spare / n < 0.25:
-        raise ConfigError(
-            "--num-workers",
-            f"{n} CPU workers do not fit a cluster of {cpus:g} CPUs (one is kept for Ray Data); ask for fewer workers",
-        )
-    cpu_each = spare / n if spare / n < 1 else float(int(spare // n))
-    return ScalingConfig(num_workers=n, use_gpu=False, resources_per_worker={"CPU": cpu_each}), cpu_each
-
-
 def quiet_ray_data() -> None:
     """No Ray Data progress bars: redrawn many times a second by every worker, they bury the training log."""
     from ray.data import DataContext
@@ -108,24 +85,6 @@ def quiet_ray_data() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-
-
-def init_ray(address: str | None = None) -> dict[str, float]:
-    """Join `address` or $RAY_ADDRESS, else start a new local Ray. Returns the cluster's resources."""
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        env = (
-            {"env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}}
-            if os.environ.get("MLFLOW_TRACKING_URI")
-            else None
-        )
-        if address:
-            ray.init(address=address, runtime_env=env)
-        else:
-            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, runtime_env=env)
-    return ray.cluster_resources()
 
 
 def open_mlflow_run(experiment: str, key: str, params: dict[str, Any], tags: dict[str, Any]):
@@ -201,15 +160,15 @@ def run_training(
     from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
 
-    from fewsound.tracking import storage_root, tracking_uri
+    from fewsound.tracking import tracking_uri
 
     t0 = time.perf_counter()
     if keep_checkpoints < 1:
         raise ConfigError("--keep-checkpoints", f"must be >= 1, got {keep_checkpoints}")
     corpus = resolve_train_corpus(corpus, cfg.model.clip_length)
     uri = tracking_uri()  # before Ray starts, so that workers inherit MLFLOW_TRACKING_URI
-    resources = init_ray(address)
-    scaling, cpu_each = choose_scaling(resources, num_workers)
+    scaling, cpu_each, why = choose_scaling(init_ray(address), num_workers)
+    _announce_workers(scaling, cpu_each, why)
     if cfg.batch_size % scaling.num_workers:
         raise ConfigError(
             "batch_size", f"the global batch {cfg.batch_size} does not split evenly over {scaling.num_workers} workers"
@@ -274,6 +233,7 @@ def run_training(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling,
+        torch_config=_torch_config(scaling),
         run_config=ray.train.RunConfig(
             name=key,
             storage_path=storage,
@@ -328,6 +288,30 @@ def read_splits(c: Any, corpus: str) -> tuple[Any, Any]:
 
     train = ray.data.read_parquet(paths("train"), filesystem=fs, columns=columns, shuffle="files")
     return train, ray.data.read_parquet(paths("validation"), filesystem=fs, columns=columns)
+
+
+def _announce_workers(scaling: Any, cpu_each: float, why: str) -> None:
+    """The job's first line: what training asks Ray for, and why."""
+    n = scaling.num_workers
+    if not scaling.use_gpu:
+        print(f"[train] asking for {n} CPU workers x {cpu_each:g} CPU ({why})", flush=True)
+        return
+    extra = [k for k in scaling.resources_per_worker if k not in ("CPU", "GPU")]
+    where = f" on nodes with {', '.join(extra)}" if extra else ""
+    print(f"[train] asking for {n} GPU workers x (1 GPU + {cpu_each:g} CPU){where} ({why})", flush=True)
+
+
+def _torch_config(scaling: Any):
+    """NCCL where the workers see CUDA devices; gloo on CPU workers and on GPUs without CUDA (an emulated
+    cluster's fake GPUs), whose workers then train on their CPUs."""
+    from ray.train.torch import TorchConfig
+
+    if not scaling.use_gpu:
+        return TorchConfig()
+    if workers_have_cuda(scaling.resources_per_worker):
+        return TorchConfig(backend="nccl")
+    print("[train] the workers' GPUs have no CUDA device: training on their CPUs (gloo)", flush=True)
+    return TorchConfig(backend="gloo")
 
 
 # --------------------------------------------------------------------------------------------- workers
@@ -554,7 +538,7 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(torch_threads(config["cpus_per_worker"]))
-    device = ray.train.torch.get_device()
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")  # fake GPUs
     model = build_model(cfg.model, verbose=False).to(device)  # it logs its description (once: print would repeat)
     optimizer, scheduler = make_optimizer(model, cfg)
     run = (

@@ -4,7 +4,7 @@ Runs in a Ray worker process. Actors are reused across trials, so the per-proces
 the MLflow client, and fewsound.metrics' CDPAM model) are built once per worker and live for many trials.
 Logging goes over HTTP to the tracking server, so artifacts reach it from any node of a cluster.
 
-A trial runs one or more packs (tune.plan.bundle), each in turn (run_pack: fit, evaluate, log).
+A trial runs one or more packs (fewsound.plan.bundle), each in turn (run_pack: fit, evaluate, log).
 
 Per fit, the child run costs a fixed, small number of HTTP calls: create_run (with every tag), one log_batch
 (params + metrics + not-applicable reasons), the artifact uploads, set_terminated. MLflow's per-run "View run"
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from fewsound.data.audio import peak_normalize, save_audio
+from fewsound.plan import FitTask, pack_from_config
 from fewsound.tracking import PARENT_TAG
-from tune.plan import FitTask, pack_from_config
 
 KEY_TAG = "fewsound.fit_key"
 SWEEP_TAG = "fewsound.sweep"

@@ -1,4 +1,5 @@
-"""What a sweep fits: the list of fits (family x clip x length x config), their stable keys, and their packing.
+"""What a sweep fits (pure planning, no Ray): the list of fits (family x clip x length x config), their stable
+keys, and their packing.
 
 A fit's key is `{family}-{clip_id}-{cfg_hash8}` where the hash covers everything that determines the result
 (the fit config without runtime fields, and the clip length). Re-running a sweep skips every key that already
@@ -6,8 +7,8 @@ has a FINISHED run in MLflow, so resume is idempotent whatever happened to Ray's
 
 Fits with the same config and length are packed: one Ray Tune trial fits up to `pack_size` clips at once with
 the packed fitting engine (fewsound.fit), because Ray's per-trial overhead is seconds while a small fit's step
-is milliseconds. A Tune trial then runs one or more packs in turn (`bundle`): Tune's own cost per trial (~0.35 s
-of a slot on 2 cores, with actor reuse) is paid per trial, not per pack, while every pack still reports and logs
+is milliseconds. A Tune trial then runs one or more packs in turn (`bundle`): Tune's own cost per trial (a fixed
+scheduling cost, with actor reuse) is paid per trial, not per pack, while every pack still reports and logs
 as soon as it is done.
 """
 
