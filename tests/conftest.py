@@ -1,8 +1,13 @@
-"""Shared fixtures. Tests use real audio (the built-in corpus), real files, real Ray and a real MLflow server."""
+"""Shared fixtures. Tests use real audio (the built-in corpus), real files, real Ray and a real MLflow server.
+
+Two session-wide homes (each a FEWSOUND_HOME with its own MLflow server on a free port, its prepared corpus):
+`home` for the sweep-job modules (test_ablation, test_search, test_report_job, test_listen_browser), `env` for the
+sweep-engine modules (test_sweep, test_sweep_gpu, test_sweep_resume), so servers, corpora and Ray start once."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +42,45 @@ def s3(tmp_path, monkeypatch):
             monkeypatch.setenv(k, v)
         server.create_bucket("fewsound")
         yield server
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, request):
+    """The sweep-job modules' FEWSOUND_HOME (its MLflow server starts with the first job; stopped at the end)."""
+    import ray
+
+    from fewsound import tracking
+
+    saved = {k: os.environ.get(k) for k in ("FEWSOUND_HOME", "MLFLOW_TRACKING_URI")}
+    path = tmp_path_factory.getbasetemp() / "fewsound-sweep-jobs-home"
+    if not path.exists():
+        path.mkdir()
+        request.config.add_cleanup(lambda: (ray.shutdown(), tracking.stop_local_server(path)))
+    os.environ["FEWSOUND_HOME"] = str(path)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield path
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def sweep_home(tmp_path_factory, request) -> tuple[Path, str]:
+    """The sweep-engine modules' FEWSOUND_HOME and MLflow server (on a free port), started once per session."""
+    from fewsound import tracking
+
+    path = tmp_path_factory.getbasetemp() / "sweep-home"
+    path.mkdir(exist_ok=True)
+    uri = tracking.start_local_server(home=path)  # it picks a free port (and retries if one is taken meanwhile)
+    if not getattr(request.config, "_sweep_server_cleanup", False):
+        request.config._sweep_server_cleanup = True
+        request.config.add_cleanup(lambda: tracking.stop_local_server(path))
+    return path, uri
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, request):
+    """(home, MLflow URI) of the sweep-engine modules, set in the environment for the module."""
+    path, uri = sweep_home(tmp_path_factory, request)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEWSOUND_HOME", str(path))
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield path, uri

@@ -8,7 +8,6 @@ import os
 
 import pytest
 from sweep_jobs import job
-from sweep_jobs import sweep_jobs_home as home  # noqa: F401  (a fixture shared by the sweep-job tests)
 
 from fewsound.ablation import BASE_LABEL, KNOBS, check_param_counts, configs, knob_rows, knob_tables, paper_params
 
@@ -56,7 +55,7 @@ def test_base_is_fitted_once_and_shared_by_every_knob_table():
     assert order[1].rows[0].label == "3" and order[1].rows[0].paper["PESQ"] == (2.56, None)
 
 
-def test_kan_ablation_smoke_logs_knob_tables_and_plot_and_report_regenerates_them(home, tmp_path, capsys):  # noqa: F811 (the imported fixture)
+def test_kan_ablation_smoke_logs_knob_tables_and_plot_and_report_regenerates_them(home, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     kan_ablation, report_job = job("kan_ablation"), job("report")
@@ -88,7 +87,7 @@ def test_kan_ablation_smoke_logs_knob_tables_and_plot_and_report_regenerates_the
     assert psnr == pytest.approx({"True": by_label["base"], "False": by_label["scale_spline=False"]})
 
 
-def test_bad_knob_is_a_one_line_error(home, capsys):  # noqa: F811 (the imported fixture)
+def test_bad_knob_is_a_one_line_error(home, capsys):
     kan_ablation = job("kan_ablation")
     assert kan_ablation.main(["--knobs", "grid_size,colour"]) == 2
     err = capsys.readouterr().err.strip()

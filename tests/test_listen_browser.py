@@ -8,10 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-import sweep_jobs
 from browser import Chromium
-
-home = sweep_jobs.sweep_jobs_home  # the session home the sweep-job tests share (a fixture)
 
 LENGTH, SR = 16_384, 22_050
 

@@ -8,10 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-import sweep_jobs
 from sweep_jobs import job
-
-home = sweep_jobs.sweep_jobs_home  # the session home the sweep-job tests share (a fixture)
 
 
 def test_report_regenerates_tables_matching_the_child_runs(home, tmp_path, capsys):

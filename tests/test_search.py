@@ -11,7 +11,6 @@ import os
 import optuna
 import pytest
 from sweep_jobs import job
-from sweep_jobs import sweep_jobs_home as home  # noqa: F401  (a fixture shared by the sweep-job tests)
 
 from fewsound.errors import ConfigError
 from fewsound.search_space import SPACES, count_params, parse_weights, score, smallest_params, to_fit_config
@@ -54,7 +53,7 @@ def test_objective_scores():
         parse_weights("pesq=1,loudness=2")
 
 
-def test_search_smoke_logs_trials_respects_budget_and_stops_early(home, capsys):  # noqa: F811 (the imported fixture)
+def test_search_smoke_logs_trials_respects_budget_and_stops_early(home, capsys):
     from mlflow.tracking import MlflowClient
 
     assert job("search_inr").main(["--smoke-test"]) == 0
@@ -111,7 +110,7 @@ def test_search_smoke_logs_trials_respects_budget_and_stops_early(home, capsys):
         (["--steps", "5", "--chunks", "10"], "--trials/--chunks/--steps"),
     ],
 )
-def test_bad_input_is_a_one_line_error(home, capsys, argv, where):  # noqa: F811 (the imported fixture)
+def test_bad_input_is_a_one_line_error(home, capsys, argv, where):
     assert job("search_inr").main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {where}") and "\n" not in err

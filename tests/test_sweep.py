@@ -38,26 +38,6 @@ EVAL_KEYS = (
 FIT_KEYS = ("fit/loss", "cost/seconds", "cost/steps_per_s", "model/params")
 
 
-def sweep_home(tmp_path_factory, request) -> tuple[Path, str]:
-    """One FEWSOUND_HOME and MLflow server (on a free port) for every sweep test module of this pytest session."""
-    home = tmp_path_factory.getbasetemp() / "sweep-home"
-    home.mkdir(exist_ok=True)
-    uri = tracking.start_local_server(home=home)  # it picks a free port (and retries if one is taken meanwhile)
-    if not getattr(request.config, "_sweep_server_cleanup", False):
-        request.config._sweep_server_cleanup = True
-        request.config.add_cleanup(lambda: tracking.stop_local_server(home))
-    return home, uri
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, request):
-    home, uri = sweep_home(tmp_path_factory, request)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEWSOUND_HOME", str(home))
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        yield home, uri
-
-
 @pytest.fixture(scope="module")
 def ray_local(env):
     import ray

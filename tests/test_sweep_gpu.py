@@ -5,14 +5,13 @@ same sweep asking for CPUs only. Concurrency is read from the time spans the tri
 from __future__ import annotations
 
 import pytest
-from test_sweep import env  # noqa: F401  (the shared FEWSOUND_HOME + MLflow server fixture; tests/ is on sys.path)
 
 from fewsound.fit import FitConfig
 from fewsound.plan import FitTask
 
 
 @pytest.fixture(scope="module")
-def corpus(env):  # noqa: F811  (the fixture imported above)
+def corpus(env):
     from tune.jobs import resolve_corpus
 
     return resolve_corpus(None, 4096)

@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from test_sweep import REPO, children, sweep_home  # tests/ is on sys.path (rootdir-relative imports)
+from test_sweep import REPO, children  # tests/ is on sys.path (rootdir-relative imports)
 
 from tune.trial import KEY_TAG
 
@@ -29,8 +29,9 @@ CMD = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, request):
-    home, uri = sweep_home(tmp_path_factory, request)
+def job_env(env):
+    """The job's environment (conftest's sweep home and server) and the MLflow URI."""
+    home, uri = env
     return dict(os.environ, FEWSOUND_HOME=str(home), MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(REPO)), uri
 
 
@@ -49,10 +50,10 @@ def _is_agent(p: psutil.Process) -> bool:
         return False
 
 
-def test_sigkill_mid_sweep_then_rerun_finishes_every_fit_exactly_once(env, tmp_path):
+def test_sigkill_mid_sweep_then_rerun_finishes_every_fit_exactly_once(job_env, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    environ, uri = env
+    environ, uri = job_env
     client = MlflowClient(tracking_uri=uri)
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(CMD, cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT)
