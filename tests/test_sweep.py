@@ -290,22 +290,33 @@ def test_packs_bundled_into_one_trial_report_one_by_one_and_a_crashing_pack_spar
 @pytest.mark.parametrize(
     "args, expect",
     [
-        (["--families", "nerf,transformer"], "--families: unknown value(s) ['transformer']"),
         (["--corpus", "/nonexistent/corpus", "--steps", "2"], "/nonexistent/corpus: no such corpus folder"),
         (["--gpu-fraction", "0.3", "--families", "nerf"], "gpu_fraction: 0.3 does not divide one GPU"),
         (["--trials-per-slot", "-1", "--families", "nerf"], "trials_per_slot: need >= 1"),
+        (["--steps", "2", "--max-concurrent", "0"], "--max-concurrent: need >= 1"),
     ],
 )
-def test_bad_input_is_one_line_and_a_nonzero_exit(env, args, expect):
+def test_bad_input_is_one_line_and_a_nonzero_exit(env, args, expect, capsys):
+    """The job's main() in this process: exit code 2 and one line naming the option or file."""
+    from sweep_jobs import job
+
+    assert job("fit_inrs").main(args) == 2
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err + out.out
+    lines = [x for x in out.err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], out.err
+
+
+def test_bad_input_from_the_command_line(env):
+    """One case as a user runs it: a fresh interpreter, the script by its path."""
     p = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "fit_inrs.py"), *args],
+        [sys.executable, str(REPO / "jobs" / "fit_inrs.py"), "--families", "nerf,transformer"],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
-    assert p.returncode == 2
-    assert "Traceback" not in p.stderr + p.stdout
+    assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout
     lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], p.stderr
+    assert len(lines) == 1 and "--families: unknown value(s) ['transformer']" in lines[0], p.stderr
