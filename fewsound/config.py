@@ -62,7 +62,7 @@ def from_flat(cls: type[C], flat: dict[str, Any]) -> C:
 
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     """Build a (possibly nested) dataclass from a plain dict, coercing lists to tuples."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  (C is a dataclass)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # C is a dataclass
     names = set(fields)
     unknown = set(data) - names
     if unknown:
@@ -80,8 +80,8 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
 
 def _dataclass_type(cls: type, f: dataclasses.Field) -> type | None:
     """The dataclass type of a nested-config field, from its default (robust to string annotations)."""
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        probe = f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        probe = f.default_factory()
         return type(probe) if dataclasses.is_dataclass(probe) else None
     if dataclasses.is_dataclass(f.default):
         return type(f.default)

@@ -26,7 +26,7 @@ import html
 import io
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -240,7 +240,7 @@ def _section_html(section: Section, audio: ClipAudio | None) -> str:
     for r in section.rows:
         rid = str(r["run_id"])
         pred = audio.preds.get(rid) if audio is not None else None
-        if pred is not None:
+        if audio is not None and pred is not None and vmax is not None:
             media = (
                 f'<td><audio controls preload="metadata" src="{flac_data_uri(pred, audio.sr)}"></audio></td>'
                 f'<td><img class="spec" alt="{_e(r["label"])} spectrogram" '
@@ -253,7 +253,7 @@ def _section_html(section: Section, audio: ClipAudio | None) -> str:
         cells = []
         for col, key, _ in columns:
             v = r.get(key)
-            text = tables._fmt(col, float(v)) if _finite(v) else "-"
+            text = tables._fmt(col, float(v)) if v is not None and _finite(v) else "-"
             cls = "num best" if best.get(col) == rid else "num"
             cells.append(f'<td class="{cls}" data-column="{_e(col)}">{text}</td>')
         out.append(
@@ -270,7 +270,7 @@ def render_page(
     *,
     title: str,
     header: Mapping[str, Any],
-    summary: list[tables.Table] = (),
+    summary: Sequence[tables.Table] = (),
     n_clips_total: int | None = None,
 ) -> str:
     """The whole page as one HTML string. audio: (clip_id, length) -> what its section plays (a section without
