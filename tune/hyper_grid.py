@@ -298,6 +298,8 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
             results[tr.key] = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - one failed training must not lose the others; recorded and reported
             failed.append(f"{tr.key} ({cells_text(tr.cells)}): {str(e).strip().splitlines()[-1][:300]}")
+            if not pending:
+                _release_leftovers(log)
         _progress_line(log, results, failed, len(todo), t0, tr)
     not_run = [f"{cells_text(t.cells)}: {t.skip}" for t in trainings if t.skip]
     markdown = _finish_parent(parent, cells, trainings, results, s, not_run, failed)
@@ -313,6 +315,20 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
         markdown,
         time.perf_counter() - t0,
     )
+
+
+def _release_leftovers(log: Any) -> None:
+    """Remove the placement groups a dead training left behind, when no other training is in flight. A training
+    whose controller is killed (e.g. by Ray's memory monitor) can leave its workers' placement group reserved;
+    the next training's Ray Data readers then wait forever for that CPU."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    left = [pg for pg, info in ray.util.placement_group_table().items() if info.get("state") == "CREATED"]
+    for pg in left:
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg)))
+    if left:
+        log(f"[hyper_tables] released {len(left)} placement group(s) left by the failed training")
 
 
 def _progress_line(log: Any, results: dict, failed: list, total: int, t0: float, last: Training) -> None:
