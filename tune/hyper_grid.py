@@ -127,6 +127,7 @@ class Settings:
     clips: int | None = None
     metrics: list[str] | None = None
     long_seconds: float | None = 10.0
+    retries: int = 1  # a failed training is tried again this many times (resuming from its last checkpoint)
 
 
 def train_config(cell: Cell, s: Settings):
@@ -288,18 +289,25 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
     failed: list[str] = []
     pending: dict[Any, Training] = {}
     queue = list(todo)
+    tries: dict[str, int] = {}
     while queue or pending:
         while queue and len(pending) < parallel:
             tr = queue.pop(0)
+            tries[tr.key] = tries.get(tr.key, 0) + 1
             pending[task.remote(tr, s, parent.run_id, grid_id)] = tr
         done, _ = ray.wait(list(pending), num_returns=1)
         tr = pending.pop(done[0])
         try:
             results[tr.key] = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - one failed training must not lose the others; recorded and reported
-            failed.append(f"{tr.key} ({cells_text(tr.cells)}): {str(e).strip().splitlines()[-1][:300]}")
+            reason = str(e).strip().splitlines()[-1][:300]
             if not pending:
                 _release_leftovers(log)
+            if tries[tr.key] <= s.retries:  # e.g. killed by the memory monitor: resumes from its last checkpoint
+                log(f"[hyper_tables] {cells_text(tr.cells)} failed ({reason[:120]}); trying again")
+                queue.append(tr)
+                continue
+            failed.append(f"{tr.key} ({cells_text(tr.cells)}): {reason}")
         _progress_line(log, results, failed, len(todo), t0, tr)
     not_run = [f"{cells_text(t.cells)}: {t.skip}" for t in trainings if t.skip]
     markdown = _finish_parent(parent, cells, trainings, results, s, not_run, failed)
