@@ -300,7 +300,9 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
         try:
             results[tr.key] = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - one failed training must not lose the others; recorded and reported
-            reason = str(e).strip().splitlines()[-1][:300]
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+            # Ray's error text ends with advice; the line that says what happened names the error or the kill
+            reason = next((x for x in lines if "killed" in x or "Error" in x), lines[-1])[:300]
             if not pending:
                 _release_leftovers(log)
             if tries[tr.key] <= s.retries:  # e.g. killed by the memory monitor: resumes from its last checkpoint
