@@ -151,3 +151,21 @@ def _check_grid_runs(client, first: str, second: str, eval_tag: str) -> None:
     plots = {a.path for a in client.list_artifacts(parent, "tables/plots")}
     assert plots == {"tables/plots/table_6_A.png", "tables/plots/table_6_B.png"}
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_bad_arguments_are_one_line_and_exit_2(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hyper_tables", REPO / "jobs" / "hyper_tables.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    for argv, needle in (
+        (["--tables", "1,2"], "--tables"),
+        (["--tables", "two"], "--tables"),
+        (["--datasets", "VCTK"], "--datasets"),
+        (["--whisper", "small=/models/w"], "--whisper"),
+        (["--set", "nonsense"], "--set"),
+    ):
+        assert job.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err, err
