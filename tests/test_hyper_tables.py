@@ -125,9 +125,13 @@ def test_grid_on_the_builtin_corpus_logs_one_parent_and_skips_on_rerun(tmp_path,
         first = capsys.readouterr().out
         assert job.main(argv) == 0
         second = capsys.readouterr().out
+        _check_grid_runs(MlflowClient(uri), first, second, EVAL_TAG)
     finally:
         ray.shutdown()
         tracking.stop_local_server(tmp_path)
+
+
+def _check_grid_runs(client, first: str, second: str, eval_tag: str) -> None:
     assert "**A, 4096 samples**" in first and "**B, 4096 samples**" in first, first
     assert first.count("| NERF | ") == 2 and first.count("| KAN | ") == 2, first
     assert "Long audio" in first and "T6 KAN (A), windowed" in first
@@ -135,12 +139,11 @@ def test_grid_on_the_builtin_corpus_logs_one_parent_and_skips_on_rerun(tmp_path,
     assert "2 trainings: 0 trained, 0 evaluated, 2 found finished" in second, second
     parent = first.split("parent run ")[1].split()[0]
     assert parent == second.split("parent run ")[1].split()[0]
-    client = MlflowClient(uri)
     exp = client.get_experiment_by_name("hyper_tables-smoke")
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(children) == 2
     for c in children:
-        assert c.info.status == "FINISHED" and c.data.tags[EVAL_TAG].startswith("eval-")
+        assert c.info.status == "FINISHED" and c.data.tags[eval_tag].startswith("eval-")
         assert {"evaluation/mse", "evaluation_long/mse", "val/loss", "train/loss"} <= set(c.data.metrics)
         assert len(client.get_metric_history(c.info.run_id, "train/loss")) == 2  # one point per epoch
     files = {a.path for a in client.list_artifacts(parent, "tables")}
@@ -148,3 +151,21 @@ def test_grid_on_the_builtin_corpus_logs_one_parent_and_skips_on_rerun(tmp_path,
     plots = {a.path for a in client.list_artifacts(parent, "tables/plots")}
     assert plots == {"tables/plots/table_6_A.png", "tables/plots/table_6_B.png"}
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_bad_arguments_are_one_line_and_exit_2(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hyper_tables", REPO / "jobs" / "hyper_tables.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    for argv, needle in (
+        (["--tables", "1,2"], "--tables"),
+        (["--tables", "two"], "--tables"),
+        (["--datasets", "VCTK"], "--datasets"),
+        (["--whisper", "small=/models/w"], "--whisper"),
+        (["--set", "nonsense"], "--set"),
+    ):
+        assert job.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err, err

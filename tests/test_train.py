@@ -316,20 +316,23 @@ def test_augmentations_are_off_by_default_and_applied_to_training_crops_only(spe
 
 
 def test_progress_lines_give_samples_per_s_and_the_eta_of_the_remaining_steps(capfd):
-    """A resumed run (from epoch 2 of 10, 20 steps each) that spends 0.5 s per step: the ETA counts only the
-    steps still to do, at the pace measured in this session; in-epoch lines come at most every `every_s`."""
+    """A resumed run (from epoch 2 of 10, 20 steps each) that spends 0.5 s per step after a 60 s start-up: the
+    ETA counts only the steps still to do, at the pace measured since this session's first step; in-epoch lines
+    come at most every `every_s`."""
     from tune.train_job import Progress
 
     cfg = tiny(epochs=10, batch_size=4, samples_per_epoch=80)
     now = [100.0]
     p = Progress(cfg, start_epoch=2, world=2, every_s=3.0, clock=lambda: now[0])
+    now[0] += 60.0  # start-up (data, DDP) before the first step: not the pace of training
     for step in range(1, 21):
         now[0] += 0.5
         p.on_step(step, samples=2 * step, seconds=0.5 * step)
     lines = [x for x in capfd.readouterr().out.splitlines() if x.startswith("[train]")]
-    assert len(lines) == 3, lines  # after 3.0, 6.0 and 9.0 s; never on the epoch's last step
-    assert lines[0].startswith("[train] epoch 3/10 step 6/20 (46/200)") and "8.0 samples/s" in lines[0], lines[0]
+    assert len(lines) == 4, lines  # at step 1 (60 s since the last line: no pace yet), then every 3 s: 7, 13, 19
+    assert lines[0].endswith("ETA ?"), lines[0]
+    assert lines[1] == "[train] epoch 3/10 step 7/20 (47/200)  8.0 samples/s  ETA 1m16s", lines[1]  # 3 s / 6 steps
     metrics = {"train/loss": 0.5, "cost/samples_per_s": 8.0, "cost/epoch_seconds": 10.0}
     line = p.epoch_line(2, 60, metrics)
-    assert metrics["progress/eta_seconds"] == pytest.approx(0.5 * 140)  # 7 epochs of 20 steps left
+    assert metrics["progress/eta_seconds"] == pytest.approx(0.5 * 140)  # 7 epochs of 20 steps left, 0.5 s each
     assert "ETA 1m10s" in line and "8.0 samples/s" in line and line.startswith("[train] epoch 3/10 step 60/200")

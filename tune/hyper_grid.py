@@ -127,6 +127,7 @@ class Settings:
     clips: int | None = None
     metrics: list[str] | None = None
     long_seconds: float | None = 10.0
+    retries: int = 1  # a failed training is tried again this many times (resuming from its last checkpoint)
 
 
 def train_config(cell: Cell, s: Settings):
@@ -288,16 +289,27 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
     failed: list[str] = []
     pending: dict[Any, Training] = {}
     queue = list(todo)
+    tries: dict[str, int] = {}
     while queue or pending:
         while queue and len(pending) < parallel:
             tr = queue.pop(0)
+            tries[tr.key] = tries.get(tr.key, 0) + 1
             pending[task.remote(tr, s, parent.run_id, grid_id)] = tr
         done, _ = ray.wait(list(pending), num_returns=1)
         tr = pending.pop(done[0])
         try:
             results[tr.key] = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - one failed training must not lose the others; recorded and reported
-            failed.append(f"{tr.key} ({cells_text(tr.cells)}): {str(e).strip().splitlines()[-1][:300]}")
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+            # Ray's error text ends with advice; the line that says what happened names the error or the kill
+            reason = next((x for x in lines if "killed" in x or "Error" in x), lines[-1])[:300]
+            if not pending:
+                _release_leftovers(log)
+            if tries[tr.key] <= s.retries:  # e.g. killed by the memory monitor: resumes from its last checkpoint
+                log(f"[hyper_tables] {cells_text(tr.cells)} failed ({reason[:120]}); trying again")
+                queue.append(tr)
+                continue
+            failed.append(f"{tr.key} ({cells_text(tr.cells)}): {reason}")
         _progress_line(log, results, failed, len(todo), t0, tr)
     not_run = [f"{cells_text(t.cells)}: {t.skip}" for t in trainings if t.skip]
     markdown = _finish_parent(parent, cells, trainings, results, s, not_run, failed)
@@ -313,6 +325,20 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
         markdown,
         time.perf_counter() - t0,
     )
+
+
+def _release_leftovers(log: Any) -> None:
+    """Remove the placement groups a dead training left behind, when no other training is in flight. A training
+    whose controller is killed (e.g. by Ray's memory monitor) can leave its workers' placement group reserved;
+    the next training's Ray Data readers then wait forever for that CPU."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    left = [pg for pg, info in ray.util.placement_group_table().items() if info.get("state") == "CREATED"]
+    for pg in left:
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg)))
+    if left:
+        log(f"[hyper_tables] released {len(left)} placement group(s) left by the failed training")
 
 
 def _progress_line(log: Any, results: dict, failed: list, total: int, t0: float, last: Training) -> None:

@@ -450,24 +450,28 @@ def _log_final_model(run: Any, model: Any, uri: str) -> None:
 
 class Progress:
     """Rank 0's job-log lines: within an epoch at most every `every_s` seconds (step i/n, samples/s), and after
-    every epoch; each with the ETA of the whole run from the wall time this session has spent per step so far
-    (validation and checkpoints included), so a resumed run's ETA counts only the steps still to do."""
+    every epoch; each with the ETA of the whole run from the wall time this session has spent per step since its
+    first step (validation and checkpoints included, start-up not), so a resumed run's ETA counts only the steps
+    still to do."""
 
     def __init__(self, cfg: Any, start_epoch: int, world: int, every_s: float = 30.0, clock: Any = time.perf_counter):
         self.cfg, self.world, self.every_s, self.clock = cfg, world, every_s, clock
-        self.t0 = self.last = clock()
-        self.first_step = start_epoch * cfg.steps_per_epoch
+        self.last = clock()
+        self.t0: float | None = None  # when this session's first step ended
+        self.first_step = start_epoch * cfg.steps_per_epoch + 1
         self.epoch = start_epoch
 
     def eta_seconds(self, global_step: int) -> float:
         done = global_step - self.first_step
-        if done <= 0:
+        if self.t0 is None or done <= 0:
             return float("nan")
         return (self.clock() - self.t0) / done * (self.cfg.total_steps - global_step)
 
     def on_step(self, steps: int, samples: int, seconds: float) -> None:
         """run_epoch's callback: one line when `every_s` passed since the last one."""
         now = self.clock()
+        if self.t0 is None:
+            self.t0 = now
         if now - self.last < self.every_s or steps == self.cfg.steps_per_epoch:
             return
         self.last = now
