@@ -54,7 +54,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ from fewsound.config import from_dict, to_dict
 from fewsound.errors import ConfigError
 from fewsound.hyper import HyperConfig
 from fewsound.losses import fit_loss
+
+if TYPE_CHECKING:
+    from fewsound.hyper.model import _HyperModel
 
 # The paper's rates (its text): 1e-5, SIREN 1e-6 (the code's siren.yaml).
 DEFAULT_LR: dict[str, float] = {"nerf": 1e-5, "kan": 1e-5, "siren": 1e-6}
@@ -212,9 +215,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     return optimizer, scheduler
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> _HyperModel:
     """The FewSound/HyperSound module inside a DDP wrapper (or the module itself)."""
-    return getattr(model, "module", model)
+    return cast("_HyperModel", getattr(model, "module", model))
 
 
 def train_step(
@@ -435,7 +438,8 @@ def choose_validation(clip_ids: Sequence[str], kinds: Sequence[str], n: int, n_l
     by_kind: dict[str, list[int]] = defaultdict(list)
     for i in subset:
         by_kind[kinds[i]].append(i)
-    logged, queues = [], [list(v) for _, v in sorted(by_kind.items())]
+    logged: list[int] = []
+    queues = [list(v) for _, v in sorted(by_kind.items())]
     while len(logged) < min(n_log, len(subset)):
         for q in queues:
             if q and len(logged) < n_log:
@@ -490,12 +494,17 @@ def validate(
     recs = reconstruct(model, clips, device=device)
     uni = universal_reconstruction(model, clips.shape[1])
     ref_t = torch.from_numpy(clips)
-    kw = dict(lambda_t=cfg.lambda_t, lambda_f=cfg.lambda_f, sr=cfg.model.sample_rate)
-    losses = fit_loss(torch.from_numpy(recs), ref_t, **kw).numpy()
+
+    def loss(pred: np.ndarray) -> np.ndarray:  # [V, N] -> [V]
+        return fit_loss(
+            torch.from_numpy(pred), ref_t, lambda_t=cfg.lambda_t, lambda_f=cfg.lambda_f, sr=cfg.model.sample_rate
+        ).numpy()
+
+    losses = loss(recs)
     rows = [{"clip_id": ids[i], "kind": kinds[i], "loss": float(losses[i]), "metrics": {}} for i in range(len(clips))]
     if uni is not None:
         uni_b = np.broadcast_to(uni, clips.shape).copy()
-        uni_losses = fit_loss(torch.from_numpy(uni_b), ref_t, **kw).numpy()
+        uni_losses = loss(uni_b)
         for r, ul in zip(rows, uni_losses):
             r["universal_loss"], r["universal"] = float(ul), {}
     for kind in sorted(set(kinds)):
@@ -646,12 +655,14 @@ def train(
     device = torch.device(device)
     model = build_model(cfg.model, verbose=False).to(device)
     optimizer, scheduler = make_optimizer(model, cfg)
-    stream = random_batches(train_segments, cfg.batch_size, cfg.model.clip_length, seed=cfg.seed, augment=cfg.augment)
+    length = cfg.model.clip_length
+    assert length is not None  # HyperConfig fills it from the preset
+    stream = random_batches(train_segments, cfg.batch_size, length, seed=cfg.seed, augment=cfg.augment)
     val = None
     if val_segments is not None and len(val_segments):
         kinds = list(val_kinds or ["speech"] * len(val_segments))
         subset, _ = choose_validation([str(i) for i in range(len(val_segments))], kinds, cfg.val_clips, 0)
-        val = (validation_crop(val_segments[subset], cfg.model.clip_length), [kinds[i] for i in subset])
+        val = (validation_crop(val_segments[subset], length), [kinds[i] for i in subset])
     history, summaries = [], []
     for epoch in range(cfg.epochs):
         stats = run_epoch(model, stream, optimizer, scheduler, cfg, epoch, device=device)
@@ -700,6 +711,7 @@ def evaluate_model(
 
     m = unwrap(model)
     length, sr = m.config.clip_length, m.config.sample_rate
+    assert length is not None  # HyperConfig fills it from the preset
     clips = validation_crop(segments, length)
     recs = reconstruct(m, clips, batch_size=batch_size, device=device)
     params = float(m.param_counts()["total"])

@@ -53,6 +53,12 @@ def _norm(kind: str, channels: int, length: int) -> nn.Module:
     return nn.Identity()
 
 
+class SoundEncoder(nn.Module):
+    """Base of the sound encoders: forward maps audio [B, N] -> [B, out_dim]."""
+
+    out_dim: int  # E, set by each encoder's __init__
+
+
 class ResidualUnit(nn.Module):
     """x + ELU(N(1x1(ELU(N(causal k7, dilation d (x))))))."""
 
@@ -71,7 +77,7 @@ class ResidualUnit(nn.Module):
         return x + self.body(x)
 
 
-class SoundStreamEncoder(nn.Module):
+class SoundStreamEncoder(SoundEncoder):
     """audio [B, N] -> [B, D * ceil(N / 320)] (C = 16, D = 32: 1,173,536 params without norm affines)."""
 
     STRIDES = (2, 4, 5, 8)
@@ -127,9 +133,12 @@ class LookaheadConv(nn.Module):
         return x + F.elu(self.norm(self.conv(F.pad(x, self.pad))))
 
 
-class SpectralEncoder(nn.Module):
+class SpectralEncoder(SoundEncoder):
     """audio [B, N] -> [B, E]: |STFT| (Hann 512, hop 256, at the data's own rate) -> log, plus A-weighted loudness
     (one channel) -> Conv1d + GLU -> 5 lookahead convs -> MLP -> GRU; E = the GRU's last hidden state."""
+
+    window: Tensor  # [n_fft] Hann window (buffer)
+    a_weight: Tensor  # [n_fft // 2 + 1] A-weighting power gain per bin (buffer)
 
     def __init__(self, out_dim: int, sample_rate: int, channels: int = 256, n_fft: int = 512, hop: int = 256):
         super().__init__()
@@ -206,7 +215,7 @@ class LocalAttention(nn.Module):
         return x + h
 
 
-class SnacEncoder(nn.Module):
+class SnacEncoder(SoundEncoder):
     """audio [B, N] -> [B, E]: conv(1 -> d) -> 4 x [3 residual units, Snake, strided conv (x2 channels)] ->
     local attention -> flatten to one channel -> Conv1d(1, 1, 4, stride 4) + LeakyReLU -> Linear(-> E)."""
 
@@ -236,7 +245,7 @@ class SnacEncoder(nn.Module):
 # --- Whisper ------------------------------------------------------------------------------------------------
 
 
-class WhisperEncoder(nn.Module):
+class WhisperEncoder(SoundEncoder):
     """A pretrained Whisper encoder from a LOCAL checkpoint (a Hugging Face model folder), frozen, + a GRU head.
 
     The paper fine-tunes tiny.en / large-v2 with LoRA; weights cannot be downloaded here, so this class only runs
@@ -280,7 +289,7 @@ class WhisperEncoder(nn.Module):
         return last[-1]
 
 
-def build_encoder(cfg) -> nn.Module:
+def build_encoder(cfg) -> SoundEncoder:
     """The sound encoder named by `cfg.encoder`; E = SoundStream's frames * D for every encoder (paper: 3,296)."""
     e_dim = SoundStreamEncoder.frames_for(cfg.clip_length) * cfg.embedding_dim
     return ENCODERS[cfg.encoder](cfg, e_dim)

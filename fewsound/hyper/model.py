@@ -45,10 +45,11 @@ class HyperMLP(nn.Module):
     def __init__(self, n_in: int, widths: tuple[int, ...], n_out: int):
         super().__init__()
         dims = [n_in, *widths]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        for layer in self.hidden:
+        layers = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])]
+        for layer in layers:
             nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
             nn.init.zeros_(layer.bias)
+        self.hidden = nn.ModuleList(layers)
         self.out = nn.Linear(dims[-1], n_out)
         nn.init.zeros_(self.out.bias)
 
@@ -121,6 +122,12 @@ def _reference_theta(specs: dict, gen: torch.Generator) -> Tensor:
 class _HyperModel(nn.Module):
     """What FewSound and HyperSound share: the target INR, the encoder, flat <-> param-dict, buffers, counts."""
 
+    # Buffers (registered below) and the subclasses' H: declared so they type as what they are, not as
+    # nn.Module.__getattr__'s `Tensor | Module`.
+    out_scale: Tensor  # [N_target]
+    coords: Tensor  # [clip_length]
+    hyper: HyperMLP
+
     def __init__(self, cfg: HyperConfig):
         super().__init__()
         self.config = cfg
@@ -144,6 +151,7 @@ class _HyperModel(nn.Module):
         self._theta0 = theta0
         self.encoder = build_encoder(cfg)
         self.embedding_dim = self.encoder.out_dim
+        assert cfg.clip_length is not None  # HyperConfig fills it from the preset
         self.register_buffer("coords", coordinates(cfg.clip_length), persistent=False)
         self.epoch = 0
         self.delta_factor = 1.0
@@ -165,6 +173,9 @@ class _HyperModel(nn.Module):
         }
 
     def target_flat(self, audio: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def universal(self, n_samples: int | None = None) -> Tensor:
         raise NotImplementedError
 
     def target_params(self, audio: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -199,11 +210,12 @@ class _HyperModel(nn.Module):
         def count(m):
             return sum(p.numel() for p in m.parameters() if p.requires_grad) if m is not None else 0
 
+        theta = getattr(self, "theta", None)  # FewSound's universal weights; HyperSound has none
         counts = {
             "encoder": count(self.encoder),
             "weight_encoder": count(getattr(self, "weight_encoder", None)),
             "hypernetwork": count(self.hyper),
-            "universal": self.theta.numel() if isinstance(getattr(self, "theta", None), nn.Parameter) else 0,
+            "universal": theta.numel() if isinstance(theta, nn.Parameter) else 0,
         }
         total = sum(p.numel() for p in self.parameters() if p.requires_grad)
         assert total == sum(counts.values()), (total, counts)  # every trainable tensor belongs to one part
@@ -236,6 +248,7 @@ class FewSound(_HyperModel):
             theta = _reference_theta(self.specs, torch.Generator().manual_seed(cfg.seed))
         self.theta = nn.Parameter(theta)  # universal weights [N_target]
         self.weight_encoder = WEIGHT_ENCODERS[cfg.weight_encoder](cfg, self.n_target, self.embedding_dim)
+        assert cfg.hyper_widths is not None  # HyperConfig fills it from the preset
         self.hyper = HyperMLP(2 * self.embedding_dim, cfg.hyper_widths, self.n_target)
         self.set_epoch(0)
 
@@ -269,6 +282,7 @@ class HyperSound(_HyperModel):
 
     def __init__(self, cfg: HyperConfig):
         super().__init__(cfg)
+        assert cfg.hyper_widths is not None  # HyperConfig fills it from the preset
         self.hyper = HyperMLP(self.embedding_dim, cfg.hyper_widths, self.n_target)
         if cfg.output_scaling == "block_rms":
             with torch.no_grad():

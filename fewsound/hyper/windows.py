@@ -12,7 +12,7 @@ jumping. Each window may be peak-normalised before the model (as in training) an
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ def reconstruct_long(
     batch_size: windows per model call. normalize: divide each window by its peak before the model and
     multiply back after (training clips are peak-normalised); silent windows are left as they are.
     """
-    cfg = getattr(model, "config", None)
+    cfg: Any = getattr(model, "config", None)  # a HyperConfig for a model; a plain function has none
     window = int(window or cfg.clip_length)
     overlap = window // 4 if overlap is None else int(overlap)
     assert 0 <= overlap < window, f"overlap must be in [0, {window}), got {overlap}"
