@@ -53,7 +53,10 @@ DEFAULT_CPU_WORKERS = 2
 # MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true: no "View run ... at" line (and no get_run call) per child run.
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 # what a job's Ray workers inherit from the driver (Ray workers on other nodes do not see the driver's shell)
-WORKER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", *QUIET_ENV)
+# Passed to workers in the job's runtime_env (visible in the dashboard: no secrets here). MLflow's credentials
+# (MLFLOW_TRACKING_USERNAME/PASSWORD) reach workers from the environment Ray was started in: a local Ray's raylet
+# inherits the driver's, a cluster's nodes have them from their own start (cluster.yaml).
+WORKER_ENV = ("MLFLOW_TRACKING_URI", *QUIET_ENV)
 
 
 def quiet_defaults() -> None:
