@@ -169,7 +169,7 @@ def test_prepare_data_writes_the_corpus_to_the_bucket_and_resumes(cloud, inr_cor
         for k, v in s3.env.items():
             mp.setenv(k, v)
         corpus = open_corpus(INR_CORPUS, verify=True)  # every shard's sha256 matches the manifest
-        assert len(corpus) >= 30 and {c.kind for c in corpus.infos()} == {"speech", "music", "environment"}
+        assert len(corpus) >= 10 and {c.kind for c in corpus.infos()} == {"speech", "music", "environment"}
         speech = [c for c in corpus.infos() if c.kind == "speech"]
         assert corpus.clip(speech[-1].clip_id).audio.shape == (32_768,)
     # the same command again keeps every shard (receipts + checksums read back from the bucket)
