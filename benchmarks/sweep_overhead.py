@@ -17,8 +17,8 @@ Figures, per mode:
                 evaluation, MLflow calls and the server answering them, the driver's bookkeeping, idle slots)
   fits per hour fits / wall
   breakdown     pack setup (the resume lookup, loading clips), fit wall time (vs its CPU time: the difference
-                is the core shared with everything else), eval, MLflow logging wall time (a pack's child runs are
-                one request: fewsound/mlflow_app.py), the MLflow server's CPU seconds (it shares the 2 cores with
+                is the core shared with everything else), eval, MLflow logging wall time (each child run through
+                MLflow's client: create, one batch, end), the MLflow server's CPU seconds (it shares the 2 cores with
                 the trials), and the trial slots' idle seconds before their first pack (actor start: a new
                 process importing torch and MLflow, ~3 s), between packs and after their last (the tail,
                 which includes the driver's closing searches and tables)

@@ -1,7 +1,8 @@
 """fewsound: audio implicit neural representations (KAN, SIREN, NeRF, RFF, WIRE, FINER) and the
 FewSound / HyperSound hypernetworks, from a laptop CPU to a Ray cluster of GPUs.
 
-The library is plain PyTorch: nothing under `fewsound/` imports Ray. See DESIGN.md for the layout.
+The library is plain PyTorch: nothing under `fewsound/` imports Ray (the Ray layer is `tune/`; the README
+has a tour of the layout).
 """
 
 from fewsound.errors import AudioError, ConfigError, FewsoundError

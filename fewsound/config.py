@@ -62,7 +62,7 @@ def from_flat(cls: type[C], flat: dict[str, Any]) -> C:
 
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     """Build a (possibly nested) dataclass from a plain dict, coercing lists to tuples."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  (C is a dataclass)
     names = set(fields)
     unknown = set(data) - names
     if unknown:

@@ -21,11 +21,10 @@ it and ends bit-identical to an uninterrupted fit on the same device (same ops i
 init).
 
 Learning rates (FitConfig.lr=None picks the family default, DEFAULT_LR): the paper gives only KAN's, 5e-3 (its
-ablation base; Table 16 shows KAN stable from 1e-3 to 1e-2). The others are our choice: NeRF/RFF 1e-3 (the usual
+ablation base; the paper shows KAN stable from 1e-3 to 1e-2). The others are our choice: NeRF/RFF 1e-3 (the usual
 rate of ReLU MLPs with Fourier features), SIREN/FINER 1e-4 (SIREN's audio experiments; sine nets collapse at high
-rates, as the paper notes), WIRE 1e-3. Checked on a 2,048-sample real speech crop, 150 steps (PSNR dB): KAN 43.5,
-SIREN 42.6, NeRF 39.0, FINER 37.8, RFF 29.1, WIRE 29.3 (its defaults
-omega_0 2000 / omega_i 1 / s0 0.5; 30.9 at 3e-4; see fewsound/inr/wire.py). The Optuna search tunes them.
+rates, as the paper notes), WIRE 1e-3; each learns real speech at its rate (tests/test_fit.py checks it). The
+Optuna search tunes them.
 Optimizer: AdamW (the paper's text; torch's default weight decay 0.01) by default; "adam" (the paper's code:
 Adam, constant rate, no weight decay) selectable. The rate is constant, as in the paper's code.
 """
@@ -170,7 +169,7 @@ class FitResult:
     history: list[tuple[int, float]]  # (step, loss) every log_every steps
 
     def metrics(self) -> dict[str, float]:
-        """The DESIGN.md metric keys this fit provides."""
+        """The metric keys (shared by every job's runs) this fit provides."""
         return {
             "fit/loss": self.loss,
             "cost/seconds": self.seconds,
@@ -190,7 +189,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 # On the CPU a pack's forward/backward runs in chunks of about this many samples (clips * N): one 1.5 s clip.
 # The activations of a whole pack ([B, N, 90] per layer, kept for backward) fall out of the caches, which made
-# the per-clip step of a B = 8 pack ~10% dearer than a single fit's; chunking keeps what is cheap about packing
+# the per-clip step of a B = 8 pack dearer than a single fit's; chunking keeps what is cheap about packing
 # (one batched optimizer step, fewer Python/op round trips for short clips) without that cost.
 CPU_CHUNK_SAMPLES = 32_768
 
@@ -262,9 +261,6 @@ def fit(
     device = resolve_device(config.device)
     dtype = DTYPES[config.dtype]
     inr = config.build_inr()
-    target = target_cpu.to(device, dtype)
-    t = _coordinates(n_samples, device, dtype)
-
     params, buffers = inr.init(seeds, device=device, dtype=dtype)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     for p in params.values():
@@ -278,112 +274,178 @@ def fit(
     chunk = clips_per_chunk or auto_clips_per_chunk(device, n_clips, n_samples, custom_loss=loss_fn is not None)
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ConfigError("clips_per_chunk", f"must be a positive integer, got {clips_per_chunk!r}")
-    spans = [(a, min(a + chunk, n_clips)) for a in range(0, n_clips, chunk)]
-    chunk_buffers = [{k: v[a:b] for k, v in buffers.items()} for a, b in spans]
-    if loss_fn is None:  # the paper's loss, with each chunk's target features computed once
-        paper = [
-            ReconstructionLoss(target[a:b], lambda_t=config.lambda_t, lambda_f=config.lambda_f, sr=config.sample_rate)
-            for a, b in spans
-        ]
-        chunk_loss = lambda i, pred: paper[i](pred)  # noqa: E731
-    else:
-        chunk_loss = lambda i, pred: loss_fn(pred, target[spans[i][0] : spans[i][1]])  # noqa: E731
-
-    def predict(i: int, a: int, b: int, grad: bool):
-        """Chunk i's params (leaf slices of the pack's tensors when the pack is split) and predictions [b - a, N]."""
-        if len(spans) == 1:
-            sub = params
-        else:
-            sub = {k: v[a:b].detach().requires_grad_(grad) for k, v in params.items()}
-        return sub, inr(sub, t, chunk_buffers[i])
-
-    # Per-clip state, all on the device (no host sync per step).
-    state = {
-        "active": torch.ones(n_clips, dtype=torch.bool, device=device),
-        "diverged_at": torch.full((n_clips,), -1, dtype=torch.long, device=device),
-        "best": torch.full((n_clips,), float("inf"), device=device, dtype=dtype),
-        "best_step": torch.zeros(n_clips, dtype=torch.long, device=device),
-    }
-    good = {k: v.detach().clone() for k, v in params.items()}  # last weights whose loss was finite
-    history: list[list[float]] = [[] for _ in range(n_clips)]
-    start_step = 0
+    chunks = _Chunks(config, inr, params, buffers, target_cpu.to(device, dtype), chunk, loss_fn)
+    pack = _PackState(params, n_clips, device, dtype)
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     identity = {"key": config.key_hash(), "family": config.family, "seeds": seeds, "clips_sha": _sha(target_cpu)}
+    start_step = 0
     if ckpt_path is not None and resume and ckpt_path.exists():
-        start_step, history = _load_checkpoint(ckpt_path, identity, params, good, state, optimizer, device)
+        start_step, pack.history = _load_checkpoint(
+            ckpt_path, identity, params, pack.good, pack.state, optimizer, device
+        )
 
-    def masked(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return mask.view(-1, *([1] * (like.dim() - 1)))
+    def save(step: int) -> None:
+        _save_checkpoint(ckpt_path, identity, step, params, pack.good, pack.state, optimizer, pack.history)
 
     with _flush_denormals(device):
         t_loop = time.perf_counter()
         for step in range(start_step, config.steps):
-            optimizer.zero_grad(set_to_none=False)
-            per_clip = torch.empty(n_clips, device=device, dtype=dtype)
-            for i, (a, b) in enumerate(spans):
-                sub, pred = predict(i, a, b, grad=True)  # pred: [b - a, N]
-                loss = chunk_loss(i, pred)  # [b - a]
-                assert loss.shape == (b - a,), tuple(loss.shape)
-                with torch.no_grad():
-                    # a non-finite weight can hide behind a finite output (e.g. under a Gabor envelope that is 0)
-                    finite = torch.isfinite(loss)
-                    for p in sub.values():
-                        finite = finite & torch.isfinite(p).flatten(1).all(dim=1)
-                    was_active = state["active"][a:b]
-                    state["diverged_at"][a:b] = torch.where(was_active & ~finite, step, state["diverged_at"][a:b])
-                    live = was_active & finite
-                    state["active"][a:b] = live
-                torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
-                if sub is not params:
-                    for k, p in params.items():
-                        p.grad[a:b].copy_(sub[k].grad)
-                per_clip[a:b] = loss.detach()
-            active = state["active"]
-            with torch.no_grad():
-                improved = active & (per_clip < state["best"])
-                state["best"] = torch.where(improved, per_clip, state["best"])
-                state["best_step"] = torch.where(improved, step, state["best_step"])
-                for k, p in params.items():
-                    m = masked(active, p)
-                    p.copy_(torch.where(m, p, good[k]))  # a clip that just diverged goes back to its last good weights
-                    good[k].copy_(p)
-                    # a frozen clip's gradient may be NaN (0 * inf upstream); it must not reach its moments
-                    p.grad.masked_fill_(~m, 0)
-                optimizer.step()
-                for k, p in params.items():
-                    p.copy_(torch.where(masked(active, p), p, good[k]))  # undo weight decay / momentum on frozen clips
-
+            per_clip = _step(step, chunks, pack, optimizer)
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
-                losses = per_clip.detach().cpu().tolist()
-                for b, value in enumerate(losses):
-                    if value == value and abs(value) != float("inf"):
-                        history[b].append([step, value])
-                logger.log_metrics(_log_record(losses, state["active"].cpu().tolist()), step)
+                logger.log_metrics(pack.log(step, per_clip), step)
             if ckpt_path is not None and config.checkpoint_every and (done % config.checkpoint_every == 0):
-                _save_checkpoint(ckpt_path, identity, done, params, good, state, optimizer, history)
+                save(done)
         loop_seconds = time.perf_counter() - t_loop
         steps_run = max(config.steps - start_step, 0)
         saved_at_end = config.checkpoint_every and config.steps % config.checkpoint_every == 0
         if ckpt_path is not None and steps_run and not saved_at_end:
-            _save_checkpoint(ckpt_path, identity, config.steps, params, good, state, optimizer, history)
-
-        # Final evaluation of the weights we return (for a diverged clip: its last good weights).
-        with torch.no_grad():
-            preds, finals = [], []
-            for i, (a, b) in enumerate(spans):
-                _, pred = predict(i, a, b, grad=False)
-                finals.append(chunk_loss(i, pred).cpu())
-                preds.append(pred.cpu())
-            final, pred = torch.cat(finals), torch.cat(preds)
-    seconds = time.perf_counter() - t_start
+            save(config.steps)
+        final, pred = chunks.evaluate()  # the weights we return (for a diverged clip: its last good weights)
     steps_per_s = steps_run / loop_seconds if steps_run and loop_seconds > 0 else float("nan")
+    timing = {"steps_per_s": steps_per_s, "seconds": time.perf_counter() - t_start}
+    return _results(config, inr, seeds, params, buffers, pack, final, pred, timing)
 
+
+class _Chunks:
+    """The pack's forward/backward units: clip spans [a, b), their buffers and their loss.
+
+    A pack of B clips runs as one chunk (the pack's own parameter tensors) or as several, each on leaf slices of
+    the pack's tensors whose gradients are copied back into the pack's `.grad` before the one optimizer step.
+    """
+
+    def __init__(self, config: FitConfig, inr, params, buffers, target, chunk: int, loss_fn):
+        n_clips, n_samples = target.shape
+        self.inr, self.params, self.target, self.loss_fn = inr, params, target, loss_fn
+        self.t = _coordinates(n_samples, target.device, target.dtype)
+        self.spans = [(a, min(a + chunk, n_clips)) for a in range(0, n_clips, chunk)]
+        self.buffers = [{k: v[a:b] for k, v in buffers.items()} for a, b in self.spans]
+        self.paper = None
+        if loss_fn is None:  # the paper's loss, with each chunk's target features computed once
+            self.paper = [
+                ReconstructionLoss(
+                    target[a:b], lambda_t=config.lambda_t, lambda_f=config.lambda_f, sr=config.sample_rate
+                )
+                for a, b in self.spans
+            ]
+
+    def predict(self, i: int, grad: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Chunk i's params (leaf slices of the pack's tensors when the pack is split) and predictions [b - a, N]."""
+        a, b = self.spans[i]
+        if len(self.spans) == 1:
+            sub = self.params
+        else:
+            sub = {k: v[a:b].detach().requires_grad_(grad) for k, v in self.params.items()}
+        return sub, self.inr(sub, self.t, self.buffers[i])
+
+    def loss(self, i: int, pred: torch.Tensor) -> torch.Tensor:
+        """Chunk i's per-clip loss [b - a]."""
+        if self.paper is not None:
+            return self.paper[i](pred)
+        a, b = self.spans[i]
+        return self.loss_fn(pred, self.target[a:b])
+
+    def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss [B] and predictions [B, N] of the current weights, on the CPU (no autograd)."""
+        with torch.no_grad():
+            preds, losses = [], []
+            for i in range(len(self.spans)):
+                _, pred = self.predict(i, grad=False)
+                losses.append(self.loss(i, pred).cpu())
+                preds.append(pred.cpu())
+        return torch.cat(losses), torch.cat(preds)
+
+
+class _PackState:
+    """Per-clip state of a pack, all on the device (no host sync per step): which clips are live, where each
+    diverged, its best loss, and its last weights whose loss was finite (`good`, the rollback target)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], n_clips: int, device: torch.device, dtype: torch.dtype):
+        self.state = {
+            "active": torch.ones(n_clips, dtype=torch.bool, device=device),
+            "diverged_at": torch.full((n_clips,), -1, dtype=torch.long, device=device),
+            "best": torch.full((n_clips,), float("inf"), device=device, dtype=dtype),
+            "best_step": torch.zeros(n_clips, dtype=torch.long, device=device),
+        }
+        self.good = {k: v.detach().clone() for k, v in params.items()}
+        self.history: list[list[float]] = [[] for _ in range(n_clips)]
+
+    def observe(self, a: int, b: int, step: int, loss: torch.Tensor, sub: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Clips a..b-1 with a non-finite loss (or weights) at `step` stop here; returns the live mask [b - a]."""
+        state = self.state
+        with torch.no_grad():
+            # a non-finite weight can hide behind a finite output (e.g. under a Gabor envelope that is 0)
+            finite = torch.isfinite(loss)
+            for p in sub.values():
+                finite = finite & torch.isfinite(p).flatten(1).all(dim=1)
+            was_active = state["active"][a:b]
+            state["diverged_at"][a:b] = torch.where(was_active & ~finite, step, state["diverged_at"][a:b])
+            live = was_active & finite
+            state["active"][a:b] = live
+        return live
+
+    def update(self, step: int, per_clip: torch.Tensor, params: dict[str, torch.Tensor], optimizer) -> None:
+        """Track the best losses, roll just-diverged clips back to their good weights, and take the optimizer step
+        for the live clips only (a frozen clip's weights, and so its moments' effect, are restored after it)."""
+        state, good = self.state, self.good
+        active = state["active"]
+        with torch.no_grad():
+            improved = active & (per_clip < state["best"])
+            state["best"] = torch.where(improved, per_clip, state["best"])
+            state["best_step"] = torch.where(improved, step, state["best_step"])
+            for k, p in params.items():
+                m = _per_clip(active, p)
+                p.copy_(torch.where(m, p, good[k]))  # a clip that just diverged goes back to its last good weights
+                good[k].copy_(p)
+                # a frozen clip's gradient may be NaN (0 * inf upstream); it must not reach its moments
+                p.grad.masked_fill_(~m, 0)
+            optimizer.step()
+            for k, p in params.items():
+                p.copy_(torch.where(_per_clip(active, p), p, good[k]))  # undo weight decay / momentum on frozen clips
+
+    def log(self, step: int, per_clip: torch.Tensor) -> dict[str, float]:
+        """Append the finite losses of `step` to the history; the metrics record (a host sync: log steps only)."""
+        losses = per_clip.detach().cpu().tolist()
+        for b, value in enumerate(losses):
+            if value == value and abs(value) != float("inf"):
+                self.history[b].append([step, value])
+        return _log_record(losses, self.state["active"].cpu().tolist())
+
+
+def _per_clip(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """mask [B] viewed to broadcast over `like` [B, ...]."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer) -> torch.Tensor:
+    """One optimizer step of the whole pack: forward/backward chunk by chunk, then the masked update.
+
+    Returns the per-clip loss [B] of the weights before the step (detached, on the device)."""
+    params = chunks.params
+    optimizer.zero_grad(set_to_none=False)
+    per_clip = torch.empty(len(pack.history), device=chunks.target.device, dtype=chunks.target.dtype)
+    for i, (a, b) in enumerate(chunks.spans):
+        sub, pred = chunks.predict(i, grad=True)  # pred: [b - a, N]
+        loss = chunks.loss(i, pred)  # [b - a]
+        assert loss.shape == (b - a,), tuple(loss.shape)
+        live = pack.observe(a, b, step, loss, sub)
+        torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
+        if sub is not params:
+            for k, p in params.items():
+                p.grad[a:b].copy_(sub[k].grad)
+        per_clip[a:b] = loss.detach()
+    pack.update(step, per_clip, params, optimizer)
+    return per_clip
+
+
+def _results(config, inr, seeds, params, buffers, pack: _PackState, final, pred, timing) -> list[FitResult]:
+    """One FitResult per clip from the pack's final state, final losses [B] and predictions [B, N] (CPU)."""
+    state = pack.state
     diverged_at = state["diverged_at"].cpu().tolist()
     best, best_step = state["best"].cpu(), state["best_step"].cpu()
     results = []
-    for b in range(n_clips):
+    for b in range(len(seeds)):
         # the final weights were never scored during the loop: they may beat the best in-loop loss
         best_b, best_step_b = float(best[b]), int(best_step[b])
         if diverged_at[b] < 0 and float(final[b]) <= best_b:
@@ -396,8 +458,8 @@ def fit(
                 best_step=best_step_b,
                 # a clip that diverged at step d keeps the weights scored at step d - 1 (after d - 1 updates)
                 steps=max(diverged_at[b] - 1, 0) if diverged_at[b] >= 0 else config.steps,
-                steps_per_s=steps_per_s,
-                seconds=seconds,
+                steps_per_s=timing["steps_per_s"],
+                seconds=timing["seconds"],
                 num_params=int(inr.num_params()),
                 diverged=diverged_at[b] >= 0,
                 diverged_step=diverged_at[b] if diverged_at[b] >= 0 else None,
@@ -405,7 +467,7 @@ def fit(
                 family=config.family,
                 params={k: v[b].detach().cpu().clone() for k, v in params.items()},
                 buffers={k: v[b].detach().cpu().clone() for k, v in buffers.items()},
-                history=[(int(s), float(v)) for s, v in history[b]],
+                history=[(int(s), float(v)) for s, v in pack.history[b]],
             )
         )
     return results
@@ -415,8 +477,8 @@ def fit(
 def _flush_denormals(device: torch.device):
     """Flush denormal floats to zero on the CPU while fitting (restored after).
 
-    Denormals (e.g. WIRE's Gabor envelopes far from their centre) make CPU arithmetic many times slower - a WIRE
-    fit was measured slowing from 2 to 11 s/step - and flushing them changes nothing measurable in a fit.
+    Denormals (e.g. WIRE's Gabor envelopes far from their centre) make CPU arithmetic several times slower, and
+    flushing them changes nothing measurable in a fit.
     """
     flushed = device.type == "cpu" and torch.set_flush_denormal(True)
     try:

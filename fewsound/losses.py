@@ -1,6 +1,6 @@
 """The paper's reconstruction loss: `lambda_t * L1 + lambda_f * multi-resolution mel-STFT`.
 
-Both terms follow the paper's public code (reference-code-facts.md, section 1.6):
+Both terms follow the paper's public code:
 - L1: mean |x - x'| over samples.
 - Mel-STFT: at each resolution (n_fft / hop / win) 2048/512/2048, 1024/256/1024, 512/128/512, 256/64/256 and
   128/32/128, a centred Hann STFT (reflect padding), magnitude `sqrt(clamp(re^2 + im^2, 1e-8))`, a Slaney mel

@@ -4,8 +4,9 @@ side by side, as Markdown, LaTeX and CSV.
 Input rows are flat dicts, one per fit, as the sweeps collect them from MLflow:
     {"label": "KAN", "length": 32768, "eval/mse": 8e-4, "eval/psnr": 39.7, ..., "model/params": 33768}
 Rows are grouped by clip length (the paper's "1.5 s audio" / "3 s audio" groups) and by label (a family, or an
-ablation value such as "grid_size=5"). The paper's numbers ship with the package (`paper_tables.json`, a copy
-of the paper's Tables 1-19 as data).
+ablation value such as "grid_size=5"); rows that carry a "group" (Table 6's dataset) are grouped by it first,
+and the paper's numbers beside them come from that dataset's group only. The paper's numbers ship with the
+package (`paper_tables.json`, a copy of the paper's Tables 1-19 as data).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ COLUMNS: list[tuple[str, str, str]] = [
 ]
 LENGTH_NAMES = {32_768: "1.5 s audio", 65_536: "3 s audio"}
 SECONDS = {32_768: 1.5, 65_536: 3.0}
+# The paper's datasets (Table 6's group names) by the importer layout of a prepared corpus (its manifest's "layout").
+DATASET_NAMES = {
+    "vctk": "VCTK",
+    "noisy-vctk": "noisy VCTK",
+    "librispeech": "LibriSpeech",
+    "ljspeech": "LJ Speech",
+    "gtzan": "GTZAN",
+    "urbansound8k": "UrbanSound8K",
+}
+ENCODER_LABELS = {"soundstream": "SoundStream", "spectral": "Spectral", "snac": "SNAC"}
+# Whisper encoder widths (d_model) of the checkpoints the paper fine-tunes: Table 5's "Whisper T" and "Whisper L".
+WHISPER_SIZES = {384: ("Whisper T", "tiny.en"), 1280: ("Whisper L", "large-v2")}
 
 
 @dataclasses.dataclass
@@ -65,19 +78,60 @@ def paper_tables() -> dict[int, dict]:
     return {t["id"]: t for t in data["tables"]}
 
 
-def paper_values(table_id: int, label: str, clip_seconds: float | None) -> dict[str, tuple[float, float | None]]:
-    """The paper's (mean, std) per column for row `label` of table `table_id` (case-insensitive), or {}."""
+def paper_values(
+    table_id: int, label: str, clip_seconds: float | None, group: str | None = None
+) -> dict[str, tuple[float, float | None]]:
+    """The paper's (mean, std) per column for row `label` of table `table_id` (case-insensitive), or {}.
+
+    group: the dataset of the row, for tables whose groups are datasets (Table 6): only the group of that name
+    (case-insensitive) matches, and without a dataset nothing does (the first group would match every dataset).
+    """
     table = paper_tables().get(table_id)
     if table is None:
         return {}
-    for group in table["groups"]:
-        g_sec = group.get("clip_seconds")
+    by_dataset = any(g.get("name") and g.get("clip_seconds") is None for g in table["groups"])
+    for group_ in table["groups"]:
+        if by_dataset and (group is None or str(group_.get("name", "")).lower() != group.lower()):
+            continue
+        g_sec = group_.get("clip_seconds")
         if clip_seconds is not None and g_sec is not None and abs(float(g_sec) - clip_seconds) > 1e-6:
             continue
-        for row in group["rows"]:
+        for row in group_["rows"]:
             if str(row["label"]).lower() == label.lower():
                 return {c: (v["mean"], v.get("std")) for c, v in row["values"].items()}
     return {}
+
+
+def whisper_label(checkpoint: str) -> str:
+    """Table 5's row label of a Whisper checkpoint: from its config.json's d_model (tiny.en 384, large-v2 1,280),
+    else from its folder name ("tiny" / "large"), else "Whisper (NAME)"."""
+    path = Path(checkpoint).expanduser()
+    config = path / "config.json" if path.is_dir() else path.with_name("config.json")
+    try:
+        d_model = int(json.loads(config.read_text()).get("d_model", 0))
+    except (OSError, ValueError, TypeError):
+        d_model = 0
+    if d_model in WHISPER_SIZES:
+        return WHISPER_SIZES[d_model][0]
+    name = path.name.lower()
+    for label, size in WHISPER_SIZES.values():
+        if size.split(".")[0].split("-")[0] in name:
+            return label
+    return f"Whisper ({path.name or 'no checkpoint'})"
+
+
+def hyper_label(cfg: Any, table: int | None) -> str:
+    """The row label paper table `table` gives a FewSound/HyperSound model of config `cfg` (fewsound.hyper's
+    HyperConfig); table None: a full description."""
+    kind = "HyperSound" if cfg.kind == "hypersound" else "FewSound"
+    if table == 2:
+        return "HyperSound" if cfg.kind == "hypersound" else f"FewSound {cfg.preset}"
+    if table in (3, 4, 6):
+        return cfg.target.upper()
+    if table == 5:
+        return whisper_label(cfg.whisper_checkpoint) if cfg.encoder == "whisper" else ENCODER_LABELS[cfg.encoder]
+    encoder = whisper_label(cfg.whisper_checkpoint) if cfg.encoder == "whisper" else ENCODER_LABELS[cfg.encoder]
+    return f"{kind}-{cfg.target.upper()} {encoder} ({cfg.preset})"
 
 
 def paper_wd(label: str) -> dict[str, tuple[float, None]]:
@@ -97,18 +151,27 @@ def build_table(
     row_header: str = "INR",
     paper_table: int | dict[int, int] | None = None,
     label_order: list[str] | None = None,
+    keep_empty: bool = False,
+    group_order: list[str] | None = None,
 ) -> Table:
-    """Mean ± std of every metric column present in `rows`, grouped by clip length then label.
+    """Mean ± std of every metric column present in `rows`, grouped by clip length then label (by "group" first
+    where rows carry one: Table 6's datasets).
 
     paper_table: the paper's table with the same protocol, or {clip length in samples: table id} where the paper
     prints each length in its own table (the ablations: Table 7 for 1.5 s, Table 12 for 3 s).
+    keep_empty: every label of `label_order` gets a row in every group, with "-" cells where it has no results
+    (a grid's rows that were not run), so the table keeps the paper's shape.
     """
-    by_len: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    by_len: dict[tuple[str, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        by_len[int(r["length"])][str(r["label"])].append(r)
+        by_len[(str(r.get("group") or ""), int(r["length"]))][str(r["label"])].append(r)
+    rank = {g: i for i, g in enumerate(group_order or [])}
     groups = []
-    for length in sorted(by_len):
-        labels = by_len[length]
+    for dataset, length in sorted(by_len, key=lambda k: (rank.get(k[0], len(rank)), k[0], k[1])):
+        labels = by_len[(dataset, length)]
+        if keep_empty:
+            for lab in label_order or []:
+                labels.setdefault(lab, [])
         order = [lab for lab in (label_order or []) if lab in labels] + sorted(set(labels) - set(label_order or []))
         columns = [c for c, key, _ in COLUMNS if any(key in r for lab in labels for r in labels[lab])]
         out_rows = []
@@ -124,11 +187,14 @@ def build_table(
             params = next((int(r["model/params"]) for r in clip_rows if r.get("model/params") is not None), None)
             table_id = paper_table.get(length) if isinstance(paper_table, dict) else paper_table
             # the paper's numbers only for its own clip lengths (1.5 s / 3 s), never beside e.g. a smoke test's crops
-            paper = paper_values(table_id, lab, SECONDS[length]) if table_id and length in SECONDS else {}
+            paper = (
+                paper_values(table_id, lab, SECONDS[length], dataset or None) if table_id and length in SECONDS else {}
+            )
             if table_id == 1 and length == 32_768:
                 paper.update(paper_wd(lab))
             out_rows.append(Row(lab, len(clip_rows), params, values, paper))
-        groups.append(Group(LENGTH_NAMES.get(length, f"{length} samples"), columns, out_rows))
+        name = LENGTH_NAMES.get(length, f"{length} samples")
+        groups.append(Group(f"{dataset}, {name}" if dataset else name, columns, out_rows))
     return Table(title, row_header, groups)
 
 
@@ -147,11 +213,12 @@ def _best(group: Group, column: str) -> str | None:
 
 
 def _cell(row: Row, column: str, bold: bool, latex: bool) -> str:
-    if column not in row.values:
-        return "-"
-    mean, std = row.values[column]
     pm = r" $\pm$ " if latex else " ± "
-    text = f"{_fmt(column, mean)}{pm}{_fmt(column, std)}"
+    if column not in row.values:
+        text = "-"
+    else:
+        mean, std = row.values[column]
+        text = f"{_fmt(column, mean)}{pm}{_fmt(column, std)}"
     if bold:
         text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
     if column in row.paper:
@@ -243,11 +310,15 @@ def write_results(
     row_header: str = "INR",
     paper_table: int | dict[int, int] | None = None,
     label_order: list[str] | None = None,
+    **build: Any,
 ) -> list[Path]:
-    """results.csv (per fit) + table.md / table.tex / table.csv (per row) in `out_dir`. Returns the paths."""
+    """results.csv (per fit) + table.md / table.tex / table.csv (per row) in `out_dir`. Returns the paths.
+    `build`: more keyword arguments of `build_table` (keep_empty, group_order)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = build_table(rows, title=title, row_header=row_header, paper_table=paper_table, label_order=label_order)
+    table = build_table(
+        rows, title=title, row_header=row_header, paper_table=paper_table, label_order=label_order, **build
+    )
     files = {
         "results.csv": rows_to_csv(rows),
         "table.md": to_markdown(table),

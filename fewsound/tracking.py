@@ -91,11 +91,11 @@ def start_local_server(home: Path | None = None, port: int | None = None, timeou
         if uri and _healthy(uri):
             return uri
     fixed = port is not None
-    if fixed and not _port_free(port):
+    if port is not None and not _port_free(port):
         raise ConfigError(f"port {port}", "is in use by something that is not this fewsound MLflow server")
     (home / "artifacts").mkdir(exist_ok=True)
     for _attempt in range(3):  # a free port can be taken by another process while the server starts: retry
-        if not fixed:
+        if port is None or not fixed:
             port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
         uri = f"http://127.0.0.1:{port}"
         proc = _spawn_server(home, port)

@@ -10,7 +10,7 @@ every Ray Train worker (tune/train_job.py wraps the model in DDP and feeds the b
         stats = run_epoch(model, stream, optimizer, scheduler, cfg, epoch)
     rows = validate(model, val_clips, val_kinds, cfg)
 
-Decisions (reference-code-facts 1.7 and errata 9-10):
+Decisions (where the paper's text and its code differ, the choice is said):
 - The loss is the paper's (fewsound.losses): lambda_t * L1 + lambda_f * multi-resolution mel-STFT, averaged over
   the clips of the (global) batch.
 - AdamW (torch's default weight decay 0.01) and OneCycleLR as in the paper's code: `lr` is the code's
@@ -26,8 +26,11 @@ Decisions (reference-code-facts 1.7 and errata 9-10):
 - An epoch is `samples_per_epoch` (10,000) random training clips, not a pass over the corpus (the code's
   RandomSampler(num_samples=10,000)): `steps_per_epoch = samples_per_epoch // batch_size` (drop_last).
   Each clip is a random `clip_length` crop of a stored 65,536-sample segment, peak-normalised after the crop.
-  The paper's code also applies a random all-pass "phase mangle" (p = 0.8) and 16-bit dequantisation noise to
-  training crops; neither is in the paper's text and neither is implemented here.
+- Augmentations of the paper's code (not in its text), off by default: `phase_mangle` (the probability that a
+  training crop goes through a random all-pass biquad: pole radius 0.99, pole angle log-uniform in 20-2,000 Hz;
+  the code's 0.8) changes the waveform's phase but not its magnitude spectrum; `dequantize_bits` (the code's 16)
+  adds uniform noise of one quantisation step, U(-0.5, 0.5) / 2^bits. Both act on the crop before the peak
+  normalisation, as the code's transforms do; validation crops are never augmented.
 - `batch_size` is the GLOBAL batch: with W data-parallel workers each takes batch_size / W clips, and DDP's
   gradient averaging makes one step equal to one single-process step on the whole batch (tested).
 - The delta warm-up lives in the model (HyperConfig.delta_warmup_epochs); the loop calls
@@ -95,6 +98,8 @@ class TrainConfig:
     log_clips: int = 4  # validation clips whose audio and spectrograms are logged
     audio_every: int = 60  # epochs between audio/spectrogram logs (also at the first and last validation)
     seed: int = 0  # data order and crops (the model's init has its own seed: model.seed)
+    phase_mangle: float = 0.0  # probability of a random all-pass per training crop (the paper's code: 0.8)
+    dequantize_bits: int = 0  # add U(-0.5, 0.5) / 2^bits to training crops; 0 = off (the paper's code: 16)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -112,6 +117,16 @@ class TrainConfig:
         if self.samples_per_epoch < self.batch_size:
             raise ConfigError(
                 "samples_per_epoch", f"{self.samples_per_epoch} is less than one batch of {self.batch_size}"
+            )
+        if not (isinstance(self.phase_mangle, (int, float)) and 0.0 <= self.phase_mangle <= 1.0):
+            raise ConfigError("phase_mangle", f"must be a probability in [0, 1], got {self.phase_mangle!r}")
+        if (
+            not isinstance(self.dequantize_bits, int)
+            or isinstance(self.dequantize_bits, bool)
+            or not (0 <= self.dequantize_bits <= 32)
+        ):
+            raise ConfigError(
+                "dequantize_bits", f"must be an integer in [0, 32] (0: off), got {self.dequantize_bits!r}"
             )
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError("lr", f"must be a positive finite number, got {self.lr!r}")
@@ -153,6 +168,13 @@ class TrainConfig:
     def is_val_epoch(self, epoch: int) -> bool:
         """epoch: 0-based. Validate every `val_every` epochs (1-based count) and after the last."""
         return (epoch + 1) % self.val_every == 0 or epoch == self.epochs - 1
+
+    @property
+    def augment(self) -> "Augment | None":
+        """The training-crop augmentation of this config, None when both are off (no random draws then)."""
+        if self.phase_mangle == 0 and self.dequantize_bits == 0:
+            return None
+        return Augment(self.model.sample_rate, self.phase_mangle, self.dequantize_bits)
 
     def is_audio_epoch(self, epoch: int) -> bool:
         return self.is_val_epoch(epoch) and (
@@ -245,8 +267,10 @@ def run_epoch(
     epoch: int,
     *,
     device: torch.device | None = None,
+    on_step: Any = None,
 ) -> EpochStats:
-    """`cfg.steps_per_epoch` steps on batches drawn from `batches` (an endless iterator of [b, N] tensors)."""
+    """`cfg.steps_per_epoch` steps on batches drawn from `batches` (an endless iterator of [b, N] tensors).
+    `on_step(steps_done_in_epoch, samples_done_in_epoch, seconds_since_epoch_start)` after every step (progress)."""
     unwrap(model).set_epoch(epoch + 1)  # 1-based, as the paper's code (delta warm-up factor epoch / w)
     per_batch = scheduler if cfg.schedule_step == "batch" else None
     losses, samples, t0 = [], 0, time.perf_counter()
@@ -266,6 +290,8 @@ def run_epoch(
         )
         losses.append(float(per_clip.mean()))
         samples += batch.shape[0]
+        if on_step is not None:
+            on_step(len(losses), samples, time.perf_counter() - t0)
     if len(losses) != cfg.steps_per_epoch:
         raise RuntimeError(f"the batch stream ended after {len(losses)} of {cfg.steps_per_epoch} steps")
     if cfg.schedule_step == "epoch":
@@ -276,13 +302,81 @@ def run_epoch(
 # --------------------------------------------------------------------------------------------- data
 
 
-def crop_batch(segments: np.ndarray, length: int, rng: np.random.Generator) -> torch.Tensor:
-    """Random `length`-sample crops (uniform start) of stored segments [b, L], each peak-normalised after the
-    crop (as the paper's AudioDataset) -> float32 [b, length]."""
+@dataclass(frozen=True)
+class Augment:
+    """The paper's code's training-crop transforms (see the module docstring): `augment(x, rng)` on crops [b, N]."""
+
+    sample_rate: int
+    phase_mangle: float = 0.0  # probability per crop
+    dequantize_bits: int = 0  # 0: off
+    min_hz: float = 20.0
+    max_hz: float = 2_000.0
+    pole_radius: float = 0.99
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if self.phase_mangle > 0:
+            x = phase_mangle(
+                x,
+                rng,
+                self.sample_rate,
+                p=self.phase_mangle,
+                min_hz=self.min_hz,
+                max_hz=self.max_hz,
+                r=self.pole_radius,
+            )
+        if self.dequantize_bits > 0:
+            x = dequantize(x, rng, self.dequantize_bits)
+        return x
+
+
+def allpass_coefficients(freq_hz: float, sample_rate: int, r: float = 0.99) -> tuple[np.ndarray, np.ndarray]:
+    """(b, a) of the second-order all-pass with poles r e^{+-i w}, w = 2 pi freq / sr: |H| = 1 at every frequency
+    (the numerator is the reversed denominator), the phase turns by 2 pi around `freq_hz`."""
+    c = -2.0 * r * math.cos(2.0 * math.pi * freq_hz / sample_rate)
+    return np.array([r * r, c, 1.0]), np.array([1.0, c, r * r])
+
+
+def phase_mangle(
+    x: np.ndarray,
+    rng: np.random.Generator,
+    sample_rate: int,
+    *,
+    p: float = 0.8,
+    min_hz: float = 20.0,
+    max_hz: float = 2_000.0,
+    r: float = 0.99,
+) -> np.ndarray:
+    """Each row of x [b, N] goes, with probability p, through an all-pass biquad whose pole angle is drawn
+    log-uniformly in [min_hz, max_hz] -> [b, N] float32 (same magnitude spectrum, another phase)."""
+    from scipy.signal import lfilter
+
+    out = np.array(x, dtype=np.float32, copy=True)
+    for i in range(len(out)):
+        if rng.random() < p:
+            freq = math.exp(rng.uniform(math.log(min_hz), math.log(max_hz)))
+            b, a = allpass_coefficients(freq, sample_rate, r)
+            out[i] = lfilter(b, a, out[i].astype(np.float64)).astype(np.float32)
+    return out
+
+
+def dequantize(x: np.ndarray, rng: np.random.Generator, bits: int = 16) -> np.ndarray:
+    """x + U(-0.5, 0.5) / 2^bits: the noise of one `bits`-bit quantisation step (x [b, N] -> [b, N] float32)."""
+    noise = (rng.random(np.shape(x)) - 0.5) / float(2**bits)
+    return (np.asarray(x, dtype=np.float32) + noise).astype(np.float32)
+
+
+def crop_batch(
+    segments: np.ndarray, length: int, rng: np.random.Generator, augment: Augment | None = None
+) -> torch.Tensor:
+    """Random `length`-sample crops (uniform start) of stored segments [b, L], augmented when `augment` is given,
+    each peak-normalised after that (as the paper's AudioDataset) -> float32 [b, length]."""
     segments = np.asarray(segments, dtype=np.float32)
     assert segments.ndim == 2 and segments.shape[1] >= length, (segments.shape, length)
     starts = rng.integers(0, segments.shape[1] - length + 1, size=len(segments))
     x = np.stack([s[a : a + length] for s, a in zip(segments, starts)])
+    if augment is not None:
+        x = augment(x, rng)
     return torch.from_numpy(peak_normalize_batch(x))
 
 
@@ -298,7 +392,14 @@ def validation_crop(segments: np.ndarray, length: int) -> np.ndarray:
 
 
 def random_batches(
-    segments: np.ndarray, batch_size: int, length: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    segments: np.ndarray,
+    batch_size: int,
+    length: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    augment: Augment | None = None,
 ) -> Iterator[torch.Tensor]:
     """Endless stream of this rank's share of global batches of random crops from in-memory segments [n, L].
 
@@ -315,7 +416,7 @@ def random_batches(
         while len(pool) < batch_size:
             pool.extend(order_rng.permutation(len(segments)).tolist())
         idx, pool = pool[:batch_size], pool[batch_size:]
-        batch = crop_batch(segments[idx], length, crop_rng)
+        batch = crop_batch(segments[idx], length, crop_rng, augment)
         yield batch[rank::world_size]
 
 
@@ -545,7 +646,7 @@ def train(
     device = torch.device(device)
     model = build_model(cfg.model, verbose=False).to(device)
     optimizer, scheduler = make_optimizer(model, cfg)
-    stream = random_batches(train_segments, cfg.batch_size, cfg.model.clip_length, seed=cfg.seed)
+    stream = random_batches(train_segments, cfg.batch_size, cfg.model.clip_length, seed=cfg.seed, augment=cfg.augment)
     val = None
     if val_segments is not None and len(val_segments):
         kinds = list(val_kinds or ["speech"] * len(val_segments))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import fewsound
 from fewsound.errors import AudioError, ConfigError
 from fewsound.fit import CHECKPOINT_NAME, CPU_CHUNK_SAMPLES, DEFAULT_LR, FitConfig, auto_clips_per_chunk, fit
 from fewsound.inr import FAMILIES
@@ -222,6 +227,41 @@ def test_a_real_blow_up_is_caught(crops):
     assert r.diverged and 0 < r.diverged_step < 60
     assert all(torch.isfinite(v).all() for v in r.params.values())
     assert np.isfinite(r.reconstruction).all() and np.isfinite(r.loss)
+
+
+# --- no host sync per step ---------------------------------------------------------------------------------------
+
+# Tensor methods that hand a value to the host: on CUDA each one waits for the device.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "nonzero")
+
+
+def test_fit_loop_reads_nothing_back_per_step(crops, monkeypatch):
+    """fewsound's own code (fit loop, divergence isolation, INR, loss) reads tensors back to the host only on log
+    and checkpoint steps and around the loop, never per step: counted on the CPU, the same calls as on CUDA."""
+    calls = collections.Counter()
+    package = str(Path(fewsound.__file__).parent)
+
+    def counting(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                calls[name] += 1
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+
+    def reads(steps: int) -> dict[str, int]:
+        calls.clear()
+        fit(FitConfig(family="kan", steps=steps, log_every=1000), crops[:2], clips_per_chunk=1)
+        return dict(calls)
+
+    short, long = reads(2), reads(7)
+    assert short == long, f"host reads grow with steps: {short} at 2 steps, {long} at 7"
+    assert sum(short.values()) > 0  # the counter does see the reads around the loop (results, the last log)
 
 
 # --- checkpoint / resume ----------------------------------------------------------------------------------------

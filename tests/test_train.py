@@ -141,15 +141,28 @@ def test_fewsound_learns_and_beats_its_universal_weights(speech_segments):
     assert v["val/clips"] == 6
 
 
-def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segments, capsys):
+@pytest.mark.e2e
+def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segments, capsys, monkeypatch):
     """jobs/evaluate_fewsound.py on a real prepared corpus: a FewSound training checkpoint folder and a
-    HyperSound model file give Table 2's two rows; a bad --model is one line and exit code 2."""
+    HyperSound model file give Table 2's two rows and the long-audio rows, each model's results on a new MLflow
+    run; a model given as a run id gets them on its own run; a bad --model is one line and exit code 2."""
     import csv
     import importlib.util
+    import socket
 
+    from mlflow.tracking import MlflowClient
+
+    from fewsound import tracking
     from fewsound.data.prepare import prepare_corpus
     from fewsound.hyper import save_model
+    from tune.hyper_eval import EVAL_TAG
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("FEWSOUND_HOME", str(tmp_path))
+    uri = tracking.start_local_server(home=tmp_path, port=port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     corpus = tmp_path / "corpus"
     prepare_corpus("builtin", out=corpus, protocol="fewsound")
     cfg = tiny()
@@ -159,30 +172,45 @@ def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segment
     save_training_state(tmp_path / "ckpt" / "epoch_00001", fs, opt, sched, cfg, epoch=0, step=1)
     hs = build_model(cfg.model.replace(kind="hypersound"), verbose=False)
     save_model(tmp_path / "hs.pt", hs)
+    trained = tracking.MlflowRun("train_fewsound")  # a model on its own run, as train_fewsound leaves it
+    trained.log_artifact(save_model(tmp_path / "m" / "fewsound_model.pt", hs), "model_file")
 
     spec = importlib.util.spec_from_file_location("evaluate_fewsound", "jobs/evaluate_fewsound.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    rc = job.main(
-        [
-            "--model",
-            str(tmp_path / "ckpt"),
-            "--model",
-            str(tmp_path / "hs.pt"),
-            "--corpus",
-            str(corpus),
-            "--smoke-test",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
-    assert rc == 0
-    table = capsys.readouterr().out
+    try:
+        common = ["--corpus", str(corpus), "--smoke-test"]
+        rc = job.main(
+            [
+                "--model",
+                str(tmp_path / "ckpt"),
+                "--model",
+                str(tmp_path / "hs.pt"),
+                *common,
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        assert rc == 0
+        table = capsys.readouterr().out
+        assert job.main(["--model", trained.run_id, *common]) == 0
+        capsys.readouterr()
+        client = MlflowClient(uri)
+        new = client.search_runs([client.get_experiment_by_name("evaluate_fewsound").experiment_id])
+        own = client.get_run(trained.run_id)
+    finally:
+        tracking.stop_local_server(tmp_path)
     assert "| FewSound tiny |" in table and "| HyperSound |" in table, table
+    assert "FewSound tiny, windowed" in table and "HyperSound, one window" in table, table
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert sorted({r["label"] for r in rows}) == ["FewSound tiny", "HyperSound"] and len(rows) == 8
     assert all(float(r["eval/mse"]) > 0 for r in rows)
-    assert job.main(["--model", str(tmp_path / "missing.pt"), "--corpus", str(corpus)]) == 2
+    assert (tmp_path / "out" / "long_audio" / "table.md").exists()
+    assert len(new) == 2 and all(r.data.tags[EVAL_TAG].startswith("eval-") for r in new)
+    assert all({"evaluation/mse", "evaluation_long/mse"} <= set(r.data.metrics) for r in new)
+    assert {r.data.params["model.kind"] for r in new} == {"fewsound", "hypersound"}
+    assert own.data.tags[EVAL_TAG].startswith("eval-") and "evaluation/psnr" in own.data.metrics
+    assert job.main(["--model", str(tmp_path / "missing.pt"), "--corpus", str(corpus), "--no-mlflow"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 
@@ -217,8 +245,91 @@ def test_train_job_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
             seed=None,
             metrics=None,
             smoke_test=False,
+            phase_mangle=0.8,
+            dequantize_bits=16,
             set=["model.delta_warmup_epochs=50", "val_every=5"],
         )
     )
     assert (cfg.model.kind, cfg.model.target, cfg.schedule_step, cfg.val_every) == ("hypersound", "siren", "epoch", 5)
     assert cfg.model.delta_warmup_epochs == 50 and cfg.resolved_lr == 1e-6
+    assert (cfg.phase_mangle, cfg.dequantize_bits) == (0.8, 16)
+
+
+# ------------------------------------------------------------------------------------------------ augmentations
+
+
+def test_phase_mangle_keeps_the_magnitude_spectrum_and_changes_the_waveform(speech_segments):
+    """The all-pass biquad has unit gain at every frequency, so a real speech crop (zero-padded so that the
+    filter's tail fits) keeps its magnitude spectrum while its waveform changes; p=0 is the identity."""
+    from scipy.signal import lfilter
+
+    from fewsound.train import allpass_coefficients, phase_mangle
+
+    for freq in (20.0, 300.0, 2000.0):
+        impulse = np.zeros(1 << 16)
+        impulse[0] = 1.0
+        gain = np.abs(np.fft.rfft(lfilter(*allpass_coefficients(freq, 22_050), impulse)))
+        assert np.allclose(gain, 1.0, atol=1e-6), (freq, gain.min(), gain.max())
+    x = np.concatenate([speech_segments[:3], np.zeros((3, 1 << 14), np.float32)], axis=1)
+    y = phase_mangle(x, np.random.default_rng(0), 22_050, p=1.0)
+    assert y.shape == x.shape and y.dtype == np.float32
+    for xi, yi in zip(x, y):
+        sx, sy = np.abs(np.fft.rfft(xi)), np.abs(np.fft.rfft(yi))
+        assert np.allclose(sy, sx, rtol=1e-3, atol=1e-3 * sx.max())
+        assert np.linalg.norm(yi - xi) > 0.05 * np.linalg.norm(xi)  # the phase (hence the waveform) moved
+    assert np.array_equal(phase_mangle(x, np.random.default_rng(0), 22_050, p=0.0), x)
+    some = phase_mangle(np.repeat(x[:1], 200, axis=0), np.random.default_rng(1), 22_050, p=0.8)
+    changed = np.mean([not np.array_equal(r, x[0]) for r in some])
+    assert 0.7 < changed < 0.9  # each crop is filtered with probability p
+
+
+def test_dequantize_adds_one_quantisation_step_of_uniform_noise(speech_segments):
+    from fewsound.train import dequantize
+
+    x = speech_segments[:4]
+    noise = dequantize(x, np.random.default_rng(0), bits=16).astype(np.float64) - x
+    step = 2.0**-16
+    assert np.abs(noise).max() <= 0.5 * step * 1.01  # float32 rounding of x + noise
+    assert abs(noise.mean()) < 0.01 * step
+    assert noise.std() == pytest.approx(step / math.sqrt(12), rel=0.05)
+
+
+def test_augmentations_are_off_by_default_and_applied_to_training_crops_only(speech_segments):
+    """Default config: no augmentation and the very same crops as before; with both on, the crops differ and are
+    still peak-normalised."""
+    from fewsound.train import crop_batch
+
+    assert tiny().augment is None
+    plain = next(random_batches(speech_segments, 4, CLIP, seed=2))
+    expected = crop_batch(
+        speech_segments[np.random.default_rng([2, 0]).permutation(6)[:4]], CLIP, np.random.default_rng([2, 1])
+    )
+    assert torch.equal(plain, expected)
+    cfg = tiny(phase_mangle=1.0, dequantize_bits=16)
+    aug = next(random_batches(speech_segments, 4, CLIP, seed=2, augment=cfg.augment))
+    assert not torch.allclose(aug, plain, atol=1e-3)
+    assert torch.allclose(aug.abs().amax(dim=1), torch.ones(4))
+    with pytest.raises(ConfigError, match="phase_mangle"):
+        tiny(phase_mangle=1.5)
+    with pytest.raises(ConfigError, match="dequantize_bits"):
+        tiny(dequantize_bits=-1)
+
+
+def test_progress_lines_give_samples_per_s_and_the_eta_of_the_remaining_steps(capfd):
+    """A resumed run (from epoch 2 of 10, 20 steps each) that spends 0.5 s per step: the ETA counts only the
+    steps still to do, at the pace measured in this session; in-epoch lines come at most every `every_s`."""
+    from tune.train_job import Progress
+
+    cfg = tiny(epochs=10, batch_size=4, samples_per_epoch=80)
+    now = [100.0]
+    p = Progress(cfg, start_epoch=2, world=2, every_s=3.0, clock=lambda: now[0])
+    for step in range(1, 21):
+        now[0] += 0.5
+        p.on_step(step, samples=2 * step, seconds=0.5 * step)
+    lines = [x for x in capfd.readouterr().out.splitlines() if x.startswith("[train]")]
+    assert len(lines) == 3, lines  # after 3.0, 6.0 and 9.0 s; never on the epoch's last step
+    assert lines[0].startswith("[train] epoch 3/10 step 6/20 (46/200)") and "8.0 samples/s" in lines[0], lines[0]
+    metrics = {"train/loss": 0.5, "cost/samples_per_s": 8.0, "cost/epoch_seconds": 10.0}
+    line = p.epoch_line(2, 60, metrics)
+    assert metrics["progress/eta_seconds"] == pytest.approx(0.5 * 140)  # 7 epochs of 20 steps left
+    assert "ETA 1m10s" in line and "8.0 samples/s" in line and line.startswith("[train] epoch 3/10 step 60/200")

@@ -23,13 +23,15 @@ checkpoint if any, wrap in DDP (`prepare_model`), then per epoch: `fewsound.trai
 over ranks, validation every `val_every` epochs (metrics per rank, gathered on rank 0), and
 `ray.train.report` with a checkpoint written by rank 0 (state + meta.json with the state digest). Rank 0 alone
 talks to MLflow: curves, validation metrics, audio and spectrograms of the logged clips, and at the end the
-model (fewsound's own file and an MLflow PyTorch model).
+model (fewsound's own file and an MLflow PyTorch model). Rank 0 also writes the job log's progress: a line at
+most every 30 s within an epoch and one per epoch, with samples/s and the ETA of the whole run (`Progress`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -189,8 +191,10 @@ def run_training(
     address: str | None = None,
     max_failures: int = 3,
     keep_checkpoints: int = 2,
+    tags: dict[str, Any] | None = None,
 ) -> TrainSummary:
-    """Train (or resume, or report an already finished run of) `cfg` with Ray Train. See the module docstring."""
+    """Train (or resume, or report an already finished run of) `cfg` with Ray Train. See the module docstring.
+    `tags`: more tags of a new MLflow run (e.g. mlflow.parentRunId: a grid's child run)."""
     import ray
     import ray.data
     import ray.train
@@ -228,7 +232,7 @@ def run_training(
         "steps_per_epoch": cfg.steps_per_epoch,
     }
     run, finished = open_mlflow_run(
-        experiment, key, params, {"fewsound.kind": cfg.model.kind, "fewsound.target": cfg.model.target}
+        experiment, key, params, {"fewsound.kind": cfg.model.kind, "fewsound.target": cfg.model.target, **(tags or {})}
     )
     if finished:
         m = run.client.get_run(run.run_id).data.metrics
@@ -335,7 +339,15 @@ def _audio_matrix(batch: dict[str, Any]) -> np.ndarray:
 
 
 def ray_batches(
-    shard: Any, local_batch: int, length: int, *, seed: int, rank: int, start_epoch: int, cache: bool = False
+    shard: Any,
+    local_batch: int,
+    length: int,
+    *,
+    seed: int,
+    rank: int,
+    start_epoch: int,
+    cache: bool = False,
+    augment: Any = None,
 ):
     """Endless stream of this worker's [local_batch, length] random crops from its Ray Data shard: pass after
     pass over the shard (each pass a new streaming-split epoch, locally shuffled), cropped at random.
@@ -344,7 +356,7 @@ def ray_batches(
     CACHE_BYTES): the first pass is streamed and kept, later passes are random permutations of the kept rows.
     A pass over a small corpus (the built-in one: 33 segments) costs Ray Data seconds of scheduling for a few
     batches; a big corpus is always streamed. Every worker calls iter_batches the same number of times (once,
-    or once per pass), as the streaming split requires.
+    or once per pass), as the streaming split requires. `augment`: fewsound.train.Augment for the crops.
     """
     from fewsound.train import crop_batch
 
@@ -358,7 +370,7 @@ def ray_batches(
             order = rng.permutation(len(rows))
             for i in range(0, len(order) - local_batch + 1, local_batch):
                 got += 1
-                yield crop_batch(rows[order[i : i + local_batch]], length, rng)
+                yield crop_batch(rows[order[i : i + local_batch]], length, rng, augment)
         else:
             pending: list[np.ndarray] = []
             for batch in shard.iter_batches(
@@ -374,7 +386,7 @@ def ray_batches(
                 pending.extend(audio)
                 while len(pending) >= local_batch:  # full batches only (drop_last), whatever the block sizes
                     got += 1
-                    yield crop_batch(np.stack(pending[:local_batch]), length, rng)
+                    yield crop_batch(np.stack(pending[:local_batch]), length, rng, augment)
                     pending = pending[local_batch:]
         if got == 0:
             raise DataError(
@@ -452,26 +464,90 @@ def _log_final_model(run: Any, model: Any, uri: str) -> None:
         )
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function (see the module docstring)."""
+class Progress:
+    """Rank 0's job-log lines: within an epoch at most every `every_s` seconds (step i/n, samples/s), and after
+    every epoch; each with the ETA of the whole run from the wall time this session has spent per step so far
+    (validation and checkpoints included), so a resumed run's ETA counts only the steps still to do."""
+
+    def __init__(self, cfg: Any, start_epoch: int, world: int, every_s: float = 30.0, clock: Any = time.perf_counter):
+        self.cfg, self.world, self.every_s, self.clock = cfg, world, every_s, clock
+        self.t0 = self.last = clock()
+        self.first_step = start_epoch * cfg.steps_per_epoch
+        self.epoch = start_epoch
+
+    def eta_seconds(self, global_step: int) -> float:
+        done = global_step - self.first_step
+        if done <= 0:
+            return float("nan")
+        return (self.clock() - self.t0) / done * (self.cfg.total_steps - global_step)
+
+    def on_step(self, steps: int, samples: int, seconds: float) -> None:
+        """run_epoch's callback: one line when `every_s` passed since the last one."""
+        now = self.clock()
+        if now - self.last < self.every_s or steps == self.cfg.steps_per_epoch:
+            return
+        self.last = now
+        step = self.epoch * self.cfg.steps_per_epoch + steps
+        rate = samples * self.world / max(seconds, 1e-9)
+        _say(
+            f"[train] epoch {self.epoch + 1}/{self.cfg.epochs} step {steps}/{self.cfg.steps_per_epoch} "
+            f"({step}/{self.cfg.total_steps})  {rate:.1f} samples/s  ETA {_fmt_eta(self.eta_seconds(step))}"
+        )
+
+    def epoch_line(self, epoch: int, step: int, metrics: dict[str, float]) -> str:
+        self.last = self.clock()
+        self.epoch = epoch + 1
+        eta = self.eta_seconds(step)
+        metrics["progress/eta_seconds"] = eta if eta == eta else 0.0
+        return (
+            f"[train] epoch {epoch + 1}/{self.cfg.epochs} step {step}/{self.cfg.total_steps} "
+            f"loss {metrics['train/loss']:.4f}"
+            + (f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
+            + (f" universal {metrics['universal/loss']:.4f}" if "universal/loss" in metrics else "")
+            + f"  {metrics['cost/samples_per_s']:.1f} samples/s  epoch {metrics['cost/epoch_seconds']:.1f} s"
+            + f"  ETA {_fmt_eta(eta)}"
+        )
+
+
+def _say(line: str) -> None:
+    """One job-log line from a worker. Ray Train patches `print` to both log and echo to a wrapped sys.stdout,
+    which prints every line twice in the job log; the process's own stdout gets it once."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
+def _fmt_eta(s: float) -> str:
+    if s != s:  # NaN: nothing measured yet
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+@dataclasses.dataclass
+class _Worker:
+    """What one Ray Train worker holds for the whole run."""
+
+    cfg: Any
+    rank: int
+    world: int
+    device: Any
+    model: Any  # the FewSound/HyperSound module (unwrapped)
+    ddp: Any  # the same module behind DDP (or itself with one worker)
+    optimizer: Any
+    scheduler: Any
+    run: Any  # MlflowRun on rank 0, NullLogger elsewhere
+    start_epoch: int
+    step: int
+
+
+def _start_worker(config: dict[str, Any]) -> _Worker:
+    """Build the model (same seed on every rank), restore the latest checkpoint if any, wrap it in DDP."""
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
     from fewsound.hyper import build_model
     from fewsound.tracking import MlflowRun, NullLogger
-    from fewsound.train import (
-        load_training_state,
-        make_optimizer,
-        run_epoch,
-        save_training_state,
-        summarize_validation,
-        torch_threads,
-        train_config_from_dict,
-        unwrap,
-        validate,
-    )
+    from fewsound.train import load_training_state, make_optimizer, torch_threads, train_config_from_dict
 
     cfg = train_config_from_dict(config["train"])
     quiet_ray_data()
@@ -479,9 +555,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(torch_threads(config["cpus_per_worker"]))
     device = ray.train.torch.get_device()
-    sr, length = cfg.model.sample_rate, cfg.model.clip_length
-
-    model = build_model(cfg.model, verbose=rank == 0).to(device)
+    model = build_model(cfg.model, verbose=False).to(device)  # it logs its description (once: print would repeat)
     optimizer, scheduler = make_optimizer(model, cfg)
     run = (
         MlflowRun(config["experiment"], uri=config["tracking_uri"], run_id=config["run_id"])
@@ -496,114 +570,159 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, step = meta["epoch"] + 1, meta["step"]
         assert meta["digest_loaded"] == meta["digest"], "restored state differs from the checkpoint's"
         if rank == 0:
-            print(
-                f"[train] resumed after epoch {meta['epoch'] + 1} (step {step}); state digest {meta['digest_loaded']}",
-                flush=True,
-            )
+            _say(f"[train] resumed after epoch {meta['epoch'] + 1} (step {step}); state digest {meta['digest_loaded']}")
             run.set_tags({RESUME_TAG: "true", f"fewsound.resume.epoch_{meta['epoch'] + 1}": meta["digest_loaded"]})
     elif rank == 0:
         run.log_metrics({"model/params": float(model.param_counts()["total"])}, step=0)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False)
+    return _Worker(cfg, rank, world, device, model, ddp, optimizer, scheduler, run, start_epoch, step)
 
-    local_batch = cfg.batch_size // world
+
+def _train_metrics(w: _Worker, stats: Any, epoch: int) -> dict[str, float]:
+    """The epoch's training metrics; the loss is the mean over ranks (each rank's over its equal share)."""
+    import torch
+    import torch.distributed as dist
+
+    losses = torch.tensor(stats.losses, dtype=torch.float64, device=w.device)  # on the GPU for NCCL
+    if w.world > 1:  # each rank's loss is the mean over its equal share: the global mean is the mean of means
+        dist.all_reduce(losses)
+        losses /= w.world
+    return {
+        "epoch": float(epoch),
+        "train/loss": float(losses.mean()),
+        "train/lr": stats.lr,
+        "cost/samples_per_s": stats.samples * w.world / max(stats.seconds, 1e-9),
+        "cost/epoch_seconds": stats.seconds,
+        "progress/fraction": (epoch + 1) / w.cfg.epochs,
+    }
+
+
+def _validate_epoch(w: _Worker, epoch: int, val: tuple, log_ids: set[str]) -> tuple[dict[str, float], list[dict]]:
+    """Validation on every rank's clips, gathered on rank 0: (summary metrics, audio rows to log); both empty on
+    the other ranks. Audio (logged clips' reconstructions and FewSound's universal output) on audio epochs."""
+    import torch.distributed as dist
+
+    from fewsound.train import reconstruct, summarize_validation, universal_reconstruction, validate
+
+    clips, ids, kinds = val
+    length = w.cfg.model.clip_length
+    rows = validate(w.model, clips, kinds, w.cfg, ids, device=w.device) if len(ids) else []
+    audio_rows = []
+    if w.cfg.is_audio_epoch(epoch):
+        pick = [i for i, c in enumerate(ids) if c in log_ids]
+        recs = reconstruct(w.model, clips[pick], device=w.device) if pick else []
+        uni = universal_reconstruction(w.model, length)
+        audio_rows = [
+            {"clip_id": ids[i], "kind": kinds[i], "ref": clips[i], "rec": recs[j], "uni": uni}
+            for j, i in enumerate(pick)
+        ]
+    gathered: list[Any] = [None] * w.world
+    if w.world > 1:
+        dist.all_gather_object(gathered, (rows, audio_rows))
+    else:
+        gathered = [(rows, audio_rows)]
+    if w.rank != 0:
+        return {}, []
+    return summarize_validation([r for g in gathered for r in g[0]]), [a for g in gathered for a in g[1]]
+
+
+def _report_epoch(w: _Worker, config: dict[str, Any], epoch: int, metrics: dict[str, float], losses: list) -> None:
+    """Rank 0: the step curve and the epoch's metrics to MLflow, then the checkpoint to Ray Train."""
+    import ray.train
+
+    from fewsound.train import save_training_state
+
+    _log_curve(w.run, "train/loss_step", losses, first_step=w.step - w.cfg.steps_per_epoch + 1)
+    w.run.log_metrics(metrics, step=w.step)
+    with tempfile.TemporaryDirectory() as d:
+        meta = save_training_state(
+            d,
+            w.model,
+            w.optimizer,
+            w.scheduler,
+            w.cfg,
+            epoch=epoch,
+            step=w.step,
+            extra={"run_id": config["run_id"], "key": config["key"]},
+        )
+        ray.train.report(
+            {**metrics, "digest": meta["digest"]},
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"epoch_{epoch + 1:05d}",
+        )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (see the module docstring): per epoch, train, validate when due, report."""
+    import ray.train
+
+    from fewsound.train import run_epoch, unwrap
+
+    w = _start_worker(config)
+    cfg = w.cfg
     stream = ray_batches(
         ray.train.get_dataset_shard("train"),
-        local_batch,
-        length,
+        cfg.batch_size // w.world,
+        cfg.model.clip_length,
         seed=cfg.seed,
-        rank=rank,
-        start_epoch=start_epoch,
+        rank=w.rank,
+        start_epoch=w.start_epoch,
         cache=config.get("cache_train", False),
+        augment=cfg.augment,
     )
+    progress = Progress(cfg, w.start_epoch, w.world) if w.rank == 0 else None
     val_cache = None
     log_ids = set(config["log_ids"])
-    for epoch in range(start_epoch, cfg.epochs):
-        stats = run_epoch(ddp, stream, optimizer, scheduler, cfg, epoch, device=device)
-        step += cfg.steps_per_epoch
-        losses = torch.tensor(stats.losses, dtype=torch.float64, device=device)  # on the GPU for NCCL
-        if world > 1:  # each rank's loss is the mean over its equal share: the global mean is the mean of means
-            dist.all_reduce(losses)
-            losses /= world
-        metrics = {
-            "epoch": float(epoch),
-            "train/loss": float(losses.mean()),
-            "train/lr": stats.lr,
-            "cost/samples_per_s": stats.samples * world / max(stats.seconds, 1e-9),
-            "cost/epoch_seconds": stats.seconds,
-        }
+    for epoch in range(w.start_epoch, cfg.epochs):
+        stats = run_epoch(
+            w.ddp,
+            stream,
+            w.optimizer,
+            w.scheduler,
+            cfg,
+            epoch,
+            device=w.device,
+            on_step=progress.on_step if progress else None,
+        )
+        w.step += cfg.steps_per_epoch
+        metrics = _train_metrics(w, stats, epoch)
         if cfg.is_val_epoch(epoch):
             if val_cache is None:
                 val_cache = _my_validation(
                     ray.train.get_dataset_shard("validation"),
                     config["val_ids"],
                     config["val_kinds"],
-                    rank,
-                    world,
-                    length,
+                    w.rank,
+                    w.world,
+                    cfg.model.clip_length,
                 )
-            clips, ids, kinds = val_cache
-            rows = validate(model, clips, kinds, cfg, ids, device=device) if len(ids) else []
-            audio_rows = []
-            if cfg.is_audio_epoch(epoch):
-                from fewsound.train import reconstruct, universal_reconstruction
-
-                pick = [i for i, c in enumerate(ids) if c in log_ids]
-                recs = reconstruct(model, clips[pick], device=device) if pick else []
-                uni = universal_reconstruction(model, length)
-                audio_rows = [
-                    {"clip_id": ids[i], "kind": kinds[i], "ref": clips[i], "rec": recs[j], "uni": uni}
-                    for j, i in enumerate(pick)
-                ]
-            gathered: list[Any] = [None] * world
-            if world > 1:
-                dist.all_gather_object(gathered, (rows, audio_rows))
-            else:
-                gathered = [(rows, audio_rows)]
-            if rank == 0:
-                all_rows = [r for g in gathered for r in g[0]]
-                metrics.update(summarize_validation(all_rows))
-                audio = [a for g in gathered for a in g[1]]
-                if audio:
-                    _log_audio(run, epoch, audio, sr)
-        if rank == 0:
-            _log_curve(run, "train/loss_step", stats.losses, first_step=step - cfg.steps_per_epoch + 1)
-            run.log_metrics(metrics, step=step)
-            with tempfile.TemporaryDirectory() as d:
-                meta = save_training_state(
-                    d,
-                    model,
-                    optimizer,
-                    scheduler,
-                    cfg,
-                    epoch=epoch,
-                    step=step,
-                    extra={"run_id": config["run_id"], "key": config["key"]},
-                )
-                ray.train.report(
-                    {**metrics, "digest": meta["digest"]},
-                    checkpoint=ray.train.Checkpoint.from_directory(d),
-                    checkpoint_dir_name=f"epoch_{epoch + 1:05d}",
-                )
-            print(
-                f"[train] epoch {epoch + 1}/{cfg.epochs} step {step} loss {metrics['train/loss']:.4f}"
-                + (f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
-                + (f" universal {metrics['universal/loss']:.4f}" if "universal/loss" in metrics else ""),
-                flush=True,
-            )
+            summary, audio = _validate_epoch(w, epoch, val_cache, log_ids)
+            metrics.update(summary)
+            if audio:
+                _log_audio(w.run, epoch, audio, cfg.model.sample_rate)
+        if w.rank == 0:
+            line = progress.epoch_line(epoch, w.step, metrics)
+            _report_epoch(w, config, epoch, metrics, stats.losses)
+            _say(line)
         else:
             ray.train.report(metrics)
-    if rank == 0:
-        _log_final_model(run, unwrap(model), config["tracking_uri"])
+    if w.rank == 0:
+        _log_final_model(w.run, unwrap(w.model), config["tracking_uri"])
 
 
 # --------------------------------------------------------------------------------------------- evaluation
 
 
+def is_run_id(source: str) -> bool:
+    """Whether `source` reads as an MLflow run id (32 hex digits) rather than a path."""
+    import re
+
+    return re.fullmatch(r"[0-9a-f]{32}", source) is not None and not Path(source).exists()
+
+
 def load_trained(source: str, *, tracking: str | None = None):
     """A trained model from: a fewsound model file (save_model), a training checkpoint folder, a run's storage
     folder (its latest epoch_* checkpoint), or an MLflow run id (its model_file artifact)."""
-    import re
-
     from fewsound.hyper import load_model
     from fewsound.train import STATE_FILE, model_from_training_state
 
@@ -617,7 +736,7 @@ def load_trained(source: str, *, tracking: str | None = None):
         if epochs:
             return model_from_training_state(epochs[-1])
         raise ConfigError(source, "folder holds no training checkpoint (train_state.pt) nor epoch_* checkpoints")
-    if re.fullmatch(r"[0-9a-f]{32}", source):
+    if is_run_id(source):
         import mlflow.artifacts
 
         from fewsound.tracking import tracking_uri

@@ -20,13 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def rows(preset: str) -> list[dict]:
     out = []
     if preset == "table1":
-        paper = presets.table1_counts()
+        counts = presets.table1_counts()
         for family, overrides in presets.table1().items():
             inr = build_inr(family, **overrides)
-            out.append(_row(family, family, "", inr, paper[family], overrides))
+            out.append(_row(family, family, "", inr, counts[family], overrides))
     else:
-        counts = presets.kan_ablation_counts()
-        for (knob, value, overrides), (_, _, paper) in zip(presets.kan_ablation(), counts):
+        for (knob, value, overrides), (_, _, paper) in zip(presets.kan_ablation(), presets.kan_ablation_counts()):
             inr = build_inr("kan", **overrides)
             out.append(_row(f"kan {knob}={_fmt(value)}", "kan", knob, inr, paper, overrides))
     return out

@@ -1,4 +1,4 @@
-"""The six INR families as batched functional models `f(params, t)` (see base.py and DESIGN.md).
+"""The six INR families as batched functional models `f(params, t)` (see base.py).
 
 from fewsound.inr import build_inr, FAMILIES, coordinates
 inr = build_inr("kan", grid_size=5)

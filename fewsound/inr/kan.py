@@ -28,9 +28,8 @@ contracts only the non-zero terms. Backward, per chunk: the pairs are rebuilt fr
 sigmoid, scattered per cache-sized tile into one reused dense basis for the table gradient (baddbmm), and dL/dx
 is gathered from dy table^T (bmm). All per-chunk temporaries live in buffers allocated once per call (fresh
 multi-MB tensors per chunk cost more in page faults than the arithmetic). Autograd keeps the layer input plus
-12 bytes per (n, i), so memory grows with N * in, not N * in * (G + k).
-Measured (benchmarks/kan_speed.py, Table 1 KAN, 32,768 samples, fwd + bwd, 1 thread, shared 2-core CPU):
-~10x the recursion in CPU time at ~0.07x its peak memory; see benchmarks/results/kan_speed.json.
+12 bytes per (n, i), so memory grows with N * in, not N * in * (G + k). Its speed and memory against an
+independent dense implementation: benchmarks/fit_step.py (whole fit steps) and benchmarks/kan_speed.py.
 Outside the extended knot range, and at its right end (half-open intervals), every basis is zero, as in the
 recursion; ties at knots fall as in the recursion to rounding (exactly for k = 0, where it matters).
 `implementation="recursion"` is the straightforward dense formulation (`bspline_basis_recursion` + one bmm),
@@ -227,7 +226,7 @@ class _Layout:
             idx[:, :, 0] = rows[0]
             work.base_shape = shape
         clamped = work.view("mc", x.shape)
-        for r_, c_r in enumerate(self.shifts):  # per contiguous plane: ~2x faster than broadcasting over slots
+        for r_, c_r in enumerate(self.shifts):  # per contiguous plane: faster than broadcasting over slots
             torch.clamp(mi, 1 - c_r, self.width - 1 - c_r, out=clamped)
             torch.add(clamped, rows[1 + r_], out=idx[:, :, 1 + r_])
         torch.mul(x, sig, out=w[:, :, 0])  # SiLU
@@ -269,8 +268,8 @@ class _Work:
 def _horner_into(poly: list[list[float]], f: Tensor, out: Tensor) -> None:
     """out[:, :, r] = the polynomial poly[r] (coefficients of f^0, f^1, ...) at f [B, r, in], for each slot plane r.
 
-    One scalar Horner chain per plane, in place: ops on contiguous planes with scalar operands run ~4x faster
-    on CPU than one chain over all planes with broadcast [k + 1, 1] coefficients.
+    One scalar Horner chain per plane, in place: ops on contiguous planes with scalar operands run several times
+    faster on CPU than one chain over all planes with broadcast [k + 1, 1] coefficients.
     """
     for r, c in enumerate(poly):
         plane = out[:, :, r]
@@ -337,7 +336,7 @@ class _KanLayer(torch.autograd.Function):
         lay = _Layout(grid_size, spline_order, grid_range, x.dtype, x.device)
         table = _table(bw, coef, lay)  # [B, out, in * W]
         # [B * in * W, out], row-major: embedding_bag's fast kernel needs contiguous rows (a strided view of the
-        # table - which reshape returns for B = 1 - takes a generic path ~10x slower)
+        # table - which reshape returns for B = 1 - takes a far slower generic path)
         flat = table.view(bsz, n_out, n_in, lay.width).permute(0, 2, 3, 1).contiguous().view(-1, n_out)
         rows = lay.rows(bsz, n_in, x.device, per_clip=True)
         y = x.new_empty(bsz, n, n_out)

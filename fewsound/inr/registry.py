@@ -42,5 +42,5 @@ def build_inr(name_or_config: str | Any, **overrides: Any) -> INR:
     if family not in FAMILIES or not isinstance(cfg, FAMILIES[family].Config):
         raise ConfigError("inr", f"not an INR config: {cfg!r}")
     if overrides:
-        cfg = family_config(family, **{**dataclasses.asdict(cfg), **overrides})
+        cfg = family_config(family, **{**dataclasses.asdict(cfg), **overrides})  # type: ignore[call-overload]
     return FAMILIES[family](cfg)

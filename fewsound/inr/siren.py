@@ -10,11 +10,11 @@ Init: first-layer weights U(+-1/n_in); later weights U(+-sqrt(6/n_in) / d); bias
 `hidden_init` picks d:
 - "siren" (default): d = the layer's own omega (omega_i), the published SIREN init, which keeps the
   pre-activations omega_i * W x of unit scale.
-- "paper_code": d = omega_0 = 2000 for every later layer - the paper code's `siren_gradient_fix` (errata 4).
-  Its hidden pre-activations start ~67x smaller than SIREN's, so the hidden sines start almost linear.
+- "paper_code": d = omega_0 = 2000 for every later layer - the paper code's `siren_gradient_fix`, which its text
+  does not describe. Its hidden pre-activations start omega_0 / omega_i (~67x) smaller than SIREN's, so the
+  hidden sines start almost linear.
 We default to the published init because the paper describes SIREN, not the code's variant, and it fits
-far better: 150 Adam steps (lr 1e-4, MSE) on 8,192 samples of a built-in speech clip reached PSNR 36.5 dB
-with "siren" and 23.1 dB with "paper_code". The option reproduces the code.
+better on speech (benchmarks/inr_defaults.py measures both). The option reproduces the code.
 """
 
 from __future__ import annotations

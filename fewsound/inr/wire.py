@@ -42,15 +42,12 @@ omega_0 = 2000, omega_i = 1, s0 = 0.5 (learning rate 1e-3, fewsound.fit.DEFAULT_
   whose maximum over b is exp(omega^2 / (4 s0^2)): the gain a unit can have. With nn.Linear's init the hidden
   pre-activations are |z| ~ 0.5-1, so s0 must be ~1 or less or the envelope zeroes them (s0 = 10, WIRE's image
   default, passes only |z| < 0.2), and omega_i must stay below ~2 s0 or the gain explodes (omega_i 10 / s0 1:
-  e^25; a fit's loss went to 1e8). Measured (150 AdamW steps, the 2,048-sample speech crop of
-  tests/test_fit.py, PSNR dB): (omega_0, omega_i, s0) = (2000, 20, 10) 12.3 at every lr 1e-4..2e-2 (the net
-  collapses to silence); (4000, 10, 5) 12.3; (4000, 2, 1) 14.4; (4000, 3, 1.5) 12.3; (2000, 2, 0.5) 12.2;
-  (2000, 0.5, 0.25) 21.5; (2000, 1, 0.5) 29.3 (30.9 at lr 3e-4); (500, 1, 0.5) 30.7.
+  e^25: the loss explodes). With s0 = 10 (WIRE's image default) the net collapses to silence at any lr.
+  benchmarks/inr_defaults.py fits these defaults against the image defaults (omega_i 20, s0 10) and other
+  (omega_0, omega_i, s0) on a speech clip.
 - omega_0: one unit of t is 16,383.5 samples (0.743 s) on a 1.5 s clip, so a first-layer carrier omega_0 W t
   reaches f = omega_0 |W| / (2 pi 0.743) Hz: 2000 gives up to 430 Hz at init (SIREN's first-layer band; training
-  grows W and the later Gabor layers multiply phases). Larger was worse: on an 8,192-sample crop (150 steps)
-  omega_0 = 2000 reached 30.6 dB, 5000 17.2 dB. On a whole 1.5 s clip (32,768 samples, 100 steps, lr 1e-3):
-  these defaults 23.7 dB, the former (2000, 20, 10) 16.6 dB.
+  grows W and the later Gabor layers multiply phases); the benchmark also fits omega_0 = 500 and 5000.
 - At these values the activations at init are finite and O(1) in every layer (mean |x| 0.9-1.0; tested).
 The Optuna search (tune/search.py) tunes omega_0, omega_i and s0 further.
 """

@@ -21,6 +21,7 @@ Which modules compute what (each documents its formula and how it matches the pa
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def evaluate(
     names = list(names) if names is not None else [f"clip {i}" for i in range(len(x))]
     _validate(x, y, names)
 
-    not_applicable = [{} for _ in range(len(x))]
+    not_applicable: list[dict[str, str]] = [{} for _ in range(len(x))]
     run = wanted
     if kind != "speech":
         for m in (m for m in wanted if m in SPEECH_ONLY):
@@ -83,7 +84,7 @@ def evaluate(
     values = _compute(x, y, sr, run, device=device, workers=workers, cdpam_batch_size=cdpam_batch_size)
     rows = []
     for i, na in enumerate(not_applicable):
-        row = {}
+        row: dict[str, Any] = {}
         for m in run:
             v = values[m][i]
             if isinstance(v, NotApplicable):

@@ -21,11 +21,11 @@ the network, not the model load, dominates. `embed` computes the same numbers as
 - on CPU, each convolution after the first runs as an FFT convolution (overlap-save in blocks of 64 or 128
   points: per frequency bin, one complex matrix product over channels - ~5x fewer FLOPs than the direct
   width-15 convolution), with the stride-2 layers in polyphase form (even and odd samples as twice the
-  channels, kernel 8). The weights' spectra are computed once per process and kept: ~0.6 GB (64- or 128-point
-  spectra of ~0.1 GB of weights) - `CDPAMModel(dev, conv="direct")` avoids it. About 2.8x faster than oneDNN's
-  direct convolution on a 2-core CPU (benchmarks/metrics_speed.py); on CUDA, cuDNN's direct convolution is
-  used. Float32 throughout: the distance differs from the package's by ~1e-6 relative (the order of float
-  sums), which the tests bound at 1e-5.
+  channels, kernel 8). The weights' spectra (64- or 128-point) are computed once per process and kept, several
+  times the weights' size - `CDPAMModel(dev, conv="direct")` avoids that memory. benchmarks/metrics_speed.py
+  compares it with oneDNN's direct convolution (README: Speed); on CUDA, cuDNN's direct convolution is used.
+  Float32 throughout: the distance differs from the package's only by the order of float sums, which the
+  tests bound at 1e-5 relative.
 - signals go through the network two at a time on CPU (larger batches are slower per signal: the activations
   leave the cache), and the embeddings of reference clips are kept (LRU, keyed by the audio's bytes), since a
   sweep compares the same reference with many reconstructions (every INR family, every ablation value).

@@ -1,4 +1,4 @@
-"""Log-spectral distance exactly as the paper's code computes it (reference-code-facts 1.9, erratum 15).
+"""Log-spectral distance exactly as the paper's public code computes it (its formula differs from the text's).
 
     n_fft = int(2048 / (44100 / sr))  (1024 at 22,050 Hz),  hop = int(sr / 100)  (220),  Hann window,
     torch.stft(center=True, pad_mode="constant"),  S = |STFT(x)|,  S' = |STFT(x')|
@@ -31,8 +31,8 @@ def lsd(refs, recs, sr: int) -> np.ndarray:
     window = torch.hann_window(n_fft)
 
     def mag(a: np.ndarray) -> torch.Tensor:  # [B, N] -> [B, F, T]
-        a = torch.from_numpy(a.astype(np.float32))
-        return torch.stft(a, n_fft, hop, window=window, center=True, pad_mode="constant", return_complex=True).abs()
+        t = torch.from_numpy(a.astype(np.float32))
+        return torch.stft(t, n_fft, hop, window=window, center=True, pad_mode="constant", return_complex=True).abs()
 
     s, s_rec = mag(x), mag(y)
     d = torch.log10(s**2 / (s_rec + 1e-12) ** 2 + 1e-12) ** 2

@@ -1,0 +1,411 @@
+"""Whole KAN fit steps: fewsound's fit() against an independent dense KAN and against the machine's matmul floor.
+
+    python benchmarks/fit_step.py [--threads 1,all] [--packs 1,8] [--n 32768] [--steps 3] [--rounds 3]
+                                  [--profile] [--out benchmarks/results/fit_step.json]
+
+One step = forward, the paper's loss (L1 + 5-resolution mel-STFT), backward and an AdamW update, on one real
+speech clip of N samples (32,768 = 1.5 s at 22,050 Hz), Table 1's KAN (fewsound's `table1()` preset).
+
+- fewsound: `fewsound.fit.fit` itself, the path users run (per-step times from a logger called every step).
+  Packs of B clips: the per-clip time is the step time / B.
+- baseline: an independent, straightforward dense KAN written here as a plain `nn.Module` (efficient-kan's
+  formulation, our own code): the Cox-de Boor recursion over all G + k bases of every input, one matmul of the
+  flattened basis with the scaled spline weights plus one of SiLU(x) with the base weights per layer; the same
+  loss written with torch.stft and torchaudio's Slaney mel filterbanks (target features computed once, as fewsound
+  does) and torch.optim.AdamW. It is loaded with fewsound's initial weights and its first output is checked
+  against fewsound's (same function). A user fits B clips with it one after the other, so its per-clip time is
+  its single-clip step time whatever B is.
+- floor: a dense MLP with the same matmul work per step as the dense KAN formulation: layer l of the KAN is an
+  [N, in_l * (G + k + 1)] x [in_l * (G + k + 1), out_l] product, and the MLP 20 -> 624 -> 24 -> 156 -> 1 (SiLU
+  between) has exactly those products' FLOPs (20 * 624 = 260 * 48, 624 * 24, 24 * 156 = 312 * 12, 156 * 1), on
+  the same encoding, with the same loss and AdamW. Its step is what the machine does for the KAN's dense work
+  when that work is one matmul per layer: the distance of fewsound's step to it is the overhead left.
+
+The three run interleaved in one process per thread count (baseline steps, floor steps, then each fewsound pack,
+repeated `--rounds` times), and medians are reported: other jobs on a shared machine slow all three alike. Wall
+time is the headline; process CPU time (all threads) is reported beside it, as the steadier figure under load.
+The 1-minute load average is recorded around every round. Peak memory is measured apart, in a fresh process per
+variant (high-water RSS minus the RSS before the first step). `--profile` adds torch.profiler's top operators
+of fewsound's B = 1 step. Prints a table; writes benchmarks/results/fit_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SR = 22_050
+RESOLUTIONS = ((2048, 512, 2048), (1024, 256, 1024), (512, 128, 512), (256, 64, 256), (128, 32, 128))
+
+
+# --- the independent baseline ------------------------------------------------------------------------------------
+
+
+def build_baseline(torch, nn, cfg):
+    """A dense KAN as a new user would write it (efficient-kan's formulation), plus its loss, as classes."""
+    F = nn.functional
+
+    class DenseKanLayer(nn.Module):
+        def __init__(self, n_in, n_out, grid_size, order, grid_range):
+            super().__init__()
+            h = (grid_range[1] - grid_range[0]) / grid_size
+            grid = torch.arange(-order, grid_size + order + 1, dtype=torch.float32) * h + grid_range[0]
+            self.register_buffer("grid", grid.expand(n_in, -1).contiguous())  # [in, G + 2k + 1]
+            self.order = order
+            self.base_weight = nn.Parameter(torch.empty(n_out, n_in))
+            self.spline_weight = nn.Parameter(torch.empty(n_out, n_in, grid_size + order))
+            self.spline_scaler = nn.Parameter(torch.empty(n_out, n_in))
+
+        def b_splines(self, x):  # [N, in] -> [N, in, G + k], Cox-de Boor over all bases
+            g = self.grid
+            x = x.unsqueeze(-1)
+            bases = ((x >= g[:, :-1]) & (x < g[:, 1:])).to(x.dtype)
+            for p in range(1, self.order + 1):
+                bases = (x - g[:, : -(p + 1)]) / (g[:, p:-1] - g[:, : -(p + 1)]) * bases[:, :, :-1] + (
+                    g[:, p + 1 :] - x
+                ) / (g[:, p + 1 :] - g[:, 1:(-p)]) * bases[:, :, 1:]
+            return bases
+
+        def forward(self, x):  # [N, in] -> [N, out]
+            base = F.linear(F.silu(x), self.base_weight)
+            scaled = self.spline_weight * self.spline_scaler.unsqueeze(-1)
+            spline = F.linear(self.b_splines(x).view(x.shape[0], -1), scaled.view(scaled.shape[0], -1))
+            return base + spline
+
+    class DenseKan(nn.Module):
+        def __init__(self, encoding_length, widths, grid_size, order, grid_range):
+            super().__init__()
+            self.register_buffer("freq", 2.0 ** torch.arange(encoding_length, dtype=torch.float32) * math.pi)
+            dims = [2 * encoding_length, *widths, 1]
+            self.layers = nn.ModuleList(
+                DenseKanLayer(a, b, grid_size, order, grid_range) for a, b in zip(dims[:-1], dims[1:])
+            )
+
+        def forward(self, t):  # [N] -> [N]
+            angle = t.unsqueeze(-1) * self.freq
+            x = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+            for layer in self.layers:
+                x = layer(x)
+            return x.squeeze(-1)
+
+    return DenseKan(cfg.encoding_length, cfg.widths, cfg.grid_size, cfg.spline_order, cfg.grid_range)
+
+
+def build_floor(torch, nn, encoding_length):
+    """The dense MLP with the dense KAN's matmul FLOPs per layer (see the module docstring)."""
+
+    class FloorMlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("freq", 2.0 ** torch.arange(encoding_length, dtype=torch.float32) * math.pi)
+            dims = [2 * encoding_length, 624, 24, 156, 1]
+            self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:]))
+
+        def forward(self, t):
+            angle = t.unsqueeze(-1) * self.freq
+            x = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+            for i, layer in enumerate(self.layers):
+                x = layer(x)
+                if i < len(self.layers) - 1:
+                    x = nn.functional.silu(x)
+            return x.squeeze(-1)
+
+    return FloorMlp()
+
+
+class PlainLoss:
+    """L1 + the mean over 5 resolutions of (L1 + RMSE) of Slaney mel magnitudes, written with torch/torchaudio."""
+
+    def __init__(self, torch, target, n_mels):
+        import torchaudio
+
+        self.torch, self.target = torch, target
+        self.windows = [torch.hann_window(w) for _, _, w in RESOLUTIONS]
+        self.banks = [
+            torchaudio.functional.melscale_fbanks(n // 2 + 1, 0.0, SR / 2, m, SR, norm="slaney", mel_scale="slaney")
+            for (n, _, _), m in zip(RESOLUTIONS, n_mels)
+        ]
+        with torch.no_grad():
+            self.target_mels = [self.mel(target, i) for i in range(len(RESOLUTIONS))]
+
+    def mel(self, x, i):
+        n_fft, hop, win = RESOLUTIONS[i]
+        spec = self.torch.stft(
+            x, n_fft, hop, win, self.windows[i], center=True, pad_mode="reflect", return_complex=True
+        )
+        mag = (spec.real**2 + spec.imag**2).clamp_min(1e-8).sqrt()  # [F, frames]
+        return self.banks[i].T @ mag
+
+    def __call__(self, pred):
+        torch = self.torch
+        total = (pred - self.target).abs().mean()
+        spectral = 0.0
+        for i, target_mel in enumerate(self.target_mels):
+            diff = self.mel(pred, i) - target_mel
+            spectral = spectral + diff.abs().mean() + torch.sqrt((diff**2).mean())
+        return total + spectral / len(RESOLUTIONS)
+
+
+# --- measurement (child process) -----------------------------------------------------------------------------------
+
+
+def speech(n: int, count: int):
+    """`count` peak-normalised real speech crops of n samples (different recordings, tiled up to n if short)."""
+    import numpy as np
+
+    from fewsound.data.builtin import builtin_corpus
+
+    clips = [c for c in builtin_corpus() if c.kind == "speech"]
+    out = []
+    for i in range(count):
+        x = clips[i % len(clips)].load(sr=SR)
+        x = np.resize(x, n + 997 * (i // len(clips)))[-n:]
+        out.append((x / max(np.abs(x).max(), 1e-4)).astype(np.float32))
+    return out
+
+
+class Setup:
+    """Everything one thread count needs: the fewsound config, the baseline and floor models with their steps."""
+
+    def __init__(self, n: int, packs: list[int]):
+        import torch
+        from torch import nn
+
+        from fewsound.fit import FitConfig
+        from fewsound.inr import build_inr, coordinates
+        from fewsound.inr.presets import table1
+        from fewsound.losses import RESOLUTIONS as FS_RESOLUTIONS
+        from fewsound.losses import mel_bands_for
+
+        assert tuple(FS_RESOLUTIONS) == RESOLUTIONS
+        self.torch = torch
+        self.clips = speech(n, max(packs))
+        self.config = FitConfig(family="kan", inr=table1()["kan"], steps=1, log_every=1, device="cpu")
+        inr = build_inr("kan", **table1()["kan"])
+        c = inr.config
+        t = coordinates(n)
+        target = torch.from_numpy(self.clips[0])
+        n_mels = [mel_bands_for(n_fft) for n_fft, _, _ in RESOLUTIONS]
+
+        self.baseline = build_baseline(torch, nn, c)
+        params, buffers = inr.init([self.config.seed])
+        with torch.no_grad():  # fewsound's initial weights, so both compute the same function
+            for i, layer in enumerate(self.baseline.layers):
+                layer.base_weight.copy_(params[f"bw{i}"][0])
+                layer.spline_weight.copy_(params[f"sw{i}"][0])
+                layer.spline_scaler.copy_(params[f"ss{i}"][0])
+            same = (self.baseline(t) - inr(params, t, buffers)[0]).abs().max().item()
+        assert same < 1e-4, f"baseline and fewsound differ at init by {same}"
+        self.max_abs_init_diff = same
+        self.floor = build_floor(torch, nn, c.encoding_length)
+        self.floor_params = sum(p.numel() for p in self.floor.parameters())
+        self.steps = {}
+        for name, model in (("baseline", self.baseline), ("floor", self.floor)):
+            loss = PlainLoss(torch, target, n_mels)
+            opt = torch.optim.AdamW(model.parameters(), lr=self.config.resolved_lr)
+            self.steps[name] = self._step(model, loss, opt, t)
+
+    def _step(self, model, loss, opt, t):
+        def step():
+            opt.zero_grad()
+            loss(model(t)).backward()
+            opt.step()
+
+        return step
+
+    def time_model(self, name: str, steps: int) -> list[tuple[float, float]]:
+        """(wall, process CPU) seconds of each of `steps` steps after a warm-up step."""
+        step = self.steps[name]
+        step()
+        out = []
+        for _ in range(steps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            out.append((time.perf_counter() - t0, time.process_time() - c0))
+        return out
+
+    def time_fewsound(self, batch: int, steps: int) -> list[tuple[float, float]]:
+        """(wall, process CPU) seconds of `steps` steps of one fit() of the first `batch` clips."""
+        from dataclasses import replace
+
+        from fewsound.fit import fit
+
+        marks: list[tuple[float, float]] = []
+
+        class Clock:
+            def log_metrics(self, metrics, step):
+                marks.append((time.perf_counter(), time.process_time()))
+
+        fit(replace(self.config, steps=steps + 1), self.clips[:batch], logger=Clock())
+        # the first step (allocations) is the warm-up
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[:-1], marks[1:])]
+
+
+def child_times(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    s = Setup(args.n, args.packs)
+    times: dict[str, list[tuple[float, float]]] = {
+        "baseline": [],
+        "floor": [],
+        **{f"fewsound_B{b}": [] for b in args.packs},
+    }
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.rounds):
+        times["baseline"] += s.time_model("baseline", args.steps)
+        times["floor"] += s.time_model("floor", args.steps)
+        for b in args.packs:
+            times[f"fewsound_B{b}"] += s.time_fewsound(b, args.steps if b <= 8 else max(1, args.steps // 2))
+        loads.append(os.getloadavg()[0])
+    out = {"times_wall_cpu_s": times, "load_average_1m": loads, "max_abs_init_diff": s.max_abs_init_diff}
+    out["floor_params"] = s.floor_params
+    if args.profile:
+        out["profile_fewsound_B1"] = profile_fewsound(s)
+    return out
+
+
+def profile_fewsound(s: Setup) -> list[dict]:
+    """torch.profiler's top operators (self CPU time) over 3 fewsound B = 1 steps."""
+    from dataclasses import replace
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from fewsound.fit import fit
+
+    fit(replace(s.config, steps=1), s.clips[:1])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fit(replace(s.config, steps=3), s.clips[:1])
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows)
+    return [
+        {"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / 3, "share": e.self_cpu_time_total / total}
+        for e in rows[:15]
+    ]
+
+
+def child_memory(args) -> dict:
+    """Peak RSS growth of 2 steps of one variant (`args.variant`), in this fresh process."""
+    import resource
+
+    import psutil
+    import torch
+
+    torch.set_num_threads(args.threads)
+    s = Setup(args.n, [max(args.packs)])
+    rss0 = psutil.Process().memory_info().rss
+    if args.variant.startswith("fewsound_B"):
+        s.time_fewsound(int(args.variant.removeprefix("fewsound_B")), 1)
+    else:
+        s.time_model(args.variant, 1)
+    return {"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / 2**20}
+
+
+# --- driver --------------------------------------------------------------------------------------------------------
+
+
+def run_child(args, threads: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--n", str(args.n), "--steps", str(args.steps)]
+    cmd += ["--rounds", str(args.rounds), "--packs", ",".join(map(str, args.packs)), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def summarise(threads: int, packs: list[int], timing: dict, memory: dict) -> list[dict]:
+    """Per variant: median wall and process-CPU ms per step and per clip, ratios to the baseline and the floor."""
+    times = timing["times_wall_cpu_s"]
+    wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+    rows = []
+    for name in ("baseline", "floor", *[f"fewsound_B{b}" for b in packs]):
+        batch = int(name.removeprefix("fewsound_B")) if name.startswith("fewsound") else 1
+        rows.append(
+            {
+                "variant": name,
+                "threads": threads,
+                "B": batch,
+                "steps_timed": len(times[name]),
+                "ms_per_step": 1e3 * wall[name],
+                "ms_per_clip_step": 1e3 * wall[name] / batch,
+                "cpu_ms_per_clip_step": 1e3 * cpu[name] / batch,
+                "speedup_vs_baseline": wall["baseline"] / (wall[name] / batch),
+                "speedup_vs_baseline_cpu": cpu["baseline"] / (cpu[name] / batch),
+                "x_floor": wall[name] / batch / wall["floor"],
+                "x_floor_cpu": cpu[name] / batch / cpu["floor"],
+                "peak_memory_mb": memory[name],
+            }
+        )
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,all", help="comma-separated torch thread counts; 'all' = every core")
+    ap.add_argument("--packs", default="1,8", help="fewsound pack sizes B (per-clip times are compared)")
+    ap.add_argument("--n", type=int, default=32_768)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant per round (after a warm-up)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="add torch.profiler's top ops of fewsound's step")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fit_step.json")
+    ap.add_argument("--child", choices=["times", "memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.packs = [int(b) for b in str(args.packs).split(",")]
+    if args.child:
+        args.threads = int(args.threads)
+        print(json.dumps(child_times(args) if args.child == "times" else child_memory(args)))
+        return 0
+
+    thread_counts = sorted({os.cpu_count() if v == "all" else int(v) for v in args.threads.split(",")})
+    variants = ["baseline", "floor", *[f"fewsound_B{b}" for b in args.packs]]
+    result = {
+        "what": "whole fit step (forward, L1 + 5-resolution mel-STFT loss, backward, AdamW), Table 1 KAN, one "
+        f"{args.n}-sample speech clip per network; medians of interleaved steps",
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "torch": __import__("torch").__version__,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "args": {k: v for k, v in vars(args).items() if k not in ("child", "variant", "out")},
+        "runs": [],
+    }
+    for threads in thread_counts:
+        extra = ["--child", "times"] + (["--profile"] if args.profile else [])
+        timing = run_child(args, threads, extra)
+        memory = {v: run_child(args, threads, ["--child", "memory", "--variant", v])["peak_mb"] for v in variants}
+        rows = summarise(threads, args.packs, timing, memory)
+        result["runs"].append({"threads": threads, "rows": rows, **timing})
+        loads = ", ".join(f"{v:.1f}" for v in timing["load_average_1m"])
+        print(f"threads={threads}  load average (1 min) around the rounds: {loads}")
+        print(
+            f"{'variant':14} {'B':>3} {'ms/step':>9} {'ms/clip':>9} {'vs baseline':>12} {'x floor':>8} "
+            f"{'cpu ms/clip':>12} {'vs base cpu':>12} {'x floor cpu':>12} {'peak MB':>8}"
+        )
+        for r in rows:
+            print(
+                f"{r['variant']:14} {r['B']:3d} {r['ms_per_step']:9.1f} {r['ms_per_clip_step']:9.1f} "
+                f"{r['speedup_vs_baseline']:11.2f}x {r['x_floor']:8.2f} {r['cpu_ms_per_clip_step']:12.1f} "
+                f"{r['speedup_vs_baseline_cpu']:11.2f}x {r['x_floor_cpu']:12.2f} {r['peak_memory_mb']:8.0f}"
+            )
+        for p in timing.get("profile_fewsound_B1", []):
+            print(f"  {p['op']:45} {p['self_ms_per_step']:8.1f} ms/step {100 * p['share']:5.1f}%")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,446 @@
+"""The hypernetwork half of the paper (Tables 2-6) as one grid: what jobs/hyper_tables.py runs.
+
+    cells = paper_cells([2, 3, 4, 5, 6], ["VCTK", "LibriSpeech"])      # every row of every table asked for
+    summary = run_grid(cells, {"VCTK": "/data/vctk-fs", "LibriSpeech": "/data/libri-fs"}, settings)
+
+A cell is one row of one paper table (Table 6: one row of one dataset's group). Cells that need the same model
+(Table 2's "FewSound 17.5M" is Table 3's NERF row and Table 5's SoundStream row, as in the paper) share one
+training: a training is keyed by its config, corpus and experiment (tune.train_job.run_key; the seed is in the
+config), so the grid trains each model once and a re-run finds every finished one in MLflow.
+
+MLflow: one parent run per grid (keyed by its trainings and evaluation options, so a re-run reopens it), one
+child run per training (tune.train_job.run_training, Ray Train as for jobs/train_fewsound.py), evaluated as soon
+as it finishes (tune.hyper_eval: rows, tables and means on the child; a re-run skips a finished evaluation). The
+parent gets each paper table (mean ± std, the paper's numbers beside; Markdown, LaTeX, CSV), the long-audio
+table, and per table a spectrogram grid (the ground truth of one validation clip and every row's
+reconstruction of it).
+
+Scheduling: each training runs inside a Ray task that calls run_training, so several trainings overlap when the
+cluster has room for their workers; `parallel` trainings are in flight at once (default: as many as the
+cluster's resources hold now, keeping one CPU for Ray Data - one at a time on a laptop, where one training's
+workers take every CPU but one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fewsound.config import cfg_hash, override
+from fewsound.errors import ConfigError
+
+GRID_TAG = "fewsound.grid"
+ROLE_TAG = "fewsound.role"
+PAPER_DATASETS = ("VCTK", "noisy VCTK", "LibriSpeech", "LJ Speech", "GTZAN", "UrbanSound8K")
+WHISPER_CHECKPOINTS = {"Whisper L": "large-v2", "Whisper T": "tiny.en"}  # Table 5's rows (the paper's text)
+TABLE_ROW_HEADERS = {2: "Model", 3: "Target Network", 4: "Target Network", 5: "Encoder", 6: "Target Net."}
+# --smoke-test: the paper's two hypernetwork sizes become two tiny ones (still distinct trainings)
+SMOKE_PRESETS = {"17.5M": {"preset": "tiny"}, "41.2M": {"preset": "tiny", "hyper_widths": (96, 96)}}
+SMOKE_TRAIN = dict(
+    epochs=2,
+    batch_size=4,
+    samples_per_epoch=8,
+    val_every=1,
+    val_clips=4,
+    log_clips=1,
+    val_metrics=("mse", "psnr", "si_snr", "lsd"),
+    lr=1e-4,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One row of one paper table."""
+
+    table: int
+    label: str  # as the paper prints it
+    kind: str
+    target: str
+    encoder: str
+    preset: str  # the paper's size: "17.5M" | "41.2M"
+    dataset: str
+    group: str | None = None  # Table 6: the dataset's group
+    whisper: str | None = None  # Table 5's Whisper rows: "large-v2" | "tiny.en"
+
+
+def paper_cells(tables: list[int], datasets: list[str]) -> list[Cell]:
+    """Every row of the asked tables. Tables 2-5 are on the first dataset (the paper's VCTK); Table 6 has a
+    group per dataset."""
+    bad = [t for t in tables if t not in (2, 3, 4, 5, 6)]
+    if bad or not tables:
+        raise ConfigError("--tables", f"the hypernetwork tables are 2-6, got {tables}")
+    if not datasets:
+        raise ConfigError("--datasets", "give at least one dataset")
+    main = datasets[0]
+    cells: list[Cell] = []
+    targets = ("nerf", "kan", "siren")
+    for t in tables:
+        if t == 2:
+            cells += [
+                Cell(2, "HyperSound", "hypersound", "nerf", "soundstream", "17.5M", main),
+                Cell(2, "FewSound 17.5M", "fewsound", "nerf", "soundstream", "17.5M", main),
+                Cell(2, "FewSound 41.2M", "fewsound", "nerf", "soundstream", "41.2M", main),
+            ]
+        elif t in (3, 4):
+            kind = "fewsound" if t == 3 else "hypersound"
+            cells += [Cell(t, x.upper(), kind, x, "soundstream", "17.5M", main) for x in targets]
+        elif t == 5:
+            for label, encoder in (
+                ("SoundStream", "soundstream"),
+                ("Whisper L", "whisper"),
+                ("Whisper T", "whisper"),
+                ("Spectral", "spectral"),
+                ("SNAC", "snac"),
+            ):
+                cells.append(
+                    Cell(5, label, "fewsound", "nerf", encoder, "17.5M", main, None, WHISPER_CHECKPOINTS.get(label))
+                )
+        else:
+            cells += [
+                Cell(6, x.upper(), "fewsound", x, "soundstream", "41.2M", ds, group=ds)
+                for ds in datasets
+                for x in ("nerf", "kan")
+            ]
+    return cells
+
+
+@dataclasses.dataclass
+class Settings:
+    """What every training and evaluation of a grid shares."""
+
+    train: dict[str, Any]  # TrainConfig fields (epochs, ...) for every training
+    overrides: dict[str, Any]  # dotted TrainConfig overrides (--set)
+    whisper: dict[str, str]  # Whisper checkpoint folder by size ("tiny.en", "large-v2")
+    smoke: bool = False
+    experiment: str = "hyper_tables"
+    storage: str | None = None
+    num_workers: int | None = None
+    parallel: int | None = None
+    address: str | None = None
+    clips: int | None = None
+    metrics: list[str] | None = None
+    long_seconds: float | None = 10.0
+
+
+def train_config(cell: Cell, s: Settings):
+    """The TrainConfig of a cell (raises ConfigError for a Whisper row without a checkpoint)."""
+    from fewsound.hyper import HyperConfig
+    from fewsound.train import TrainConfig
+
+    size = SMOKE_PRESETS[cell.preset] if s.smoke else {"preset": cell.preset}
+    extra = {}
+    if cell.whisper:
+        if cell.whisper not in s.whisper:
+            raise ConfigError("--whisper", f"no checkpoint for {cell.whisper} ({cell.label}): give {cell.whisper}=PATH")
+        extra["whisper_checkpoint"] = s.whisper[cell.whisper]
+    model = HyperConfig(kind=cell.kind, target=cell.target, encoder=cell.encoder, **size, **extra)
+    cfg = TrainConfig(model=model, **{**(SMOKE_TRAIN if s.smoke else {}), **s.train})
+    return override(cfg, **s.overrides) if s.overrides else cfg
+
+
+@dataclasses.dataclass
+class Training:
+    key: str
+    cfg: Any  # TrainConfig
+    corpus: str
+    cells: list[Cell]
+    skip: str | None = None  # why it is not run (a Whisper row without a checkpoint)
+
+
+def plan(cells: list[Cell], corpora: dict[str, str], s: Settings) -> list[Training]:
+    """The distinct trainings behind `cells` (cells of the same config and corpus share one), in cell order."""
+    from tune.train_job import resolve_train_corpus, run_key
+
+    by_key: dict[str, Training] = {}
+    for cell in cells:
+        try:
+            cfg = train_config(cell, s)
+        except ConfigError as e:
+            by_key.setdefault(f"skip-{cell.table}-{cell.label}", Training("", None, "", [cell], str(e)))
+            continue
+        corpus = resolve_train_corpus(corpora[cell.dataset], cfg.model.clip_length)
+        key = run_key(cfg, corpus, s.experiment)
+        by_key.setdefault(key, Training(key, cfg, corpus, []))
+        by_key[key].cells.append(cell)
+    return list(by_key.values())
+
+
+def max_parallel(resources: dict[str, float], scaling: Any) -> int:
+    """How many trainings of `scaling` (a Ray Train ScalingConfig) the cluster holds at once, one CPU kept for
+    Ray Data's readers (at least 1)."""
+    per = scaling.resources_per_worker or {}
+    n = scaling.num_workers
+    fits = []
+    if per.get("CPU"):
+        fits.append(int((resources.get("CPU", 0) - 1) // (per["CPU"] * n)))
+    if scaling.use_gpu:
+        fits.append(int(resources.get("GPU", 0) // (per.get("GPU", 1) * n)))
+    return max(1, min(fits) if fits else 1)
+
+
+def _train_and_evaluate(tr: Training, s: Settings, parent_id: str, grid_id: str) -> dict[str, Any]:
+    """One training (or its finished run) and its evaluation (or the one already on its run): a Ray task."""
+    from fewsound.tables import hyper_label
+    from fewsound.tracking import PARENT_TAG, MlflowRun
+    from tune.hyper_eval import evaluate_trained, evaluation_key, load_evaluation, log_evaluation, validation_set
+    from tune.train_job import load_trained, run_training
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download buries the log
+    t0 = time.perf_counter()
+    summary = run_training(
+        tr.cfg,
+        corpus=tr.corpus,
+        storage=s.storage,
+        experiment=s.experiment,
+        num_workers=s.num_workers,
+        tags={PARENT_TAG: parent_id, GRID_TAG: grid_id, "fewsound.paper_rows": cells_text(tr.cells)},
+    )
+    assert summary.key == tr.key, (summary.key, tr.key)
+    run = MlflowRun(s.experiment, uri=summary.tracking_uri, run_id=summary.run_id)
+    if summary.already_finished:  # trained for another grid: shown under this grid's parent from now on
+        run.set_tags({PARENT_TAG: parent_id, GRID_TAG: grid_id})
+    key = evaluation_key(tr.key, tr.corpus, s.clips, s.metrics, s.long_seconds)
+    ev = load_evaluation(run, key)
+    evaluated = ev is None
+    if ev is None:
+        model = load_trained(summary.run_id, tracking=summary.tracking_uri)
+        segments, meta = validation_set(tr.corpus, s.clips)
+        label = hyper_label(tr.cfg.model, None)
+        ev = evaluate_trained(model, segments, meta, label=label, metrics=s.metrics, long_seconds=s.long_seconds)
+        log_evaluation(run, ev, key, title=f"{label} on {Path(tr.corpus).name}", sample_rate=tr.cfg.model.sample_rate)
+    return {
+        "key": tr.key,
+        "run_id": summary.run_id,
+        "trained": not summary.already_finished,
+        "evaluated": evaluated,
+        "seconds": time.perf_counter() - t0,
+        "evaluation": ev,
+    }
+
+
+def cells_text(cells: list[Cell]) -> str:
+    return "; ".join(f"Table {c.table}: {c.label}" + (f" ({c.group})" if c.group else "") for c in cells)
+
+
+@dataclasses.dataclass
+class GridSummary:
+    parent_run_id: str
+    tracking_uri: str
+    trainings: int
+    trained: int
+    evaluated: int
+    skipped: int  # finished before (training and evaluation)
+    failed: list[str]
+    not_run: list[str]
+    markdown: str
+    seconds: float
+
+
+def _open_parent(experiment: str, uri: str, grid_id: str, n: int):
+    """The grid's parent run: the one of an earlier run of the same grid (reopened), else a new one."""
+    from mlflow.tracking import MlflowClient
+
+    from fewsound.tracking import MlflowRun, get_or_create_experiment
+
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = get_or_create_experiment(client, experiment)
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{GRID_TAG}` = '{grid_id}' and tags.`{ROLE_TAG}` = 'parent'"
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return MlflowRun(experiment, uri=uri, run_id=found[0].info.run_id)
+    tags = {ROLE_TAG: "parent", GRID_TAG: grid_id, "fewsound.job": "hyper_tables", "fewsound.n_trainings": n}
+    return MlflowRun(
+        experiment, uri=uri, run_name=f"hyper-tables-{grid_id}", tags={**tags, "fewsound.command": " ".join(sys.argv)}
+    )
+
+
+def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: Any = print) -> GridSummary:
+    """Train and evaluate every cell's model (see the module docstring); returns what was done and the tables."""
+    import ray
+
+    from fewsound.tracking import tracking_uri
+    from tune.train_job import choose_scaling, init_ray
+
+    t0 = time.perf_counter()
+    uri = tracking_uri()  # before Ray starts: its workers inherit MLFLOW_TRACKING_URI
+    trainings = plan(cells, corpora, s)
+    todo = [t for t in trainings if t.skip is None]
+    resources = init_ray(s.address)
+    scaling, _ = choose_scaling(resources, s.num_workers)
+    parallel = s.parallel or max_parallel(resources, scaling)
+    grid_id = cfg_hash({"trainings": sorted(t.key for t in todo), "eval": [s.clips, s.metrics, s.long_seconds]})
+    parent = _open_parent(s.experiment, uri, grid_id, len(todo))
+    log(
+        f"[hyper_tables] {len(cells)} table rows -> {len(todo)} trainings ({len(trainings) - len(todo)} not run), "
+        f"{parallel} at a time; MLflow parent run {parent.run_id}"
+    )
+    task = ray.remote(num_cpus=0, max_retries=0)(_train_and_evaluate)
+    results: dict[str, dict[str, Any]] = {}
+    failed: list[str] = []
+    pending: dict[Any, Training] = {}
+    queue = list(todo)
+    while queue or pending:
+        while queue and len(pending) < parallel:
+            tr = queue.pop(0)
+            pending[task.remote(tr, s, parent.run_id, grid_id)] = tr
+        done, _ = ray.wait(list(pending), num_returns=1)
+        tr = pending.pop(done[0])
+        try:
+            results[tr.key] = ray.get(done[0])
+        except Exception as e:  # noqa: BLE001 - one failed training must not lose the others; recorded and reported
+            failed.append(f"{tr.key} ({cells_text(tr.cells)}): {str(e).strip().splitlines()[-1][:300]}")
+        _progress_line(log, results, failed, len(todo), t0, tr)
+    not_run = [f"{cells_text(t.cells)}: {t.skip}" for t in trainings if t.skip]
+    markdown = _finish_parent(parent, cells, trainings, results, s, not_run, failed)
+    return GridSummary(
+        parent.run_id,
+        uri,
+        len(todo),
+        sum(r["trained"] for r in results.values()),
+        sum(r["evaluated"] for r in results.values()),
+        sum(not r["trained"] and not r["evaluated"] for r in results.values()),
+        failed,
+        not_run,
+        markdown,
+        time.perf_counter() - t0,
+    )
+
+
+def _progress_line(log: Any, results: dict, failed: list, total: int, t0: float, last: Training) -> None:
+    n = len(results) + len(failed)
+    elapsed = time.perf_counter() - t0
+    fresh = [r for r in results.values() if r["trained"] or r["evaluated"]]
+    # ETA from the trainings that did work (finished ones found in MLflow cost nothing)
+    per = sum(r["seconds"] for r in fresh) / len(fresh) if fresh else float("nan")
+    eta = per * (total - n)
+    r = results.get(last.key)
+    what = (
+        "failed"
+        if r is None
+        else ("trained" if r["trained"] else "found finished")
+        + (", evaluated" if r and r["evaluated"] else ", evaluation found")
+    )
+    log(
+        f"[hyper_tables] {n}/{total} done ({len(failed)} failed), {elapsed:.0f} s, ETA "
+        f"{'?' if math.isnan(eta) else f'{eta:.0f} s'}: {cells_text(last.cells)} {what}"
+    )
+
+
+def table_rows(table: int, cells: list[Cell], trainings: list[Training], results: dict) -> list[dict[str, Any]]:
+    """The table's per-clip rows, relabelled with the paper's row labels (Table 6: grouped by dataset)."""
+    rows = []
+    for tr in trainings:
+        r = results.get(tr.key)
+        for cell in tr.cells:
+            if cell.table != table or r is None:
+                continue
+            rows += [
+                {**row, "label": cell.label, "group": cell.group, "run_id": r["run_id"]} for row in r["evaluation"].rows
+            ]
+    return rows
+
+
+def long_table_rows(trainings: list[Training], results: dict) -> list[dict[str, Any]]:
+    """Every training's long-audio rows, labelled by its first paper row ("T3 KAN, windowed")."""
+    rows = []
+    for tr in trainings:
+        r = results.get(tr.key)
+        if r is None:
+            continue
+        c = tr.cells[0]
+        name = f"T{c.table} {c.label}" + (f" ({c.group})" if c.group else "")
+        rows += [
+            {**row, "label": f"{name}, {row['variant']}", "run_id": r["run_id"]} for row in r["evaluation"].long_rows
+        ]
+    return rows
+
+
+def _finish_parent(parent, cells, trainings, results, s: Settings, not_run: list[str], failed: list[str]) -> str:
+    """Tables and spectrogram grids on the parent run; returns every table as Markdown."""
+    from fewsound import tables
+
+    parts = []
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d)
+        for table in sorted({c.table for c in cells}):
+            mine = [c for c in cells if c.table == table]
+            spec = dict(
+                title=f"Table {table}: {tables.paper_tables()[table]['caption']}",
+                row_header=TABLE_ROW_HEADERS[table],
+                paper_table=table,
+                label_order=list(dict.fromkeys(c.label for c in mine)),
+                keep_empty=True,
+                group_order=list(dict.fromkeys(c.group for c in mine if c.group)),
+            )
+            rows = table_rows(table, cells, trainings, results)
+            if not rows:
+                parts.append(f"### {spec['title']}\n\n(no finished row)\n")
+                continue
+            tables.write_results(out / f"table_{table}", rows, **spec)
+            parts.append((out / f"table_{table}" / "table.md").read_text())
+            _spectrogram_grids(out / "plots", table, mine, trainings, results)
+        long_rows = long_table_rows(trainings, results)
+        if long_rows:
+            spec = dict(title="Long audio: window by window (crossfaded) vs one window", row_header="Model")
+            tables.write_results(out / "long_audio", long_rows, **spec)
+            parts.append((out / "long_audio" / "table.md").read_text())
+        notes = [f"- not run: {x}" for x in not_run] + [f"- failed: {x}" for x in failed]
+        markdown = "\n".join(parts) + ("\n" + "\n".join(notes) + "\n" if notes else "")
+        (out / "tables.md").write_text(markdown)
+        (out / "runs.json").write_text(json.dumps({k: r["run_id"] for k, r in results.items()}, indent=1))
+        parent.log_artifact(out, "tables")
+    parent.log_metrics(
+        {
+            "grid/trainings": float(len([t for t in trainings if t.skip is None])),
+            "grid/finished": float(len(results)),
+            "grid/failed": float(len(failed)),
+            "grid/not_run": float(len(not_run)),
+        }
+    )
+    parent.end("FAILED" if failed else "FINISHED")
+    return markdown
+
+
+def _spectrogram_grids(folder: Path, table: int, cells: list[Cell], trainings: list[Training], results: dict) -> None:
+    """plots/table_N[_dataset].png: one validation clip's ground truth, then every row's reconstruction of it."""
+    from fewsound.report import save_figure, spectrogram_comparison_figure
+
+    of_cell = {(c.table, c.label, c.group): results.get(t.key) for t in trainings for c in t.cells}
+    for group in dict.fromkeys(c.group for c in cells):
+        preds, ref, clip, sr = {}, None, None, 22_050
+        for c in cells:
+            r = of_cell.get((c.table, c.label, c.group))
+            ev = r["evaluation"] if r else None
+            if ev is None or ev.example is None or (ref is not None and ev.example.shape != ref.shape):
+                continue
+            ref, clip = (ev.example_ref, ev.example_id) if ref is None else (ref, clip)
+            preds[c.label] = ev.example
+            sr = next(t.cfg.model.sample_rate for t in trainings if t.key == r["key"])
+        if ref is None:
+            continue
+        name = f"table_{table}" + (f"_{group.replace(' ', '_')}" if group else "")
+        title = f"Table {table}" + (f" ({group})" if group else "") + f": {clip}"
+        save_figure(spectrogram_comparison_figure(ref, preds, sr, title=title), folder / f"{name}.png")
+
+
+def parse_datasets(text: str | None, smoke: bool) -> dict[str, str | None]:
+    """--datasets "NAME=CORPUS,..." -> {name: corpus folder}; None: the built-in corpus under the name "builtin"
+    (in a smoke test: under every name of Table 6, so that its shape is complete)."""
+    if not text:
+        return {name: None for name in PAPER_DATASETS} if smoke else {"builtin": None}
+    out: dict[str, str | None] = {}
+    for item in text.split(","):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError("--datasets", f"expected NAME=CORPUS (e.g. VCTK=/data/vctk-fs), got {item!r}")
+        out[name.strip()] = None if path.strip() == "builtin" else path.strip()
+    return out
