@@ -121,7 +121,10 @@ def cloud(tmp_path_factory):
                       _free_port(), root / "serve.log").start()  # fmt: skip
         worker_home, driver_home = root / "worker-home", root / "driver-home"
         (root / "node").mkdir()
-        head, address = _ray_head(root / "node", dict(base, FEWSOUND_HOME=str(worker_home)))
+        # RAY_memory_monitor_refresh_ms=0: no Ray OOM killer on this test head. It acts on the whole machine's
+        # memory, which CI and development machines share with other work; the kernel still guards the machine.
+        node_env = dict(base, FEWSOUND_HOME=str(worker_home), RAY_memory_monitor_refresh_ms="0")
+        head, address = _ray_head(root / "node", node_env)
         driver = dict(base, FEWSOUND_HOME=str(driver_home), RAY_ADDRESS=address, MLFLOW_TRACKING_URI=serve.uri,
                       FEWSOUND_STORAGE=f"s3://{BUCKET}/ray")  # fmt: skip
         (root / "user").mkdir()
