@@ -229,7 +229,7 @@ def test_sweep_on_the_bucket_and_history_survives_a_new_head(cloud, inr_corpus):
 def test_training_smoke_reads_and_checkpoints_in_the_bucket(cloud):
     driver, driver_home, worker_home, s3, serve, root = cloud
     p = _job(driver, root / "user", str(REPO / "jobs/prepare_data.py"), "--protocol", "fewsound", "--out",
-             TRAIN_CORPUS, "--smoke-test")  # fmt: skip
+             TRAIN_CORPUS, "--shard-size", "16")  # fmt: skip
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     t = _job(driver, root / "user", str(REPO / "jobs/train_fewsound.py"), "--smoke-test", "--corpus", TRAIN_CORPUS)
     out = t.stdout + t.stderr
