@@ -118,25 +118,28 @@ def cloud(tmp_path_factory):
                     OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # fmt: skip
         (root / "server").mkdir()
         serve = Serve(dict(base, FEWSOUND_HOME=str(root / "server-home")), root / "server" / "mlflow.db",
-                      _free_port(), root / "serve.log").start()  # fmt: skip
+                      _free_port(), root / "serve.log")  # fmt: skip
         worker_home, driver_home = root / "worker-home", root / "driver-home"
         (root / "node").mkdir()
-        # RAY_memory_monitor_refresh_ms=0: no Ray OOM killer on this test head. It acts on the whole machine's
-        # memory, which CI and development machines share with other work; the kernel still guards the machine.
-        node_env = dict(base, FEWSOUND_HOME=str(worker_home), RAY_memory_monitor_refresh_ms="0")
-        head, address = _ray_head(root / "node", node_env)
-        driver = dict(base, FEWSOUND_HOME=str(driver_home), RAY_ADDRESS=address, MLFLOW_TRACKING_URI=serve.uri,
-                      FEWSOUND_STORAGE=f"s3://{BUCKET}/ray")  # fmt: skip
         (root / "user").mkdir()
+        head = None
         try:
+            serve.start()
+            # RAY_memory_monitor_refresh_ms=0: no Ray OOM killer on this test head. It acts on the whole machine's
+            # memory, which CI and development machines share with other work; the kernel still guards the machine.
+            node_env = dict(base, FEWSOUND_HOME=str(worker_home), RAY_memory_monitor_refresh_ms="0")
+            head, address = _ray_head(root / "node", node_env)
+            driver = dict(base, FEWSOUND_HOME=str(driver_home), RAY_ADDRESS=address, MLFLOW_TRACKING_URI=serve.uri,
+                          FEWSOUND_STORAGE=f"s3://{BUCKET}/ray")  # fmt: skip
             yield driver, driver_home, worker_home, s3, serve, root
         finally:
-            head.send_signal(signal.SIGTERM)  # --block: the head stops what it started, then exits
-            try:
-                head.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-            if serve.proc.poll() is None:
+            if head is not None:
+                head.send_signal(signal.SIGTERM)  # --block: the head stops what it started, then exits
+                try:
+                    head.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(head.pid, signal.SIGKILL)
+            if getattr(serve, "proc", None) is not None and serve.proc.poll() is None:
                 serve.stop()
 
 
