@@ -118,22 +118,28 @@ def cloud(tmp_path_factory):
                     OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # fmt: skip
         (root / "server").mkdir()
         serve = Serve(dict(base, FEWSOUND_HOME=str(root / "server-home")), root / "server" / "mlflow.db",
-                      _free_port(), root / "serve.log").start()  # fmt: skip
+                      _free_port(), root / "serve.log")  # fmt: skip
         worker_home, driver_home = root / "worker-home", root / "driver-home"
         (root / "node").mkdir()
-        head, address = _ray_head(root / "node", dict(base, FEWSOUND_HOME=str(worker_home)))
-        driver = dict(base, FEWSOUND_HOME=str(driver_home), RAY_ADDRESS=address, MLFLOW_TRACKING_URI=serve.uri,
-                      FEWSOUND_STORAGE=f"s3://{BUCKET}/ray")  # fmt: skip
         (root / "user").mkdir()
+        head = None
         try:
+            serve.start()
+            # RAY_memory_monitor_refresh_ms=0: no Ray OOM killer on this test head. It acts on the whole machine's
+            # memory, which CI and development machines share with other work; the kernel still guards the machine.
+            node_env = dict(base, FEWSOUND_HOME=str(worker_home), RAY_memory_monitor_refresh_ms="0")
+            head, address = _ray_head(root / "node", node_env)
+            driver = dict(base, FEWSOUND_HOME=str(driver_home), RAY_ADDRESS=address, MLFLOW_TRACKING_URI=serve.uri,
+                          FEWSOUND_STORAGE=f"s3://{BUCKET}/ray")  # fmt: skip
             yield driver, driver_home, worker_home, s3, serve, root
         finally:
-            head.send_signal(signal.SIGTERM)  # --block: the head stops what it started, then exits
-            try:
-                head.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-            if serve.proc.poll() is None:
+            if head is not None:
+                head.send_signal(signal.SIGTERM)  # --block: the head stops what it started, then exits
+                try:
+                    head.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(head.pid, signal.SIGKILL)
+            if getattr(serve, "proc", None) is not None and serve.proc.poll() is None:
                 serve.stop()
 
 
@@ -169,7 +175,7 @@ def test_prepare_data_writes_the_corpus_to_the_bucket_and_resumes(cloud, inr_cor
         for k, v in s3.env.items():
             mp.setenv(k, v)
         corpus = open_corpus(INR_CORPUS, verify=True)  # every shard's sha256 matches the manifest
-        assert len(corpus) >= 30 and {c.kind for c in corpus.infos()} == {"speech", "music", "environment"}
+        assert len(corpus) >= 10 and {c.kind for c in corpus.infos()} == {"speech", "music", "environment"}
         speech = [c for c in corpus.infos() if c.kind == "speech"]
         assert corpus.clip(speech[-1].clip_id).audio.shape == (32_768,)
     # the same command again keeps every shard (receipts + checksums read back from the bucket)
@@ -226,7 +232,7 @@ def test_sweep_on_the_bucket_and_history_survives_a_new_head(cloud, inr_corpus):
 def test_training_smoke_reads_and_checkpoints_in_the_bucket(cloud):
     driver, driver_home, worker_home, s3, serve, root = cloud
     p = _job(driver, root / "user", str(REPO / "jobs/prepare_data.py"), "--protocol", "fewsound", "--out",
-             TRAIN_CORPUS, "--smoke-test")  # fmt: skip
+             TRAIN_CORPUS, "--shard-size", "16")  # fmt: skip
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     t = _job(driver, root / "user", str(REPO / "jobs/train_fewsound.py"), "--smoke-test", "--corpus", TRAIN_CORPUS)
     out = t.stdout + t.stderr
