@@ -23,7 +23,8 @@ speech clip of N samples (32,768 = 1.5 s at 22,050 Hz), Table 1's KAN (fewsound'
 
 The three run interleaved in one process per thread count (baseline steps, floor steps, then each fewsound pack,
 repeated `--rounds` times), and medians are reported: other jobs on a shared machine slow all three alike. Wall
-time is the headline; process CPU time (all threads) is reported beside it, as the steadier figure under load.
+time and process CPU time (all threads) are both reported: on a machine loaded beyond its cores, wall time
+measures the scheduler more than the step, and CPU time is the figure to compare.
 The 1-minute load average is recorded around every round. Peak memory is measured apart, in a fresh process
 per variant (high-water RSS minus the RSS before the first step), at the first thread count. `--profile` adds
 torch.profiler's top operators of fewsound's B = 1 step. Prints a table; writes benchmarks/results/fit_step.json
