@@ -103,7 +103,7 @@ def main() -> int:
                 break
             rows.append(row)
             print(
-                f"{family:8} {batch:3d} {row['step_ms']:9.1f} {row['fits_per_hour']:9.1f} {row['peak_memory_mb']:9.0f}"
+                f"{family:8} {batch:3d} {row['step_ms']:9.1f} {row['fits_per_hour']:9.4g} {row['peak_memory_mb']:9.0f}"
             )
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     result = {

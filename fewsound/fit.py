@@ -285,9 +285,6 @@ def fit(
             ckpt_path, identity, params, pack.good, pack.state, optimizer, device
         )
 
-    def save(step: int) -> None:
-        _save_checkpoint(ckpt_path, identity, step, params, pack.good, pack.state, optimizer, pack.history)
-
     with _flush_denormals(device):
         t_loop = time.perf_counter()
         for step in range(start_step, config.steps):
@@ -296,12 +293,12 @@ def fit(
             if done % config.log_every == 0 or done == config.steps:
                 logger.log_metrics(pack.log(step, per_clip), step)
             if ckpt_path is not None and config.checkpoint_every and (done % config.checkpoint_every == 0):
-                save(done)
+                _save_checkpoint(ckpt_path, identity, done, params, pack, optimizer)
         loop_seconds = time.perf_counter() - t_loop
         steps_run = max(config.steps - start_step, 0)
         saved_at_end = config.checkpoint_every and config.steps % config.checkpoint_every == 0
         if ckpt_path is not None and steps_run and not saved_at_end:
-            save(config.steps)
+            _save_checkpoint(ckpt_path, identity, config.steps, params, pack, optimizer)
         final, pred = chunks.evaluate()  # the weights we return (for a diverged clip: its last good weights)
     steps_per_s = steps_run / loop_seconds if steps_run and loop_seconds > 0 else float("nan")
     timing = {"steps_per_s": steps_per_s, "seconds": time.perf_counter() - t_start}
@@ -507,7 +504,7 @@ def _sha(x: torch.Tensor) -> str:
     return hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16]
 
 
-def _save_checkpoint(path, identity, step, params, good, state, optimizer, history) -> None:
+def _save_checkpoint(path, identity, step, params, pack: _PackState, optimizer) -> None:
     """Write the whole fit state to `path` atomically (temp file in the same folder + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -515,10 +512,10 @@ def _save_checkpoint(path, identity, step, params, good, state, optimizer, histo
         **identity,
         "step": step,
         "params": {k: v.detach().cpu() for k, v in params.items()},
-        "good": {k: v.cpu() for k, v in good.items()},
-        "state": {k: v.cpu() for k, v in state.items()},
+        "good": {k: v.cpu() for k, v in pack.good.items()},
+        "state": {k: v.cpu() for k, v in pack.state.items()},
         "optimizer": optimizer.state_dict(),
-        "history": history,
+        "history": pack.history,
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
