@@ -57,7 +57,10 @@ DEFAULT_LR: dict[str, float] = {
 }
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+OPTIMIZERS: dict[str, type[torch.optim.AdamW] | type[torch.optim.Adam]] = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+}
 # AdamW: torch's default decoupled decay (the paper's hypernetwork runs use it too). Adam: the paper's INR code.
 DEFAULT_WEIGHT_DECAY: dict[str, float] = {"adamw": 0.01, "adam": 0.0}
 
@@ -366,7 +369,7 @@ class _PackState:
             "best_step": torch.zeros(n_clips, dtype=torch.long, device=device),
         }
         self.good = {k: v.detach().clone() for k, v in params.items()}
-        self.history: list[list[float]] = [[] for _ in range(n_clips)]
+        self.history: list[list[tuple[int, float]]] = [[] for _ in range(n_clips)]
 
     def observe(self, a: int, b: int, step: int, loss: torch.Tensor, sub: dict[str, torch.Tensor]) -> torch.Tensor:
         """Clips a..b-1 with a non-finite loss (or weights) at `step` stop here; returns the live mask [b - a]."""
@@ -396,7 +399,7 @@ class _PackState:
                 p.copy_(torch.where(m, p, good[k]))  # a clip that just diverged goes back to its last good weights
                 good[k].copy_(p)
                 # a frozen clip's gradient may be NaN (0 * inf upstream); it must not reach its moments
-                p.grad.masked_fill_(~m, 0)
+                p.grad.masked_fill_(~m, 0)  # type: ignore[union-attr]  # allocated before the first step
             optimizer.step()
             for k, p in params.items():
                 p.copy_(torch.where(_per_clip(active, p), p, good[k]))  # undo weight decay / momentum on frozen clips
@@ -406,7 +409,7 @@ class _PackState:
         losses = per_clip.detach().cpu().tolist()
         for b, value in enumerate(losses):
             if value == value and abs(value) != float("inf"):
-                self.history[b].append([step, value])
+                self.history[b].append((step, value))
         return _log_record(losses, self.state["active"].cpu().tolist())
 
 

@@ -47,7 +47,7 @@ _MSE_FLOOR = 1e-12
 # Slaney mel filterbank (numpy, float64), equal to librosa.filters.mel(sr, n_fft, n_mels) with its defaults.
 
 
-def hz_to_mel(f: np.ndarray) -> np.ndarray:
+def hz_to_mel(f: np.ndarray | float) -> np.ndarray:
     """Slaney's Auditory Toolbox mel scale: linear (3 mel per 200 Hz) below 1 kHz, logarithmic above."""
     f = np.asarray(f, dtype=np.float64)
     f_sp, min_log_hz = 200.0 / 3.0, 1000.0
@@ -56,7 +56,7 @@ def hz_to_mel(f: np.ndarray) -> np.ndarray:
     return np.where(f >= min_log_hz, log_part, f / f_sp)
 
 
-def mel_to_hz(m: np.ndarray) -> np.ndarray:
+def mel_to_hz(m: np.ndarray | float) -> np.ndarray:
     """Inverse of `hz_to_mel`."""
     m = np.asarray(m, dtype=np.float64)
     f_sp, min_log_hz = 200.0 / 3.0, 1000.0

@@ -258,7 +258,9 @@ class _Work:
         # int32 rows for embedding_bag (forward); int64 for backward, whose scatter_/gather would otherwise convert
         # int32 indices to int64 on every call
         self.buf["idx"] = torch.empty(pairs * slots, dtype=torch.long if long_index else torch.int32, device=device)
-        self.base_shape = None  # shape of the idx view whose base plane (constant rows) is already written
+        self.base_shape: tuple[int, ...] | None = (
+            None  # shape of the idx view whose base plane (constant rows) is already written
+        )
 
     def view(self, name: str, shape) -> Tensor:
         """The first prod(shape) elements of buffer `name`, as a contiguous tensor of that shape."""
