@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shlex
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 from fewsound import storage
 from fewsound.errors import ConfigError
+from fewsound.tracking import server_command
 
 
 def sqlite_path(store: str) -> Path | None:
@@ -103,33 +102,6 @@ class Backups:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def server_command(backend_uri: str, artifacts: str, host: str, port: int, workers: int,
-                   app_name: str | None = None) -> list[str]:  # fmt: skip
-    """`mlflow server` with the flags fewsound's servers use (proxied artifacts, gunicorn settings)."""
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [
-        str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
-        "server",
-        "--backend-store-uri",
-        backend_uri,
-        "--artifacts-destination",
-        artifacts,
-        "--serve-artifacts",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-    ]
-    conf = Path(__file__).with_name("mlflow_gunicorn.py")
-    if os.name == "posix" and conf.exists():  # SQLite in WAL mode, threaded workers (see that file)
-        cmd += ["--gunicorn-opts", f"--config {shlex.quote(str(conf))}"]
-    if app_name:
-        cmd += ["--app-name", app_name]
-    return cmd
 
 
 def serve(store: str, *, artifacts: str, backup: str | None = None, host: str = "127.0.0.1", port: int = 5000,

@@ -116,26 +116,36 @@ def start_local_server(home: Path | None = None, port: int | None = None, timeou
     raise ConfigError(home / "server.log", f"the MLflow server exited with code {proc.returncode}; see the log")
 
 
-def _spawn_server(home: Path, port: int) -> subprocess.Popen:
+def server_command(backend_uri: str, artifacts: str, host: str, port: int, workers: int,
+                   app_name: str | None = None) -> list[str]:  # fmt: skip
+    """`mlflow server` with the flags fewsound's servers use (proxied artifacts, gunicorn settings)."""
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [
         str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
         "server",
         "--backend-store-uri",
-        f"sqlite:///{home / 'mlflow.db'}",
+        backend_uri,
         "--artifacts-destination",
-        str(home / "artifacts"),
+        artifacts,
         "--serve-artifacts",
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--workers",
-        "1",  # light: the server shares the laptop (or CI's 2 cores) with the fits
+        str(workers),
     ]
-    if os.name == "posix":  # Gunicorn (not on Windows): a plain WSGI worker and SQLite in WAL mode, see the file
-        conf = Path(__file__).with_name("mlflow_gunicorn.py")
+    conf = Path(__file__).with_name("mlflow_gunicorn.py")
+    if os.name == "posix" and conf.exists():  # SQLite in WAL mode, threaded workers (see that file)
         cmd += ["--gunicorn-opts", f"--config {shlex.quote(str(conf))}"]
+    if app_name:
+        cmd += ["--app-name", app_name]
+    return cmd
+
+
+def _spawn_server(home: Path, port: int) -> subprocess.Popen:
+    # one worker: the embedded server shares the laptop (or CI's 2 cores) with the fits
+    cmd = server_command(f"sqlite:///{home / 'mlflow.db'}", str(home / "artifacts"), "127.0.0.1", port, workers=1)
     # MLflow 3's server also starts a job runner with a dozen huey worker processes (for GenAI jobs we never
     # submit): switched off to keep the embedded server light on a laptop or CI's 2 cores.
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")

@@ -10,7 +10,8 @@ import pytest
 
 from fewsound import storage
 from fewsound.errors import ConfigError
-from fewsound.mlflow_server import Backups, restore, serve, server_command, sqlite_path
+from fewsound.mlflow_server import Backups, restore, serve, sqlite_path
+from fewsound.tracking import server_command
 
 BACKUP = "s3://fewsound/fewsound/mlflow.db"
 
