@@ -269,14 +269,14 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
     import ray
 
     from fewsound.tracking import tracking_uri
-    from tune.train_job import choose_scaling, init_ray
+    from tune.ray_env import choose_scaling, init_ray
 
     t0 = time.perf_counter()
     uri = tracking_uri()  # before Ray starts: its workers inherit MLFLOW_TRACKING_URI
     trainings = plan(cells, corpora, s)
     todo = [t for t in trainings if t.skip is None]
     resources = init_ray(s.address)
-    scaling, _ = choose_scaling(resources, s.num_workers)
+    scaling, _, _ = choose_scaling(resources, s.num_workers)
     parallel = s.parallel or max_parallel(resources, scaling)
     grid_id = cfg_hash({"trainings": sorted(t.key for t in todo), "eval": [s.clips, s.metrics, s.long_seconds]})
     parent = _open_parent(s.experiment, uri, grid_id, len(todo))
