@@ -90,20 +90,20 @@ def main() -> None:
         results[family] = rows
         best = max((r for r in rows if "psnr" in r), key=lambda r: r["psnr"])
         print(f"{family:6s} best: {best['config']} ({best['psnr']} dB); default {rows[0].get('psnr')} dB\n")
-    out = {
-        "clip": clip_id,
-        "length": a.length,
-        "steps": a.steps,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_avg_before": load0,
-            "load_avg_after": os.getloadavg(),
-        },  # fmt: skip
-        "results": results,
-    }
-    Path(a.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {a.out}")
+        out = {  # written after each family: an interrupted run keeps the families it finished
+            "clip": clip_id,
+            "length": a.length,
+            "steps": a.steps,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "load_avg_before": load0,
+                "load_avg_after": os.getloadavg(),
+            },
+            "results": results,
+        }
+        Path(a.out).write_text(json.dumps(out, indent=2))
+        print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
