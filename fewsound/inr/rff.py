@@ -10,7 +10,8 @@ Default sigma = 300 (the paper gives none; its code default 1.0 is useless for a
 32,768 samples at 22,050 Hz, one unit of t is 16,383.5 samples = 0.743 s, so a feature cos(2 pi B t) oscillates
 at |B| / 0.743 Hz: sigma = 1 gives frequencies around 1.3 Hz, sigma = 300 spreads the 45 frequencies with a
 standard deviation of about 400 Hz (speech's fundamentals and first formants; the ReLU MLP adds harmonics).
-benchmarks/inr_defaults.py fits sigma = 30 ... 3000 on a speech clip: 300 is chosen as the best of those.
+benchmarks/inr_defaults.py fits sigma = 30 ... 3000 on a speech clip: 100 and 300 fit alike and best, 1000 and
+above markedly worse (results in benchmarks/results/inr_defaults.json).
 The Optuna search tunes `sigma`.
 """
 
