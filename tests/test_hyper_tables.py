@@ -113,6 +113,7 @@ def test_grid_on_the_builtin_corpus_logs_one_parent_and_skips_on_rerun(tmp_path,
     from fewsound import tracking
     from tune.hyper_eval import EVAL_TAG
 
+    ray.shutdown()  # a Ray left by an earlier module has other servers in its workers' environment
     monkeypatch.setenv("FEWSOUND_HOME", str(tmp_path))
     uri = tracking.start_local_server(home=tmp_path, port=_free_port())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

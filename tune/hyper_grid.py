@@ -186,14 +186,16 @@ def max_parallel(resources: dict[str, float], scaling: Any) -> int:
     return max(1, min(fits) if fits else 1)
 
 
-def _train_and_evaluate(tr: Training, s: Settings, parent_id: str, grid_id: str) -> dict[str, Any]:
-    """One training (or its finished run) and its evaluation (or the one already on its run): a Ray task."""
+def _train_and_evaluate(tr: Training, s: Settings, parent_id: str, grid_id: str, uri: str) -> dict[str, Any]:
+    """One training (or its finished run) and its evaluation (or the one already on its run): a Ray task. `uri`:
+    the driver's tracking server (a Ray started earlier, with another environment, must not send runs elsewhere)."""
     from fewsound.tables import hyper_label
     from fewsound.tracking import PARENT_TAG, MlflowRun
     from tune.hyper_eval import evaluate_trained, evaluation_key, load_evaluation, log_evaluation, validation_set
     from tune.train_job import load_trained, run_training
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download buries the log
+    os.environ["MLFLOW_TRACKING_URI"] = uri
     t0 = time.perf_counter()
     summary = run_training(
         tr.cfg,
@@ -294,7 +296,7 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
         while queue and len(pending) < parallel:
             tr = queue.pop(0)
             tries[tr.key] = tries.get(tr.key, 0) + 1
-            pending[task.remote(tr, s, parent.run_id, grid_id)] = tr
+            pending[task.remote(tr, s, parent.run_id, grid_id, uri)] = tr
         done, _ = ray.wait(list(pending), num_returns=1)
         tr = pending.pop(done[0])
         try:
