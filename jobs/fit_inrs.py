@@ -67,20 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             for f in families
             for c in clips
         ]
+        from tune.jobs import sweep_options
         from tune.sweep import run_sweep
 
         summary = run_sweep(
             "fit_inrs",
             tasks,
             corpus=corpus,
-            experiment=args.experiment,
-            pack_size=args.pack_size,
-            address=args.address,
-            gpu_fraction=args.gpu_fraction,
-            max_retries=args.max_retries,
-            trials_per_slot=args.trials_per_slot or None,
-            listen_clips=args.listen_clips,
-            max_concurrent=args.max_concurrent,
+            **sweep_options(args),
             table={
                 "title": "Table 1: reconstruction metrics of single-INR fits",
                 "paper_table": None

@@ -76,20 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             f"distinct configurations x {len(clips)} clips x {len(lengths)} lengths; parameter counts "
             + ("match the paper" if not mismatches else f"differ from the paper in {len(mismatches)} rows")
         )
+        from tune.jobs import sweep_options
         from tune.sweep import run_sweep
 
         summary = run_sweep(
             "kan_ablation",
             tasks,
             corpus=corpus,
-            experiment=args.experiment,
-            pack_size=args.pack_size,
-            address=args.address,
-            gpu_fraction=args.gpu_fraction,
-            max_retries=args.max_retries,
-            trials_per_slot=args.trials_per_slot or None,
-            listen_clips=args.listen_clips,
-            max_concurrent=args.max_concurrent,
+            **sweep_options(args),
             metrics=metrics,
             table={"title": "KAN ablation: every configuration", "row_header": "configuration"},
         )

@@ -89,6 +89,20 @@ def add_listen_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def sweep_options(args: argparse.Namespace) -> dict[str, Any]:
+    """run_sweep's keyword arguments from the options that add_common_arguments defines."""
+    return dict(
+        experiment=args.experiment,
+        pack_size=args.pack_size,
+        address=args.address,
+        gpu_fraction=args.gpu_fraction,
+        max_retries=args.max_retries,
+        trials_per_slot=args.trials_per_slot or None,
+        listen_clips=args.listen_clips,
+        max_concurrent=args.max_concurrent,
+    )
+
+
 def parse_list(text: str, valid: Any, option: str) -> list[str]:
     items = [x.strip() for x in str(text).split(",") if x.strip()]
     bad = [x for x in items if x not in valid]
