@@ -30,3 +30,7 @@ class ConfigError(FewsoundError):
 
 class DataError(FewsoundError):
     """A prepared corpus (Parquet shards + manifest.json) or a source folder is missing or malformed."""
+
+
+class TrackingError(FewsoundError):
+    """The MLflow tracking server cannot be reached; says which server and where the results were kept."""

@@ -50,12 +50,19 @@ def storage_root(sub: str) -> str:
     return str(default_home() / sub)
 
 
-def _healthy(uri: str, timeout: float = 1.0) -> bool:
+def server_health(uri: str, timeout: float = 1.0) -> str | None:
+    """None when the tracking server at `uri` answers GET /health (MLflow's unauthenticated health route) within
+    `timeout` seconds, else why not (one line)."""
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
-            return r.status == 200
-    except Exception:
-        return False
+            return None if r.status == 200 else f"GET /health answered {r.status}"
+    except Exception as e:
+        reason = getattr(e, "reason", None) or e
+        return " ".join(f"{type(reason).__name__}: {reason}".split())[:200]
+
+
+def _healthy(uri: str, timeout: float = 1.0) -> bool:
+    return server_health(uri, timeout) is None
 
 
 def _port_free(port: int) -> bool:
@@ -159,6 +166,27 @@ def _spawn_server(home: Path, port: int) -> subprocess.Popen:
             cwd=home,
             env=env,
         )
+
+
+def local_server_home(uri: str, home: Path | None = None) -> Path | None:
+    """`home` (default: $FEWSOUND_HOME) when `uri` is the embedded server recorded in its server.json (alive or
+    not), else None: a server someone else runs, which fewsound must not restart."""
+    home = Path(home or default_home()).resolve()
+    try:
+        recorded = json.loads((home / "server.json").read_text())["uri"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return home if recorded.rstrip("/") == uri.rstrip("/") else None
+
+
+def restart_local_server(uri: str, home: Path, wait_port: float = 30.0) -> str:
+    """Start the embedded server of `home` again after it died, on the same store and the SAME port (trials
+    already hold `uri`). Waits up to `wait_port` seconds for the dead server's port to be released."""
+    port = int(uri.rstrip("/").rsplit(":", 1)[1])
+    deadline = time.monotonic() + wait_port
+    while not _port_free(port) and not _healthy(uri) and time.monotonic() < deadline:
+        time.sleep(0.5)  # its workers exit once they notice that their master is gone
+    return start_local_server(home, port=port)
 
 
 def stop_local_server(home: Path | None = None) -> bool:

@@ -160,6 +160,8 @@ def print_summary(s: Any) -> None:
     if s.table_markdown:
         print(s.table_markdown)
     print(f"{s.n_fits} fits: {s.done} done now, {s.skipped} already finished, {s.failed} failed, in {s.seconds:.1f} s")
+    if getattr(s, "replayed", 0):
+        print(f"{s.replayed} of the finished fits were logged from their records in {s.records} (not refitted)")
     print(f"MLflow UI: {s.ui_url}  (experiment {s.experiment!r}, parent run {s.parent_run_id})")
     if os.environ.get("FEWSOUND_HOME") is None:
         print("browse it any time: the local MLflow server keeps running after this job")

@@ -2,17 +2,21 @@
 
     summary = run_sweep("fit_inrs", tasks, corpus=DIR)
 
-1. Open (or, when re-run, reopen) the sweep's parent run; list the keys that already have a FINISHED child run
-   and skip them; mark runs of unfinished keys left RUNNING by a killed driver as KILLED.
+1. Open (or, when re-run, reopen) the sweep's parent run; log the fit records kept in the sweep's storage that
+   are not logged yet (tune.durable: computed before, never refitted); list the keys that already have a FINISHED
+   child run and skip them; mark runs of unfinished keys left RUNNING by a killed driver as KILLED.
 2. Start or join Ray and plan for the cluster's capacity (tune.ray_env: its ceiling where the cluster states one,
    so that pending trials make the autoscaler start nodes): trials ask for a GPU fraction when the cluster has or
    can grow GPUs, one CPU otherwise; the first line printed says what was asked for and why.
 3. Pack the remaining fits (one config, many clips per pack), bundle the packs into a few Tune trials per trial
    slot (fewsound.plan.bundle: near-equal cost, Tune's per-trial cost paid per trial, not per pack) and run them
    with actor reuse.
-4. Record a FAILED child run for every fit whose trial crashed beyond its retries (the sweep goes on), print one
-   line per failed fit with its reason (the tag on its child run), then log the per-clip results and the
-   paper-style tables to the parent run.
+   Trials record every fit in the sweep's storage before they log it, and keep the records when the tracking
+   server does not answer; meanwhile the driver watches the server (and restarts its own embedded one).
+4. Log the records the trials kept, record a FAILED child run for every fit whose trial crashed beyond its
+   retries (the sweep goes on), print one line per failed fit with its reason (the tag on its child run), then
+   log the per-clip results and the paper-style tables to the parent run. A tracking server that stays down ends
+   the sweep with one line (fewsound.errors.TrackingError): the records wait for the next run of the command.
 
 Output: what the sweep asked for, one line per finished pack (done / failed / remaining / ETA / fits per hour),
 one line per failed fit. Trials' own output reaches the driver (and `ray job logs`).
@@ -34,6 +38,7 @@ from fewsound.data.shards import corpus_location
 from fewsound.errors import ConfigError
 from fewsound.plan import FitTask, bundle, pack, pack_to_config
 from fewsound.tracking import MlflowRun, git_commit, tracking_uri
+from tune.durable import TrackingWatch, client_defaults, replay_pending
 from tune.ray_env import (
     Capacity,
     capacity,
@@ -71,6 +76,8 @@ class SweepSummary:
     packs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     n_trials: int = 0  # Tune trials run
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per driver phase
+    replayed: int = 0  # of `skipped`: fits logged at the start from records (computed before, not refitted)
+    records: str = ""  # where the sweep's fit records are (fewsound.records)
 
     @property
     def ui_url(self) -> str:
@@ -161,17 +168,21 @@ def run_sweep(
     """
     _check_arguments(name, tasks, gpu_fraction, pack_size, max_retries, trial_failures, trials_per_slot, max_concurrent)
     quiet_defaults()
+    client_defaults()  # MLflow's client fails fast: a driver that waits on a dead server reports it in one line
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     uri = tracking_uri()
     experiment = experiment or name
     sid = sweep_id(name, tasks)
 
-    parent = _open_parent(experiment, uri, sid, name, len(tasks))
-    client = parent.client
-    finished = finished_runs(client, parent.experiment_id)
-    todo = [t for t in tasks if t.key not in finished]
-    _mark_stale(client, parent.experiment_id, {t.key for t in todo})
+    watch = TrackingWatch(name, uri, storage_root("records"), sid)
+    with watch.guard():
+        watch.ensure()
+        parent = _open_parent(experiment, uri, sid, name, len(tasks))
+        client = parent.client
+        finished, replayed = _log_kept_records(name, parent, watch, tasks, progress)
+        todo = [t for t in tasks if t.key not in finished]
+        _mark_stale(client, parent.experiment_id, {t.key for t in todo})
     timings["mlflow_setup"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -195,6 +206,7 @@ def run_sweep(
         experiment_id=parent.experiment_id,
         git_commit=git_commit(),
         metrics=tuple(metrics) if metrics is not None else None,
+        records=watch.root,
     )
     if progress:
         print(f"[{name}] {plan.describe()}", flush=True)
@@ -219,7 +231,7 @@ def run_sweep(
                 f"{sid}-r{attempt}" if attempt else sid,
                 trial_failures,
                 storage,
-                callback,
+                [callback, ServerWatch(watch)],
             )
         except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
             if attempt == tune_restarts:
@@ -229,20 +241,25 @@ def run_sweep(
                 "are not finished",
                 flush=True,
             )
-            _mark_stale(client, parent.experiment_id, {t.key for t in todo})
-            done_keys = finished_runs(client, parent.experiment_id)
+            with watch.guard():
+                done_keys = _log_kept_records(name, parent, watch, todo, progress, after_tune=True)[0]
+                _mark_stale(client, parent.experiment_id, {t.key for t in todo})
             packs, bundles = packs_and_bundles([t for t in todo if t.key not in done_keys])
             continue
-        _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
-        _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
+        with watch.guard():
+            _log_kept_records(name, parent, watch, todo, progress, after_tune=True)
+            _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
+            _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
         break
     timings["tune"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    summary = _summarize(sid, experiment, tasks, todo, parent, uri, plan, callback, n_trials, timings, t0)
-    if progress:
-        _print_failures(name, client, parent.experiment_id, sid, {t.key for t in todo})
-    _finish_parent(parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays the fits' audio
+    with watch.guard():
+        summary = _summarize(sid, experiment, tasks, todo, parent, uri, plan, callback, n_trials, timings, t0)
+        summary.replayed, summary.records = replayed, watch.where
+        if progress:
+            _print_failures(name, client, parent.experiment_id, sid, {t.key for t in todo})
+        _finish_parent(parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays audio
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -274,6 +291,24 @@ def _check_arguments(
         raise ConfigError("trials_per_slot", f"need >= 1 (or None: one trial per pack); got {trials_per_slot}")
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError("--max-concurrent", f"need >= 1; got {max_concurrent}")
+
+
+def _log_kept_records(
+    name: str, parent: MlflowRun, watch: TrackingWatch, tasks: list[FitTask], progress: bool, after_tune: bool = False
+) -> tuple[dict[str, Any], int]:
+    """Make sure the tracking server answers (restarting the embedded one), log every fit record of the sweep that
+    is not logged yet (or whose run is missing), and return ({key: FINISHED run}, runs created from records)."""
+    watch.ensure()
+    client, exp_id = parent.client, parent.experiment_id
+    finished = finished_runs(client, exp_id)
+    missing = {t.key for t in tasks if t.key not in finished}
+    n = replay_pending(client, exp_id, watch.root, watch.sweep, parent.run_id, missing)
+    if n:
+        finished = finished_runs(client, exp_id)
+        if progress:
+            when = "computed now, kept until MLflow answered" if after_tune else "computed earlier, not refitted"
+            print(f"[{name}] logged {n} fit records from {watch.where} ({when})", flush=True)
+    return finished, n
 
 
 def _summarize(
@@ -335,7 +370,7 @@ def _tune(
     run_name: str,
     trial_failures: int,
     storage: str | None,
-    callback: Any,
+    callbacks: list[Any],
 ) -> Any:
     """One Tune run: a trial per bundle of packs (the packs travel in the param_space as plain data), actors
     reused, at most `plan.slots` at once (what the cluster runs at its capacity, or --max-concurrent)."""
@@ -356,7 +391,7 @@ def _tune(
             storage_path=storage or storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
             failure_config=tune.FailureConfig(max_failures=trial_failures),
             verbose=0,
-            callbacks=[callback],
+            callbacks=callbacks,
         ),
     )
     with tune_errors_silenced():  # each failed fit is printed once by run_sweep, with its reason
@@ -469,7 +504,7 @@ class Progress(tune.Callback):
 
     def __init__(self, name: str, total: int, t0: float, show: bool):
         self.name, self.total, self.t0, self.show = name, total, t0, show
-        self.done = self.failed = 0
+        self.done = self.failed = self.kept = 0
         self.results: list[dict[str, Any]] = []
         self.reported: dict[str, int] = {}  # trial id -> fits it reported
 
@@ -495,13 +530,28 @@ class Progress(tune.Callback):
         n = int(result.get("fits_done", 0))
         self.done += n
         self.failed += int(result.get("fits_failed", 0))
+        self.kept += int(result.get("fits_kept", 0))
         self.reported[trial.trial_id] = self.reported.get(trial.trial_id, 0) + n + int(result.get("fits_failed", 0))
-        self._line()
+        self._line(f"  ({self.kept} kept in storage until MLflow answers)" if self.kept else "")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         lost = sum(len(p["clips"]) for p in trial.config["trial"]["packs"]) - self.reported.get(trial.trial_id, 0)
         self.failed += lost
         self._line(f"  (a trial crashed beyond its retries: its {lost} unreported fits are recorded FAILED)")
+
+
+class ServerWatch(tune.Callback):
+    """Checks the tracking server between packs and every few seconds of Tune's loop (TrackingWatch.poll): the
+    driver's embedded server is restarted on its store and port when it died."""
+
+    def __init__(self, watch: TrackingWatch):
+        self.watch = watch
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.watch.poll(every=2.0)
+
+    def on_step_end(self, iteration, trials, **info):
+        self.watch.poll()
 
 
 def _fmt_s(s: float) -> str:

@@ -1,22 +1,29 @@
-"""What one Ray Tune trial does: fit a pack of clips with one config, evaluate, and log one MLflow child run per fit.
+"""What one Ray Tune trial does: fit a pack of clips with one config, evaluate, record and log each fit.
 
 Runs in a Ray worker process. Actors are reused across trials, so the per-process caches here (the corpus index,
 the MLflow client, and fewsound.metrics' CDPAM model) are built once per worker and live for many trials.
 Logging goes over HTTP to the tracking server, so artifacts reach it from any node of a cluster.
 
-A trial runs one or more packs (fewsound.plan.bundle), each in turn (run_pack: fit, evaluate, log).
+A trial runs one or more packs (fewsound.plan.bundle), each in turn (run_pack: fit, evaluate, record, log).
 
-Per fit, the child run costs a fixed, small number of HTTP calls: create_run (with every tag), one log_batch
-(params + metrics + not-applicable reasons), the artifact uploads, set_terminated. MLflow's per-run "View run"
-print (and the extra get_run behind it) is off via MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by the driver.
+Nothing computed is lost: each finished fit is first written to the sweep's storage as a record
+(fewsound.records: tags, params, metrics, curves, status, gt/pred audio, spectrogram), and its MLflow child run
+is a replay of that record (tune.durable.replay: idempotent). When the tracking server does not answer (one
+GET /health), the pack keeps its records and reports them as `fits_kept`; the driver logs them once the server
+is back, or a re-run of the same command does. Per fit, the child run costs a fixed, small number of HTTP calls:
+create_run (with every tag), one log_batch (params + metrics + not-applicable reasons), the artifact uploads,
+set_terminated. MLflow's per-run "View run" print (and the extra get_run behind it) is off via
+MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by the driver.
 
 Failure handling, from the inside out:
 - a fit that diverges (non-finite loss) is refitted with a fresh seed up to `max_retries` times; if it still
-  diverges its child run ends FAILED with the reason (tag fewsound.failure_reason); the rest of the pack goes on;
-- a fit whose evaluation or logging raises is FAILED with that reason; the rest of the pack goes on;
+  diverges its record (and child run) is FAILED with the reason (tag fewsound.failure_reason); the rest of the
+  pack goes on;
+- a fit whose evaluation raises is FAILED with that reason; the rest of the pack goes on; a fit whose logging
+  fails keeps its record (the driver replays it);
 - anything else (the fit itself raising, the worker dying) crashes the pack: the trial's other packs go on, then
-  the trial fails and Tune retries it (FailureConfig); a retry skips the fits that already have a FINISHED run
-  (looked up by each pack's tag), and the driver records what is still missing after the last retry as FAILED.
+  the trial fails and Tune retries it (FailureConfig); a retry skips the fits that already have a FINISHED record
+  (logging it if it is not yet), and the driver records what is still missing after the last retry as FAILED.
 """
 
 from __future__ import annotations
@@ -34,16 +41,27 @@ from typing import Any
 
 import numpy as np
 
+from fewsound import records
 from fewsound.data.audio import peak_normalize, save_audio
 from fewsound.plan import FitTask, pack_from_config
-from fewsound.tracking import PARENT_TAG
+from fewsound.records import FitRecord
+from fewsound.tracking import PARENT_TAG, server_health, storage_root
+from tune.durable import (
+    HEALTH_TIMEOUT,
+    KEY_TAG,
+    LOG_THREADS,
+    PACK_TAG,
+    REASON_TAG,
+    SWEEP_TAG,
+    client_defaults,
+    replay,
+    runs_by_key,
+)
 
-KEY_TAG = "fewsound.fit_key"
-SWEEP_TAG = "fewsound.sweep"
-PACK_TAG = "fewsound.pack"
-REASON_TAG = "fewsound.failure_reason"
+__all__ = ["KEY_TAG", "PACK_TAG", "REASON_TAG", "SWEEP_TAG", "TrialContext", "pack_id", "run_pack", "tune_trainable"]
+
 COMMIT_TAG = "mlflow.source.git.commit"
-LOG_THREADS = 4  # child runs of a pack logged at once (they mostly wait on the server)
+ARTIFACT_FILES = ("audio/gt.wav", "audio/pred.wav", "plots/spectrogram.png")
 _PLOT_LOCK = threading.Lock()
 INF_DB = 200.0  # PSNR/SNR of an exact reconstruction is +inf; MLflow stores finite floats only
 
@@ -66,6 +84,11 @@ class TrialContext:
     # kind). A subset (e.g. ("mse",)) skips the costly ones (CDPAM, PESQ); benchmarks use it to isolate
     # orchestration. The child runs are logged either way.
     metrics: tuple[str, ...] | None = None
+    records: str = ""  # where fit records are kept (fewsound.records); "": storage_root("records") of the worker
+
+    @property
+    def records_root(self) -> str:
+        return self.records or storage_root("records")
 
 
 @functools.lru_cache(maxsize=4)
@@ -106,79 +129,59 @@ def pack_id(tasks: list[FitTask]) -> str:
 
 
 def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> dict[str, float]:
-    """Fit, evaluate and log every fit of one pack (one child run each). Returns counts and timings.
+    """Fit, evaluate, record and log every fit of one pack (one child run each). Returns counts and timings.
 
-    Result keys: fits_done, fits_failed, fits_skipped (already FINISHED: a retried trial), setup_seconds (the
-    resume lookup and loading the clips), fit_seconds (the packed fit() calls, retries included), fit_cpu (their
-    CPU seconds in the fitting thread: all of it with one torch thread, and unlike wall time not inflated by
-    whatever shares the core), eval_seconds, eval_cpu, process_cpu (all threads of the trial's process: the
-    fit, logging, Ray's own threads), log_seconds, seconds (the whole call), start/end (epoch
-    seconds, for concurrency accounting), pid, torch_threads.
+    Result keys: fits_done / fits_failed (fits computed now and recorded FINISHED / FAILED), fits_skipped (a
+    FINISHED record was there already: a retried trial), fits_kept (records not logged: the tracking server did
+    not answer; the driver replays them), setup_seconds (the resume lookup and loading the clips), fit_seconds
+    (the packed fit() calls, retries included), fit_cpu (their CPU seconds in the fitting thread: all of it with
+    one torch thread, and unlike wall time not inflated by whatever shares the core), eval_seconds, eval_cpu,
+    record_seconds (writing the records), process_cpu (all threads of the trial's process: the fit, logging,
+    Ray's own threads), log_seconds, seconds (the whole call), start/end (epoch seconds, for concurrency
+    accounting), pid, torch_threads.
     """
     import torch
-
-    from fewsound.fit import fit
 
     start = time.time()
     t0, cpu0 = time.perf_counter(), time.process_time()
     tasks = pack_from_config(pack)
     pid = pack_id(tasks)
-    client = _client(ctx.tracking_uri)
-    exp_id = ctx.experiment_id or _experiment_id(ctx.tracking_uri, ctx.experiment)
-    finished = _finished_keys(client, exp_id, ctx.sweep, pid)
-    skipped = sum(t.key in finished for t in tasks)
-    tasks = [t for t in tasks if t.key not in finished]
-
-    cfg = tasks[0].cfg if tasks else None
-    results: list[Any] = [None] * len(tasks)
-    attempts = [0] * len(tasks)
-    fit_seconds = fit_cpu = 0.0
-    if tasks:
-        clips = np.stack([load_clip(ctx.corpus, t.clip_id, t.length) for t in tasks])
+    root = ctx.records_root
+    earlier = [r for t in tasks if (r := records.read_record(root, ctx.sweep, t.key)) and r.status == "FINISHED"]
+    done_keys = {r.key for r in earlier}
+    tasks = [t for t in tasks if t.key not in done_keys]
+    clips = np.stack([load_clip(ctx.corpus, t.clip_id, t.length) for t in tasks]) if tasks else None
     setup_seconds = time.perf_counter() - t0  # the resume lookup and loading the clips
-    if tasks:
-        todo = list(range(len(tasks)))
-        while todo:  # refit the diverged ones, each with a fresh seed, up to max_retries times
-            seeds = [cfg.seed + 1_000_003 * attempts[i] + i for i in todo]
-            t, c = time.perf_counter(), time.thread_time()
-            out = fit(cfg, clips[todo], seeds=seeds)
-            fit_seconds += time.perf_counter() - t
-            fit_cpu += time.thread_time() - c
-            retry = []
-            for i, r in zip(todo, out):
-                results[i] = r
-                attempts[i] += 1
-                if r.diverged and attempts[i] <= ctx.max_retries:
-                    retry.append(i)
-            todo = retry
 
+    results, attempts, fit_seconds, fit_cpu = _fit_pack(tasks, clips, ctx)
     t, c = time.perf_counter(), time.thread_time()
-    evals, eval_errors = _evaluate(tasks, results, clips if tasks else None, ctx)
+    evals, eval_errors = _evaluate(tasks, results, clips, ctx)
     eval_seconds, eval_cpu = time.perf_counter() - t, time.thread_time() - c
 
     t = time.perf_counter()
     log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
-    done, failed = _log_pack(
-        client,
-        exp_id,
-        tasks,
-        results,
-        evals,
-        eval_errors,
-        clips if tasks else None,
-        ctx,
-        pid,
-        attempts,
-        log_curves,
-    )
+    new = [
+        _write_record(
+            task, results[i], evals[i], eval_errors.get(i), clips[i], ctx, pid, attempts[i], curve=log_curves and i == 0
+        )
+        for i, task in enumerate(tasks)
+    ]
+    record_seconds = time.perf_counter() - t
+
+    t = time.perf_counter()
+    unlogged = [r for r in earlier if records.logged_run(root, ctx.sweep, r.key) is None]
+    kept = _log_records(ctx, pid, new + unlogged)
     log_seconds = time.perf_counter() - t
+    done = sum(r.status == "FINISHED" for r in new)
     return {
         "fits_done": done,
-        "fits_failed": failed,
-        "fits_skipped": skipped,
+        "fits_failed": len(new) - done,
+        "fits_skipped": len(earlier),
+        "fits_kept": kept,
         "setup_seconds": setup_seconds,
         "fit_seconds": fit_seconds,
         "eval_seconds": eval_seconds,
+        "record_seconds": record_seconds,
         "log_seconds": log_seconds,
         "seconds": time.perf_counter() - t0,
         "fit_cpu": fit_cpu,
@@ -191,15 +194,35 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     }
 
 
-def _finished_keys(client: Any, exp_id: str, sweep: str, pid: str) -> set[str]:
-    """Keys of this pack that already have a FINISHED run (a trial retried by Tune after it crashed)."""
-    runs = client.search_runs(
-        [exp_id],
-        filter_string=f"attributes.status = 'FINISHED' and "
-        f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{PACK_TAG}` = '{pid}'",
-        max_results=5000,
-    )
-    return {r.data.tags[KEY_TAG] for r in runs if KEY_TAG in r.data.tags}
+def _fit_pack(
+    tasks: list[FitTask], clips: np.ndarray | None, ctx: TrialContext
+) -> tuple[list[Any], list[int], float, float]:
+    """The packed fit of `clips` [B, N]; diverged fits are refitted, each with a fresh seed, up to max_retries
+    times. Returns (results, attempts per fit, wall seconds, CPU seconds of this thread)."""
+    from fewsound.fit import fit
+
+    results: list[Any] = [None] * len(tasks)
+    attempts = [0] * len(tasks)
+    fit_seconds = fit_cpu = 0.0
+    if not tasks:
+        return results, attempts, fit_seconds, fit_cpu
+    assert clips is not None
+    cfg = tasks[0].cfg
+    todo = list(range(len(tasks)))
+    while todo:
+        seeds = [cfg.seed + 1_000_003 * attempts[i] + i for i in todo]
+        t, c = time.perf_counter(), time.thread_time()
+        out = fit(cfg, clips[todo], seeds=seeds)
+        fit_seconds += time.perf_counter() - t
+        fit_cpu += time.thread_time() - c
+        retry = []
+        for i, r in zip(todo, out):
+            results[i] = r
+            attempts[i] += 1
+            if r.diverged and attempts[i] <= ctx.max_retries:
+                retry.append(i)
+        todo = retry
+    return results, attempts, fit_seconds, fit_cpu
 
 
 def _evaluate(
@@ -242,49 +265,61 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _log_pack(
-    client: Any,
-    exp_id: str,
-    tasks: list[FitTask],
-    results: list[Any],
-    evals: list[dict | None],
-    eval_errors: dict[int, str],
-    clips: np.ndarray | None,
+def _write_record(
+    task: FitTask,
+    r: Any,
+    ev: dict | None,
+    eval_error: str | None,
+    ref: np.ndarray,
     ctx: TrialContext,
     pid: str,
-    attempts: list[int],
-    log_curves: bool,
-) -> tuple[int, int]:
-    """The pack's child runs, one per fit, through MLflow's client: the run with its tags, params and metrics,
-    then its artifacts, then its final status - a run is FINISHED only once its artifacts are there. A diverged
-    fit or failed evaluation is a FAILED run with its reason. A fit whose logging fails is counted failed (a
-    retry or resume re-runs it); the pack's other fits are not affected. Returns (done, failed)."""
-    from fewsound.tracking import log_run
+    attempts: int,
+    curve: bool,
+) -> FitRecord:
+    """One fit's record in the sweep's storage, written before anything is logged: FINISHED, or FAILED with the
+    reason (diverged, or its evaluation failed); the audio and spectrogram of a fit that did not diverge."""
+    reason = None
+    if r.diverged:
+        reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts} attempt(s)"
+    elif eval_error is not None:
+        reason = f"evaluation failed: {eval_error}"
+    spec = _run_spec(task, r, ev, ctx, pid, reason, attempts, curve)
+    rec = FitRecord(key=task.key, sweep=ctx.sweep, reason=reason, **spec)
+    files = _artifact_files(task, r, ref) if ctx.log_artifacts and not r.diverged else {}
+    records.write_record(ctx.records_root, rec, files)
+    return rec
 
-    def log_one(i: int) -> bool:
-        task, r = tasks[i], results[i]
-        reason = None
-        if r.diverged:
-            reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts[i]} attempt(s)"
-        elif i in eval_errors:
-            reason = f"evaluation failed: {eval_errors[i]}"
-        spec = _run_spec(task, r, evals[i], ctx, pid, reason, attempts[i], curve=log_curves and i == 0)
-        with_artifacts = ctx.log_artifacts and not r.diverged
-        final = spec.pop("status")
-        try:
-            run_id = log_run(client, exp_id, **spec, status="RUNNING" if with_artifacts else final)
-            if with_artifacts:
-                _log_artifacts(client, run_id, task, r, clips[i])
-                client.set_terminated(run_id, status=final)
-        except Exception as e:
-            print(f"[{task.key}] logging to MLflow failed: {type(e).__name__}: {e}", flush=True)
+
+def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord]) -> int:
+    """Replay `recs` as child runs, a few at once (each mostly waits on the server). When the server does not
+    answer, the rest stay kept for the driver. Returns how many were not logged."""
+    if not recs:
+        return 0
+    if server_health(ctx.tracking_uri, HEALTH_TIMEOUT) is not None:
+        return len(recs)
+    client = _client(ctx.tracking_uri)
+    exp_id = ctx.experiment_id or _experiment_id(ctx.tracking_uri, ctx.experiment)
+    down = threading.Event()
+    try:
+        runs = runs_by_key(client, exp_id, f"tags.`{SWEEP_TAG}` = '{ctx.sweep}' and tags.`{PACK_TAG}` = '{pid}'")
+    except Exception:
+        return len(recs)
+
+    def log_one(rec: FitRecord) -> bool:
+        if down.is_set():
             return False
-        return reason is None
+        try:
+            replay(client, exp_id, ctx.records_root, rec, ctx.parent_run_id, runs.get(rec.key, []))
+            return True
+        except Exception as e:
+            if server_health(ctx.tracking_uri, HEALTH_TIMEOUT) is not None:
+                down.set()  # the server went away: the records wait for the driver
+            else:
+                print(f"[{rec.key}] logging to MLflow failed (record kept): {type(e).__name__}: {e}", flush=True)
+            return False
 
-    # each run is a few HTTP round trips that mostly wait on the server: a few at once hide that latency
     with ThreadPoolExecutor(max_workers=LOG_THREADS) as pool:
-        ok = list(pool.map(log_one, range(len(tasks))))
-    return sum(ok), len(ok) - sum(ok)
+        return len(recs) - sum(pool.map(log_one, recs))
 
 
 def _run_spec(
@@ -322,17 +357,17 @@ def _run_spec(
     }
 
 
-def _log_artifacts(client: Any, run_id: str, task: FitTask, r: Any, ref: np.ndarray) -> None:
-    """audio/gt.wav, audio/pred.wav and plots/spectrogram.png of one fit (proxied upload through the server)."""
+def _artifact_files(task: FitTask, r: Any, ref: np.ndarray) -> dict[str, bytes]:
+    """audio/gt.wav, audio/pred.wav and plots/spectrogram.png of one fit, as bytes."""
     from fewsound.report import save_spectrogram_png
 
     with tempfile.TemporaryDirectory() as d:
         sr = task.cfg.sample_rate
         save_audio(Path(d) / "audio" / "gt.wav", ref, sr)
         save_audio(Path(d) / "audio" / "pred.wav", r.reconstruction, sr)
-        with _PLOT_LOCK:  # fits of a pack are logged from a few threads; matplotlib is not thread-safe
+        with _PLOT_LOCK:  # matplotlib is not thread-safe
             save_spectrogram_png(Path(d) / "plots" / "spectrogram.png", ref, r.reconstruction, sr, title=task.key)
-        client.log_artifacts(run_id, d)
+        return {rel: (Path(d) / rel).read_bytes() for rel in ARTIFACT_FILES}
 
 
 def _node() -> str:
@@ -348,7 +383,7 @@ def _node() -> str:
 
 def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: the trial's packs one after the other, one report per pack once its fits are
-    logged.
+    recorded and logged (or kept).
 
     Logging a pack in a background thread while the next one fits was measured slower on CPU (2 cores: the
     tracking server needs the same cores, and the logging thread the fit loop's GIL), so packs log in turn."""
@@ -357,6 +392,7 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     import torch
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # also when Ray was started elsewhere
+    client_defaults()  # fail fast on an unreachable server: the records wait for the driver
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # one torch thread per CPU the trial was given
     extra = {f"assigned_{k}": float(v) for k, v in assigned.items()}
@@ -369,5 +405,5 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
             errors.append(f"pack {pack['index']}: {type(e).__name__}: {e}")
             continue
         ray.tune.report(dict(res, pack=int(pack["index"]), **extra))
-    if errors:  # a retry skips every fit that already has a FINISHED run (run_pack looks them up)
+    if errors:  # a retry skips every fit that already has a FINISHED record (run_pack looks them up)
         raise RuntimeError("; ".join(errors)[:2000])

@@ -1,0 +1,152 @@
+"""Fit records: every finished fit's result, kept in the sweep's storage before anything is logged anywhere.
+
+    rec = FitRecord(key=..., sweep=..., run_name=..., tags=..., params=..., metrics=..., status="FINISHED")
+    where = write_record(root, rec, {"audio/gt.wav": b"...", "audio/pred.wav": b"...", ...})
+    read_record(root, sweep, key)      the record, or None when the fit has none (not computed, or cut short)
+    scan(root, sweep)                  {key: logged?} of every committed record, in one listing
+    mark_logged(root, sweep, key, run_id)
+    artifacts_folder(root, sweep, key, scratch)   a local folder with the record's files (downloaded if remote)
+
+A tracking server can be down, restarted or unreachable from a worker; a computed fit is too costly to throw
+away then. So a trial writes each fit's result here first, and logging it (tune.durable) is a replay of the
+record that may happen at once, later in the same sweep, or in a re-run of the same command.
+
+Layout under `root` (a local folder, a shared path or an object-store URI; fewsound.storage writes each file
+whole or not at all):
+
+    root/<sweep>/<key>/artifacts/audio/gt.wav ...   the fit's files, written first
+    root/<sweep>/<key>/record.json                  the commit marker, written last: a reader that finds it finds
+                                                    every file it lists
+    root/<sweep>/<key>/logged.json                  written once the record's MLflow run is complete
+
+No Ray and no MLflow here: a record is plain JSON (tags, params, finite metrics, curves, status and reason) plus
+its files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import pyarrow.fs as pafs
+
+from fewsound import storage
+
+RECORD = "record.json"
+LOGGED = "logged.json"
+ARTIFACTS = "artifacts"
+VERSION = 1
+
+
+@dataclasses.dataclass
+class FitRecord:
+    """One fit's result, as its MLflow child run will show it."""
+
+    key: str
+    sweep: str
+    run_name: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]  # finite values only
+    status: str  # FINISHED or FAILED
+    reason: str | None = None  # why a FAILED fit failed
+    curves: dict[str, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)  # {name: [(step, value)]}
+    artifacts: list[str] = dataclasses.field(default_factory=list)  # files under artifacts/, relative paths
+    computed_at: float = dataclasses.field(default_factory=time.time)  # epoch seconds of the write
+    pid: int = dataclasses.field(default_factory=os.getpid)  # the process that computed it (and its host)
+    host: str = dataclasses.field(default_factory=socket.gethostname)
+
+    def to_json(self) -> bytes:
+        d = dataclasses.asdict(self)
+        d["version"] = VERSION
+        return json.dumps(d, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> FitRecord:
+        d = json.loads(data)
+        d.pop("version", None)
+        d["curves"] = {k: [(int(s), float(v)) for s, v in pts] for k, pts in d.get("curves", {}).items()}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _dir_name(key: str) -> str:
+    """A fit key as one path component (keys are `{family}-{clip_id}-{hash}`; a clip id may hold any character)."""
+    return quote(key, safe="-_.")
+
+
+def record_dir(root: str, sweep: str, key: str) -> str:
+    return storage.join(root, _dir_name(sweep), _dir_name(key))
+
+
+def write_record(root: str, rec: FitRecord, files: dict[str, bytes] | None = None) -> str:
+    """Write the record's files, then its record.json (the commit marker). Returns the record's folder.
+
+    A rewrite of a key (a re-fit of a failed fit) replaces the record and forgets that the old one was logged."""
+    where = record_dir(root, rec.sweep, rec.key)
+    files = files or {}
+    for rel, data in files.items():
+        assert not rel.startswith("/") and ".." not in rel.split("/"), rel
+        storage.write_bytes(storage.join(where, ARTIFACTS, rel), data)
+    storage.delete(storage.join(where, LOGGED))
+    rec = dataclasses.replace(rec, artifacts=sorted(files))
+    storage.write_bytes(storage.join(where, RECORD), rec.to_json())
+    return where
+
+
+def read_record(root: str, sweep: str, key: str) -> FitRecord | None:
+    try:
+        return FitRecord.from_json(storage.read_bytes(storage.join(record_dir(root, sweep, key), RECORD)))
+    except FileNotFoundError:
+        return None
+
+
+def has_record(root: str, sweep: str, key: str) -> bool:
+    return storage.exists(storage.join(record_dir(root, sweep, key), RECORD))
+
+
+def logged_run(root: str, sweep: str, key: str) -> str | None:
+    """The MLflow run id the record was logged as, or None."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(record_dir(root, sweep, key), LOGGED)))["run_id"]
+    except FileNotFoundError:
+        return None
+
+
+def mark_logged(root: str, sweep: str, key: str, run_id: str) -> None:
+    body = json.dumps({"run_id": run_id, "logged_at": time.time()}).encode()
+    storage.write_bytes(storage.join(record_dir(root, sweep, key), LOGGED), body)
+
+
+def scan(root: str, sweep: str) -> dict[str, bool]:
+    """{key: logged} for every committed record of a sweep, from one (recursive) listing of its folder."""
+    fs, base = storage.location(storage.join(root, _dir_name(sweep)))
+    base = base.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=True))
+    committed, logged = set(), set()
+    for info in infos:
+        folder, _, leaf = info.path.rpartition("/")
+        parent, _, name = folder.rpartition("/")
+        if info.type != pafs.FileType.File or parent != base:
+            continue  # a folder, or a file deeper down (an artifact)
+        if leaf == RECORD:
+            committed.add(unquote(name))
+        elif leaf == LOGGED:
+            logged.add(unquote(name))
+    return {key: key in logged for key in sorted(committed)}
+
+
+def artifacts_folder(root: str, sweep: str, key: str, files: list[str], scratch: Path) -> Path:
+    """A local folder holding the record's `files` (relative paths): the record's own folder when the storage is
+    local, else a download of them into `scratch`."""
+    where = storage.join(record_dir(root, sweep, key), ARTIFACTS)
+    if storage.is_local(where) and not storage.is_uri(where):
+        return Path(where)
+    for rel in files:
+        storage.download_file(storage.join(where, rel), scratch / rel)
+    return scratch
