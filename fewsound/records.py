@@ -1,7 +1,7 @@
 """Fit records: every finished fit's result, kept in the sweep's storage before anything is logged anywhere.
 
     rec = FitRecord(key=..., sweep=..., run_name=..., tags=..., params=..., metrics=..., status="FINISHED")
-    where = write_record(root, rec, {"audio/gt.wav": b"...", "audio/pred.wav": b"...", ...})
+    rec = write_record(root, rec, {"audio/gt.wav": b"...", "audio/pred.wav": b"...", ...})
     read_record(root, sweep, key)      the record, or None when the fit has none (not computed, or cut short)
     scan(root, sweep)                  {key: logged?} of every committed record, in one listing
     mark_logged(root, sweep, key, run_id)
@@ -84,8 +84,9 @@ def record_dir(root: str, sweep: str, key: str) -> str:
     return storage.join(root, _dir_name(sweep), _dir_name(key))
 
 
-def write_record(root: str, rec: FitRecord, files: dict[str, bytes] | None = None) -> str:
-    """Write the record's files, then its record.json (the commit marker). Returns the record's folder.
+def write_record(root: str, rec: FitRecord, files: dict[str, bytes] | None = None) -> FitRecord:
+    """Write the record's files, then its record.json (the commit marker). Returns the record as written (its
+    `artifacts` list the files).
 
     A rewrite of a key (a re-fit of a failed fit) replaces the record and forgets that the old one was logged."""
     where = record_dir(root, rec.sweep, rec.key)
@@ -96,7 +97,7 @@ def write_record(root: str, rec: FitRecord, files: dict[str, bytes] | None = Non
     storage.delete(storage.join(where, LOGGED))
     rec = dataclasses.replace(rec, artifacts=sorted(files))
     storage.write_bytes(storage.join(where, RECORD), rec.to_json())
-    return where
+    return rec
 
 
 def read_record(root: str, sweep: str, key: str) -> FitRecord | None:

@@ -286,8 +286,7 @@ def _write_record(
     spec = _run_spec(task, r, ev, ctx, pid, reason, attempts, curve)
     rec = FitRecord(key=task.key, sweep=ctx.sweep, reason=reason, **spec)
     files = _artifact_files(task, r, ref) if ctx.log_artifacts and not r.diverged else {}
-    records.write_record(ctx.records_root, rec, files)
-    return rec
+    return records.write_record(ctx.records_root, rec, files)
 
 
 def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord]) -> int:
