@@ -91,3 +91,205 @@ def test_an_uncommitted_record_is_not_listed(tmp_path):
     where = records.record_dir(root, "sw-1", "nerf-a-abc")
     storage.write_bytes(storage.join(where, records.ARTIFACTS, "audio", "gt.wav"), b"RIFF")
     assert records.scan(root, "sw-1") == {} and records.read_record(root, "sw-1", "nerf-a-abc") is None
+
+
+# --------------------------------------------------------------------------------------------- kill tests
+
+STEPS = "60"  # a few seconds per fit on a loaded 2-core machine: the kills land mid-sweep
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def _records(home: Path) -> dict[str, dict]:
+    """key -> record.json of every committed record under the home's records folder."""
+    out = {}
+    for p in (home / "records").glob("*/*/record.json"):
+        d = json.loads(p.read_text())
+        d["logged"] = (p.parent / "logged.json").exists()
+        out[d["key"]] = d
+    return out
+
+
+def _wait_for(cond, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, log.read_text()[-5000:]
+        assert time.monotonic() < deadline, log.read_text()[-5000:]
+        time.sleep(0.1)
+
+
+def _one_finished_run_per_fit(uri: str, experiment: str, keys: set[str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    kids = [r for r in runs if "fewsound.fit_key" in r.data.tags]
+    finished = [r.data.tags["fewsound.fit_key"] for r in kids if r.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(keys), (sorted(finished), sorted(keys))  # each fit exactly once
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]  # parent included
+    for r in kids:
+        if r.info.status == "FINISHED":
+            files = {a.path for a in client.list_artifacts(r.info.run_id, "audio")}
+            assert files == {"audio/gt.wav", "audio/pred.wav"}, r.info.run_name
+
+
+def _driver_env(home: Path, uri: str | None) -> dict:
+    env = dict(os.environ, FEWSOUND_HOME=str(home), PYTHONPATH=str(REPO))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    return env
+
+
+def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+class RemoteServer:
+    """A tracking server that fewsound did not start (not in any server.json): a user's or a cluster head's."""
+
+    def __init__(self, store: Path):
+        self.store, self.port = store, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RemoteServer:
+        from fewsound.tracking import server_command
+
+        self.store.mkdir(exist_ok=True)
+        cmd = server_command(f"sqlite:///{self.store / 'mlflow.db'}", str(self.store / "artifacts"), "127.0.0.1",
+                             self.port, workers=1)  # fmt: skip
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        log = open(self.store / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not _healthy(self.uri):
+            assert self.proc.poll() is None and time.monotonic() < deadline, (self.store / "server.log").read_text()
+            time.sleep(0.3)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers, as the OOM killer or a crash does
+            self.proc.wait()
+
+
+@pytest.mark.e2e
+def test_embedded_server_killed_mid_sweep_is_restarted_on_its_port_and_nothing_is_refitted(tmp_path):
+    from fewsound import tracking
+
+    home = tmp_path / "home"
+    uri = tracking.start_local_server(home, port=_free_port())  # the embedded server the driver finds and reuses
+    log = tmp_path / "driver.log"
+    proc = _start([*DRIVER, "t-embedded", "6", STEPS, "4"], _driver_env(home, None), log)
+    try:
+        _wait_for(lambda: any(r["logged"] for r in _records(home).values()), proc, log)
+        before = _records(home)
+        server_pid = json.loads((home / "server.json").read_text())["pid"]
+        os.killpg(server_pid, signal.SIGKILL)
+        rc = proc.wait(timeout=600)
+        out = log.read_text()
+        print(out)
+        assert rc == 0, out[-5000:]
+        assert f"the embedded MLflow server at {uri} stopped" in out and "(1 of 2)" in out
+        assert "6 fits: 6 done now, 0 already finished, 0 failed" in out
+        assert json.loads((home / "server.json").read_text())["uri"] == uri and _healthy(uri)  # same port
+        after = _records(home)
+        assert len(after) == 6 and all(r["logged"] for r in after.values())
+        assert {k: r["computed_at"] for k, r in before.items()} == {k: after[k]["computed_at"] for k in before}
+        _one_finished_run_per_fit(uri, "t-embedded", set(after))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        tracking.stop_local_server(home)
+
+
+@pytest.mark.e2e
+def test_remote_server_killed_mid_sweep_is_one_line_then_a_rerun_logs_the_records_and_refits_nothing(tmp_path):
+    home = tmp_path / "home"
+    server = RemoteServer(tmp_path / "server").start()
+    env = _driver_env(home, server.uri)
+    cmd = [*DRIVER, "t-remote", "6", STEPS, "4"]
+    log = tmp_path / "first.log"
+    proc = _start(cmd, env, log)
+    try:
+        _wait_for(lambda: any(r["logged"] for r in _records(home).values()), proc, log)
+        server.kill()
+        rc = proc.wait(timeout=600)
+        ended = time.time()
+        out = log.read_text()
+        print(out)
+        assert rc == 2, out[-5000:]
+        errors = [x for x in out.splitlines() if x.startswith("error: ")]
+        assert len(errors) == 1, out[-5000:]
+        assert "MlflowException" not in out and "Traceback" not in out.split("[durable]")[-1], out[-5000:]
+        kept = _records(home)
+        unlogged = [k for k, r in kept.items() if not r["logged"]]
+        assert len(kept) == 6 and unlogged  # every fit computed and recorded; some wait for the server
+        assert errors[0] == (
+            f"error: MLflow at {server.uri} is unreachable: " + errors[0].split("unreachable: ", 1)[1]
+        ) and errors[0].endswith(f"; {len(unlogged)} results kept in {home / 'records'}/"
+                                 f"{next(iter(kept.values()))['sweep']}, re-run to log them")  # fmt: skip
+        assert ended - max(r["computed_at"] for r in kept.values()) < 60  # within a minute of the last fit
+
+        server.start()  # the same store on the same port
+        again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        print(again.stdout)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"[durable] logged {len(unlogged)} fit records from" in again.stdout
+        assert "6 fits: 6 already finished, 0 to run" in again.stdout
+        assert "6 fits: 0 done now, 6 already finished, 0 failed" in again.stdout
+        after = _records(home)
+        assert {k: r["computed_at"] for k, r in kept.items()} == {k: r["computed_at"] for k, r in after.items()}
+        assert all(r["logged"] for r in after.values())
+        _one_finished_run_per_fit(server.uri, "t-remote", set(after))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.kill()
+
+
+@pytest.mark.e2e
+def test_a_trial_worker_killed_mid_pack_is_retried_and_nothing_recorded_is_refitted(tmp_path):
+    from fewsound import tracking
+
+    home = tmp_path / "home"
+    uri = tracking.start_local_server(home, port=_free_port())
+    log = tmp_path / "driver.log"
+    # 6 fits, one per pack, 2 trials of 3 packs: the killed worker's trial has packs left to fit
+    proc = _start([*DRIVER, "t-worker", "6", STEPS, "1"], _driver_env(home, None), log)
+    try:
+        _wait_for(lambda: bool(_records(home)), proc, log)
+        before = _records(home)
+        first = next(iter(before.values()))
+        os.kill(first["pid"], signal.SIGKILL)  # the trial's Ray worker, right after it recorded its first fit
+        rc = proc.wait(timeout=600)
+        out = log.read_text()
+        print(out)
+        assert rc == 0, out[-5000:]
+        result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+        assert result["done"] == 6 and result["failed"] == 0
+        # Tune retried the killed trial: its new worker found the recorded fit and skipped it
+        retried = [p for p in result["packs"] if p["fits_skipped"]]
+        assert retried and all(p["pid"] != first["pid"] for p in retried), result["packs"]
+        after = _records(home)
+        assert len(after) == 6 and all(r["logged"] for r in after.values())
+        assert {k: r["computed_at"] for k, r in before.items()} == {k: after[k]["computed_at"] for k in before}
+        _one_finished_run_per_fit(uri, "t-worker", set(after))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        tracking.stop_local_server(home)
