@@ -187,6 +187,61 @@ class RemoteServer:
             self.proc.wait()
 
 
+def _kill_embedded(home: Path) -> None:
+    os.killpg(json.loads((home / "server.json").read_text())["pid"], signal.SIGKILL)
+
+
+@pytest.mark.e2e
+def test_the_embedded_server_is_restarted_twice_on_its_port_then_one_line(tmp_path, monkeypatch):
+    from fewsound import tracking
+    from fewsound.errors import TrackingError
+    from tune.durable import TrackingWatch
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("FEWSOUND_HOME", str(home))  # the driver's home, whose server.json names the embedded server
+    uri = tracking.start_local_server(home, port=_free_port())
+    root = str(tmp_path / "records")
+    records.write_record(root, _record("nerf-a-abc"))  # one result waiting to be logged
+    watch = TrackingWatch("t", uri, root, "sw-1", max_restarts=2)
+    try:
+        for restart in (1, 2):
+            _kill_embedded(home)
+            assert not _healthy(uri)
+            watch.ensure()  # restarted on the same store and port
+            assert watch.restarts == restart and _healthy(uri)
+        _kill_embedded(home)
+        t = time.monotonic()
+        with pytest.raises(TrackingError) as e:
+            watch.ensure()
+        assert time.monotonic() - t < 10
+        assert str(e.value).startswith(f"MLflow at {uri} is unreachable: ") and "restarted 2 times" in str(e.value)
+        assert str(e.value).endswith(f"; 1 results kept in {root}/sw-1, re-run to log them")
+        assert "\n" not in str(e.value)
+    finally:
+        tracking.stop_local_server(home)
+
+
+def test_a_remote_server_that_does_not_answer_is_one_line_after_the_wait(tmp_path):
+    from fewsound.errors import TrackingError
+    from tune.durable import TrackingWatch
+
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    root = str(tmp_path / "records")
+    records.write_record(root, _record("nerf-a-abc"))
+    records.write_record(root, _record("nerf-b-abc"))
+    records.mark_logged(root, "sw-1", "nerf-b-abc", "run1")
+    watch = TrackingWatch("t", uri, root, "sw-1", wait=3.0)
+    assert watch.home is None  # not fewsound's embedded server: never restarted
+    t = time.monotonic()
+    with pytest.raises(TrackingError) as e:
+        watch.ensure()
+    assert 3.0 <= time.monotonic() - t < 15
+    assert str(e.value) == (
+        f"MLflow at {uri} is unreachable: ConnectionRefusedError: [Errno 111] Connection refused; "
+        f"1 results kept in {root}/sw-1, re-run to log them"
+    )
+
+
 @pytest.mark.e2e
 def test_embedded_server_killed_mid_sweep_is_restarted_on_its_port_and_nothing_is_refitted(tmp_path):
     from fewsound import tracking

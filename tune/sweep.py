@@ -507,6 +507,7 @@ class Progress(tune.Callback):
         self.done = self.failed = self.kept = 0
         self.results: list[dict[str, Any]] = []
         self.reported: dict[str, int] = {}  # trial id -> fits it reported
+        self.counted: dict[str, set[Any]] = {}  # trial id -> packs whose fits are counted
 
     def _line(self, note: str = "") -> None:
         if not self.show:
@@ -526,13 +527,16 @@ class Progress(tune.Callback):
         if "fits_done" not in result:
             return
         self.results.append({k: v for k, v in result.items() if k != "config"})
-        # fits_skipped: FINISHED by an earlier attempt of this trial (a retry), so already counted
-        n = int(result.get("fits_done", 0))
-        self.done += n
-        self.failed += int(result.get("fits_failed", 0))
         self.kept += int(result.get("fits_kept", 0))
-        self.reported[trial.trial_id] = self.reported.get(trial.trial_id, 0) + n + int(result.get("fits_failed", 0))
-        self._line(f"  ({self.kept} kept in storage until MLflow answers)" if self.kept else "")
+        counted = self.counted.setdefault(trial.trial_id, set())
+        if result.get("pack") not in counted:  # a retried trial re-runs packs that reported already: not again
+            counted.add(result.get("pack"))
+            # fits_skipped: recorded by an earlier attempt of this trial that died before it reported them
+            n = int(result.get("fits_done", 0)) + int(result.get("fits_skipped", 0))
+            self.done += n
+            self.failed += int(result.get("fits_failed", 0))
+            self.reported[trial.trial_id] = self.reported.get(trial.trial_id, 0) + n + int(result.get("fits_failed", 0))
+        self._line(f"  ({self.kept} kept in storage for MLflow, logged at the end)" if self.kept else "")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         lost = sum(len(p["clips"]) for p in trial.config["trial"]["packs"]) - self.reported.get(trial.trial_id, 0)
