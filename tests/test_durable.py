@@ -93,6 +93,59 @@ def test_an_uncommitted_record_is_not_listed(tmp_path):
     assert records.scan(root, "sw-1") == {} and records.read_record(root, "sw-1", "nerf-a-abc") is None
 
 
+def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, tmp_path):
+    """tune.durable.replay_pending against the test session's MLflow server: each record once, a run left RUNNING
+    by a logger that died is ended KILLED and replaced, a record whose run the store lost is logged again."""
+    from mlflow.tracking import MlflowClient
+
+    from fewsound.tracking import get_or_create_experiment
+    from tune.durable import KEY_TAG, SWEEP_TAG, replay_pending
+
+    client = MlflowClient(tracking_uri=env[1])
+    exp = get_or_create_experiment(client, "t-replay")
+    parent = client.create_run(exp, run_name="parent").info.run_id
+    root, sweep = str(tmp_path / "records"), "sw-replay"
+    files = {"audio/gt.wav": b"RIFF-gt", "plots/spectrogram.png": b"\x89PNG"}
+
+    def rec(key: str, status: str = "FINISHED") -> FitRecord:
+        r = _record(key, sweep, status)
+        r.tags = {KEY_TAG: key, SWEEP_TAG: sweep}
+        return r
+
+    def runs(key: str) -> list:
+        return client.search_runs([exp], f"tags.`{KEY_TAG}` = '{key}'", max_results=100)
+
+    records.write_record(root, rec("a"), files)
+    records.write_record(root, rec("b", "FAILED"))
+    assert replay_pending(client, exp, root, sweep, parent, set()) == 2
+    assert replay_pending(client, exp, root, sweep, parent, set()) == 0  # logged: nothing again
+    (a,) = runs("a")
+    assert a.info.status == "FINISHED" and a.data.metrics["eval/mse"] == 0.25 and a.data.params["fit.steps"] == "3"
+    assert a.data.tags["mlflow.parentRunId"] == parent
+    assert {f.path for f in client.list_artifacts(a.info.run_id, "audio")} == {"audio/gt.wav"}
+    assert [m.value for m in client.get_metric_history(a.info.run_id, "fit/loss_curve")] == [1.0, 0.5]
+    assert [r.info.status for r in runs("b")] == ["FAILED"]
+
+    # a logger died between creating c's run and ending it, and before it marked the record logged
+    records.write_record(root, rec("c"), files)
+    half = client.create_run(exp, run_name="c", tags={KEY_TAG: "c", SWEEP_TAG: sweep}).info.run_id
+    assert replay_pending(client, exp, root, sweep, parent, set()) == 1
+    assert sorted(r.info.status for r in runs("c")) == ["FINISHED", "KILLED"]
+    assert client.get_run(half).info.status == "KILLED"
+
+    # ... or died after ending it: the FINISHED run is found, nothing is created
+    records.write_record(root, rec("d"))
+    replay_pending(client, exp, root, sweep, parent, set())
+    storage.delete(storage.join(records.record_dir(root, sweep, "d"), records.LOGGED))
+    assert replay_pending(client, exp, root, sweep, parent, set()) == 0
+    assert [r.info.status for r in runs("d")] == ["FINISHED"] and records.scan(root, sweep)["d"]
+
+    # the tracking store lost a's run (e.g. restored from an older backup): the re-run logs it again
+    client.delete_run(a.info.run_id)
+    assert replay_pending(client, exp, root, sweep, parent, {"a"}) == 1
+    assert [r.info.status for r in runs("a")] == ["FINISHED"] and runs("a")[0].info.run_id != a.info.run_id
+
+
 # --------------------------------------------------------------------------------------------- kill tests
 
 STEPS = "60"  # a few seconds per fit on a loaded 2-core machine: the kills land mid-sweep
