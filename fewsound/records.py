@@ -75,13 +75,14 @@ class FitRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _dir_name(key: str) -> str:
-    """A fit key as one path component (keys are `{family}-{clip_id}-{hash}`; a clip id may hold any character)."""
-    return quote(key, safe="-_.")
+def component(name: str) -> str:
+    """A name (fit key, sweep id, experiment) as one path component: a clip id or an experiment name may hold any
+    character."""
+    return quote(name, safe="-_.")
 
 
 def record_dir(root: str, sweep: str, key: str) -> str:
-    return storage.join(root, _dir_name(sweep), _dir_name(key))
+    return storage.join(root, component(sweep), component(key))
 
 
 def write_record(root: str, rec: FitRecord, files: dict[str, bytes] | None = None) -> FitRecord:
@@ -126,7 +127,7 @@ def mark_logged(root: str, sweep: str, key: str, run_id: str) -> None:
 
 def scan(root: str, sweep: str) -> dict[str, bool]:
     """{key: logged} for every committed record of a sweep, from one (recursive) listing of its folder."""
-    fs, base = storage.location(storage.join(root, _dir_name(sweep)))
+    fs, base = storage.location(storage.join(root, component(sweep)))
     base = base.rstrip("/")
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=True))
     committed, logged = set(), set()

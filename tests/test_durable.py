@@ -168,7 +168,7 @@ def _healthy(uri: str) -> bool:
 def _records(home: Path) -> dict[str, dict]:
     """key -> record.json of every committed record under the home's records folder."""
     out = {}
-    for p in (home / "records").glob("*/*/record.json"):
+    for p in (home / "records").glob("*/*/*/record.json"):  # records/<experiment>/<sweep>/<key>/
         d = json.loads(p.read_text())
         d["logged"] = (p.parent / "logged.json").exists()
         out[d["key"]] = d
@@ -349,7 +349,7 @@ def test_remote_server_killed_mid_sweep_is_one_line_then_a_rerun_logs_the_record
         assert len(kept) == 6 and unlogged  # every fit computed and recorded; some wait for the server
         assert errors[0] == (
             f"error: MLflow at {server.uri} is unreachable: " + errors[0].split("unreachable: ", 1)[1]
-        ) and errors[0].endswith(f"; {len(unlogged)} results kept in {home / 'records'}/"
+        ) and errors[0].endswith(f"; {len(unlogged)} results kept in {home / 'records' / 't-remote'}/"
                                  f"{next(iter(kept.values()))['sweep']}, re-run to log them")  # fmt: skip
         assert ended - max(r["computed_at"] for r in kept.values()) < 60  # within a minute of the last fit
 

@@ -1,14 +1,16 @@
 """Resume: SIGKILL the job's driver mid-sweep, run the same command again, and every fit ends with exactly one
-FINISHED run; the fits finished before the kill are not redone. The job runs as a subprocess, as a user runs it
-(its own local Ray, the shared MLflow server of the test session)."""
+FINISHED run; the fits finished (or only recorded, fewsound.records) before the kill are not redone. The job runs
+as a subprocess, as a user runs it (its own local Ray, the shared MLflow server of the test session)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -33,6 +35,15 @@ def job_env(env):
     """The job's environment (conftest's sweep home and server) and the MLflow URI."""
     home, uri = env
     return dict(os.environ, FEWSOUND_HOME=str(home), MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(REPO)), uri
+
+
+def recorded(environ: dict) -> dict[str, float]:
+    """key -> computed-at time of every fit record of the experiment (a fit computed again gets a new one)."""
+    out = {}
+    for p in (Path(environ["FEWSOUND_HOME"]) / "records" / EXPERIMENT).glob("*/*/record.json"):
+        d = json.loads(p.read_text())
+        out[d["key"]] = d["computed_at"]
+    return out
 
 
 def finished(client) -> dict[str, str]:
@@ -79,11 +90,15 @@ def test_sigkill_mid_sweep_then_rerun_finishes_every_fit_exactly_once(job_env, t
             p.kill()
     before = finished(client)
     assert 1 <= len(before) < 6, f"{len(before)} fits finished before the kill: not mid-sweep"
+    records = recorded(environ)  # every FINISHED run's fit, and maybe a fit computed but not logged yet
+    assert set(before.values()) <= set(records)
 
     again = subprocess.run(CMD, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"6 fits: {len(before)} already finished, {6 - len(before)} to run" in again.stdout
-    assert f"6 fits: {6 - len(before)} done now, {len(before)} already finished, 0 failed" in again.stdout
+    n = len(records)
+    assert f"6 fits: {n} already finished, {6 - n} to run" in again.stdout
+    assert f"6 fits: {6 - n} done now, {n} already finished, 0 failed" in again.stdout
+    assert {k: v for k, v in recorded(environ).items() if k in records} == records  # none computed again
 
     after = finished(client)
     keys = list(after.values())

@@ -33,6 +33,7 @@ from typing import Any
 
 from ray import tune
 
+from fewsound import records, storage
 from fewsound.config import cfg_hash
 from fewsound.data.shards import corpus_location
 from fewsound.errors import ConfigError
@@ -175,7 +176,7 @@ def run_sweep(
     experiment = experiment or name
     sid = sweep_id(name, tasks)
 
-    watch = TrackingWatch(name, uri, storage_root("records"), sid)
+    watch = TrackingWatch(name, uri, records_root(experiment), sid)
     with watch.guard():
         watch.ensure()
         parent = _open_parent(experiment, uri, sid, name, len(tasks))
@@ -291,6 +292,12 @@ def _check_arguments(
         raise ConfigError("trials_per_slot", f"need >= 1 (or None: one trial per pack); got {trials_per_slot}")
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError("--max-concurrent", f"need >= 1; got {max_concurrent}")
+
+
+def records_root(experiment: str) -> str:
+    """Where a sweep of `experiment` keeps its fit records: records/<experiment>/ of the storage root (the same fits
+    logged to another experiment are computed there again, as MLflow's runs are looked up per experiment)."""
+    return storage.join(storage_root("records"), records.component(experiment))
 
 
 def _log_kept_records(
