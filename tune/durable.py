@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fewsound import records, storage, tracking
 from fewsound.errors import TrackingError
@@ -43,7 +43,7 @@ HEALTH_TIMEOUT = 5.0  # seconds for GET /health (a loaded server answers it in m
 CLIENT_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
 
 
@@ -180,7 +180,7 @@ class TrackingWatch:
             time.sleep(2.0)
             reason = tracking.server_health(self.uri, HEALTH_TIMEOUT)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> NoReturn:
         if self.home is not None:
             reason = f"{reason} (the embedded server was restarted {self.restarts} times; log: {self.home}/server.log)"
         n = kept_count(self.root, self.sweep)
