@@ -212,6 +212,8 @@ def test_sweep_on_the_bucket_and_history_survives_a_new_head(cloud, inr_corpus):
         mine = [k for k in keys if k.startswith("fewsound/mlflow-artifacts/") and r.info.run_id in k]
         assert any(k.endswith("audio/gt.wav") for k in mine) and any(k.endswith("audio/pred.wav") for k in mine), mine
     assert any(k.startswith("ray/ray_results/") for k in keys), keys  # Ray Tune's experiment state
+    records = [k for k in keys if k.startswith("ray/records/fit_inrs-smoke/") and k.endswith("/record.json")]
+    assert len(records) == 2, keys  # each fit's record (fewsound.records), kept in the bucket before it was logged
     assert not driver_home.exists() or not any(driver_home.rglob("*")), list(driver_home.rglob("*"))
     assert not (worker_home / "corpora").exists()  # trials read the bucket, not a local copy
 
