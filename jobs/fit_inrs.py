@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fewsound.cli import ArgumentParser, positive_int
 from fewsound.errors import FewsoundError
 from fewsound.fit import FitConfig
 from fewsound.inr import FAMILIES
@@ -29,7 +30,7 @@ SMOKE_LENGTH, SMOKE_STEPS = 16_384, 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--families",
         default=",".join(FAMILIES),
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         default="1.5,3",
         help="clip lengths in seconds: 1.5 (32,768 samples) and/or 3 (65,536) (default: 1.5,3)",
     )
-    p.add_argument("--steps", type=int, default=10_000, help="optimizer steps per fit (default: 10,000, the paper)")
+    p.add_argument(
+        "--steps", type=positive_int, default=10_000, help="optimizer steps per fit (default: 10,000, the paper)"
+    )
     p.add_argument(
         "--kind",
         default="speech",

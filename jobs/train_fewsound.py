@@ -35,6 +35,7 @@ import argparse
 import ast
 import sys
 
+from fewsound.cli import ArgumentParser, positive_int
 from fewsound.config import override
 from fewsound.errors import ConfigError, FewsoundError
 from fewsound.hyper import HyperConfig
@@ -93,7 +94,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", default="fewsound", help="fewsound | hypersound (default: fewsound)")
     p.add_argument(
         "--target", default="nerf", help="target INR: nerf | kan | siren (default: nerf, the paper's Table 2 rows)"
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a corpus prepared with `jobs/prepare_data.py --protocol fewsound`: a folder every node sees, "
         "s3://..., gs://... (default: builtin:fewsound, prepared on each node on first use)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="default 2,500")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default 2,500")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default 16)")
     p.add_argument("--samples-per-epoch", type=int, default=None, help="random training crops per epoch (10,000)")
     p.add_argument("--lr", type=float, default=None, help="OneCycle start rate (default 1e-5, SIREN 1e-6)")

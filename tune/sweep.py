@@ -459,8 +459,21 @@ def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any], li
             tables.write_results(Path(d), s.rows, **table)
             parent.log_artifact(d, "tables")  # results.csv, table.md, table.tex, table.csv
             s.table_markdown = (Path(d) / "table.md").read_text()
+            parent.log_artifact(_quality_plot(s.rows, table, Path(d) / "plots"), "plots")
     log_listen_page(parent.uri, parent.run_id, s.rows, table, listen_clips)  # report/listen.html
     parent.end("FINISHED" if s.failed == 0 else "FAILED")
+
+
+def _quality_plot(rows: list[dict[str, Any]], table: dict[str, Any], out: Path) -> Path:
+    """plots/quality_vs_params.png of the parent run: each row of the table (mean over clips) at its parameter
+    count, a series per clip length: which INR buys the most quality per parameter."""
+    from fewsound import tables
+    from fewsound.report import quality_vs_params_figure, save_figure
+
+    spec = {"title": "Reconstruction metrics", **table}
+    points = tables.quality_points(tables.build_table(rows, **spec))
+    title = f"{spec['title']}: quality vs parameter count"
+    return save_figure(quality_vs_params_figure(points, title=title), out / "quality_vs_params.png")
 
 
 class Progress(tune.Callback):
