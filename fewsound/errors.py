@@ -6,6 +6,8 @@ instead of showing a traceback from deep inside torch.
 
 from __future__ import annotations
 
+import signal
+
 
 class FewsoundError(Exception):
     """Base class of every error that is the user's input's fault (not a bug in fewsound)."""
@@ -30,3 +32,13 @@ class ConfigError(FewsoundError):
 
 class DataError(FewsoundError):
     """A prepared corpus (Parquet shards + manifest.json) or a source folder is missing or malformed."""
+
+
+class Stopped(Exception):
+    """A driver stopped by a signal, after cleaning up; the job prints it as its last line and exits with
+    `exit_code` (the shell's 128 + signal number)."""
+
+    def __init__(self, signum: int, what: str):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}: {what}")

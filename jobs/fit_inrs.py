@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from fewsound.cli import ArgumentParser, positive_int
-from fewsound.errors import FewsoundError
+from fewsound.errors import FewsoundError, Stopped
 from fewsound.fit import FitConfig
 from fewsound.inr import FAMILIES
 from fewsound.plan import FitTask
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM: the trials were stopped, what finished is kept
+        print(e, file=sys.stderr)
+        return e.exit_code
     print_summary(summary)
     return 0 if summary.failed == 0 else 1
 

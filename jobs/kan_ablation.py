@@ -21,7 +21,7 @@ import tempfile
 
 from fewsound.ablation import KNOBS, check_param_counts, configs, parse_knobs, write_ablation_report
 from fewsound.cli import ArgumentParser, positive_int
-from fewsound.errors import FewsoundError
+from fewsound.errors import FewsoundError, Stopped
 from fewsound.plan import FitTask
 from tune.jobs import add_common_arguments, corpus_clips, parse_list, print_summary, resolve_corpus
 
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM: the trials were stopped, what finished is kept
+        print(e, file=sys.stderr)
+        return e.exit_code
     print_summary(summary)
     return 0 if summary.failed == 0 else 1
 

@@ -31,7 +31,7 @@ from ray import tune
 
 from fewsound.config import cfg_hash
 from fewsound.data.shards import corpus_location
-from fewsound.errors import ConfigError
+from fewsound.errors import ConfigError, Stopped
 from fewsound.plan import FitTask, bundle, pack, pack_to_config
 from fewsound.tracking import MlflowRun, git_commit, tracking_uri
 from tune.ray_env import (
@@ -46,6 +46,7 @@ from tune.ray_env import (
     trial_slots,
     tune_errors_silenced,
 )
+from tune.stopping import StopOnSignal
 from tune.trial import KEY_TAG, REASON_TAG, SWEEP_TAG, TrialContext, pack_id, tune_trainable
 
 ROLE_TAG = "fewsound.role"
@@ -206,37 +207,43 @@ def run_sweep(
     t = time.perf_counter()
     callback = Progress(name, len(todo), t0, progress)
     n_trials = 0
-    for attempt in range(tune_restarts + 1):
-        if not packs:
+    with StopOnSignal() as stop:
+        for attempt in range(tune_restarts + 1):
+            if not packs:
+                break
+            n_trials += len(bundles)
+            try:
+                grid = _tune(
+                    packs,
+                    bundles,
+                    ctx,
+                    plan,
+                    f"{sid}-r{attempt}" if attempt else sid,
+                    trial_failures,
+                    storage,
+                    callback,
+                    stop.stopper,
+                )
+            except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
+                if stop.signal is not None:
+                    break
+                if attempt == tune_restarts:
+                    raise
+                print(
+                    f"[{name}] Ray Tune stopped ({type(e).__name__}: {_first_line(e)}); restarting the fits that "
+                    "are not finished",
+                    flush=True,
+                )
+                _mark_stale(client, parent.experiment_id, {t.key for t in todo})
+                done_keys = finished_runs(client, parent.experiment_id)
+                packs, bundles = packs_and_bundles([t for t in todo if t.key not in done_keys])
+                continue
+            _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
+            _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
             break
-        n_trials += len(bundles)
-        try:
-            grid = _tune(
-                packs,
-                bundles,
-                ctx,
-                plan,
-                f"{sid}-r{attempt}" if attempt else sid,
-                trial_failures,
-                storage,
-                callback,
-            )
-        except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
-            if attempt == tune_restarts:
-                raise
-            print(
-                f"[{name}] Ray Tune stopped ({type(e).__name__}: {_first_line(e)}); restarting the fits that "
-                "are not finished",
-                flush=True,
-            )
-            _mark_stale(client, parent.experiment_id, {t.key for t in todo})
-            done_keys = finished_runs(client, parent.experiment_id)
-            packs, bundles = packs_and_bundles([t for t in todo if t.key not in done_keys])
-            continue
-        _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
-        _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
-        break
     timings["tune"] = time.perf_counter() - t
+    if stop.signal is not None:
+        _stopped(name, stop.signal, tasks, todo, parent, t0)
 
     t = time.perf_counter()
     summary = _summarize(sid, experiment, tasks, todo, parent, uri, plan, callback, n_trials, timings, t0)
@@ -322,6 +329,23 @@ def _print_failures(name: str, client: Any, exp_id: str, sid: str, keys: set[str
             print(f"[{name}] FAILED {key}: {reason[:300]}", flush=True)
 
 
+def _stopped(name: str, signum: int, tasks: list[FitTask], todo: list[FitTask], parent: MlflowRun, t0: float) -> None:
+    """After a signal stopped the trials: runs they left RUNNING end KILLED, so does the parent; raise Stopped
+    with what finished (nothing stopped is recorded FAILED: a re-run fits it)."""
+    client = parent.client
+    todo_keys = {t.key for t in todo}
+    _mark_stale(client, parent.experiment_id, todo_keys)
+    finished = finished_runs(client, parent.experiment_id)
+    now = sum(k in finished for k in todo_keys)
+    parent.end("KILLED")
+    raise Stopped(
+        signum,
+        f"{now} of the {len(todo)} fits to run finished in {time.perf_counter() - t0:.0f} s"
+        f"{f' ({len(tasks) - len(todo)} were finished before)' if len(tasks) > len(todo) else ''}; "
+        f"{len(todo) - now} left: re-run the same command to fit them (finished fits are skipped)",
+    )
+
+
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines() or [""]
     return lines[0][:200]
@@ -336,6 +360,7 @@ def _tune(
     trial_failures: int,
     storage: str | None,
     callback: Any,
+    stopper: Any = None,
 ) -> Any:
     """One Tune run: a trial per bundle of packs (the packs travel in the param_space as plain data), actors
     reused, at most `plan.slots` at once (what the cluster runs at its capacity, or --max-concurrent)."""
@@ -355,6 +380,7 @@ def _tune(
             name=run_name,
             storage_path=storage or storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
             failure_config=tune.FailureConfig(max_failures=trial_failures),
+            stop=stopper,  # tune.stopping: SIGINT/SIGTERM end every trial
             verbose=0,
             callbacks=[callback],
         ),
