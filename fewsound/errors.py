@@ -34,6 +34,10 @@ class DataError(FewsoundError):
     """A prepared corpus (Parquet shards + manifest.json) or a source folder is missing or malformed."""
 
 
+class BusyError(FewsoundError):
+    """Another live driver is running the same sweep (a second terminal running the same command)."""
+
+
 class Stopped(Exception):
     """A driver stopped by a signal, after cleaning up; the job prints it as its last line and exits with
     `exit_code` (the shell's 128 + signal number)."""

@@ -96,8 +96,9 @@ def test_sigkill_mid_sweep_then_rerun_finishes_every_fit_exactly_once(job_env, t
 
 @pytest.mark.e2e
 def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_it(job_env, tmp_path):
-    """SIGTERM (a scheduler, `kill`): the trials stop, the driver ends within seconds with one line and exit code
-    143, nothing is recorded FAILED, no run stays RUNNING; the same command then fits only what was left."""
+    """A second driver of the running sweep is refused. SIGTERM (a scheduler, `kill`): the trials stop, the
+    driver ends within seconds with one line and exit code 143, nothing is recorded FAILED, no run stays
+    RUNNING; the same command then fits only what was left."""
     from mlflow.tracking import MlflowClient
 
     environ, uri = job_env
@@ -116,6 +117,13 @@ def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_i
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no fit finished within 10 minutes"
             time.sleep(0.2)
+        # a second terminal running the same command meanwhile is refused: no fit is computed twice
+        second = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stdout + second.stderr
+        line = second.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: fit_inrs-") and "another driver is running this sweep" in line, second.stderr
+        assert f"(pid {proc.pid} on " in line and "Traceback" not in second.stderr
+        assert proc.poll() is None
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)

@@ -34,6 +34,7 @@ from fewsound.data.shards import corpus_location
 from fewsound.errors import ConfigError, Stopped
 from fewsound.plan import FitTask, bundle, pack, pack_to_config
 from fewsound.tracking import MlflowRun, git_commit, tracking_uri
+from tune.lease import SweepLease
 from tune.ray_env import (
     Capacity,
     capacity,
@@ -168,6 +169,7 @@ def run_sweep(
     experiment = experiment or name
     sid = sweep_id(name, tasks)
 
+    lease = _take_lease(uri, experiment, sid)  # a second driver of this sweep is refused here (tune.lease)
     parent = _open_parent(experiment, uri, sid, name, len(tasks))
     client = parent.client
     finished = finished_runs(client, parent.experiment_id)
@@ -243,6 +245,7 @@ def run_sweep(
             break
     timings["tune"] = time.perf_counter() - t
     if stop.signal is not None:
+        lease.release()
         _stopped(name, stop.signal, tasks, todo, parent, t0)
 
     t = time.perf_counter()
@@ -252,6 +255,7 @@ def run_sweep(
     _finish_parent(parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays the fits' audio
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
+    lease.release()
     return summary
 
 
@@ -387,6 +391,15 @@ def _tune(
     )
     with tune_errors_silenced():  # each failed fit is printed once by run_sweep, with its reason
         return tuner.fit()
+
+
+def _take_lease(uri: str, experiment: str, sid: str) -> SweepLease:
+    from mlflow.tracking import MlflowClient
+
+    from fewsound.tracking import get_or_create_experiment
+
+    client = MlflowClient(tracking_uri=uri)
+    return SweepLease(client, get_or_create_experiment(client, experiment), sid).acquire()
 
 
 def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> MlflowRun:
