@@ -37,7 +37,7 @@ import sys
 
 from fewsound.cli import ArgumentParser, positive_int
 from fewsound.config import override
-from fewsound.errors import ConfigError, FewsoundError
+from fewsound.errors import ConfigError, FewsoundError, Stopped
 from fewsound.hyper import HyperConfig
 from fewsound.train import TrainConfig
 
@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM
+        print(e, file=sys.stderr)
+        return e.exit_code
     state = "already finished" if s.already_finished else f"trained in {s.seconds:.0f} s"
     print(f"\nrun {s.key}: {state}; {s.epochs_done} epochs on {s.workers} {'GPU' if s.use_gpu else 'CPU'} worker(s)")
     shown = {k: v for k, v in sorted(s.metrics.items()) if k.startswith(("train/loss", "val/", "eval/", "universal/"))}

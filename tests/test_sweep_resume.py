@@ -164,3 +164,15 @@ def test_stop_on_signal_turns_signals_into_a_flag_and_restores_the_handlers():
             time.sleep(0.1)
     assert signal.getsignal(signal.SIGINT) is before
     assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
+
+
+def test_interrupt_on_signal_raises_in_the_main_thread_and_keeps_the_signal():
+    """What Ray Train's driver uses (`trainer.fit()` has no stop API): SIGTERM becomes an exception here."""
+    from tune.stopping import Interrupted, interrupt_on_signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    guard = interrupt_on_signal()
+    with pytest.raises(Interrupted), guard:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    assert guard.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before

@@ -28,6 +28,41 @@ from ray import tune
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Raised by `interrupt_on_signal` in the main thread: `signum` says which signal arrived."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class interrupt_on_signal:  # noqa: N801 (used as a `with` statement, like contextlib's)
+    """Within the block, SIGINT and SIGTERM raise Interrupted in the main thread: for drivers that wait in a
+    blocking call with no stop API of their own (Ray Train's `trainer.fit()`), so that SIGTERM never reaches
+    Ray's handler (a C++ stack trace, exit code 134). Ray may turn the exception into a plain KeyboardInterrupt
+    on its way out of a blocking call: `signum` keeps which signal it was. Outside the main thread it does
+    nothing."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        raise Interrupted(signum)
+
+    def __enter__(self) -> interrupt_on_signal:
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+
 class _StopAll(tune.Stopper):
     """Tune stops every trial once a signal has arrived."""
 
