@@ -26,7 +26,7 @@ import ast
 import sys
 
 from fewsound.cli import ArgumentParser, positive_int
-from fewsound.errors import ConfigError, FewsoundError
+from fewsound.errors import ConfigError, FewsoundError, Stopped
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM
+        print(e, file=sys.stderr)
+        return e.exit_code
     print("\n" + s.markdown)
     print(
         f"{s.trainings} trainings: {s.trained} trained, {s.evaluated} evaluated, {s.skipped} found finished, "
