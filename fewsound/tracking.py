@@ -30,6 +30,10 @@ PARENT_TAG = "mlflow.parentRunId"
 # MLflow prints two "View run ..." lines (and makes one more HTTP request) every time a run ends: with thousands
 # of child runs that drowns the sweep's progress line. Users can still opt back in by setting it to false.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# MLflow's usage telemetry sets and unsets an environment variable from its own thread; a trial logging runs from
+# several threads meanwhile (proxy lookups read os.environ) then fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'.
+# Off by default (it also phones home, which an offline laptop or cluster cannot); set it to false to opt in.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 # --------------------------------------------------------------------------------------------- the server
@@ -382,6 +386,15 @@ def get_or_create_experiment(client: Any, name: str) -> str:
     if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older version, or by hand: the user may have chosen
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+def ui_url(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment (or of one run) in its model-training layout: MLflow 3.17's UI picks
+    its layout from a workflow-type switch (GenAI by default, traces and agents), which the URL can set."""
+    page = "#/experiments"
+    if experiment_id:
+        page += f"/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{uri.rstrip('/')}/{page}?workflowType=machine_learning"
 
 
 def git_commit() -> str | None:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        from fewsound.tracking import tracking_uri
+        from fewsound.tracking import tracking_uri, ui_url
         from tune.report import collect, latest_parent, write_report
 
         uri = tracking_uri()
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for path in paths:
         print(f"  {path}")
-    print(f"MLflow UI: {uri}/#/experiments/{parent.info.experiment_id}/runs/{run_id}")
+    print(f"MLflow UI: {ui_url(uri, parent.info.experiment_id, run_id)}")
     return 0
 
 

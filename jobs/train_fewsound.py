@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in shown.items():
         if isinstance(v, (int, float)):
             print(f"  {k:24s} {v:.4g}")
-    print(f"MLflow: {s.tracking_uri}/#/experiments/  run {s.run_id} (experiment {s.experiment!r})")
+    print(f"MLflow: {s.ui_url}  run {s.run_id} (experiment {s.experiment!r})")
     print(f"checkpoints: {s.storage}/{s.key}")
     return 0
 

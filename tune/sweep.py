@@ -33,7 +33,7 @@ from fewsound.config import cfg_hash
 from fewsound.data.shards import corpus_location
 from fewsound.errors import ConfigError, Stopped
 from fewsound.plan import FitTask, bundle, pack, pack_to_config
-from fewsound.tracking import MlflowRun, git_commit, tracking_uri
+from fewsound.tracking import MlflowRun, git_commit, tracking_uri, ui_url
 from tune.lease import SweepLease
 from tune.ray_env import (
     Capacity,
@@ -74,9 +74,12 @@ class SweepSummary:
     n_trials: int = 0  # Tune trials run
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per driver phase
 
+    experiment_id: str | None = None
+
     @property
     def ui_url(self) -> str:
-        return f"{self.tracking_uri}/#/experiments"
+        """The sweep's experiment in MLflow's UI, opened on its runs."""
+        return ui_url(self.tracking_uri, self.experiment_id)
 
 
 def sweep_id(name: str, tasks: list[FitTask]) -> str:
@@ -318,6 +321,7 @@ def _summarize(
         packs=callback.results,
         n_trials=n_trials,
         timings=timings,
+        experiment_id=parent.experiment_id,
     )
 
 

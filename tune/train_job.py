@@ -138,6 +138,14 @@ class TrainSummary:
     seconds: float
     workers: int
     use_gpu: bool
+    experiment_id: str | None = None
+
+    @property
+    def ui_url(self) -> str:
+        """The training's run in MLflow's UI (its model-training layout)."""
+        from fewsound.tracking import ui_url
+
+        return ui_url(self.tracking_uri, self.experiment_id, self.run_id)
 
 
 def run_training(
@@ -210,6 +218,7 @@ def run_training(
             time.perf_counter() - t0,
             scaling.num_workers,
             scaling.use_gpu,
+            run.experiment_id,
         )
 
     from fewsound.data.shards import open_corpus
