@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from fewsound.errors import FewsoundError
 
@@ -19,12 +20,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("fewsound.commands.fit", "fit one INR to one audio clip and write pred/gt audio, spectrogram, metrics"),
     "evaluate": ("fewsound.commands.evaluate", "compute the paper's metrics between reference and reconstruction"),
     "reconstruct": ("fewsound.commands.reconstruct", "reconstruct a long audio file with a trained hypernetwork"),
-    "mlflow": ("fewsound.commands.mlflow", "serve: an MLflow server whose history is backed up to shared storage"),
+    "mlflow": ("fewsound.commands.mlflow", "status|stop the embedded MLflow server; serve: the cluster's, backed up"),
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line (`prog: error: ... (see --help)`), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be >= 1 (--steps, --epochs, --trials, ...): a bad value is one line."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fewsound", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m fewsound", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():

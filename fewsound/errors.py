@@ -6,6 +6,8 @@ instead of showing a traceback from deep inside torch.
 
 from __future__ import annotations
 
+import signal
+
 
 class FewsoundError(Exception):
     """Base class of every error that is the user's input's fault (not a bug in fewsound)."""
@@ -34,3 +36,17 @@ class DataError(FewsoundError):
 
 class TrackingError(FewsoundError):
     """The MLflow tracking server cannot be reached; says which server and where the results were kept."""
+
+
+class BusyError(FewsoundError):
+    """Another live driver is running the same sweep (a second terminal running the same command)."""
+
+
+class Stopped(Exception):
+    """A driver stopped by a signal, after cleaning up; the job prints it as its last line and exits with
+    `exit_code` (the shell's 128 + signal number)."""
+
+    def __init__(self, signum: int, what: str):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}: {what}")

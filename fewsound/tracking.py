@@ -30,6 +30,10 @@ PARENT_TAG = "mlflow.parentRunId"
 # MLflow prints two "View run ..." lines (and makes one more HTTP request) every time a run ends: with thousands
 # of child runs that drowns the sweep's progress line. Users can still opt back in by setting it to false.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# MLflow's usage telemetry sets and unsets an environment variable from its own thread; a trial logging runs from
+# several threads meanwhile (proxy lookups read os.environ) then fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'.
+# Off by default (it also phones home, which an offline laptop or cluster cannot); set it to false to opt in.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 # --------------------------------------------------------------------------------------------- the server
@@ -189,20 +193,64 @@ def restart_local_server(uri: str, home: Path, wait_port: float = 30.0) -> str:
     return start_local_server(home, port=port)
 
 
-def stop_local_server(home: Path | None = None) -> bool:
-    """Stop the server recorded in `home/server.json` (tests and `--stop-mlflow`). True if one was stopped."""
+def stop_local_server(home: Path | None = None, timeout: float = 15.0) -> bool:
+    """Stop the server recorded in `home/server.json` (`python -m fewsound mlflow stop`, tests): SIGTERM to its
+    process group (the gunicorn master and its workers), SIGKILL if it has not exited within `timeout`. True if
+    one was running and stopped. Its store and artifacts stay; the next job starts it again."""
     import signal
 
     state = Path(home or default_home()) / "server.json"
     if not state.exists():
         return False
-    info = json.loads(state.read_text())
-    state.unlink()
     try:
-        os.killpg(os.getpgid(info["pid"]), signal.SIGTERM)
-    except ProcessLookupError:
+        info = json.loads(state.read_text())
+        pgid = os.getpgid(int(info["pid"]))
+    except (ValueError, KeyError, ProcessLookupError):
+        state.unlink(missing_ok=True)
         return False
+    state.unlink(missing_ok=True)
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.killpg(pgid, signal.SIGKILL)
     return True
+
+
+def local_server_status(home: Path | None = None) -> dict[str, Any]:
+    """What `python -m fewsound mlflow status` prints about the embedded server of `home` ($FEWSOUND_HOME or
+    ~/.fewsound): its address, process id, whether it answers, and where its store, artifacts and log are."""
+    home = Path(home or default_home()).expanduser().resolve()
+    out: dict[str, Any] = {
+        "home": str(home),
+        "store": str(home / "mlflow.db"),
+        "store_mb": round((home / "mlflow.db").stat().st_size / 2**20, 1) if (home / "mlflow.db").exists() else 0.0,
+        "artifacts": str(home / "artifacts"),
+        "log": str(home / "server.log"),
+        "uri": None,
+        "pid": None,
+        "running": False,
+        "healthy": False,
+    }
+    state = home / "server.json"
+    if state.exists():
+        try:
+            info = json.loads(state.read_text())
+            out["uri"], out["pid"] = info.get("uri"), info.get("pid")
+        except ValueError:
+            pass
+    if out["pid"]:
+        try:
+            os.kill(int(out["pid"]), 0)
+            out["running"] = True
+        except (ProcessLookupError, PermissionError, ValueError):
+            pass
+    out["healthy"] = bool(out["uri"]) and _healthy(out["uri"])
+    return out
 
 
 def tracking_uri(start: bool = True) -> str:
@@ -347,17 +395,34 @@ def log_run(
     return run_id
 
 
+# MLflow 3's UI opens an experiment on the layout its kind asks for: without this tag it guesses, and a new
+# experiment opens on the GenAI layout (traces, agents); this kind opens on runs, charts and artifacts.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(client: Any, name: str) -> str:
+    """The id of experiment `name`, created if missing, marked as a model-training experiment (see above)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # created concurrently by another trial
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # created concurrently by another trial
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older version, or by hand: the user may have chosen
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def ui_url(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment (or of one run) in its model-training layout: MLflow 3.17's UI picks
+    its layout from a workflow-type switch (GenAI by default, traces and agents), which the URL can set."""
+    page = "#/experiments"
+    if experiment_id:
+        page += f"/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{uri.rstrip('/')}/{page}?workflowType=machine_learning"
 
 
 def git_commit() -> str | None:

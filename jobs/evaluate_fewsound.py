@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fewsound.cli import ArgumentParser, positive_int
 from fewsound.errors import FewsoundError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="MLflow run id, model file or checkpoint folder")
     p.add_argument("--corpus", default=None, help="prepared corpus (default: the built-in one, fewsound protocol)")
     p.add_argument(
@@ -40,7 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Table 6's dataset of the corpus (VCTK, noisy VCTK, LibriSpeech, LJ Speech, GTZAN, UrbanSound8K; "
         "default: from the corpus's importer layout)",
     )
-    p.add_argument("--clips", type=int, default=None, help="evaluate the first N validation clips (default: all)")
+    p.add_argument(
+        "--clips", type=positive_int, default=None, help="evaluate the first N validation clips (default: all)"
+    )
     p.add_argument("--metrics", default=None, help="comma-separated metrics (default: all)")
     p.add_argument("--long-seconds", type=float, default=10.0, help="long-audio clip length; 0: no long audio")
     p.add_argument("--out", default=None, help="folder for results.csv and table.md/.tex/.csv")

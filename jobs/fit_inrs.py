@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fewsound.errors import FewsoundError
+from fewsound.cli import ArgumentParser, positive_int
+from fewsound.errors import FewsoundError, Stopped
 from fewsound.fit import FitConfig
 from fewsound.inr import FAMILIES
 from fewsound.plan import FitTask
@@ -29,7 +30,7 @@ SMOKE_LENGTH, SMOKE_STEPS = 16_384, 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--families",
         default=",".join(FAMILIES),
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         default="1.5,3",
         help="clip lengths in seconds: 1.5 (32,768 samples) and/or 3 (65,536) (default: 1.5,3)",
     )
-    p.add_argument("--steps", type=int, default=10_000, help="optimizer steps per fit (default: 10,000, the paper)")
+    p.add_argument(
+        "--steps", type=positive_int, default=10_000, help="optimizer steps per fit (default: 10,000, the paper)"
+    )
     p.add_argument(
         "--kind",
         default="speech",
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM: the trials were stopped, what finished is kept
+        print(e, file=sys.stderr)
+        return e.exit_code
     print_summary(summary)
     return 0 if summary.failed == 0 else 1
 

@@ -25,17 +25,22 @@ import argparse
 import ast
 import sys
 
-from fewsound.errors import ConfigError, FewsoundError
+from fewsound.cli import ArgumentParser, positive_int
+from fewsound.errors import ConfigError, FewsoundError, Stopped
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tables", default="2,3,4,5,6", help="paper tables to regenerate (default: 2,3,4,5,6)")
     p.add_argument("--datasets", default=None, help="NAME=CORPUS,... (default: the built-in corpus)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of every training (default: the paper's 2,500)")
+    p.add_argument(
+        "--epochs", type=positive_int, default=None, help="epochs of every training (default: the paper's 2,500)"
+    )
     p.add_argument("--whisper", default=None, help="Whisper checkpoints: large-v2=PATH,tiny.en=PATH")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a TrainConfig field everywhere")
-    p.add_argument("--clips", type=int, default=None, help="evaluate the first N validation clips (default: all)")
+    p.add_argument(
+        "--clips", type=positive_int, default=None, help="evaluate the first N validation clips (default: all)"
+    )
     p.add_argument("--metrics", default=None, help="comma-separated evaluation metrics (default: all)")
     p.add_argument("--long-seconds", type=float, default=10.0, help="long-audio clip length; 0: none (default 10)")
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers per training (default: all GPUs)")
@@ -99,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM
+        print(e, file=sys.stderr)
+        return e.exit_code
     print("\n" + s.markdown)
     print(
         f"{s.trainings} trainings: {s.trained} trained, {s.evaluated} evaluated, {s.skipped} found finished, "

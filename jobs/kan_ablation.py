@@ -20,7 +20,8 @@ import sys
 import tempfile
 
 from fewsound.ablation import KNOBS, check_param_counts, configs, parse_knobs, write_ablation_report
-from fewsound.errors import FewsoundError
+from fewsound.cli import ArgumentParser, positive_int
+from fewsound.errors import FewsoundError, Stopped
 from fewsound.plan import FitTask
 from tune.jobs import add_common_arguments, corpus_clips, parse_list, print_summary, resolve_corpus
 
@@ -30,14 +31,16 @@ SMOKE_METRICS = ("mse", "psnr", "lsd", "si_snr", "pesq", "stoi", "wd_hf")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--knobs", default=None, help=f"comma-separated knobs to vary (default: all: {','.join(KNOBS)})")
     p.add_argument(
         "--lengths",
         default="1.5,3",
         help="clip lengths in seconds: 1.5 (32,768 samples) and/or 3 (65,536) (default: 1.5,3)",
     )
-    p.add_argument("--steps", type=int, default=10_000, help="optimizer steps per fit (default: 10,000, the paper)")
+    p.add_argument(
+        "--steps", type=positive_int, default=10_000, help="optimizer steps per fit (default: 10,000, the paper)"
+    )
     p.add_argument("--kind", default="speech", help="which clips of the corpus (default: speech, as the paper)")
     add_common_arguments(p)
     p.set_defaults(clips="10")  # the paper: 10 clips
@@ -91,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM: the trials were stopped, what finished is kept
+        print(e, file=sys.stderr)
+        return e.exit_code
     print_summary(summary)
     return 0 if summary.failed == 0 else 1
 

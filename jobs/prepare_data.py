@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from fewsound.cli import ArgumentParser
 from fewsound.data.importers import KINDS, LAYOUTS  # noqa: E402
 from fewsound.data.prepare import DEFAULT_SHARD_SIZE, finish_corpus, plan_corpus, summarize  # noqa: E402
 from fewsound.data.protocols import PROTOCOLS  # noqa: E402
@@ -23,7 +24,7 @@ from fewsound.errors import FewsoundError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="builtin", help="dataset folder, or 'builtin' (default)")
     # choices are checked by the library, so a wrong one is a one-line `error: ...` like any other bad input
     p.add_argument("--layout", default="auto", help=f"folder layout: {', '.join(LAYOUTS)} (default: detect)")

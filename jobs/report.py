@@ -19,12 +19,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from fewsound.cli import ArgumentParser
 from fewsound.errors import ConfigError, FewsoundError
 from tune.jobs import add_listen_argument
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-id", default=None, help="the sweep's MLflow parent run id")
     p.add_argument("--experiment", default=None, help="MLflow experiment: report its latest sweep (when no --run-id)")
     p.add_argument("--out", default=None, help="output folder (default: ./report-<parent run id>)")
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        from fewsound.tracking import tracking_uri
+        from fewsound.tracking import tracking_uri, ui_url
         from tune.report import collect, latest_parent, write_report
 
         uri = tracking_uri()
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for path in paths:
         print(f"  {path}")
-    print(f"MLflow UI: {uri}/#/experiments/{parent.info.experiment_id}/runs/{run_id}")
+    print(f"MLflow UI: {ui_url(uri, parent.info.experiment_id, run_id)}")
     return 0
 
 

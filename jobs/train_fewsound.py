@@ -35,8 +35,9 @@ import argparse
 import ast
 import sys
 
+from fewsound.cli import ArgumentParser, positive_int
 from fewsound.config import override
-from fewsound.errors import ConfigError, FewsoundError
+from fewsound.errors import ConfigError, FewsoundError, Stopped
 from fewsound.hyper import HyperConfig
 from fewsound.train import TrainConfig
 
@@ -93,7 +94,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", default="fewsound", help="fewsound | hypersound (default: fewsound)")
     p.add_argument(
         "--target", default="nerf", help="target INR: nerf | kan | siren (default: nerf, the paper's Table 2 rows)"
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a corpus prepared with `jobs/prepare_data.py --protocol fewsound`: a folder every node sees, "
         "s3://..., gs://... (default: builtin:fewsound, prepared on each node on first use)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="default 2,500")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default 2,500")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default 16)")
     p.add_argument("--samples-per-epoch", type=int, default=None, help="random training crops per epoch (10,000)")
     p.add_argument("--lr", type=float, default=None, help="OneCycle start rate (default 1e-5, SIREN 1e-6)")
@@ -167,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM
+        print(e, file=sys.stderr)
+        return e.exit_code
     state = "already finished" if s.already_finished else f"trained in {s.seconds:.0f} s"
     print(f"\nrun {s.key}: {state}; {s.epochs_done} epochs on {s.workers} {'GPU' if s.use_gpu else 'CPU'} worker(s)")
     shown = {k: v for k, v in sorted(s.metrics.items()) if k.startswith(("train/loss", "val/", "eval/", "universal/"))}
     for k, v in shown.items():
         if isinstance(v, (int, float)):
             print(f"  {k:24s} {v:.4g}")
-    print(f"MLflow: {s.tracking_uri}/#/experiments/  run {s.run_id} (experiment {s.experiment!r})")
+    print(f"MLflow: {s.ui_url}  run {s.run_id} (experiment {s.experiment!r})")
     print(f"checkpoints: {s.storage}/{s.key}")
     return 0
 

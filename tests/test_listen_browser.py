@@ -87,3 +87,17 @@ def test_smoke_sweeps_listening_page_plays_in_chromium(home, tmp_path):
     images = result["images"]
     assert len(images) == 2 * (1 + 2 * 2)  # per clip: the target's spectrogram, each fit's prediction and difference
     assert all(im == {"width": LENGTH // 256 + 1, "height": listen.IMAGE_ROWS} for im in images), images
+
+    # the address the job prints opens MLflow's UI on the sweep's runs (its model-training layout), not on the
+    # GenAI overview of traces it shows an experiment by default
+    assert s.ui_url.endswith(f"/#/experiments/{s.experiment_id}?workflowType=machine_learning")
+    text_js = (
+        "new Promise(r => { const t0 = Date.now(); const poll = () => { const t = document.body.innerText; "
+        "if (/[1-9][0-9]* matching runs/.test(t) || Date.now() - t0 > 40000) r(t); else setTimeout(poll, 250); }; "
+        "poll(); })"
+    )
+    with Chromium() as browser:
+        text = browser.evaluate(s.ui_url, text_js)
+    assert "listen-e2e" in text and "Run Name" in text and "5 matching runs" in text, text[:2000]
+    assert s.sweep in text  # the parent run, named after the sweep
+    assert "Token Usage" not in text and "No data available" not in text, text[:2000]

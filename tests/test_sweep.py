@@ -106,6 +106,14 @@ def test_smoke_job_logs_parent_and_six_children_with_metrics_and_artifacts(smoke
     mse = float(np.mean((gt - pred) ** 2))
     assert mse == pytest.approx(run.data.metrics["eval/mse"], rel=1e-4)
     assert (d / "plots" / "spectrogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the parent compares: the table and quality against parameter count (one point per INR)
+    parent, _ = children(client, "fit_inrs-smoke")
+    plots = [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
+    assert plots == ["plots/quality_vs_params.png"]
+    png = Path(client.download_artifacts(parent.info.run_id, plots[0], str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    exp = client.get_experiment_by_name("fit_inrs-smoke")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs, not traces
     # every other run has its three files too
     for r in kids[1:]:
         files = {a.path for a in client.list_artifacts(r.info.run_id, "audio")}
@@ -320,3 +328,23 @@ def test_bad_input_from_the_command_line(env):
     assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "--families: unknown value(s) ['transformer']" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize(
+    "job_name, args",
+    [
+        ("fit_inrs", ["--steps", "0"]),
+        ("kan_ablation", ["--steps", "-5"]),
+        ("fit_inrs", ["--pack-size", "0"]),
+        ("train_fewsound", ["--epochs", "0"]),
+    ],
+)
+def test_counts_below_one_are_refused_in_one_line(job_name, args, capsys):
+    """`--steps 0` would start a whole sweep of untrained networks: refused before anything starts."""
+    from sweep_jobs import job
+
+    with pytest.raises(SystemExit) as exit_:
+        job(job_name).main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {args[0]}: must be >= 1" in err and "usage:" not in err, err

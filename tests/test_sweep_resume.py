@@ -107,3 +107,87 @@ def test_sigkill_mid_sweep_then_rerun_finishes_every_fit_exactly_once(job_env, t
     parent, kids = children(client, EXPERIMENT)  # the re-run reopened the same parent run
     assert parent.info.status == "FINISHED"
     assert not [r for r in kids if r.info.status == "RUNNING"]  # a fit in flight at the kill was marked KILLED
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_it(job_env, tmp_path):
+    """A second driver of the running sweep is refused. SIGTERM (a scheduler, `kill`): the trials stop, the
+    driver ends within seconds with one line and exit code 143, nothing is recorded FAILED, no run stays
+    RUNNING; the same command then fits only what was left."""
+    from mlflow.tracking import MlflowClient
+
+    environ, uri = job_env
+    client = MlflowClient(tracking_uri=uri)
+    cmd = [*CMD[:-1], "test-stop"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+
+    def done() -> dict[str, str]:
+        exp = client.get_experiment_by_name("test-stop")
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else []
+        return {r.info.run_id: r.data.tags[KEY_TAG] for r in runs if KEY_TAG in r.data.tags}
+
+    try:
+        while not done():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no fit finished within 10 minutes"
+            time.sleep(0.2)
+        # a second terminal running the same command meanwhile is refused: no fit is computed twice
+        second = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stdout + second.stderr
+        line = second.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: fit_inrs-") and "another driver is running this sweep" in line, second.stderr
+        assert f"(pid {proc.pid} on " in line and "Traceback" not in second.stderr
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        stop_seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out + err
+    assert stop_seconds < 60, stop_seconds
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM: ") and "re-run the same command" in last, err
+    assert "Traceback" not in out + err.replace("(tune_trainable", "")  # Ray's own worker noise aside
+    before = done()
+    parent, kids = children(client, "test-stop")
+    assert parent.info.status == "KILLED"
+    assert {r.info.status for r in kids} <= {"FINISHED", "KILLED"}, [(r.info.run_name, r.info.status) for r in kids]
+
+    again = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"6 fits: {6 - len(before)} done now, {len(before)} already finished, 0 failed" in again.stdout
+    after = done()
+    assert sorted(after.values()) == sorted(set(after.values())) and len(after) == 6
+    assert set(before) <= set(after)
+    assert children(client, "test-stop")[0].info.status == "FINISHED"
+
+
+def test_stop_on_signal_turns_signals_into_a_flag_and_restores_the_handlers():
+    from tune.stopping import StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnSignal() as stop:
+        assert not stop.stopper.stop_all() and os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # Python runs the handler between bytecodes
+        assert stop.signal == signal.SIGINT and stop.stopper.stop_all() and stop.stopper("trial", {})
+        with pytest.raises(KeyboardInterrupt):  # a second signal: stop at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
+
+
+def test_interrupt_on_signal_raises_in_the_main_thread_and_keeps_the_signal():
+    """What Ray Train's driver uses (`trainer.fit()` has no stop API): SIGTERM becomes an exception here."""
+    from tune.stopping import Interrupted, interrupt_on_signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    guard = interrupt_on_signal()
+    with pytest.raises(Interrupted), guard:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    assert guard.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before

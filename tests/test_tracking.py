@@ -188,3 +188,50 @@ def test_runs_reach_a_server_with_mlflows_basic_auth(tmp_path, monkeypatch):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         log.close()
+
+
+def test_experiments_open_on_runs_in_mlflows_ui(server):
+    """MLflow 3's UI opens an experiment on its kind's layout: ours are model-training experiments, also one
+    that an older version made without the tag."""
+    from mlflow.tracking import MlflowClient
+
+    _, uri = server
+    client = MlflowClient(uri)
+    exp_id = tracking.get_or_create_experiment(client, "kind-new")
+    assert client.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    old = client.create_experiment("kind-old")
+    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert tracking.get_or_create_experiment(client, "kind-old") == old
+    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.set_experiment_tag(old, tracking.EXPERIMENT_KIND_TAG, "genai_development")  # the user's choice stays
+    tracking.get_or_create_experiment(client, "kind-old")
+    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_mlflow_status_and_stop_commands(tmp_path):
+    """`python -m fewsound mlflow status|stop` on the embedded server of a FEWSOUND_HOME."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    home = tmp_path / "home"
+    env = dict(os.environ, FEWSOUND_HOME=str(home))
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "fewsound", "mlflow", *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+    none = cli("status")
+    assert none.returncode == 1 and "no MLflow server running" in none.stdout
+    uri = tracking.start_local_server(home=home, port=None)
+    up = cli("status")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"MLflow server running at {uri}" in up.stdout and str(home.resolve() / "mlflow.db") in up.stdout
+    stop = cli("stop")
+    assert stop.returncode == 0 and f"stopped the MLflow server at {uri}" in stop.stdout
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{uri}/health", timeout=2)
+    assert cli("status").returncode == 1
+    assert "no MLflow server was running" in cli("stop").stdout

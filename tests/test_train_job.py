@@ -297,3 +297,58 @@ def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
     assert recon and client.list_artifacts(run.info.run_id, recon[-1].path)
     logged = [lm for lm in client.search_logged_models([exp.experiment_id]) if lm.source_run_id == run.info.run_id]
     assert logged, "the final model was not logged with mlflow.pytorch.log_model"
+
+
+def test_a_training_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGKILL of one Ray Train worker in the middle of epoch 2 (the OOM killer, a lost spot node): Ray Train
+    restarts the worker group, which resumes from the last checkpoint (the same state digest), trains only the
+    epochs after it, and the run ends FINISHED with every epoch logged once."""
+    import psutil
+
+    home = tmp_path / "home"
+    env = dict(os.environ, FEWSOUND_HOME=str(home), PYTHONPATH=str(REPO), RAY_ADDRESS="")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, str(REPO / "jobs" / "train_fewsound.py"), "--smoke-test"]
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 400
+        snapshots = home / "train"
+        while not any("epoch_00001" in p.read_text() for p in snapshots.glob("*/checkpoint_manager_snapshot.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        workers = _train_workers(proc.pid)
+        assert len(workers) == 2, workers
+        workers[1].send_signal(signal.SIGKILL)
+        # the checkpoints there are at the kill (Ray Train keeps only the latest few once training goes on)
+        (run_dir,) = [p.parent for p in snapshots.glob("*/checkpoint_manager_snapshot.json")]
+        metas = run_dir.glob("epoch_*/meta.json")
+        digests = {int(p.parent.name.split("_")[1]): json.loads(p.read_text())["digest"] for p in metas}
+        assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in psutil.Process().children(recursive=True):  # the job's local Ray, if anything is left of it
+            p.kill()
+    out = log.read_text()
+    m = re.search(r"resumed after epoch (\d+) \(step (\d+)\); state digest (\w+)", out)
+    assert m, out[-5000:]
+    resumed = int(m.group(1))
+    assert resumed in digests and m.group(3) == digests[resumed], (m.groups(), digests)
+    after = [int(e) for e in re.findall(r"\[train\] epoch (\d+)/3", out[m.end() :])]
+    assert sorted(set(after)) == list(range(resumed + 1, 4)), after
+
+    from mlflow.tracking import MlflowClient
+
+    from fewsound.tracking import start_local_server, stop_local_server
+
+    try:
+        client = MlflowClient(tracking_uri=start_local_server(home))
+        exp = client.get_experiment_by_name("train_fewsound-smoke")
+        (run,) = client.search_runs([exp.experiment_id])
+        assert run.info.status == "FINISHED"
+        epochs = [int(x.value) for x in client.get_metric_history(run.info.run_id, "epoch")]
+        assert sorted(set(epochs)) == [0, 1, 2], epochs
+    finally:
+        stop_local_server(home)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fewsound import records, storage, tracking
-from fewsound.errors import TrackingError
+from fewsound.errors import FewsoundError, Stopped, TrackingError
 from fewsound.records import FitRecord
 
 KEY_TAG = "fewsound.fit_key"
@@ -166,6 +166,9 @@ class TrackingWatch:
             print(f"[{self.name}] MLflow at {self.uri} is unreachable ({reason}); the trials keep their results in "
                   f"{self.where}", flush=True)  # fmt: skip
 
+    def answers(self) -> bool:
+        return tracking.server_health(self.uri, HEALTH_TIMEOUT) is None
+
     def ensure(self) -> None:
         """Return once the server answers; else restart the embedded one, or wait for another one up to `wait`
         seconds; then raise TrackingError (one line: the server, why, how many results wait where)."""
@@ -205,7 +208,7 @@ class TrackingWatch:
         TrackingError instead of MLflow's traceback."""
         try:
             yield
-        except TrackingError:
+        except (FewsoundError, Stopped):  # a one-line error already, or a signal's clean stop
             raise
         except Exception:
             reason = tracking.server_health(self.uri, HEALTH_TIMEOUT)

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fewsound.config import cfg_hash, override
-from fewsound.errors import ConfigError
+from fewsound.errors import ConfigError, Stopped
 
 GRID_TAG = "fewsound.grid"
 ROLE_TAG = "fewsound.role"
@@ -272,6 +273,7 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
 
     from fewsound.tracking import tracking_uri
     from tune.ray_env import choose_scaling, init_ray
+    from tune.stopping import interrupt_on_signal
 
     t0 = time.perf_counter()
     uri = tracking_uri()  # before Ray starts: its workers inherit MLFLOW_TRACKING_URI
@@ -287,32 +289,14 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
         f"{parallel} at a time; MLflow parent run {parent.run_id}"
     )
     task = ray.remote(num_cpus=0, max_retries=0)(_train_and_evaluate)
-    results: dict[str, dict[str, Any]] = {}
-    failed: list[str] = []
-    pending: dict[Any, Training] = {}
-    queue = list(todo)
-    tries: dict[str, int] = {}
-    while queue or pending:
-        while queue and len(pending) < parallel:
-            tr = queue.pop(0)
-            tries[tr.key] = tries.get(tr.key, 0) + 1
-            pending[task.remote(tr, s, parent.run_id, grid_id, uri)] = tr
-        done, _ = ray.wait(list(pending), num_returns=1)
-        tr = pending.pop(done[0])
-        try:
-            results[tr.key] = ray.get(done[0])
-        except Exception as e:  # noqa: BLE001 - one failed training must not lose the others; recorded and reported
-            lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
-            # Ray's error text ends with advice; the line that says what happened names the error or the kill
-            reason = next((x for x in lines if "killed" in x or "Error" in x), lines[-1])[:300]
-            if not pending:
-                _release_leftovers(log)
-            if tries[tr.key] <= s.retries:  # e.g. killed by the memory monitor: resumes from its last checkpoint
-                log(f"[hyper_tables] {cells_text(tr.cells)} failed ({reason[:120]}); trying again")
-                queue.append(tr)
-                continue
-            failed.append(f"{tr.key} ({cells_text(tr.cells)}): {reason}")
-        _progress_line(log, results, failed, len(todo), t0, tr)
+    flight = _InFlight(task, s, parent, grid_id, uri, parallel, list(todo), log, t0)
+    guard = interrupt_on_signal()  # SIGINT/SIGTERM: stop the trainings, keep what finished (_stopped)
+    try:
+        with guard:
+            flight.drain()
+    except KeyboardInterrupt:
+        _stopped(guard.signum or signal.SIGINT, flight.pending, parent, flight.results, len(todo))
+    results, failed = flight.results, flight.failed
     not_run = [f"{cells_text(t.cells)}: {t.skip}" for t in trainings if t.skip]
     markdown = _finish_parent(parent, cells, trainings, results, s, not_run, failed)
     return GridSummary(
@@ -326,6 +310,75 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
         not_run,
         markdown,
         time.perf_counter() - t0,
+    )
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """The grid's trainings as they run: `parallel` in flight (Ray object ref -> training) until the queue is
+    empty; a failed one is retried (`settings.retries`) or recorded in `failed`."""
+
+    task: Any  # the Ray remote function of _train_and_evaluate
+    settings: Settings
+    parent: Any
+    grid_id: str
+    uri: str
+    parallel: int
+    queue: list[Training]
+    log: Any
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    pending: dict[Any, Training] = dataclasses.field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    failed: list[str] = dataclasses.field(default_factory=list)
+    tries: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def drain(self) -> None:
+        import ray
+
+        total, s = len(self.queue), self.settings
+        while self.queue or self.pending:
+            while self.queue and len(self.pending) < self.parallel:
+                tr = self.queue.pop(0)
+                self.tries[tr.key] = self.tries.get(tr.key, 0) + 1
+                self.pending[self.task.remote(tr, s, self.parent.run_id, self.grid_id, self.uri)] = tr
+            done, _ = ray.wait(list(self.pending), num_returns=1)
+            tr = self.pending.pop(done[0])
+            try:
+                self.results[tr.key] = ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - one failed training must not lose the others; recorded
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+                # Ray's error text ends with advice; the line that says what happened names the error or the kill
+                reason = next((x for x in lines if "killed" in x or "Error" in x), lines[-1])[:300]
+                if not self.pending:
+                    _release_leftovers(self.log)
+                if self.tries[tr.key] <= s.retries:  # e.g. killed by the memory monitor: resumes from a checkpoint
+                    self.log(f"[hyper_tables] {cells_text(tr.cells)} failed ({reason[:120]}); trying again")
+                    self.queue.append(tr)
+                    continue
+                self.failed.append(f"{tr.key} ({cells_text(tr.cells)}): {reason}")
+            _progress_line(self.log, self.results, self.failed, total, self.t0, tr)
+
+
+def _stopped(signum: int, pending: dict, parent: Any, results: dict, total: int) -> None:
+    """After SIGINT/SIGTERM: cancel the trainings in flight, end their runs and the parent KILLED, raise Stopped
+    (their checkpoints stay: the same command resumes them)."""
+    import ray
+
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    from fewsound.tracking import PARENT_TAG
+
+    running = parent.client.search_runs(
+        [parent.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{PARENT_TAG}` = '{parent.run_id}'",
+    )
+    for r in running:
+        parent.client.set_terminated(r.info.run_id, status="KILLED")
+    parent.end("KILLED")
+    raise Stopped(
+        signum,
+        f"{len(results)} of {total} trainings finished; re-run the same command: finished ones are skipped, the "
+        "others resume from their last checkpoints",
     )
 
 

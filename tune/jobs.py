@@ -6,6 +6,7 @@ import argparse
 import os
 from typing import Any
 
+from fewsound.cli import positive_int
 from fewsound.errors import ConfigError, DataError
 
 BUILTIN_PROTOCOL = {32_768: "inr-1.5s", 65_536: "inr-3s"}
@@ -29,7 +30,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed of every fit (default: 0)")
     p.add_argument(
         "--pack-size",
-        type=int,
+        type=positive_int,
         default=16,
         help="fits of one configuration fitted at once by the packed engine (default: 16)",
     )

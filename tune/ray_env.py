@@ -51,7 +51,12 @@ DEFAULT_CPU_WORKERS = 2
 # turn it back on. RAY_AIR_NEW_OUTPUT=0 with RunConfig(verbose=0): Tune's legacy reporter at verbosity 0 prints
 # nothing (the new engine prints its configuration box and hints even at verbose=0).
 # MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true: no "View run ... at" line (and no get_run call) per child run.
-QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+# MLFLOW_DISABLE_TELEMETRY=true: see fewsound.tracking (its thread races the trials' logging threads).
+QUIET_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
 # what a job's Ray workers inherit from the driver (Ray workers on other nodes do not see the driver's shell)
 # Passed to workers in the job's runtime_env (visible in the dashboard: no secrets here). MLflow's credentials
 # (MLFLOW_TRACKING_USERNAME/PASSWORD) reach workers from the environment Ray was started in: a local Ray's raylet

@@ -36,10 +36,11 @@ from ray import tune
 from fewsound import records, storage
 from fewsound.config import cfg_hash
 from fewsound.data.shards import corpus_location
-from fewsound.errors import ConfigError
+from fewsound.errors import ConfigError, Stopped
 from fewsound.plan import FitTask, bundle, pack, pack_to_config
-from fewsound.tracking import MlflowRun, git_commit, tracking_uri
+from fewsound.tracking import MlflowRun, git_commit, tracking_uri, ui_url
 from tune.durable import TrackingWatch, client_defaults, replay_pending
+from tune.lease import SweepLease
 from tune.ray_env import (
     Capacity,
     capacity,
@@ -52,6 +53,7 @@ from tune.ray_env import (
     trial_slots,
     tune_errors_silenced,
 )
+from tune.stopping import StopOnSignal
 from tune.trial import KEY_TAG, REASON_TAG, SWEEP_TAG, TrialContext, pack_id, tune_trainable
 
 ROLE_TAG = "fewsound.role"
@@ -80,9 +82,12 @@ class SweepSummary:
     replayed: int = 0  # of `skipped`: fits logged at the start from records (computed before, not refitted)
     records: str = ""  # where the sweep's fit records are (fewsound.records)
 
+    experiment_id: str | None = None
+
     @property
     def ui_url(self) -> str:
-        return f"{self.tracking_uri}/#/experiments"
+        """The sweep's experiment in MLflow's UI, opened on its runs."""
+        return ui_url(self.tracking_uri, self.experiment_id)
 
 
 def sweep_id(name: str, tasks: list[FitTask]) -> str:
@@ -179,6 +184,7 @@ def run_sweep(
     watch = TrackingWatch(name, uri, records_root(experiment), sid)
     with watch.guard():
         watch.ensure()
+        lease = _take_lease(uri, experiment, sid)  # a second driver of this sweep is refused here (tune.lease)
         parent = _open_parent(experiment, uri, sid, name, len(tasks))
         client = parent.client
         finished, replayed = _log_kept_records(name, parent, watch, tasks, progress)
@@ -219,40 +225,49 @@ def run_sweep(
     t = time.perf_counter()
     callback = Progress(name, len(todo), t0, progress)
     n_trials = 0
-    for attempt in range(tune_restarts + 1):
-        if not packs:
-            break
-        n_trials += len(bundles)
-        try:
-            grid = _tune(
-                packs,
-                bundles,
-                ctx,
-                plan,
-                f"{sid}-r{attempt}" if attempt else sid,
-                trial_failures,
-                storage,
-                [callback, ServerWatch(watch)],
-            )
-        except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
-            if attempt == tune_restarts:
-                raise
-            print(
-                f"[{name}] Ray Tune stopped ({type(e).__name__}: {_first_line(e)}); restarting the fits that "
-                "are not finished",
-                flush=True,
-            )
+    with StopOnSignal() as stop:
+        for attempt in range(tune_restarts + 1):
+            if not packs:
+                break
+            n_trials += len(bundles)
+            try:
+                grid = _tune(
+                    packs,
+                    bundles,
+                    ctx,
+                    plan,
+                    f"{sid}-r{attempt}" if attempt else sid,
+                    trial_failures,
+                    storage,
+                    [callback, ServerWatch(watch)],
+                    stop.stopper,
+                )
+            except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
+                if stop.signal is not None:
+                    break
+                if attempt == tune_restarts:
+                    raise
+                print(
+                    f"[{name}] Ray Tune stopped ({type(e).__name__}: {_first_line(e)}); restarting the fits that "
+                    "are not finished",
+                    flush=True,
+                )
+                with watch.guard():
+                    done_keys = _log_kept_records(name, parent, watch, todo, progress, after_tune=True)[0]
+                    _mark_stale(client, parent.experiment_id, {t.key for t in todo})
+                packs, bundles = packs_and_bundles([t for t in todo if t.key not in done_keys])
+                continue
             with watch.guard():
-                done_keys = _log_kept_records(name, parent, watch, todo, progress, after_tune=True)[0]
-                _mark_stale(client, parent.experiment_id, {t.key for t in todo})
-            packs, bundles = packs_and_bundles([t for t in todo if t.key not in done_keys])
-            continue
-        with watch.guard():
-            _log_kept_records(name, parent, watch, todo, progress, after_tune=True)
-            _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
-            _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
-        break
+                _log_kept_records(name, parent, watch, todo, progress, after_tune=True)
+                _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
+                _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
+            break
     timings["tune"] = time.perf_counter() - t
+    if stop.signal is not None:
+        lease.release()
+        if watch.answers():  # log what the trials computed, without waiting on a server that is down
+            _log_kept_records(name, parent, watch, todo, progress, after_tune=True)
+        _stopped(name, stop.signal, tasks, todo, parent, t0)
 
     t = time.perf_counter()
     with watch.guard():
@@ -263,6 +278,7 @@ def run_sweep(
         _finish_parent(parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays audio
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
+    lease.release()
     return summary
 
 
@@ -349,6 +365,7 @@ def _summarize(
         packs=callback.results,
         n_trials=n_trials,
         timings=timings,
+        experiment_id=parent.experiment_id,
     )
 
 
@@ -362,6 +379,23 @@ def _print_failures(name: str, client: Any, exp_id: str, sid: str, keys: set[str
             seen.add(key)
             reason = " ".join(r.data.tags.get(REASON_TAG, "no reason recorded").split())
             print(f"[{name}] FAILED {key}: {reason[:300]}", flush=True)
+
+
+def _stopped(name: str, signum: int, tasks: list[FitTask], todo: list[FitTask], parent: MlflowRun, t0: float) -> None:
+    """After a signal stopped the trials: runs they left RUNNING end KILLED, so does the parent; raise Stopped
+    with what finished (nothing stopped is recorded FAILED: a re-run fits it)."""
+    client = parent.client
+    todo_keys = {t.key for t in todo}
+    _mark_stale(client, parent.experiment_id, todo_keys)
+    finished = finished_runs(client, parent.experiment_id)
+    now = sum(k in finished for k in todo_keys)
+    parent.end("KILLED")
+    raise Stopped(
+        signum,
+        f"{now} of the {len(todo)} fits to run finished in {time.perf_counter() - t0:.0f} s"
+        f"{f' ({len(tasks) - len(todo)} were finished before)' if len(tasks) > len(todo) else ''}; "
+        f"{len(todo) - now} left: re-run the same command to fit them (finished fits are skipped)",
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -378,6 +412,7 @@ def _tune(
     trial_failures: int,
     storage: str | None,
     callbacks: list[Any],
+    stopper: Any = None,
 ) -> Any:
     """One Tune run: a trial per bundle of packs (the packs travel in the param_space as plain data), actors
     reused, at most `plan.slots` at once (what the cluster runs at its capacity, or --max-concurrent)."""
@@ -397,12 +432,22 @@ def _tune(
             name=run_name,
             storage_path=storage or storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
             failure_config=tune.FailureConfig(max_failures=trial_failures),
+            stop=stopper,  # tune.stopping: SIGINT/SIGTERM end every trial
             verbose=0,
             callbacks=callbacks,
         ),
     )
     with tune_errors_silenced():  # each failed fit is printed once by run_sweep, with its reason
         return tuner.fit()
+
+
+def _take_lease(uri: str, experiment: str, sid: str) -> SweepLease:
+    from mlflow.tracking import MlflowClient
+
+    from fewsound.tracking import get_or_create_experiment
+
+    client = MlflowClient(tracking_uri=uri)
+    return SweepLease(client, get_or_create_experiment(client, experiment), sid).acquire()
 
 
 def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> MlflowRun:
@@ -501,8 +546,21 @@ def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any], li
             tables.write_results(Path(d), s.rows, **table)
             parent.log_artifact(d, "tables")  # results.csv, table.md, table.tex, table.csv
             s.table_markdown = (Path(d) / "table.md").read_text()
+            parent.log_artifact(_quality_plot(s.rows, table, Path(d) / "plots"), "plots")
     log_listen_page(parent.uri, parent.run_id, s.rows, table, listen_clips)  # report/listen.html
     parent.end("FINISHED" if s.failed == 0 else "FAILED")
+
+
+def _quality_plot(rows: list[dict[str, Any]], table: dict[str, Any], out: Path) -> Path:
+    """plots/quality_vs_params.png of the parent run: each row of the table (mean over clips) at its parameter
+    count, a series per clip length: which INR buys the most quality per parameter."""
+    from fewsound import tables
+    from fewsound.report import quality_vs_params_figure, save_figure
+
+    spec = {"title": "Reconstruction metrics", **table}
+    points = tables.quality_points(tables.build_table(rows, **spec))
+    title = f"{spec['title']}: quality vs parameter count"
+    return save_figure(quality_vs_params_figure(points, title=title), out / "quality_vs_params.png")
 
 
 class Progress(tune.Callback):

@@ -32,6 +32,7 @@ most every 30 s within an epoch and one per epoch, with samples/s and the ETA of
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import tempfile
 import time
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from fewsound.config import cfg_hash, flatten, to_dict
-from fewsound.errors import ConfigError, DataError
+from fewsound.errors import ConfigError, DataError, Stopped
 from fewsound.train import TrainConfig
 from tune.ray_env import choose_scaling, init_ray, storage_root, workers_have_cuda
 
@@ -137,6 +138,14 @@ class TrainSummary:
     seconds: float
     workers: int
     use_gpu: bool
+    experiment_id: str | None = None
+
+    @property
+    def ui_url(self) -> str:
+        """The training's run in MLflow's UI (its model-training layout)."""
+        from fewsound.tracking import ui_url
+
+        return ui_url(self.tracking_uri, self.experiment_id, self.run_id)
 
 
 def run_training(
@@ -161,6 +170,7 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     from fewsound.tracking import tracking_uri
+    from tune.stopping import interrupt_on_signal
 
     t0 = time.perf_counter()
     if keep_checkpoints < 1:
@@ -208,6 +218,7 @@ def run_training(
             time.perf_counter() - t0,
             scaling.num_workers,
             scaling.use_gpu,
+            run.experiment_id,
         )
 
     from fewsound.data.shards import open_corpus
@@ -244,8 +255,16 @@ def run_training(
         datasets={"train": train_ds, "validation": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+    guard = interrupt_on_signal()
     try:
-        result = trainer.fit()
+        with guard:
+            result = trainer.fit()
+    except KeyboardInterrupt:  # SIGINT/SIGTERM: the workers stop with this driver; the checkpoints stay
+        run.end("KILLED")
+        raise Stopped(
+            guard.signum or signal.SIGINT,
+            f"training stopped; re-run the same command to resume from its last checkpoint in {storage}/{key}",
+        ) from None
     except BaseException:
         run.end("FAILED")  # re-running the same command reopens this run and resumes from the last checkpoint
         raise

@@ -1,14 +1,19 @@
-"""`python -m fewsound mlflow serve ...`: the cluster's MLflow server, its history backed up to shared storage.
+"""`python -m fewsound mlflow serve|status|stop`: the MLflow servers fewsound runs.
 
+    python -m fewsound mlflow status          # the embedded server of $FEWSOUND_HOME (~/.fewsound): address, health
+    python -m fewsound mlflow stop            # stop it (its runs stay; the next job starts it again)
     python -m fewsound mlflow serve --store /home/ray/mlflow/mlflow.db --backup s3://bucket/fewsound/mlflow.db \\
         --artifacts s3://bucket/fewsound/mlflow-artifacts --host 0.0.0.0 --port 5000
 
-See fewsound/mlflow_server.py for what it does (restore at start, periodic and final online backups).
+`serve` is the cluster's server, its history backed up to shared storage: see fewsound/mlflow_server.py for what
+it does (restore at start, periodic and final online backups). The embedded server is the one every job starts on
+first use (fewsound.tracking.start_local_server) and leaves running so that its UI stays open.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,9 +35,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
     s.add_argument("--backup-every", type=float, default=10.0, help="minutes between backups (default 10)")
     s.add_argument("--app-name", default=None, help="MLflow server app, e.g. basic-auth (logins; README)")
+    for action, what in (("status", "show"), ("stop", "stop")):
+        a = sub.add_parser(action, help=f"{what} the embedded MLflow server that jobs start ($FEWSOUND_HOME)")
+        a.add_argument("--home", type=Path, default=None, help="its folder (default $FEWSOUND_HOME or ~/.fewsound)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.mlflow_command == "status":
+        return _status(args.home)
+    if args.mlflow_command == "stop":
+        return _stop(args.home)
     from fewsound.mlflow_server import serve
 
     return serve(
@@ -46,3 +58,31 @@ def run(args: argparse.Namespace) -> int:
         app_name=args.app_name,
         log=lambda m: print(m, flush=True),
     )
+
+
+def _status(home: Path | None) -> int:
+    """Exit 0 when the server answers, 1 when none is running (so scripts can test it)."""
+    from fewsound.tracking import local_server_status
+
+    st = local_server_status(home)
+    if st["healthy"]:
+        print(f"MLflow server running at {st['uri']} (pid {st['pid']}); open it in a browser to compare runs")
+    elif st["running"]:
+        print(f"MLflow server process {st['pid']} is running but {st['uri']} does not answer; see {st['log']}")
+    else:
+        print("no MLflow server running for this home; the next job starts one")
+    print(f"  store      {st['store']} ({st['store_mb']} MB)")
+    print(f"  artifacts  {st['artifacts']}")
+    print(f"  log        {st['log']}")
+    return 0 if st["healthy"] else 1
+
+
+def _stop(home: Path | None) -> int:
+    from fewsound.tracking import local_server_status, stop_local_server
+
+    st = local_server_status(home)
+    if stop_local_server(home):
+        print(f"stopped the MLflow server at {st['uri']} (pid {st['pid']}); its runs stay in {st['store']}")
+    else:
+        print("no MLflow server was running for this home")
+    return 0
