@@ -344,7 +344,9 @@ def test_remote_server_killed_mid_sweep_is_one_line_then_a_rerun_logs_the_record
         assert rc == 2, out[-5000:]
         errors = [x for x in out.splitlines() if x.startswith("error: ")]
         assert len(errors) == 1, out[-5000:]
-        assert "MlflowException" not in out and "Traceback" not in out.split("[durable]")[-1], out[-5000:]
+        # no traceback (Ray's own noise from its workers at shutdown aside) and no retry storm of trials
+        assert not [x for x in out.splitlines() if ("Traceback" in x or "MlflowException" in x) and "pid=" not in x]
+        assert "Retrying" not in out and "a trial crashed" not in out, out[-5000:]
         kept = _records(home)
         unlogged = [k for k, r in kept.items() if not r["logged"]]
         assert len(kept) == FITS and unlogged  # every fit computed and recorded; some wait for the server
