@@ -324,8 +324,9 @@ def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord]) -> int:
 def _run_spec(
     task: FitTask, r: Any, ev: dict | None, ctx: TrialContext, pid: str, reason: str | None, attempts: int, curve: bool
 ) -> dict[str, Any]:
-    """One fit's child run for fewsound.tracking.log_run: tags (parent, sweep, pack, key, ...), params, final metrics,
-    n/a reasons as tags, the loss curve when `curve`; FINISHED, or FAILED with the reason."""
+    """One fit's child run as its record keeps it (fewsound.records.FitRecord's fields): tags (parent, sweep, pack,
+    key, ...), params, final metrics, n/a reasons as tags, the loss curve when `curve`; FINISHED, or FAILED with
+    the reason."""
     from fewsound.metrics import to_mlflow
 
     tags = {
