@@ -134,7 +134,8 @@ def quality_vs_params_figure(
         ax.set_xlabel("# parameters")
         ax.set_ylabel(metric)
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # none when no row has the metric (e.g. a sweep of MSE only)
+        axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return fig
