@@ -1,15 +1,18 @@
-"""Hyper-parameter search of one INR family: Optuna TPE (Ray Tune's OptunaSearch) with ASHA early stopping.
+"""Hyper-parameter search of INR families under a parameter budget: Optuna TPE (through Ray Tune) with ASHA,
+starting from the paper's configuration, resumable.
 
     python jobs/search_inr.py --family kan --max-params 34000 --trials 200 --objective pesq
-    python jobs/search_inr.py --family finer --objective mix --mix-weights pesq=1,lsd=0.5 --trials 300
+    python jobs/search_inr.py --family any --max-params 34000 --trials 300        # the best INR of any family
+    python jobs/search_inr.py --family kan --start-from grid_size=16,widths=64x32x16 --trials 100
     python jobs/search_inr.py --smoke-test
 
-Each trial fits one configuration on a small pack of clips and reports the objective after every chunk of
-steps; ASHA stops the poor ones. Suggestions over --max-params are rejected before fitting (TPE is told they
-are infeasible). The search spaces (fewsound/search_space.py SPACES) cover the rate, depth and widths, and each
-family's own knobs, including those the paper left unstated (FINER k/omega, WIRE omega0/s0, RFF sigma). The paper's
-configuration is fitted on the same clips with the same steps as a baseline. Results: one MLflow parent run
-(best configuration, comparison, every trial as CSV), one child run per trial.
+The paper's configuration of each family (and every --start-from configuration) is fitted first, as a trial that
+ASHA never stops, so the best reported is never below it. Under --max-params the sampler draws parameter targets
+between half the budget and the budget and derives the widths (suggestions still over it are never fitted).
+Each trial fits one configuration on a small pack of clips and reports the objective after every chunk of steps;
+ASHA stops the poor ones. The study lives in the sweep's storage ($FEWSOUND_STORAGE or $FEWSOUND_HOME): running
+the same command again after an interruption continues it. Results: one MLflow parent run (comparison, every
+trial, importances, plots, the listening page report/listen.html), one child run per trial.
 """
 
 from __future__ import annotations
@@ -17,8 +20,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fewsound.errors import FewsoundError
-from fewsound.search_space import FINAL_METRICS, MODES, NORMALIZE, SPACES, parse_weights
+from fewsound.errors import ConfigError, FewsoundError
+from fewsound.search_space import (
+    FINAL_METRICS,
+    MODES,
+    NORMALIZE,
+    SPACES,
+    parse_families,
+    parse_start_from,
+    parse_weights,
+)
 from tune.jobs import corpus_clips, resolve_corpus
 
 LENGTHS = {"1.5": 32_768, "3": 65_536}
@@ -27,7 +38,20 @@ SMOKE_LENGTH = 16_384  # 0.74 s crops: the smoke test's fits cost half as much
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", default="kan", help=f"INR family to tune: {', '.join(SPACES)} (default: kan)")
+    p.add_argument(
+        "--family",
+        default="kan",
+        help=f"INR family to tune: {', '.join(SPACES)}, a comma-separated list, or any (all; the family becomes a "
+        "searched parameter) (default: kan)",
+    )
+    p.add_argument(
+        "--start-from",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE,...|FILE.json",
+        help="also start from this configuration (overrides of a family's paper configuration, e.g. "
+        "family=kan,grid_size=16,widths=64x32x16,lr=0.004; or a JSON file of such objects); repeatable",
+    )
     p.add_argument(
         "--trials",
         type=int,
@@ -95,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: search_inr-<family>)")
     p.add_argument(
+        "--listen-clips", type=int, default=None, help="clips on the listening page (default: up to 4; 0: no page)"
+    )
+    p.add_argument(
         "--smoke-test",
         action="store_true",
         help="6 trials of 8 steps on one 0.74 s clip, PSNR objective, budget 34,000: seconds to a minute on a CPU",
@@ -105,21 +132,21 @@ def main(argv: list[str] | None = None) -> int:
         args.grace_chunks, args.reduction_factor, args.concurrency = 1, 2, args.concurrency or 2
         args.max_params = args.max_params or 34_000
         args.objective, args.final_metrics = "psnr", "mse,psnr,lsd,si_snr"
-        args.experiment = args.experiment or f"search_inr-{args.family}-smoke"
+        args.experiment = args.experiment or f"search_inr-{args.family.replace(',', '+')}-smoke"
     try:
-        from fewsound.errors import ConfigError
         from tune.search import run_search
 
-        if args.family not in SPACES:
-            raise ConfigError("--family", f"unknown family {args.family!r}; valid: {', '.join(SPACES)}")
+        families = parse_families(args.family)
+        start_from = parse_start_from(args.start_from)
         if args.objective not in MODES:
             raise ConfigError("--objective", f"unknown objective {args.objective!r}; valid: {', '.join(MODES)}")
         length = SMOKE_LENGTH if args.smoke_test else LENGTHS[args.length]
         corpus = resolve_corpus(args.corpus, length)
         clips = corpus_clips(corpus, args.clips, args.kind)
+        name = args.family.replace(",", "+")
         summary = run_search(
             {
-                "family": args.family,
+                "families": tuple(families),
                 "corpus": corpus,
                 "clips": tuple(c.clip_id for c in clips),
                 "kind": clips[0].kind,
@@ -129,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                 "objective": args.objective,
                 "weights": parse_weights(args.mix_weights),
                 "seed": args.seed,
-                "experiment": args.experiment or f"search_inr-{args.family}",
+                "experiment": args.experiment or f"search_inr-{name}",
                 "final_metrics": tuple(x.strip() for x in args.final_metrics.split(",") if x.strip()),
             },
+            start_from=start_from,
+            listen_clips=args.listen_clips,
             trials=args.trials,
             max_params=args.max_params,
             grace_chunks=args.grace_chunks,
