@@ -198,7 +198,8 @@ class _Recorder:
     """Wraps a trial and keeps what its suggestions returned under their unprefixed names: the point's knobs."""
 
     def __init__(self, trial: Any):
-        self.trial, self.values = trial, {}
+        self.trial = trial
+        self.values: dict[str, Any] = {}
 
     def __getattr__(self, method):
         def suggest(name, *args, **kw):
