@@ -32,100 +32,42 @@ from fewsound.search_space import (
 )
 from tune.jobs import corpus_clips, resolve_corpus
 
-LENGTHS = {"1.5": 32_768, "3": 65_536}
+LENGTHS = {"0.75": 16_384, "1.5": 32_768, "3": 65_536}  # 16,384 samples: quick searches
 SMOKE_LENGTH = 16_384  # 0.74 s crops: the smoke test's fits cost half as much
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--family",
-        default="kan",
-        help=f"INR family to tune: {', '.join(SPACES)}, a comma-separated list, or any (all; the family becomes a "
-        "searched parameter) (default: kan)",
-    )
-    p.add_argument(
-        "--start-from",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE,...|FILE.json",
-        help="also start from this configuration (overrides of a family's paper configuration, e.g. "
-        "family=kan,grid_size=16,widths=64x32x16,lr=0.004; or a JSON file of such objects); repeatable",
-    )
-    p.add_argument(
-        "--trials",
-        type=int,
-        default=200,
-        help="configurations fitted (Ray trials; rejected over-budget suggestions do not count) (default: 200)",
-    )
-    p.add_argument(
-        "--max-params",
-        type=int,
-        default=None,
-        help="parameter budget: suggestions with more parameters are never fitted (default: no budget)",
-    )
-    p.add_argument(
-        "--objective",
-        default="pesq",
-        help=f"what to optimise: {'|'.join(MODES)} (mean over the "
-        "clips; lsd is minimised, the others maximised) (default: pesq)",
-    )
-    p.add_argument(
-        "--mix-weights",
-        default=None,
-        help="weights of --objective mix over normalised metrics "
-        f"({', '.join(NORMALIZE)}), e.g. pesq=0.5,lsd=0.25,si_snr=0.25 (the default)",
-    )
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per trial (default: 2,000)")
-    p.add_argument(
-        "--chunks",
-        type=int,
-        default=10,
-        help="the objective is reported after each of this many "
-        "equal chunks of steps; ASHA decides at these points (default: 10)",
-    )
-    p.add_argument(
-        "--grace-chunks", type=int, default=2, help="chunks every trial runs before ASHA may stop it (default: 2)"
-    )
-    p.add_argument("--reduction-factor", type=int, default=3, help="ASHA keeps 1/this at each rung (default: 3)")
-    p.add_argument(
-        "--clips",
-        default="3",
-        help="clips of the pack every trial fits: a number (the first N) or comma-separated clip ids (default: 3)",
-    )
-    p.add_argument("--length", default="1.5", choices=sorted(LENGTHS), help="clip length in seconds (default 1.5)")
-    p.add_argument(
-        "--kind", default="speech", help="which clips of the corpus (default: speech; PESQ/STOI apply to speech only)"
-    )
-    p.add_argument("--corpus", default=None, help="a prepared corpus folder (default: the built-in corpus)")
-    p.add_argument(
+    add = p.add_argument
+    add("--family", default="kan", help=f"{', '.join(SPACES)}, a list (kan,siren) or any (default: kan)")
+    add("--start-from", action="append", default=[], metavar="KEY=VALUE,...|FILE.json",
+        help="also start from this configuration: overrides of a family's paper configuration, e.g. family=kan,"
+        "grid_size=16,widths=64x32x16,lr=0.004, or a JSON file of such objects (repeatable)")  # fmt: skip
+    add("--trials", type=int, default=200, help="configurations fitted, start points included (default: 200)")
+    add("--max-params", type=int, default=None, help="parameter budget (default: none)")
+    add("--objective", default="pesq", help=f"{'|'.join(MODES)}, mean over the clips; lsd is minimised (default: pesq)")
+    add("--mix-weights", default=None, help=f"weights of --objective mix over {', '.join(NORMALIZE)} "
+        "(default: pesq=0.5,lsd=0.25,si_snr=0.25)")  # fmt: skip
+    add("--steps", type=int, default=2000, help="optimizer steps per trial (default: 2,000)")
+    add("--chunks", type=int, default=10, help="objective reports (ASHA's decision points) per trial (default: 10)")
+    add("--grace-chunks", type=int, default=2, help="chunks every trial runs before ASHA may stop it (default: 2)")
+    add("--reduction-factor", type=int, default=3, help="ASHA keeps 1/this at each rung (default: 3)")
+    add("--clips", default="3", help="clips every trial fits: a number (the first N) or clip ids (default: 3)")
+    add("--length", default="1.5", choices=sorted(LENGTHS), help="clip length in seconds (default 1.5)")
+    add("--kind", default="speech", help="which clips of the corpus (default: speech; PESQ/STOI: speech only)")
+    add("--corpus", default=None, help="a prepared corpus folder or URI (default: the built-in corpus)")
+    add(
         "--final-metrics",
         default=",".join(FINAL_METRICS),
-        help=f"metrics logged at the end of each trial (default: {','.join(FINAL_METRICS)}; add cdpam at a cost)",
+        help="metrics at the end of each trial (add cdpam at a cost)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the fits and of the TPE sampler (default: 0)")
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        default=None,
-        help="most trials at once (default: as many as the cluster's resources allow)",
-    )
-    p.add_argument(
-        "--gpu-fraction",
-        type=float,
-        default=0.25,
-        help="GPU share of a trial on a cluster with GPUs (1, 0.5, 0.25, 0.125; default: 0.25); one CPU otherwise",
-    )
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default: search_inr-<family>)")
-    p.add_argument(
-        "--listen-clips", type=int, default=None, help="clips on the listening page (default: up to 4; 0: no page)"
-    )
-    p.add_argument(
-        "--smoke-test",
-        action="store_true",
-        help="6 trials (unless --trials) of 8 steps on one 0.74 s clip, PSNR objective, budget 34,000: a minute",
-    )
+    add("--seed", type=int, default=0, help="seed of the fits and of the TPE sampler (another seed: another study)")
+    add("--concurrency", type=int, default=None, help="most trials at once (default: what the cluster allows)")
+    add("--gpu-fraction", type=float, default=0.25, help="GPU share of a trial where there are GPUs (default: 0.25)")
+    add("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+    add("--experiment", default=None, help="MLflow experiment (default: search_inr-<family>)")
+    add("--listen-clips", type=int, default=None, help="clips on the listening page (default: up to 4; 0: none)")
+    add("--smoke-test", action="store_true", help="6 trials (unless --trials) of 8 steps on a 0.74 s clip: a minute")
     args = p.parse_args(argv)
     if args.smoke_test:
         args.steps, args.chunks, args.clips = 8, 4, "1"

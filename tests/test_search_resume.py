@@ -120,7 +120,7 @@ def test_study_journal_in_an_object_store_is_found_by_another_machine(s3, tmp_pa
     """A study kept in s3:// (mirrored locally, uploaded after every change) is loaded by a driver with another
     local home, as after a head node is replaced."""
     from fewsound import storage
-    from tune.search import StudyStore
+    from tune.study import StudyStore
 
     monkeypatch.setenv("FEWSOUND_STORAGE", "s3://fewsound/state")
     monkeypatch.setenv("FEWSOUND_HOME", str(tmp_path / "first"))

@@ -43,8 +43,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.schedulers import ASHAScheduler
 
 from fewsound import storage
 from fewsound.config import cfg_hash
@@ -60,168 +59,22 @@ from fewsound.search_space import (
     score,
     smallest_params,
     start_point,
-    suggest_point,
     to_fit_config,
 )
-from fewsound.tracking import PARENT_TAG, MlflowRun, default_home, tracking_uri
+from fewsound.tracking import PARENT_TAG, MlflowRun, tracking_uri
 from tune.ray_env import capacity, fraction_text, init_ray, quiet_defaults, storage_root, trial_resources, trial_slots
+from tune.study import (
+    START_KEY,
+    StartPointsRunToEnd,
+    StudySearcher,
+    StudyStore,
+    fitted_trials,
+    prepare_resume,
+)
 from tune.sweep import ROLE_TAG
 
 SEARCH_TAG = "fewsound.search"
-MAX_REJECTS = 500  # consecutive over-budget suggestions before giving up
-START_KEY = "start_point"  # in a trial's config: the name of the start point it is (absent for sampled trials)
 PAPER = "paper"  # the name of a family's paper configuration among the start points ("paper" or "paper kan")
-
-# the outcome of a trial, kept on its Optuna trial (user attribute "outcome"): what counts towards `trials`
-FITTED = ("finished", "stopped_early", "failed")
-
-
-# --- the study ---------------------------------------------------------------------------------------------------
-
-
-class StudyStore:
-    """Where the study's journal lives: `storage_root("search")/<search id>.journal`. A remote root (s3://...) is
-    mirrored to a local file (the journal backend needs a filesystem with locks), downloaded at start and uploaded
-    whole after every change (fewsound.storage: the object appears complete or not at all)."""
-
-    def __init__(self, sid: str):
-        self.uri = storage.join(storage_root("search"), f"{sid}.journal")
-        fs, path = storage.location(self.uri)
-        self.remote = not storage.is_local(self.uri)
-        if self.remote:
-            self.local = default_home() / "search-cache" / f"{sid}.journal"
-            self.local.parent.mkdir(parents=True, exist_ok=True)
-            if storage.exists(self.uri):
-                storage.download_file(self.uri, self.local)
-            elif self.local.exists():
-                self.local.unlink()  # a stale mirror of a study the store no longer has
-        else:
-            self.local = Path(path)
-            self.local.parent.mkdir(parents=True, exist_ok=True)
-
-    def open(self, sid: str, mode: str, seed: int, n_startup: int) -> optuna.Study:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.create_study(
-            study_name=sid,
-            storage=JournalStorage(JournalFileBackend(str(self.local))),
-            direction="maximize" if mode == "max" else "minimize",
-            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup),
-            load_if_exists=True,
-        )
-
-    def sync(self) -> None:
-        if self.remote:
-            storage.upload_file(self.local, self.uri)
-
-
-def fitted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The trials that count towards `trials`: fitted to the end, stopped by ASHA, or failed (not rejections
-    over the budget, not trials interrupted by a kill)."""
-    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("outcome") in FITTED]
-
-
-def prepare_resume(study: optuna.Study, points: list[tuple[str, dict[str, Any]]], encode: Callable) -> int:
-    """Close the trials a killed driver left RUNNING (FAIL, outcome "interrupted": refitted, not counted) and
-    enqueue every start point that has not ended yet. Returns the number of trials interrupted."""
-    interrupted = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL)
-        interrupted += 1
-    have = {
-        t.user_attrs.get(START_KEY)
-        for t in study.get_trials(deepcopy=False)
-        if t.user_attrs.get("outcome") in FITTED or t.state == TrialState.WAITING
-    }
-    for name, point in points:
-        if name not in have:
-            study.enqueue_trial(encode(point), user_attrs={START_KEY: name, "point": json.dumps(point)})
-    return interrupted
-
-
-class StudySearcher(Searcher):
-    """Ray Tune searcher over a persistent Optuna study (ask/tell): every suggestion is an Optuna trial; the start
-    points are the study's enqueued trials; suggestions over the budget are told PRUNED and never reach Tune."""
-
-    def __init__(
-        self,
-        study: optuna.Study,
-        families: list[str],
-        max_params: int | None,
-        *,
-        metric: str,
-        mode: str,
-        on_change: Callable[[], None],
-    ):
-        super().__init__(metric=metric, mode=mode)
-        self.study, self.families, self.max_params, self.on_change = study, families, max_params, on_change
-        self.live: dict[str, optuna.Trial] = {}
-        self.rejected: list[dict[str, Any]] = []  # over-budget suggestions of this run
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        for _ in range(MAX_REJECTS):
-            ot = self.study.ask()
-            point = suggest_point(ot, self.families, self.max_params)
-            start = ot.user_attrs.get(START_KEY)
-            if start:  # a start point is fitted exactly as named (its Optuna parameters only approximate it)
-                point = json.loads(ot.user_attrs["point"])
-            n = count_params(point["family"], point)
-            ot.set_user_attr("num_params", n)
-            ot.set_user_attr("point", json.dumps(point))
-            if self.max_params is None or n <= self.max_params:
-                ot.set_user_attr("tune_trial_id", trial_id)
-                self.live[trial_id] = ot
-                self.on_change()
-                return {**point, START_KEY: start} if start else point
-            ot.set_user_attr("outcome", "rejected")
-            self.study.tell(ot, state=TrialState.PRUNED)
-            self.rejected.append(dict(point, num_params=n))
-        raise ConfigError(
-            "--max-params", f"{MAX_REJECTS} suggestions in a row were over {self.max_params:,} parameters"
-        )
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        ot = self.live.get(trial_id)
-        if ot is not None and result.get("final") != 1 and math.isfinite(result.get(self.metric, math.nan)):
-            ot.report(float(result[self.metric]), int(result["steps"]))
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        ot = self.live.pop(trial_id, None)
-        if ot is None:
-            return
-        result = result or {}
-        for key in ("mlflow_run_id", "steps", "per_clip"):
-            if key in result:
-                ot.set_user_attr(key, result[key])
-        ot.set_user_attr("metrics", {k: v for k, v in result.items() if k.startswith("eval/")})
-        value = result.get(self.metric)
-        if error or value is None or not math.isfinite(value):
-            ot.set_user_attr("outcome", "failed")
-            self.study.tell(ot, state=TrialState.FAIL)
-        elif result.get("final") == 1:
-            ot.set_user_attr("outcome", "finished")
-            self.study.tell(ot, float(value))
-        else:  # stopped by ASHA: TPE ranks a pruned trial by the last value it reported
-            ot.set_user_attr("outcome", "stopped_early")
-            self.study.tell(ot, state=TrialState.PRUNED)
-        self.on_change()
-
-    def save(self, checkpoint_path: str) -> None:  # the study is its own state; Tune's checkpoint says where
-        Path(checkpoint_path).write_text(json.dumps({"study": self.study.study_name}))
-
-    def restore(self, checkpoint_path: str) -> None:
-        pass
-
-
-class StartPointsRunToEnd(ASHAScheduler):
-    """ASHA that never stops a start point: their results still set the rungs' cut-offs, but they always run
-    every step, so the best of the search is compared with them at equal steps."""
-
-    def on_trial_result(self, tune_controller, trial, result):
-        decision = super().on_trial_result(tune_controller, trial, result)
-        return TrialScheduler.CONTINUE if trial.config.get(START_KEY) else decision
 
 
 # --- the trial ------------------------------------------------------------------------------------------------
@@ -496,14 +349,7 @@ def run_search(
     study = store.open(sid, mode, ctx_args["seed"], n_startup=min(10, max(2, trials // 5)))
     parent = _open_search_parent(ctx_args, sid, trials, max_params)
     ctx = SearchContext(**ctx_args, parent_run_id=parent.run_id, tracking_uri=parent.uri)
-    fitting = [(n, p) for n, p in points if max_params is None or count_params(p["family"], p) <= max_params]
-    for name, p in points:
-        if (name, p) not in fitting:
-            print(
-                f"[search_inr] start point {name!r} has {count_params(p['family'], p):,} parameters, over the "
-                f"budget of {max_params:,}: not fitted",
-                flush=True,
-            )
+    fitting = _fitting_start_points(points, max_params)
     prepare_resume(study, fitting, lambda p: encode_point(p, families, max_params))
     _mark_stale(parent)
     store.sync()
@@ -518,20 +364,27 @@ def run_search(
             + f"; MLflow {parent.uri} experiment {ctx.experiment!r}",
             flush=True,
         )
-    searcher = StudySearcher(study, families, max_params, metric="objective", mode=mode, on_change=store.sync)
     if todo:
-        _tune(
+        searcher = StudySearcher(study, families, max_params, metric="objective", mode=mode, on_change=store.sync)
+        scheduler = StartPointsRunToEnd(
+            time_attr="training_iteration",
+            max_t=ctx.chunks,
+            grace_period=grace_chunks,
+            reduction_factor=reduction_factor,
+        )
+        progress_cb = SearchProgress(trials, done_before, mode, t0) if progress else None
+        grid = _tune(
             ctx,
             searcher,
+            scheduler,
             todo,
-            sid,
-            grace_chunks,
-            reduction_factor,
-            concurrency,
-            address,
-            gpu_fraction,
-            SearchProgress(trials, done_before, mode, t0) if progress else None,
+            f"{sid}-{time.strftime('%Y%m%d-%H%M%S')}",
+            progress_cb,
+            address=address,
+            gpu_fraction=gpu_fraction,
+            concurrency=concurrency,
         )
+        _close_dead_trials(grid, parent)
     store.sync()
     summary = summarize_study(study, parent, ctx, mode, done_before, t0)
     from tune.search_report import finish_parent
@@ -540,20 +393,46 @@ def run_search(
     return summary
 
 
-def _tune(ctx, searcher, todo, sid, grace_chunks, reduction_factor, concurrency, address, gpu_fraction, callback):
-    """One Tune run of `todo` trials (its state under storage_root("ray_results"), one folder per attempt)."""
+def _fitting_start_points(
+    points: list[tuple[str, dict[str, Any]]], max_params: int | None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The start points within the budget (one over it is never fitted, and the printout says so)."""
+    fitting = []
+    for name, p in points:
+        n = count_params(p["family"], p)
+        if max_params is not None and n > max_params:
+            print(
+                f"[search_inr] start point {name!r} has {n:,} parameters, over the budget of {max_params:,}: "
+                "not fitted",
+                flush=True,
+            )
+        else:
+            fitting.append((name, p))
+    return fitting
+
+
+def _tune(
+    ctx: SearchContext,
+    searcher: StudySearcher,
+    scheduler: ASHAScheduler,
+    todo: int,
+    name: str,
+    callback: tune.Callback | None,
+    *,
+    address: str | None,
+    gpu_fraction: float,
+    concurrency: int | None,
+) -> Any:
+    """One Tune run of `todo` trials, its state under storage_root("ray_results") (a folder per attempt: the
+    study, not Tune's state, is what a re-run resumes from)."""
     cap = capacity(init_ray(address))
     resources = trial_resources(cap, gpu_fraction)
     if callback is not None:
-        slots = trial_slots(cap, resources, concurrency)
         print(
-            f"[search_inr] planning for {cap.describe()}: {slots} trials at once of {fraction_text(resources)}"
-            + (f"; capped by --concurrency {concurrency}" if concurrency else ""),
+            f"[search_inr] planning for {cap.describe()}: {trial_slots(cap, resources, concurrency)} trials at once "
+            f"of {fraction_text(resources)}" + (f"; capped by --concurrency {concurrency}" if concurrency else ""),
             flush=True,
         )
-    scheduler = StartPointsRunToEnd(
-        time_attr="training_iteration", max_t=ctx.chunks, grace_period=grace_chunks, reduction_factor=reduction_factor
-    )
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(search_trainable, ctx=ctx), resources),
         tune_config=tune.TuneConfig(
@@ -566,25 +445,23 @@ def _tune(ctx, searcher, todo, sid, grace_chunks, reduction_factor, concurrency,
             max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(
-            name=f"{sid}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=name,
             verbose=0,
             storage_path=storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
             callbacks=[callback] if callback else None,
         ),
     )
-    grid = tuner.fit()
-    for result in grid:  # a trial ASHA stopped closes its run itself (SystemExit); this covers a worker that died
-        run_id = (result.metrics or {}).get("mlflow_run_id")
-        if run_id and (result.error is not None or (result.metrics or {}).get("final") != 1):
-            client = searcher_client(ctx)
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, status="FAILED" if result.error is not None else "KILLED")
+    return tuner.fit()
 
 
-def searcher_client(ctx: SearchContext):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=ctx.tracking_uri)
+def _close_dead_trials(grid: Any, parent: MlflowRun) -> None:
+    """A trial ASHA stopped closes its run itself (SystemExit); a trial whose worker died leaves it RUNNING."""
+    for result in grid:
+        m = result.metrics or {}
+        run_id = m.get("mlflow_run_id")
+        if run_id and (result.error is not None or m.get("final") != 1):
+            if parent.client.get_run(run_id).info.status == "RUNNING":
+                parent.client.set_terminated(run_id, status="FAILED" if result.error is not None else "KILLED")
 
 
 def _check_search(ctx_args: dict[str, Any], trials: int, max_params: int | None) -> None:

@@ -23,7 +23,8 @@ import optuna
 from optuna.trial import TrialState
 
 from fewsound.tracking import MlflowRun
-from tune.search import PAPER, START_KEY, SearchContext, SearchSummary, fitted_trials, start_label, trial_row
+from tune.search import PAPER, SearchContext, SearchSummary, start_label, trial_row
+from tune.study import START_KEY, fitted_trials
 
 LISTEN_BEST = 3  # best trials shown on the listening page beside the start points
 EVALUATORS = {
