@@ -140,7 +140,9 @@ def write_report(
     )
     if png:
         paths.append(png)
-    if listen_clips is None or listen_clips > 0:
+    # a search's trials fit several clips each: it logs its own page (tune.search_report), which a page made from
+    # one row per run here would replace with one that has no audio
+    if job != "search_inr" and (listen_clips is None or listen_clips > 0):
         paths.append(write_listen_page(uri, parent.info.run_id, rows, out / "listen.html", spec, listen_clips))
     return paths, markdown
 

@@ -350,7 +350,7 @@ def run_search(
     parent = _open_search_parent(ctx_args, sid, trials, max_params)
     ctx = SearchContext(**ctx_args, parent_run_id=parent.run_id, tracking_uri=parent.uri)
     fitting = _fitting_start_points(points, max_params)
-    prepare_resume(study, fitting, lambda p: encode_point(p, families, max_params))
+    interrupted = prepare_resume(study, fitting, lambda p: encode_point(p, families, max_params))
     _mark_stale(parent)
     store.sync()
     done_before = len(fitted_trials(study))
@@ -360,7 +360,8 @@ def run_search(
             f"[search_inr] {ctx.name}: {trials} trials of {ctx.steps} steps on {len(ctx.clips)} clips, objective "
             f"{ctx.objective} ({mode}), budget {max_params or 'none'}; starts from {', '.join(n for n, _ in fitting)}"
             f"; study {store.uri}"
-            + (f" ({done_before} trials already ended, {todo} to run)" if done_before else "")
+            + (f" ({done_before} trials already ended, {todo} to run)" if done_before or interrupted else "")
+            + (f"; {interrupted} trials in flight when it stopped are refitted" if interrupted else "")
             + f"; MLflow {parent.uri} experiment {ctx.experiment!r}",
             flush=True,
         )

@@ -44,7 +44,7 @@ class StudyStore:
 
     def __init__(self, sid: str):
         self.uri = storage.join(storage_root("search"), f"{sid}.journal")
-        fs, path = storage.location(self.uri)
+        _, path = storage.location(self.uri)
         self.remote = not storage.is_local(self.uri)
         if self.remote:
             self.local = default_home() / "search-cache" / f"{sid}.journal"
@@ -82,8 +82,8 @@ def fitted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def prepare_resume(study: optuna.Study, points: list[tuple[str, dict[str, Any]]], encode: Callable) -> int:
-    """Close the trials a killed driver left RUNNING (FAIL, outcome "interrupted": refitted, not counted) and
-    enqueue every start point that has not ended yet. Returns the number of trials interrupted."""
+    """Close the trials a killed driver left RUNNING (FAIL without an outcome: not counted, so another trial takes
+    their place) and enqueue every start point that has not ended yet. Returns the number of trials closed."""
     interrupted = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
@@ -116,7 +116,6 @@ class StudySearcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         self.study, self.families, self.max_params, self.on_change = study, families, max_params, on_change
         self.live: dict[str, optuna.Trial] = {}
-        self.rejected: list[dict[str, Any]] = []  # over-budget suggestions of this run
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         for _ in range(MAX_REJECTS):
@@ -135,7 +134,6 @@ class StudySearcher(Searcher):
                 return {**point, START_KEY: start} if start else point
             ot.set_user_attr("outcome", "rejected")
             self.study.tell(ot, state=TrialState.PRUNED)
-            self.rejected.append(dict(point, num_params=n))
         raise ConfigError(
             "--max-params", f"{MAX_REJECTS} suggestions in a row were over {self.max_params:,} parameters"
         )
