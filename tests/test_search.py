@@ -229,3 +229,24 @@ def test_bad_input_is_a_one_line_error(home, capsys, argv, where):
     assert job("search_inr").main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {where}") and "\n" not in err
+
+
+def test_suggestions_over_the_budget_are_told_pruned_and_never_reach_tune():
+    from optuna.trial import TrialState
+
+    from tune.study import StudySearcher, fitted_trials
+
+    budget = 400  # a few of the smallest KANs fit; most suggestions (even at the narrowest widths) do not
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    searcher = StudySearcher(study, ["kan"], budget, metric="objective", mode="max", on_change=lambda: None)
+    configs = [searcher.suggest(f"t{i}") for i in range(3)]
+    assert all(count_params("kan", c) <= budget for c in configs)
+    rejected = [t for t in study.get_trials() if t.user_attrs.get("outcome") == "rejected"]
+    assert rejected and all(t.state == TrialState.PRUNED and t.user_attrs["num_params"] > budget for t in rejected)
+    searcher.on_trial_complete("t0", {"objective": 3.0, "final": 1, "steps": 8, "mlflow_run_id": "r"})
+    searcher.on_trial_result("t1", {"objective": 1.0, "final": 0, "steps": 4})
+    searcher.on_trial_complete("t1", {"objective": 1.0, "final": 0, "steps": 4})
+    searcher.on_trial_complete("t2", None, error=True)
+    outcomes = {t.user_attrs["outcome"]: t.state for t in fitted_trials(study)}
+    assert outcomes == {"finished": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED, "failed": TrialState.FAIL}
+    assert study.best_value == 3.0

@@ -238,7 +238,8 @@ def finish_parent(
             "importances.md": importances_markdown(imp, why, n_complete),
         }
         for name, text in files.items():
-            (out / name).write_text(text)
+            if text:  # e.g. no suggestion was over the budget
+                (out / name).write_text(text)
         (out / "plots").mkdir()
         if rows:
             quality_vs_params(rows, ctx, max_params, out / "plots" / "quality_vs_params.png")
