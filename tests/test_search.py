@@ -175,6 +175,8 @@ def test_search_smoke_starts_from_the_paper_respects_budget_stops_early_and_repo
         csv.DictReader(io.StringIO(open(client.download_artifacts(parent.info.run_id, "search/trials.csv")).read()))
     )
     assert len(trials) == 6 and [t["start_point"] for t in trials].count("paper") == 1
+    # a trial ASHA stopped keeps the objective it had when stopped (TPE ranks it by that; the plot shows it)
+    assert all(t["objective"] not in ("", None) for t in trials if t["outcome"] == "stopped_early")
     # what mattered, and quality against parameters
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "search/plots")}
     assert "search/plots/quality_vs_params.png" in logged

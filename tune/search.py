@@ -613,7 +613,7 @@ def comparison_markdown(s: SearchSummary, ctx: SearchContext) -> str:
         return f"{int(v):,}" if float(v).is_integer() and abs(v) >= 100 else f"{v:.4g}"
 
     rows = [(start_label(r[START_KEY], ctx.families), r) for r in s.starts]
-    if s.best:
+    if s.best and not s.best[START_KEY]:
         rows.append(("best trial", s.best))
     out = [
         f"### {ctx.name}: best of {s.trials} trials vs the start points (objective {ctx.objective}, {s.mode})",

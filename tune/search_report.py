@@ -58,7 +58,8 @@ def importances_markdown(imp: dict[str, dict[str, float]], why: dict[str, str], 
         names = list(imp)
         lines += ["| parameter | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for p in params:
-            lines.append(f"| {p} | " + " | ".join(f"{imp[n].get(p, 0.0):.3f}" for n in names) + " |")
+            cells = [f"{imp[n][p]:.3f}" if p in imp[n] else "-" for n in names]  # "-": not assessed
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
     for name, reason in why.items():
         lines.append(f"\n{name}: none ({reason})")
     return "\n".join(lines)

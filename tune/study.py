@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -160,6 +161,9 @@ class StudySearcher(Searcher):
             ot.set_user_attr("outcome", "finished")
             self.study.tell(ot, float(value))
         else:  # stopped by ASHA: TPE ranks a pruned trial by the last value it reported
+            with warnings.catch_warnings():  # Tune hands the result that stopped it here, not to on_trial_result
+                warnings.simplefilter("ignore")  # (a step already reported is ignored, with a warning)
+                ot.report(float(value), int(result.get("steps", 0)))
             ot.set_user_attr("outcome", "stopped_early")
             self.study.tell(ot, state=TrialState.PRUNED)
         self.on_change()
