@@ -252,3 +252,39 @@ def test_suggestions_over_the_budget_are_told_pruned_and_never_reach_tune():
     outcomes = {t.user_attrs["outcome"]: t.state for t in fitted_trials(study)}
     assert outcomes == {"finished": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED, "failed": TrialState.FAIL}
     assert study.best_value == 3.0
+
+
+@pytest.mark.e2e
+def test_asha_never_stops_a_start_point(home, tmp_path):
+    """On real Tune: trials run one at a time, three good ones set ASHA's rungs, then a bad sampled trial is
+    stopped at the first rung while an equally bad start point runs every iteration."""
+    from ray import tune
+
+    from tune.ray_env import init_ray
+    from tune.study import START_KEY, StartPointsRunToEnd
+
+    quality = [1.0, 0.9, 0.8, 0.0, 0.0]  # the last one is the start point
+
+    def trainable(config):
+        for i in range(4):
+            tune.report({"objective": quality[config["i"]], "iteration": i + 1})
+
+    init_ray()
+    grid = tune.Tuner(
+        trainable,
+        param_space={
+            "i": tune.grid_search(list(range(len(quality)))),
+            START_KEY: tune.sample_from(lambda spec: "paper" if spec.config.i == len(quality) - 1 else None),
+        },
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode="max",
+            scheduler=StartPointsRunToEnd(time_attr="training_iteration", max_t=4, grace_period=1, reduction_factor=2),
+            max_concurrent_trials=1,
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+    ).fit()
+    reached = {r.config["i"]: r.metrics["iteration"] for r in grid}
+    assert grid[0].config[START_KEY] is None and {r.config[START_KEY] for r in grid} == {None, "paper"}
+    assert reached[3] < 4  # ASHA stops a bad sampled trial
+    assert reached[4] == 4  # but not the start point, as bad
