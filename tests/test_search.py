@@ -288,3 +288,33 @@ def test_asha_never_stops_a_start_point(home, tmp_path):
     assert grid[0].config[START_KEY] is None and {r.config[START_KEY] for r in grid} == {None, "paper"}
     assert reached[3] < 4  # ASHA stops a bad sampled trial
     assert reached[4] == 4  # but not the start point, as bad
+
+
+def test_resume_settles_trials_in_flight_and_enqueues_the_start_points_left():
+    """A killed driver leaves trials RUNNING: one whose run ran every step (the driver never heard) is re-added as
+    finished, one ASHA stopped as stopped early, one cut off is closed uncounted (refitted); the paper's start
+    point, which had not run, is enqueued."""
+    from optuna.trial import TrialState
+
+    from tune.study import START_KEY, fitted_trials, prepare_resume
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(3):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        trial.set_user_attr("point", json.dumps({"family": "kan", "lr": trial.params["lr"]}))
+    records = {0: {"outcome": "finished", "value": 2.5, "mlflow_run_id": "a"}, 1: {"outcome": "stopped_early"}}
+    paper = start_point("kan")
+    refit = prepare_resume(study, [("paper", paper)], lambda p: {"lr": p["lr"]}, records.get)
+    assert refit == 1
+    counted = {t.user_attrs["outcome"]: t for t in fitted_trials(study)}
+    assert set(counted) == {"finished", "stopped_early"} and counted["finished"].value == 2.5
+    assert (
+        counted["finished"].params == study.trials[0].params and counted["finished"].user_attrs["mlflow_run_id"] == "a"
+    )
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    [waiting] = study.get_trials(states=(TrialState.WAITING,))
+    assert waiting.user_attrs[START_KEY] == "paper" and json.loads(waiting.user_attrs["point"]) == paper
+    # a second resume enqueues nothing more: the paper's point is waiting
+    assert prepare_resume(study, [("paper", paper)], lambda p: {"lr": p["lr"]}) == 0
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1

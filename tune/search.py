@@ -19,8 +19,9 @@ with ASHA early stopping, that starts from the paper's configuration and survive
   the local home; a remote one is mirrored locally and uploaded after every change), named by what defines the
   search (families, objective, clips, steps, budget, start points, seed; not the number of trials). Re-running
   the same command continues it: trials that ended are not refitted, TPE samples from the whole history, and
-  the total is `trials` (a trial in flight at the kill is refitted). A larger `trials` extends a finished
-  search. Tune's own state lives beside it (`storage_root("ray_results")`), one Tune run per attempt.
+  the total is `trials` (a trial cut off by the kill is refitted; one whose run ended before its result reached
+  the driver is recovered from its run, tagged with its Optuna trial's number). A larger `trials` extends a
+  finished search. Tune's own state lives beside it (`storage_root("ray_results")`), one Tune run per attempt.
 - MLflow: one parent run per search (reopened on resume); each trial a child run (params, the objective after
   every chunk, final metrics, and for trials that ran every step each clip's audio and spectrogram); a trial
   ASHA stopped ends KILLED with the step it reached. The parent gets the comparison with the start points, every
@@ -64,6 +65,7 @@ from fewsound.search_space import (
 from fewsound.tracking import PARENT_TAG, MlflowRun, tracking_uri
 from tune.ray_env import capacity, fraction_text, init_ray, quiet_defaults, storage_root, trial_resources, trial_slots
 from tune.study import (
+    NUMBER_KEY,
     START_KEY,
     StartPointsRunToEnd,
     StudySearcher,
@@ -74,6 +76,9 @@ from tune.study import (
 from tune.sweep import ROLE_TAG
 
 SEARCH_TAG = "fewsound.search"
+TRIAL_TAG = "fewsound.optuna_trial"  # a trial's run: the number of its Optuna trial
+PER_CLIP_TAG = "fewsound.per_clip"  # a finished trial's run: each clip's metrics (JSON)
+STOPPED_TAG = "fewsound.stopped_early"  # a KILLED trial's run: why ("ASHA at step N", or interrupted)
 PAPER = "paper"  # the name of a family's paper configuration among the start points ("paper" or "paper kan")
 
 
@@ -171,7 +176,7 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, report: Callabl
     from tune.trial import load_clip
 
     family, start = params["family"], params.get(START_KEY)
-    point = {k: v for k, v in params.items() if k != START_KEY}
+    point = {k: v for k, v in params.items() if k not in (START_KEY, NUMBER_KEY)}
     cfg = to_fit_config(family, point, ctx.steps, ctx.seed, log_every=ctx.chunk_steps)
     label = start_label(start, ctx.families) if start else None
     run = MlflowRun(
@@ -184,6 +189,7 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, report: Callabl
             "fewsound.family": family,
             "fewsound.label": label or "trial",
             **({"fewsound.start_point": start} if start else {}),
+            **({TRIAL_TAG: params[NUMBER_KEY]} if NUMBER_KEY in params else {}),
         },
     )
     n_params = cfg.build_inr().num_params()
@@ -231,19 +237,20 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, report: Callabl
             "fit/diverged": float(sum(r.diverged for r in results)),
         }
         run.log_metrics(final, step=cfg.steps)
+        per_clip = json.dumps(
+            {c: to_mlflow({k: v for k, v in r.items() if isinstance(v, float)}) for c, r in zip(ctx.clips, rows)}
+        )
+        run.set_tags({PER_CLIP_TAG: per_clip})  # with the metrics: what a resumed driver recovers the trial from
         if ctx.log_audio:
             _log_audio(run, ctx, clips, recs)
     except SystemExit:  # how Tune ends a trial its scheduler stopped: inside report(), in the trial's thread
-        run.set_tags({"fewsound.stopped_early": f"ASHA at step {reached[0]}"})
+        run.set_tags({STOPPED_TAG: f"ASHA at step {reached[0]}"})
         run.end("KILLED")
         raise
     except BaseException:
         run.end("FAILED")
         raise
     run.end("FINISHED")
-    per_clip = json.dumps(
-        {c: to_mlflow({k: v for k, v in r.items() if isinstance(v, float)}) for c, r in zip(ctx.clips, rows)}
-    )
     out = {**base, **final, "objective": value, "steps": cfg.steps, "final": 1, "per_clip": per_clip}
     if report is not None:
         report(out)
@@ -350,7 +357,7 @@ def run_search(
     parent = _open_search_parent(ctx_args, sid, trials, max_params)
     ctx = SearchContext(**ctx_args, parent_run_id=parent.run_id, tracking_uri=parent.uri)
     fitting = _fitting_start_points(points, max_params)
-    interrupted = prepare_resume(study, fitting, lambda p: encode_point(p, families, max_params))
+    interrupted = prepare_resume(study, fitting, lambda p: encode_point(p, families, max_params), _ended(parent))
     _mark_stale(parent)
     store.sync()
     done_before = len(fitted_trials(study))
@@ -527,13 +534,39 @@ def _open_search_parent(ctx_args: dict[str, Any], sid: str, trials: int, max_par
     return parent
 
 
+def _ended(parent: MlflowRun) -> Callable[[int], dict[str, Any] | None]:
+    """Trial number -> how its run ended (tune.study.prepare_resume's `ended`), for runs that ran every step or
+    that ASHA stopped: a driver killed in the moment between a trial's end and its result reaching the driver
+    finds the trial here instead of refitting it."""
+    runs = parent.client.search_runs(
+        [parent.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.run_id}' and attributes.status != 'RUNNING'"
+    )
+    records: dict[int, dict[str, Any]] = {}
+    for r in runs:
+        number, m = r.data.tags.get(TRIAL_TAG), r.data.metrics
+        if number is None:
+            continue
+        base = {"mlflow_run_id": r.info.run_id, "metrics": {k: v for k, v in m.items() if k.startswith("eval/")}}
+        if r.info.status == "FINISHED" and "search/objective" in m and PER_CLIP_TAG in r.data.tags:
+            records[int(number)] = {
+                **base,
+                "outcome": "finished",
+                "value": m["search/objective"],
+                "per_clip": r.data.tags[PER_CLIP_TAG],
+                "steps": int(r.data.params.get("fit.steps", 0)),
+            }
+        elif r.info.status == "KILLED" and r.data.tags.get(STOPPED_TAG, "").startswith("ASHA"):
+            records[int(number)] = {**base, "outcome": "stopped_early"}
+    return records.get
+
+
 def _mark_stale(parent: MlflowRun) -> None:
     """Child runs a killed driver left RUNNING: KILLED (their trials are refitted)."""
     runs = parent.client.search_runs(
         [parent.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.run_id}' and attributes.status = 'RUNNING'"
     )
     for r in runs:
-        parent.client.set_tag(r.info.run_id, "fewsound.stopped_early", "interrupted (the driver was killed)")
+        parent.client.set_tag(r.info.run_id, STOPPED_TAG, "interrupted (the driver was killed)")
         parent.client.set_terminated(r.info.run_id, status="KILLED")
 
 

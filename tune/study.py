@@ -33,6 +33,7 @@ from tune.ray_env import storage_root
 
 MAX_REJECTS = 500  # consecutive over-budget suggestions before giving up
 START_KEY = "start_point"  # in a trial's config: the name of the start point it is (absent for sampled trials)
+NUMBER_KEY = "optuna_trial"  # in a trial's config: its Optuna trial's number (its run is tagged with it)
 
 # the outcome of a trial, kept on its Optuna trial (user attribute "outcome"): what counts towards `trials`
 FITTED = ("finished", "stopped_early", "failed")
@@ -82,13 +83,39 @@ def fitted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("outcome") in FITTED]
 
 
-def prepare_resume(study: optuna.Study, points: list[tuple[str, dict[str, Any]]], encode: Callable) -> int:
-    """Close the trials a killed driver left RUNNING (FAIL without an outcome: not counted, so another trial takes
-    their place) and enqueue every start point that has not ended yet. Returns the number of trials closed."""
-    interrupted = 0
+def prepare_resume(
+    study: optuna.Study,
+    points: list[tuple[str, dict[str, Any]]],
+    encode: Callable,
+    ended: Callable[[int], dict[str, Any] | None] = lambda number: None,
+) -> int:
+    """After a kill: settle the trials a killed driver left RUNNING, and enqueue every start point that has not
+    ended yet. Returns the number of trials that will be refitted.
+
+    ended(number): what the trial's own record says about a RUNNING trial (its MLflow run): a dict of
+    user attributes with "outcome" and, for "finished", "value", when it ended before the driver heard of it (the
+    trial is then re-added as ended, with its parameters, so it counts and TPE learns from it), else None: the
+    trial is closed FAIL without an outcome (not counted; another trial takes its place).
+    """
+    refit = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        record = ended(t.number)
         study.tell(t.number, state=TrialState.FAIL)
-        interrupted += 1
+        if record is None:
+            refit += 1
+            continue
+        attrs = {**t.user_attrs, **{k: v for k, v in record.items() if k != "value"}}
+        finished = record["outcome"] == "finished"
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.COMPLETE if finished else TrialState.PRUNED,
+                value=float(record["value"]) if finished else None,
+                params=t.params,
+                distributions=t.distributions,
+                user_attrs=attrs,
+                intermediate_values=t.intermediate_values,
+            )
+        )
     have = {
         t.user_attrs.get(START_KEY)
         for t in study.get_trials(deepcopy=False)
@@ -97,7 +124,7 @@ def prepare_resume(study: optuna.Study, points: list[tuple[str, dict[str, Any]]]
     for name, point in points:
         if name not in have:
             study.enqueue_trial(encode(point), user_attrs={START_KEY: name, "point": json.dumps(point)})
-    return interrupted
+    return refit
 
 
 class StudySearcher(Searcher):
@@ -132,7 +159,7 @@ class StudySearcher(Searcher):
                 ot.set_user_attr("tune_trial_id", trial_id)
                 self.live[trial_id] = ot
                 self.on_change()
-                return {**point, START_KEY: start} if start else point
+                return {**point, NUMBER_KEY: ot.number, **({START_KEY: start} if start else {})}
             ot.set_user_attr("outcome", "rejected")
             self.study.tell(ot, state=TrialState.PRUNED)
         raise ConfigError(
