@@ -1,15 +1,18 @@
-"""Hyper-parameter search of one INR family: Optuna TPE (Ray Tune's OptunaSearch) with ASHA early stopping.
+"""Hyper-parameter search of INR families under a parameter budget: Optuna TPE (through Ray Tune) with ASHA,
+starting from the paper's configuration, resumable.
 
     python jobs/search_inr.py --family kan --max-params 34000 --trials 200 --objective pesq
-    python jobs/search_inr.py --family finer --objective mix --mix-weights pesq=1,lsd=0.5 --trials 300
+    python jobs/search_inr.py --family any --max-params 34000 --trials 300        # the best INR of any family
+    python jobs/search_inr.py --family kan --start-from grid_size=16,widths=64x32x16 --trials 100
     python jobs/search_inr.py --smoke-test
 
-Each trial fits one configuration on a small pack of clips and reports the objective after every chunk of
-steps; ASHA stops the poor ones. Suggestions over --max-params are rejected before fitting (TPE is told they
-are infeasible). The search spaces (fewsound/search_space.py SPACES) cover the rate, depth and widths, and each
-family's own knobs, including those the paper left unstated (FINER k/omega, WIRE omega0/s0, RFF sigma). The paper's
-configuration is fitted on the same clips with the same steps as a baseline. Results: one MLflow parent run
-(best configuration, comparison, every trial as CSV), one child run per trial.
+The paper's configuration of each family (and every --start-from configuration) is fitted first, as a trial that
+ASHA never stops, so the best reported is never below it. Under --max-params the sampler draws parameter targets
+between half the budget and the budget and derives the widths (suggestions still over it are never fitted).
+Each trial fits one configuration on a small pack of clips and reports the objective after every chunk of steps;
+ASHA stops the poor ones. The study lives in the sweep's storage ($FEWSOUND_STORAGE or $FEWSOUND_HOME): running
+the same command again after an interruption continues it. Results: one MLflow parent run (comparison, every
+trial, importances, plots, the listening page report/listen.html), one child run per trial.
 """
 
 from __future__ import annotations
@@ -17,109 +20,76 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fewsound.errors import FewsoundError
-from fewsound.search_space import FINAL_METRICS, MODES, NORMALIZE, SPACES, parse_weights
+from fewsound.errors import ConfigError, FewsoundError
+from fewsound.search_space import (
+    FINAL_METRICS,
+    MODES,
+    NORMALIZE,
+    SPACES,
+    parse_families,
+    parse_start_from,
+    parse_weights,
+)
 from tune.jobs import corpus_clips, resolve_corpus
 
-LENGTHS = {"1.5": 32_768, "3": 65_536}
+LENGTHS = {"0.75": 16_384, "1.5": 32_768, "3": 65_536}  # 16,384 samples: quick searches
 SMOKE_LENGTH = 16_384  # 0.74 s crops: the smoke test's fits cost half as much
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", default="kan", help=f"INR family to tune: {', '.join(SPACES)} (default: kan)")
-    p.add_argument(
-        "--trials",
-        type=int,
-        default=200,
-        help="configurations fitted (Ray trials; rejected over-budget suggestions do not count) (default: 200)",
-    )
-    p.add_argument(
-        "--max-params",
-        type=int,
-        default=None,
-        help="parameter budget: suggestions with more parameters are never fitted (default: no budget)",
-    )
-    p.add_argument(
-        "--objective",
-        default="pesq",
-        help=f"what to optimise: {'|'.join(MODES)} (mean over the "
-        "clips; lsd is minimised, the others maximised) (default: pesq)",
-    )
-    p.add_argument(
-        "--mix-weights",
-        default=None,
-        help="weights of --objective mix over normalised metrics "
-        f"({', '.join(NORMALIZE)}), e.g. pesq=0.5,lsd=0.25,si_snr=0.25 (the default)",
-    )
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per trial (default: 2,000)")
-    p.add_argument(
-        "--chunks",
-        type=int,
-        default=10,
-        help="the objective is reported after each of this many "
-        "equal chunks of steps; ASHA decides at these points (default: 10)",
-    )
-    p.add_argument(
-        "--grace-chunks", type=int, default=2, help="chunks every trial runs before ASHA may stop it (default: 2)"
-    )
-    p.add_argument("--reduction-factor", type=int, default=3, help="ASHA keeps 1/this at each rung (default: 3)")
-    p.add_argument(
-        "--clips",
-        default="3",
-        help="clips of the pack every trial fits: a number (the first N) or comma-separated clip ids (default: 3)",
-    )
-    p.add_argument("--length", default="1.5", choices=sorted(LENGTHS), help="clip length in seconds (default 1.5)")
-    p.add_argument(
-        "--kind", default="speech", help="which clips of the corpus (default: speech; PESQ/STOI apply to speech only)"
-    )
-    p.add_argument("--corpus", default=None, help="a prepared corpus folder (default: the built-in corpus)")
-    p.add_argument(
+    add = p.add_argument
+    add("--family", default="kan", help=f"{', '.join(SPACES)}, a list (kan,siren) or any (default: kan)")
+    add("--start-from", action="append", default=[], metavar="KEY=VALUE,...|FILE.json",
+        help="also start from this configuration: overrides of a family's paper configuration, e.g. family=kan,"
+        "grid_size=16,widths=64x32x16,lr=0.004, or a JSON file of such objects (repeatable)")  # fmt: skip
+    add("--trials", type=int, default=200, help="configurations fitted, start points included (default: 200)")
+    add("--max-params", type=int, default=None, help="parameter budget (default: none)")
+    add("--objective", default="pesq", help=f"{'|'.join(MODES)}, mean over the clips; lsd is minimised (default: pesq)")
+    add("--mix-weights", default=None, help=f"weights of --objective mix over {', '.join(NORMALIZE)} "
+        "(default: pesq=0.5,lsd=0.25,si_snr=0.25)")  # fmt: skip
+    add("--steps", type=int, default=2000, help="optimizer steps per trial (default: 2,000)")
+    add("--chunks", type=int, default=10, help="objective reports (ASHA's decision points) per trial (default: 10)")
+    add("--grace-chunks", type=int, default=2, help="chunks every trial runs before ASHA may stop it (default: 2)")
+    add("--reduction-factor", type=int, default=3, help="ASHA keeps 1/this at each rung (default: 3)")
+    add("--clips", default="3", help="clips every trial fits: a number (the first N) or clip ids (default: 3)")
+    add("--length", default="1.5", choices=sorted(LENGTHS), help="clip length in seconds (default 1.5)")
+    add("--kind", default="speech", help="which clips of the corpus (default: speech; PESQ/STOI: speech only)")
+    add("--corpus", default=None, help="a prepared corpus folder or URI (default: the built-in corpus)")
+    add(
         "--final-metrics",
         default=",".join(FINAL_METRICS),
-        help=f"metrics logged at the end of each trial (default: {','.join(FINAL_METRICS)}; add cdpam at a cost)",
+        help="metrics at the end of each trial (add cdpam at a cost)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the fits and of the TPE sampler (default: 0)")
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        default=None,
-        help="most trials at once (default: as many as the cluster's resources allow)",
-    )
-    p.add_argument(
-        "--gpu-fraction",
-        type=float,
-        default=0.25,
-        help="GPU share of a trial on a cluster with GPUs (1, 0.5, 0.25, 0.125; default: 0.25); one CPU otherwise",
-    )
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default: search_inr-<family>)")
-    p.add_argument(
-        "--smoke-test",
-        action="store_true",
-        help="6 trials of 8 steps on one 0.74 s clip, PSNR objective, budget 34,000: seconds to a minute on a CPU",
-    )
+    add("--seed", type=int, default=0, help="seed of the fits and of the TPE sampler (another seed: another study)")
+    add("--concurrency", type=int, default=None, help="most trials at once (default: what the cluster allows)")
+    add("--gpu-fraction", type=float, default=0.25, help="GPU share of a trial where there are GPUs (default: 0.25)")
+    add("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+    add("--experiment", default=None, help="MLflow experiment (default: search_inr-<family>)")
+    add("--listen-clips", type=int, default=None, help="clips on the listening page (default: up to 4; 0: none)")
+    add("--smoke-test", action="store_true", help="6 trials (unless --trials) of 8 steps on a 0.74 s clip: a minute")
     args = p.parse_args(argv)
     if args.smoke_test:
-        args.trials, args.steps, args.chunks, args.clips = 6, 8, 4, "1"
+        args.steps, args.chunks, args.clips = 8, 4, "1"
+        args.trials = 6 if args.trials == p.get_default("trials") else args.trials
         args.grace_chunks, args.reduction_factor, args.concurrency = 1, 2, args.concurrency or 2
         args.max_params = args.max_params or 34_000
         args.objective, args.final_metrics = "psnr", "mse,psnr,lsd,si_snr"
-        args.experiment = args.experiment or f"search_inr-{args.family}-smoke"
+        args.experiment = args.experiment or f"search_inr-{args.family.replace(',', '+')}-smoke"
     try:
-        from fewsound.errors import ConfigError
         from tune.search import run_search
 
-        if args.family not in SPACES:
-            raise ConfigError("--family", f"unknown family {args.family!r}; valid: {', '.join(SPACES)}")
+        families = parse_families(args.family)
+        start_from = parse_start_from(args.start_from)
         if args.objective not in MODES:
             raise ConfigError("--objective", f"unknown objective {args.objective!r}; valid: {', '.join(MODES)}")
         length = SMOKE_LENGTH if args.smoke_test else LENGTHS[args.length]
         corpus = resolve_corpus(args.corpus, length)
         clips = corpus_clips(corpus, args.clips, args.kind)
+        name = args.family.replace(",", "+")
         summary = run_search(
             {
-                "family": args.family,
+                "families": tuple(families),
                 "corpus": corpus,
                 "clips": tuple(c.clip_id for c in clips),
                 "kind": clips[0].kind,
@@ -129,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 "objective": args.objective,
                 "weights": parse_weights(args.mix_weights),
                 "seed": args.seed,
-                "experiment": args.experiment or f"search_inr-{args.family}",
+                "experiment": args.experiment or f"search_inr-{name}",
                 "final_metrics": tuple(x.strip() for x in args.final_metrics.split(",") if x.strip()),
             },
+            start_from=start_from,
+            listen_clips=args.listen_clips,
             trials=args.trials,
             max_params=args.max_params,
             grace_chunks=args.grace_chunks,

@@ -140,7 +140,9 @@ def write_report(
     )
     if png:
         paths.append(png)
-    if listen_clips is None or listen_clips > 0:
+    # a search's trials fit several clips each: it logs its own page (tune.search_report), which a page made from
+    # one row per run here would replace with one that has no audio
+    if job != "search_inr" and (listen_clips is None or listen_clips > 0):
         paths.append(write_listen_page(uri, parent.info.run_id, rows, out / "listen.html", spec, listen_clips))
     return paths, markdown
 
@@ -208,27 +210,32 @@ def _fetch_audio(client: Any, sections: list[Any], workdir: Path) -> dict[tuple[
     from fewsound.data.audio import read_audio
     from fewsound.listen import ClipAudio
 
-    def get(run_id: str, name: str) -> tuple[Any, int] | None:
+    def get(run_id: str, path: str) -> tuple[Any, int] | None:
         try:
-            return read_audio(client.download_artifacts(run_id, f"audio/{name}", str(workdir / run_id)))
+            return read_audio(client.download_artifacts(run_id, path, str(workdir / run_id)))
         except Exception:  # this run logged no audio (e.g. log_artifacts=False), or it is gone
             return None
 
     # a progress bar per downloaded file would bury the sweep's output; only a default, as in tune.sweep
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    jobs = [(s, r["run_id"]) for s in sections for r in s.rows]
+    # a row's audio folder: "audio" (a sweep's run is one fit), or e.g. "audio/<clip>" (a search trial's run
+    # fits several clips)
+    jobs = [(s, r["run_id"], r.get("audio", "audio")) for s in sections for r in s.rows]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        preds = list(pool.map(lambda job: get(job[1], "pred.wav"), jobs))
+        preds = list(pool.map(lambda job: get(job[1], f"{job[2]}/pred.wav"), jobs))
         by_section: dict[tuple[str, int], dict[str, Any]] = {}
-        for (s, run_id), got in zip(jobs, preds):
+        folder: dict[str, str] = {}
+        for (s, run_id, where), got in zip(jobs, preds):
             if got is not None and got[0].shape[0] == s.length:
                 by_section.setdefault((s.clip_id, s.length), {})[run_id] = got
+                folder[f"{run_id}/{s.clip_id}"] = where
         out = {}
         for s in sections:
             have = by_section.get((s.clip_id, s.length))
             if not have:
                 continue
-            target = get(next(iter(have)), "gt.wav")
+            first = next(iter(have))
+            target = get(first, f"{folder[f'{first}/{s.clip_id}']}/gt.wav")
             if target is not None:
                 out[(s.clip_id, s.length)] = ClipAudio(target[0], {k: v[0] for k, v in have.items()}, target[1])
     return out
