@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fewsound.errors import ConfigError, FewsoundError
+from fewsound.cli import ArgumentParser, positive_int
+from fewsound.errors import ConfigError, FewsoundError, Stopped
 from fewsound.search_space import (
     FINAL_METRICS,
     MODES,
@@ -37,20 +38,30 @@ SMOKE_LENGTH = 16_384  # 0.74 s crops: the smoke test's fits cost half as much
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--family", default="kan", help=f"{', '.join(SPACES)}, a list (kan,siren) or any (default: kan)")
     add("--start-from", action="append", default=[], metavar="KEY=VALUE,...|FILE.json",
         help="also start from this configuration: overrides of a family's paper configuration, e.g. family=kan,"
         "grid_size=16,widths=64x32x16,lr=0.004, or a JSON file of such objects (repeatable)")  # fmt: skip
-    add("--trials", type=int, default=200, help="configurations fitted, start points included (default: 200)")
-    add("--max-params", type=int, default=None, help="parameter budget (default: none)")
+    add("--trials", type=positive_int, default=200, help="configurations fitted, start points included (default: 200)")
+    add("--max-params", type=positive_int, default=None, help="parameter budget (default: none)")
     add("--objective", default="pesq", help=f"{'|'.join(MODES)}, mean over the clips; lsd is minimised (default: pesq)")
     add("--mix-weights", default=None, help=f"weights of --objective mix over {', '.join(NORMALIZE)} "
         "(default: pesq=0.5,lsd=0.25,si_snr=0.25)")  # fmt: skip
-    add("--steps", type=int, default=2000, help="optimizer steps per trial (default: 2,000)")
-    add("--chunks", type=int, default=10, help="objective reports (ASHA's decision points) per trial (default: 10)")
-    add("--grace-chunks", type=int, default=2, help="chunks every trial runs before ASHA may stop it (default: 2)")
+    add("--steps", type=positive_int, default=2000, help="optimizer steps per trial (default: 2,000)")
+    add(
+        "--chunks",
+        type=positive_int,
+        default=10,
+        help="objective reports (ASHA's decision points) per trial (default: 10)",
+    )
+    add(
+        "--grace-chunks",
+        type=positive_int,
+        default=2,
+        help="chunks every trial runs before ASHA may stop it (default: 2)",
+    )
     add("--reduction-factor", type=int, default=3, help="ASHA keeps 1/this at each rung (default: 3)")
     add("--clips", default="3", help="clips every trial fits: a number (the first N) or clip ids (default: 3)")
     add("--length", default="1.5", choices=sorted(LENGTHS), help="clip length in seconds (default 1.5)")
@@ -62,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         help="metrics at the end of each trial (add cdpam at a cost)",
     )
     add("--seed", type=int, default=0, help="seed of the fits and of the TPE sampler (another seed: another study)")
-    add("--concurrency", type=int, default=None, help="most trials at once (default: what the cluster allows)")
+    add("--concurrency", type=positive_int, default=None, help="most trials at once (default: what the cluster allows)")
     add("--gpu-fraction", type=float, default=0.25, help="GPU share of a trial where there are GPUs (default: 0.25)")
     add("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
     add("--experiment", default=None, help="MLflow experiment (default: search_inr-<family>)")
@@ -115,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT/SIGTERM: the study keeps every ended trial
+        print(e, file=sys.stderr)
+        return e.exit_code
     print()
     print(summary.comparison_markdown)
     print(f"search took {summary.seconds:.1f} s")

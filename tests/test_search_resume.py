@@ -6,6 +6,7 @@ MLflow server of the test session). And the study's journal in an object store (
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,8 +101,13 @@ def test_sigkill_mid_search_then_rerun_continues_the_same_study(env, tmp_path):
 
     again = subprocess.run(CMD, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"({len(before)} trials already ended, {TRIALS - len(before)} to run)" in again.stdout
-    assert f"{len(before)} trials came from an earlier run of this search" in again.stdout
+    # the trials the study had at the kill, plus any that ended just before it without the driver hearing of it
+    # (recovered from their MLflow runs, not refitted)
+    m = re.search(r"\((\d+) trials already ended, (\d+) to run\)", again.stdout)
+    assert m, again.stdout[:1500]
+    ended = int(m.group(1))
+    assert len(before) <= ended <= len(before) + 2 and int(m.group(2)) == TRIALS - ended, again.stdout[:1500]
+    assert f"{ended} trials came from an earlier run of this search" in again.stdout
 
     after = study_trials(home)
     assert len(after) == TRIALS  # the total is what was asked

@@ -122,3 +122,14 @@ def _alive(pid: int) -> bool:
 
 def _same_process(lease: dict[str, Any], me: dict[str, Any]) -> bool:
     return lease.get("host") == me["host"] and lease.get("pid") == me["pid"]
+
+
+def take_lease(uri: str, experiment: str, sid: str) -> SweepLease:
+    """The lease of sweep (or search) `sid` in `experiment` on the tracking server at `uri`, taken (BusyError
+    when another live driver holds it)."""
+    from mlflow.tracking import MlflowClient
+
+    from fewsound.tracking import get_or_create_experiment
+
+    client = MlflowClient(tracking_uri=uri)
+    return SweepLease(client, get_or_create_experiment(client, experiment), sid).acquire()

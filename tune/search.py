@@ -48,7 +48,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from fewsound import storage
 from fewsound.config import cfg_hash
-from fewsound.errors import ConfigError
+from fewsound.errors import ConfigError, Stopped
 from fewsound.fit import FitConfig
 from fewsound.search_space import (
     FINAL_METRICS,
@@ -62,8 +62,10 @@ from fewsound.search_space import (
     start_point,
     to_fit_config,
 )
-from fewsound.tracking import PARENT_TAG, MlflowRun, tracking_uri
+from fewsound.tracking import PARENT_TAG, MlflowRun, tracking_uri, ui_url
+from tune.lease import take_lease
 from tune.ray_env import capacity, fraction_text, init_ray, quiet_defaults, storage_root, trial_resources, trial_slots
+from tune.stopping import StopOnSignal
 from tune.study import (
     NUMBER_KEY,
     START_KEY,
@@ -295,9 +297,12 @@ class SearchSummary:
     artifacts: list[str] = dataclasses.field(default_factory=list)  # what the parent run got
     importances: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # evaluator -> param -> share
 
+    experiment_id: str | None = None
+
     @property
     def ui_url(self) -> str:
-        return f"{self.tracking_uri}/#/experiments"
+        """The search's experiment in MLflow's UI, opened on its runs."""
+        return ui_url(self.tracking_uri, self.experiment_id)
 
     @property
     def paper_stays_best(self) -> bool:
@@ -354,6 +359,7 @@ def run_search(
     sid = search_id(ctx_args, max_params, points)
     store = StudyStore(sid)
     study = store.open(sid, mode, ctx_args["seed"], n_startup=min(10, max(2, trials // 5)))
+    lease = take_lease(tracking_uri(), ctx_args["experiment"], sid)  # a second driver of this search is refused
     parent = _open_search_parent(ctx_args, sid, trials, max_params)
     ctx = SearchContext(**ctx_args, parent_run_id=parent.run_id, tracking_uri=parent.uri)
     fitting = _fitting_start_points(points, max_params)
@@ -381,23 +387,37 @@ def run_search(
             reduction_factor=reduction_factor,
         )
         progress_cb = SearchProgress(trials, done_before, mode, t0) if progress else None
-        grid = _tune(
-            ctx,
-            searcher,
-            scheduler,
-            todo,
-            f"{sid}-{time.strftime('%Y%m%d-%H%M%S')}",
-            progress_cb,
-            address=address,
-            gpu_fraction=gpu_fraction,
-            concurrency=concurrency,
-        )
+        with StopOnSignal() as stop:
+            grid = _tune(
+                ctx,
+                searcher,
+                scheduler,
+                todo,
+                f"{sid}-{time.strftime('%Y%m%d-%H%M%S')}",
+                progress_cb,
+                address=address,
+                gpu_fraction=gpu_fraction,
+                concurrency=concurrency,
+                stopper=stop.stopper,
+            )
         _close_dead_trials(grid, parent)
+        if stop.signal is not None:
+            store.sync()
+            lease.release()
+            parent.end("KILLED")
+            ended = len(fitted_trials(study))
+            raise Stopped(
+                stop.signal,
+                f"{ended} of {trials} trials ended ({ended - done_before} in this run); re-run the same command to "
+                f"continue the same study ({store.uri}): ended trials are not refitted",
+            )
     store.sync()
     summary = summarize_study(study, parent, ctx, mode, done_before, t0)
+    summary.experiment_id = parent.experiment_id
     from tune.search_report import finish_parent
 
     finish_parent(parent, study, summary, ctx, max_params, listen_clips)
+    lease.release()
     return summary
 
 
@@ -430,6 +450,7 @@ def _tune(
     address: str | None,
     gpu_fraction: float,
     concurrency: int | None,
+    stopper: Any = None,
 ) -> Any:
     """One Tune run of `todo` trials, its state under storage_root("ray_results") (a folder per attempt: the
     study, not Tune's state, is what a re-run resumes from)."""
@@ -457,6 +478,7 @@ def _tune(
             verbose=0,
             storage_path=storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
             callbacks=[callback] if callback else None,
+            stop=stopper,  # tune.stopping: SIGINT/SIGTERM end every trial
         ),
     )
     return tuner.fit()

@@ -40,7 +40,7 @@ from fewsound.errors import ConfigError, Stopped
 from fewsound.plan import FitTask, bundle, pack, pack_to_config
 from fewsound.tracking import MlflowRun, git_commit, tracking_uri, ui_url
 from tune.durable import TrackingWatch, client_defaults, replay_pending
-from tune.lease import SweepLease
+from tune.lease import take_lease
 from tune.ray_env import (
     Capacity,
     capacity,
@@ -184,7 +184,7 @@ def run_sweep(
     watch = TrackingWatch(name, uri, records_root(experiment), sid)
     with watch.guard():
         watch.ensure()
-        lease = _take_lease(uri, experiment, sid)  # a second driver of this sweep is refused here (tune.lease)
+        lease = take_lease(uri, experiment, sid)  # a second driver of this sweep is refused here (tune.lease)
         parent = _open_parent(experiment, uri, sid, name, len(tasks))
         client = parent.client
         finished, replayed = _log_kept_records(name, parent, watch, tasks, progress)
@@ -439,15 +439,6 @@ def _tune(
     )
     with tune_errors_silenced():  # each failed fit is printed once by run_sweep, with its reason
         return tuner.fit()
-
-
-def _take_lease(uri: str, experiment: str, sid: str) -> SweepLease:
-    from mlflow.tracking import MlflowClient
-
-    from fewsound.tracking import get_or_create_experiment
-
-    client = MlflowClient(tracking_uri=uri)
-    return SweepLease(client, get_or_create_experiment(client, experiment), sid).acquire()
 
 
 def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> MlflowRun:
