@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -288,10 +289,10 @@ def fit(
             ckpt_path, identity, params, pack.good, pack.state, optimizer, device
         )
 
-    with _flush_denormals(device):
+    with _flush_denormals(device), _clip_workers(device, len(chunks.spans), loss_fn is not None) as pool:
         t_loop = time.perf_counter()
         for step in range(start_step, config.steps):
-            per_clip = _step(step, chunks, pack, optimizer)
+            per_clip = _step(step, chunks, pack, optimizer, pool)
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
                 logger.log_metrics(pack.log(step, per_clip), step)
@@ -418,14 +419,15 @@ def _per_clip(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer) -> torch.Tensor:
-    """One optimizer step of the whole pack: forward/backward chunk by chunk, then the masked update.
-
-    Returns the per-clip loss [B] of the weights before the step (detached, on the device)."""
+def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer, pool: ThreadPoolExecutor | None) -> torch.Tensor:
+    """One optimizer step of the whole pack: forward/backward chunk by chunk (on `pool`'s threads, if any), then
+    the masked update. Returns the per-clip loss [B] of the weights before the step (detached, on the device)."""
     params = chunks.params
     optimizer.zero_grad(set_to_none=False)
     per_clip = torch.empty(len(pack.history), device=chunks.target.device, dtype=chunks.target.dtype)
-    for i, (a, b) in enumerate(chunks.spans):
+
+    def run(i: int) -> None:  # chunk i writes only its clips' slices of per_clip, .grad and the pack state
+        a, b = chunks.spans[i]
         sub, pred = chunks.predict(i, grad=True)  # pred: [b - a, N]
         loss = chunks.loss(i, pred)  # [b - a]
         assert loss.shape == (b - a,), tuple(loss.shape)
@@ -435,8 +437,39 @@ def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer) -> torch.Tens
             for k, p in params.items():
                 p.grad[a:b].copy_(sub[k].grad)
         per_clip[a:b] = loss.detach()
+
+    if pool is None:
+        for i in range(len(chunks.spans)):
+            run(i)
+    else:
+        list(pool.map(run, range(len(chunks.spans))))  # list(): waits, and re-raises a chunk's exception
     pack.update(step, per_clip, params, optimizer)
     return per_clip
+
+
+@contextlib.contextmanager
+def _clip_workers(device: torch.device, n_chunks: int, custom_loss: bool):
+    """On the CPU, a pack of several chunks runs them on min(threads, chunks) worker threads, each chunk with
+    threads // workers intra-op threads (torch's thread count is lowered for the loop and restored after).
+
+    Why: one clip's step is hundreds of small, memory-bound ops (the KAN layer's local basis, gathers, scatters,
+    the loss's STFTs) that gain little from a second intra-op thread, while two clips on two threads run side by
+    side at one core each. Yields the pool, or None where chunks run one after the other: on CUDA (one launch
+    stream), with one chunk or one thread, and with a custom loss_fn (user code need not be thread-safe).
+    Results do not depend on it beyond float rounding: every chunk writes only its own clips' slices.
+    """
+    threads = torch.get_num_threads()
+    workers = min(threads, n_chunks)
+    if device.type != "cpu" or custom_loss or workers < 2:
+        yield None
+        return
+    torch.set_num_threads(threads // workers)
+    try:
+        # flush-to-zero is a per-thread CPU flag: the workers set their own (see _flush_denormals)
+        with ThreadPoolExecutor(workers, initializer=torch.set_flush_denormal, initargs=(True,)) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _results(config, inr, seeds, params, buffers, pack: _PackState, final, pred, timing) -> list[FitResult]:

@@ -137,6 +137,42 @@ def test_chunked_pack_equals_whole_pack_and_separate_fits(crops, family, steps):
         fit(cfg, crops, clips_per_chunk=-1)
 
 
+def test_cpu_pack_chunks_run_on_worker_threads(crops, monkeypatch):
+    """With 2 torch threads, a CPU pack's chunks run on 2 worker threads at 1 intra-op thread each, and end
+    bit-identical to the same chunks run one after the other at 1 thread; torch's thread count is restored."""
+    import threading
+
+    from fewsound import losses
+
+    seen: dict[int, int] = {}
+    real_call = losses.ReconstructionLoss.__call__
+
+    def spy(self, pred):  # the real loss, noting which thread ran it at how many intra-op threads
+        seen[threading.get_ident()] = torch.get_num_threads()
+        return real_call(self, pred)
+
+    monkeypatch.setattr(losses.ReconstructionLoss, "__call__", spy)
+    cfg = FitConfig(family="kan", steps=3, log_every=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = fit(cfg, crops, seeds=[3, 4, 5], clips_per_chunk=1)
+        assert list(seen) == [threading.get_ident()]
+        seen.clear()
+        torch.set_num_threads(2)
+        threaded = fit(cfg, crops, seeds=[3, 4, 5], clips_per_chunk=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    workers = set(seen) - {threading.get_ident()}  # the final evaluation runs on the calling thread
+    assert len(workers) == 2 and all(seen[w] == 1 for w in workers)
+    for a, b in zip(sequential, threaded):
+        np.testing.assert_array_equal(a.reconstruction, b.reconstruction)
+        assert a.history == b.history
+        for k in a.params:
+            assert torch.equal(a.params[k], b.params[k])
+
+
 @pytest.mark.parametrize("family", ["kan", "nerf"])
 def test_packed_fit_equals_separate_fits_float32(crops, family):
     cfg = FitConfig(family=family, steps=8)
