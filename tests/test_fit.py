@@ -173,6 +173,38 @@ def test_cpu_pack_chunks_run_on_worker_threads(crops, monkeypatch):
             assert torch.equal(a.params[k], b.params[k])
 
 
+def test_bf16_precision_fits_close_to_full(crops):
+    """precision="bf16" (autocast on the INR forward) changes the fit by bfloat16 rounding, not its course."""
+    full = fit(FitConfig(family="kan", steps=20, log_every=19), crops[:2], seeds=[1, 2])
+    low = fit(FitConfig(family="kan", steps=20, log_every=19, precision="bf16"), crops[:2], seeds=[1, 2])
+    for a, b in zip(full, low):
+        assert b.loss == pytest.approx(a.loss, rel=0.03) and b.loss != a.loss
+        assert a.history[-1][1] < a.history[0][1] and b.history[-1][1] < b.history[0][1]  # both learn
+    assert FitConfig(precision="bf16").key_hash() != FitConfig().key_hash()
+    assert FitConfig(compile="default").key_hash() == FitConfig().key_hash()
+    with pytest.raises(ConfigError, match="precision"):
+        FitConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="compile"):
+        FitConfig(compile="fast")
+
+
+def test_failed_compile_falls_back_to_eager_with_one_line(crops, monkeypatch, capsys):
+    """A torch.compile whose backend fails: one line on stderr, and the fit ends where the eager fit ends."""
+    real_compile = torch.compile
+
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler found\n(details)")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=broken_backend))
+    (compiled,) = fit(FitConfig(family="nerf", steps=3, log_every=1, compile="default"), crops[0])
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed") == 1 and "no C++ compiler found" in err and "running eagerly" in err
+    monkeypatch.undo()
+    (eager,) = fit(FitConfig(family="nerf", steps=3, log_every=1), crops[0])
+    np.testing.assert_array_equal(compiled.reconstruction, eager.reconstruction)
+    assert compiled.history == eager.history
+
+
 @pytest.mark.parametrize("family", ["kan", "nerf"])
 def test_packed_fit_equals_separate_fits_float32(crops, family):
     cfg = FitConfig(family=family, steps=8)
