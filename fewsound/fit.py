@@ -379,6 +379,9 @@ class _Chunks:
         return torch.cat(losses), torch.cat(preds)
 
 
+_COMPILED: dict[tuple, Callable] = {}
+
+
 class _InrForward:
     """inr(params, t, buffers) -> [B, N] in t's dtype: under autocast for a reduced `precision`, and through
     torch.compile for a `compile` mode other than "off". If compiling (or running the compiled code, forward or
@@ -387,9 +390,15 @@ class _InrForward:
     def __init__(self, inr, config: FitConfig, device: torch.device):
         self.inr, self.autocast, self.device_type = inr, PRECISIONS[config.precision], device.type
         self.compiled: Callable | None = None
+        # one compiled forward per INR config, precision, mode and device, shared by later fits in this process:
+        # a new torch.compile per fit would compile again each time (and hit dynamo's recompile limit in a sweep)
+        self.key = (config.family, repr(sorted(config.inr.items())), config.precision, config.compile, device.type)
         if config.compile != "off":
-            mode = None if config.compile == "default" else config.compile
-            self.compiled = torch.compile(self.eager, mode=mode)
+            if self.key not in _COMPILED:
+                _COMPILED[self.key] = torch.compile(
+                    self.eager, mode=None if config.compile == "default" else config.compile
+                )
+            self.compiled = _COMPILED[self.key]
 
     def eager(self, params: dict[str, torch.Tensor], t: torch.Tensor, buffers: dict[str, torch.Tensor]):
         if self.autocast is None:
@@ -406,6 +415,7 @@ class _InrForward:
         if self.compiled is None:
             return False
         self.compiled = None
+        _COMPILED.pop(self.key, None)
         root = error
         while root.__cause__ is not None:  # dynamo wraps the backend's own error: name that one
             root = root.__cause__  # type: ignore[assignment]

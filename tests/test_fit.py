@@ -196,9 +196,11 @@ def test_failed_compile_falls_back_to_eager_with_one_line(crops, monkeypatch, ca
         raise RuntimeError("no C++ compiler found\n(details)")
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=broken_backend))
+    monkeypatch.setattr(fewsound.fit, "_COMPILED", {})  # compiled forwards are shared per process: start afresh
     (compiled,) = fit(FitConfig(family="nerf", steps=3, log_every=1, compile="default"), crops[0])
     err = capsys.readouterr().err
     assert err.count("torch.compile failed") == 1 and "no C++ compiler found" in err and "running eagerly" in err
+    assert fewsound.fit._COMPILED == {}  # the failed one is not handed to the next fit
     monkeypatch.undo()
     (eager,) = fit(FitConfig(family="nerf", steps=3, log_every=1), crops[0])
     np.testing.assert_array_equal(compiled.reconstruction, eager.reconstruction)

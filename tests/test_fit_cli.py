@@ -116,6 +116,8 @@ def test_precision_and_compile_flags(speech_wav, tmp_path, capsys, monkeypatch):
     """--precision bf16 and --compile reach the fit (dynamo's "eager" backend: the real tracing, no C++ build)."""
     import torch
 
+    import fewsound.fit
+
     calls = []
     real_compile = torch.compile
 
@@ -124,6 +126,7 @@ def test_precision_and_compile_flags(speech_wav, tmp_path, capsys, monkeypatch):
         return real_compile(fn, backend="eager")
 
     monkeypatch.setattr(torch, "compile", eager_backend_compile)
+    monkeypatch.setattr(fewsound.fit, "_COMPILED", {})  # compiled forwards are shared per process: start afresh
     common = [speech_wav, "--inr", "kan", "--steps", "3", "--length", "4096", "--metrics", "mse", "--log-every", "3"]
     code, _, stderr = run_main(capsys, *common, "--out", tmp_path / "a", "--precision", "bf16", "--compile")
     assert code == 0 and "torch.compile failed" not in stderr, stderr
