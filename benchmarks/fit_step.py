@@ -1,6 +1,7 @@
 """Whole KAN fit steps: fewsound's fit() against an independent dense KAN and against the machine's matmul floor.
 
-    python benchmarks/fit_step.py [--threads 1,all] [--packs 1,8] [--n 32768] [--steps 3] [--rounds 3]
+    python benchmarks/fit_step.py [--threads 1,all] [--packs 1,8,32] [--n 32768] [--steps 3] [--rounds 3]
+                                  [--variants bf16,compile] [--variant-packs 1] [--quality-steps 0]
                                   [--profile] [--out benchmarks/results/fit_step.json]
 
 One step = forward, the paper's loss (L1 + 5-resolution mel-STFT), backward and an AdamW update, on one real
@@ -20,6 +21,12 @@ speech clip of N samples (32,768 = 1.5 s at 22,050 Hz), Table 1's KAN (fewsound'
   between) has exactly those products' FLOPs (20 * 624 = 260 * 48, 624 * 24, 24 * 156 = 312 * 12, 156 * 1), on
   the same encoding, with the same loss and AdamW. Its step is what the machine does for the KAN's dense work
   when that work is one matmul per layer: the distance of fewsound's step to it is the overhead left.
+
+- variants of fewsound (`--variants`, at the `--variant-packs` sizes): `bf16` (FitConfig precision "bf16": the
+  INR forward under bfloat16 autocast) and `compile` (FitConfig compile "default": torch.compile of the INR
+  forward). Every fewsound row also records its first step's wall time (allocations, and a compile's cost).
+  `--quality-steps N` fits the clip N steps at full and at bf16 precision (B = 1, all threads) and reports loss and
+  PSNR of both: what bf16 costs in fidelity.
 
 The three run interleaved in one process per thread count (baseline steps, floor steps, then each fewsound pack,
 repeated `--rounds` times), and medians are reported: other jobs on a shared machine slow all three alike. Wall
@@ -180,7 +187,7 @@ def speech(n: int, count: int):
 class Setup:
     """Everything one thread count needs: the fewsound config, the baseline and floor models with their steps."""
 
-    def __init__(self, n: int, packs: list[int]):
+    def __init__(self, n: int, packs: list[int], check: bool = True):
         import torch
         from torch import nn
 
@@ -207,7 +214,9 @@ class Setup:
                 layer.base_weight.copy_(params[f"bw{i}"][0])
                 layer.spline_weight.copy_(params[f"sw{i}"][0])
                 layer.spline_scaler.copy_(params[f"ss{i}"][0])
-            same = (self.baseline(t) - inr(params, t, buffers)[0]).abs().max().item()
+            # (skipped by the memory children: the freed tensors of this forward would stay in the process's
+            # heap and hide the growth of the step they measure)
+            same = (self.baseline(t) - inr(params, t, buffers)[0]).abs().max().item() if check else 0.0
         assert same < 1e-4, f"baseline and fewsound differ at init by {same}"
         self.max_abs_init_diff = same
         self.floor = build_floor(torch, nn, c.encoding_length)
@@ -237,8 +246,9 @@ class Setup:
             out.append((time.perf_counter() - t0, time.process_time() - c0))
         return out
 
-    def time_fewsound(self, batch: int, steps: int) -> list[tuple[float, float]]:
-        """(wall, process CPU) seconds of `steps` steps of one fit() of the first `batch` clips."""
+    def time_fewsound(self, batch: int, steps: int, variant: str = "") -> tuple[list[tuple[float, float]], float]:
+        """(wall, process CPU) seconds of `steps` steps of one fit() of the first `batch` clips, and the wall
+        seconds from the call to the end of its first step (a compile happens there)."""
         from dataclasses import replace
 
         from fewsound.fit import fit
@@ -249,29 +259,42 @@ class Setup:
             def log_metrics(self, metrics, step):
                 marks.append((time.perf_counter(), time.process_time()))
 
-        fit(replace(self.config, steps=steps + 1), self.clips[:batch], logger=Clock())
-        # the first step (allocations) is the warm-up
-        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[:-1], marks[1:])]
+        t0 = time.perf_counter()
+        fit(replace(self.config, steps=steps + 1, **VARIANTS[variant]), self.clips[:batch], logger=Clock())
+        # the first step (allocations, compilation) is the warm-up
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[:-1], marks[1:])], marks[0][0] - t0
+
+
+# fewsound variants: FitConfig overrides
+VARIANTS: dict[str, dict] = {"": {}, "bf16": {"precision": "bf16"}, "compile": {"compile": "default"}}
+
+
+def fewsound_runs(args) -> list[tuple[str, str, int]]:
+    """(row name, variant, B) of every fewsound row: the packs, then each variant at its pack sizes."""
+    runs = [(f"fewsound_B{b}", "", b) for b in args.packs]
+    return runs + [(f"fewsound_{v}_B{b}", v, b) for v in args.variants for b in args.variant_packs]
 
 
 def child_times(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    s = Setup(args.n, args.packs)
-    times: dict[str, list[tuple[float, float]]] = {
-        "baseline": [],
-        "floor": [],
-        **{f"fewsound_B{b}": [] for b in args.packs},
-    }
+    s = Setup(args.n, args.packs + args.variant_packs)
+    runs = fewsound_runs(args)
+    times: dict[str, list[tuple[float, float]]] = {"baseline": [], "floor": [], **{r[0]: [] for r in runs}}
+    first_step: dict[str, list[float]] = {r[0]: [] for r in runs}
     loads = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         times["baseline"] += s.time_model("baseline", args.steps)
         times["floor"] += s.time_model("floor", args.steps)
-        for b in args.packs:
-            times[f"fewsound_B{b}"] += s.time_fewsound(b, args.steps if b <= 8 else max(1, args.steps // 2))
+        for name, variant, b in runs:
+            steps = args.steps if b <= 8 else max(1, args.steps // 2)
+            timed, first = s.time_fewsound(b, steps, variant)
+            times[name] += timed
+            first_step[name].append(first)
         loads.append(os.getloadavg()[0])
     out = {"times_wall_cpu_s": times, "load_average_1m": loads, "max_abs_init_diff": s.max_abs_init_diff}
+    out["first_step_wall_s"] = first_step
     out["floor_params"] = s.floor_params
     if args.profile:
         out["profile_fewsound_B1"] = profile_fewsound(s)
@@ -298,46 +321,87 @@ def profile_fewsound(s: Setup) -> list[dict]:
 
 
 def child_memory(args) -> dict:
-    """Peak RSS growth of 2 steps of one variant (`args.variant`), in this fresh process."""
-    import resource
+    """Peak RSS growth of 2 steps of one variant (`args.variant`), in this fresh process.
 
+    The set-up skips its check of the baseline against fewsound (a dense forward whose freed memory the heap would
+    keep, and reuse for the step), and the kernel's high-water mark is reset after it (Linux: "5" to
+    /proc/self/clear_refs) and read back from VmHWM."""
     import psutil
     import torch
 
     torch.set_num_threads(args.threads)
-    s = Setup(args.n, [max(args.packs)])
+    runs = {name: (variant, b) for name, variant, b in fewsound_runs(args)}
+    s = Setup(args.n, [runs[args.variant][1] if args.variant in runs else 1], check=False)
+    Path("/proc/self/clear_refs").write_text("5")
     rss0 = psutil.Process().memory_info().rss
-    if args.variant.startswith("fewsound_B"):
-        s.time_fewsound(int(args.variant.removeprefix("fewsound_B")), 1)
+    if args.variant in runs:
+        variant, b = runs[args.variant]
+        s.time_fewsound(b, 1, variant)
     else:
         s.time_model(args.variant, 1)
-    return {"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / 2**20}
+    status = Path("/proc/self/status").read_text()
+    hwm_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    return {"peak_mb": (hwm_kb * 1024 - rss0) / 2**20}
 
 
 # --- driver --------------------------------------------------------------------------------------------------------
 
 
+def child_quality(args) -> dict:
+    """Loss and PSNR after `args.quality_steps` steps of a B = 1 fit at full and at bf16 precision."""
+    from dataclasses import replace
+
+    import numpy as np
+    import torch
+
+    from fewsound.fit import fit
+    from fewsound.metrics.signal import psnr
+
+    torch.set_num_threads(args.threads)
+    s = Setup(args.n, [1])
+    clip = s.clips[0]
+    out = {"steps": args.quality_steps, "n": args.n}
+    for name in ("full", "bf16"):
+        t0 = time.perf_counter()
+        (r,) = fit(replace(s.config, steps=args.quality_steps, log_every=10**9, precision=name), clip)
+        out[name] = {
+            "loss": r.loss,
+            "psnr_db": float(psnr(clip[None], r.reconstruction[None])[0]),
+            "seconds": time.perf_counter() - t0,
+            "max_abs_diff_vs_full": None,
+        }
+        out.setdefault("_preds", {})[name] = r.reconstruction
+    preds = out.pop("_preds")
+    out["bf16"]["max_abs_diff_vs_full"] = float(np.abs(preds["bf16"] - preds["full"]).max())
+    return out
+
+
 def run_child(args, threads: int, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--threads", str(threads), "--n", str(args.n), "--steps", str(args.steps)]
     cmd += ["--rounds", str(args.rounds), "--packs", ",".join(map(str, args.packs)), *extra]
+    cmd += ["--variants", ",".join(args.variants), "--variant-packs", ",".join(map(str, args.variant_packs))]
+    cmd += ["--quality-steps", str(args.quality_steps)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def summarise(threads: int, packs: list[int], timing: dict, memory: dict) -> list[dict]:
+def summarise(threads: int, args, timing: dict, memory: dict) -> list[dict]:
     """Per variant: median wall and process-CPU ms per step and per clip, ratios to the baseline and the floor."""
     times = timing["times_wall_cpu_s"]
     wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+    loads = timing["load_average_1m"]
     rows = []
-    for name in ("baseline", "floor", *[f"fewsound_B{b}" for b in packs]):
-        batch = int(name.removeprefix("fewsound_B")) if name.startswith("fewsound") else 1
+    for name, batch in (("baseline", 1), ("floor", 1), *[(r[0], r[2]) for r in fewsound_runs(args)]):
+        first = timing["first_step_wall_s"].get(name)
         rows.append(
             {
                 "variant": name,
                 "threads": threads,
                 "B": batch,
+                "first_step_s": max(first) if first else None,  # the first round's: a compile happens there
+                "load_average_1m": [min(loads), max(loads)],
                 "steps_timed": len(times[name]),
                 "ms_per_step": 1e3 * wall[name],
                 "ms_per_clip_step": 1e3 * wall[name] / batch,
@@ -356,14 +420,15 @@ def report(threads: int, rows: list[dict], timing: dict) -> None:
     loads = ", ".join(f"{v:.1f}" for v in timing["load_average_1m"])
     print(f"threads={threads}  load average (1 min) around the rounds: {loads}")
     print(
-        f"{'variant':14} {'B':>3} {'ms/step':>9} {'ms/clip':>9} {'vs baseline':>12} {'x floor':>8} "
-        f"{'cpu ms/clip':>12} {'vs base cpu':>12} {'x floor cpu':>12} {'peak MB':>8}"
+        f"{'variant':22} {'B':>3} {'ms/step':>9} {'ms/clip':>9} {'vs baseline':>12} {'x floor':>8} "
+        f"{'cpu ms/clip':>12} {'vs base cpu':>12} {'x floor cpu':>12} {'peak MB':>8} {'1st step s':>10}"
     )
     for r in rows:
+        first = "" if r["first_step_s"] is None else f"{r['first_step_s']:10.1f}"
         print(
-            f"{r['variant']:14} {r['B']:3d} {r['ms_per_step']:9.1f} {r['ms_per_clip_step']:9.1f} "
+            f"{r['variant']:22} {r['B']:3d} {r['ms_per_step']:9.1f} {r['ms_per_clip_step']:9.1f} "
             f"{r['speedup_vs_baseline']:11.2f}x {r['x_floor']:8.2f} {r['cpu_ms_per_clip_step']:12.1f} "
-            f"{r['speedup_vs_baseline_cpu']:11.2f}x {r['x_floor_cpu']:12.2f} {r['peak_memory_mb']:8.0f}"
+            f"{r['speedup_vs_baseline_cpu']:11.2f}x {r['x_floor_cpu']:12.2f} {r['peak_memory_mb']:8.0f} {first}"
         )
     for p in timing.get("profile_fewsound_B1", []):
         print(f"  {p['op']:45} {p['self_ms_per_step']:8.1f} ms/step {100 * p['share']:5.1f}%")
@@ -380,23 +445,32 @@ def write_json(path: Path, result: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="1,all", help="comma-separated torch thread counts; 'all' = every core")
-    ap.add_argument("--packs", default="1,8", help="fewsound pack sizes B (per-clip times are compared)")
+    ap.add_argument("--packs", default="1,8,32", help="fewsound pack sizes B (per-clip times are compared)")
+    ap.add_argument("--variants", default="", help="fewsound variants to add: bf16, compile (comma-separated)")
+    ap.add_argument("--variant-packs", default="1", help="pack sizes B of the variants")
+    ap.add_argument("--quality-steps", type=int, default=0, help="steps of the full vs bf16 quality fit (0: none)")
     ap.add_argument("--n", type=int, default=32_768)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant per round (after a warm-up)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="add torch.profiler's top ops of fewsound's step")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fit_step.json")
-    ap.add_argument("--child", choices=["times", "memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["times", "memory", "quality"], help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.packs = [int(b) for b in str(args.packs).split(",")]
+    args.variant_packs = [int(b) for b in str(args.variant_packs).split(",")]
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(VARIANTS) - {""}
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; valid: bf16, compile")
     if args.child:
         args.threads = int(args.threads)
-        print(json.dumps(child_times(args) if args.child == "times" else child_memory(args)))
+        child = {"times": child_times, "memory": child_memory, "quality": child_quality}[args.child]
+        print(json.dumps(child(args)))
         return 0
 
     thread_counts = sorted({os.cpu_count() if v == "all" else int(v) for v in args.threads.split(",")})
-    variants = ["baseline", "floor", *[f"fewsound_B{b}" for b in args.packs]]
+    variants = ["baseline", "floor", *[r[0] for r in fewsound_runs(args)]]
     result = {
         "what": "whole fit step (forward, L1 + 5-resolution mel-STFT loss, backward, AdamW), Table 1 KAN, one "
         f"{args.n}-sample speech clip per network; medians of interleaved steps",
@@ -414,10 +488,18 @@ def main() -> int:
         if not memory:  # peak memory hardly depends on the thread count: measured at the first one
             for v in variants:
                 memory[v] = run_child(args, threads, ["--child", "memory", "--variant", v])["peak_mb"]
-        rows = summarise(threads, args.packs, timing, memory)
+        rows = summarise(threads, args, timing, memory)
         result["runs"].append({"threads": threads, "rows": rows, **timing})
         report(threads, rows, timing)
         write_json(args.out, result)  # after every thread count: a long run killed later keeps what it measured
+    if args.quality_steps:
+        quality = run_child(args, thread_counts[-1], ["--child", "quality"])
+        result["quality_bf16"] = quality
+        print(f"quality after {quality['steps']} steps (B = 1, {thread_counts[-1]} threads):")
+        for name in ("full", "bf16"):
+            q = quality[name]
+            print(f"  {name:5} loss {q['loss']:.5f}  PSNR {q['psnr_db']:.2f} dB  ({q['seconds']:.0f} s)")
+        write_json(args.out, result)
     return 0
 
 

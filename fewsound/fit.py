@@ -15,6 +15,9 @@ a whole pack's activations spill out of the caches and made packed fits dearer p
   last weights whose loss was finite and stay there (gradients zeroed, optimizer drift undone), and the step is
   recorded; the other clips go on. All of this is tensor ops on the device, with no host sync per step.
 - the running best loss is tracked.
+On the CPU, a pack's chunks run on worker threads (`_clip_workers`): one clip per core beats every core on one
+clip. `precision="bf16"` runs the INR forward under bfloat16 autocast; `compile` puts the INR forward through
+torch.compile ("reduce-overhead": CUDA graphs on a GPU), falling back to eager with one line if that fails.
 Every `checkpoint_every` steps the full state (params, optimizer moments, divergence masks, best losses) is
 written atomically to `checkpoint_dir/fit.pt`; a later call with the same config, seeds and clips resumes from
 it and ends bit-identical to an uninterrupted fit on the same device (same ops in the same order, no RNG after
@@ -34,7 +37,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -65,7 +70,11 @@ OPTIMIZERS: dict[str, type[torch.optim.AdamW] | type[torch.optim.Adam]] = {
 DEFAULT_WEIGHT_DECAY: dict[str, float] = {"adamw": 0.01, "adam": 0.0}
 
 # Fields that change how a fit runs but not what it computes: left out of the fit's key hash.
-RUNTIME_FIELDS = ("checkpoint_every", "log_every", "device")
+RUNTIME_FIELDS = ("checkpoint_every", "log_every", "device", "compile")
+# INR forward precision. "bf16": the forward runs under torch.autocast(bfloat16) - matmuls (and the KAN layer's
+# two products) take bfloat16 operands and accumulate in float32; activations, the loss and AdamW stay in `dtype`.
+PRECISIONS: dict[str, torch.dtype | None] = {"full": None, "bf16": torch.bfloat16}
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHECKPOINT_NAME = "fit.pt"
 MIN_SAMPLES = max(n_fft for n_fft, _, _ in RESOLUTIONS) // 2 + 1  # a centred, reflect-padded 2048-point STFT
 
@@ -89,6 +98,8 @@ class FitConfig:
     log_every: int = 100
     device: str = "auto"  # "auto": CUDA when present, else CPU
     dtype: str = "float32"  # "float64" for numerical checks (e.g. packed == separate for SIREN, see tests)
+    precision: str = "full"  # "bf16": the INR forward under bfloat16 autocast (float32 accumulation, see PRECISIONS)
+    compile: str = "off"  # torch.compile mode of the INR forward: "default", "reduce-overhead" (CUDA graphs), ...
 
     def __post_init__(self) -> None:
         from fewsound.inr import FAMILIES
@@ -97,6 +108,10 @@ class FitConfig:
             raise ConfigError("family", f"unknown INR family {self.family!r}; valid: {sorted(FAMILIES)}")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError("compile", f"must be one of {list(COMPILE_MODES)}, got {self.compile!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError("optimizer", f"unknown optimizer {self.optimizer!r}; valid: {sorted(OPTIMIZERS)}")
         for name in ("steps", "checkpoint_every", "log_every", "seed"):
@@ -134,6 +149,8 @@ class FitConfig:
         for name in RUNTIME_FIELDS:
             d.pop(name)
         d["lr"], d["weight_decay"] = self.resolved_lr, self.resolved_weight_decay
+        if d["precision"] == "full":  # left out at its default: the keys of fits from before the field stay valid
+            d.pop("precision")
         return cfg_hash(d, n)
 
     def build_inr(self):
@@ -288,10 +305,13 @@ def fit(
             ckpt_path, identity, params, pack.good, pack.state, optimizer, device
         )
 
-    with _flush_denormals(device):
+    # chunks in parallel threads only with the paper's loss (user code need not be thread-safe) and eager (dynamo's
+    # compilation is not thread-safe)
+    parallel_ok = loss_fn is None and config.compile == "off"
+    with _flush_denormals(device), _clip_workers(device, len(chunks.spans), parallel_ok) as pool:
         t_loop = time.perf_counter()
         for step in range(start_step, config.steps):
-            per_clip = _step(step, chunks, pack, optimizer)
+            per_clip = _step(step, chunks, pack, optimizer, pool)
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
                 logger.log_metrics(pack.log(step, per_clip), step)
@@ -318,6 +338,7 @@ class _Chunks:
     def __init__(self, config: FitConfig, inr, params, buffers, target, chunk: int, loss_fn):
         n_clips, n_samples = target.shape
         self.inr, self.params, self.target, self.loss_fn = inr, params, target, loss_fn
+        self.forward = _InrForward(inr, config, target.device)
         self.t = _coordinates(n_samples, target.device, target.dtype)
         self.spans = [(a, min(a + chunk, n_clips)) for a in range(0, n_clips, chunk)]
         self.buffers = [{k: v[a:b] for k, v in buffers.items()} for a, b in self.spans]
@@ -337,7 +358,8 @@ class _Chunks:
             sub = self.params
         else:
             sub = {k: v[a:b].detach().requires_grad_(grad) for k, v in self.params.items()}
-        return sub, self.inr(sub, self.t, self.buffers[i])
+        forward = self.forward if grad else self.forward.eager  # evaluation: no second compile for no_grad
+        return sub, forward(sub, self.t, self.buffers[i])
 
     def loss(self, i: int, pred: torch.Tensor) -> torch.Tensor:
         """Chunk i's per-clip loss [b - a]."""
@@ -355,6 +377,51 @@ class _Chunks:
                 losses.append(self.loss(i, pred).cpu())
                 preds.append(pred.cpu())
         return torch.cat(losses), torch.cat(preds)
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+class _InrForward:
+    """inr(params, t, buffers) -> [B, N] in t's dtype: under autocast for a reduced `precision`, and through
+    torch.compile for a `compile` mode other than "off". If compiling (or running the compiled code, forward or
+    backward) fails, one line says so on stderr and the fit goes on eagerly (`fall_back`)."""
+
+    def __init__(self, inr, config: FitConfig, device: torch.device):
+        self.inr, self.autocast, self.device_type = inr, PRECISIONS[config.precision], device.type
+        self.compiled: Callable | None = None
+        # one compiled forward per INR config, precision, mode and device, shared by later fits in this process:
+        # a new torch.compile per fit would compile again each time (and hit dynamo's recompile limit in a sweep)
+        self.key = (config.family, repr(sorted(config.inr.items())), config.precision, config.compile, device.type)
+        if config.compile != "off":
+            if self.key not in _COMPILED:
+                _COMPILED[self.key] = torch.compile(
+                    self.eager, mode=None if config.compile == "default" else config.compile
+                )
+            self.compiled = _COMPILED[self.key]
+
+    def eager(self, params: dict[str, torch.Tensor], t: torch.Tensor, buffers: dict[str, torch.Tensor]):
+        if self.autocast is None:
+            return self.inr(params, t, buffers)
+        with torch.autocast(self.device_type, dtype=self.autocast):
+            pred = self.inr(params, t, buffers)
+        return pred.to(t.dtype)
+
+    def __call__(self, params: dict[str, torch.Tensor], t: torch.Tensor, buffers: dict[str, torch.Tensor]):
+        return (self.compiled or self.eager)(params, t, buffers)
+
+    def fall_back(self, error: Exception) -> bool:
+        """After `error` in a compiled step: print one line and go eager (True), or False if not compiled."""
+        if self.compiled is None:
+            return False
+        self.compiled = None
+        _COMPILED.pop(self.key, None)
+        root = error
+        while root.__cause__ is not None:  # dynamo wraps the backend's own error: name that one
+            root = root.__cause__  # type: ignore[assignment]
+        first = " ".join(line.strip() for line in str(root).strip().splitlines()[:2])[:240]  # "backend X raised: E"
+        print(f"warning: torch.compile failed ({type(root).__name__}: {first}); running eagerly", file=sys.stderr)
+        return True
 
 
 class _PackState:
@@ -418,14 +485,26 @@ def _per_clip(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer) -> torch.Tensor:
-    """One optimizer step of the whole pack: forward/backward chunk by chunk, then the masked update.
-
-    Returns the per-clip loss [B] of the weights before the step (detached, on the device)."""
+def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer, pool: ThreadPoolExecutor | None) -> torch.Tensor:
+    """One optimizer step of the whole pack: forward/backward chunk by chunk (on `pool`'s threads, if any), then
+    the masked update. Returns the per-clip loss [B] of the weights before the step (detached, on the device)."""
     params = chunks.params
     optimizer.zero_grad(set_to_none=False)
     per_clip = torch.empty(len(pack.history), device=chunks.target.device, dtype=chunks.target.dtype)
-    for i, (a, b) in enumerate(chunks.spans):
+
+    def run(i: int) -> None:
+        try:
+            run_chunk(i)
+        except Exception as e:  # a failed torch.compile: the chunk again, eagerly (and the rest of the fit)
+            if not chunks.forward.fall_back(e):
+                raise
+            a, b = chunks.spans[i]
+            for p in params.values():
+                p.grad[a:b].zero_()  # allocated before the first step
+            run_chunk(i)
+
+    def run_chunk(i: int) -> None:  # chunk i writes only its clips' slices of per_clip, .grad and the pack state
+        a, b = chunks.spans[i]
         sub, pred = chunks.predict(i, grad=True)  # pred: [b - a, N]
         loss = chunks.loss(i, pred)  # [b - a]
         assert loss.shape == (b - a,), tuple(loss.shape)
@@ -435,8 +514,39 @@ def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer) -> torch.Tens
             for k, p in params.items():
                 p.grad[a:b].copy_(sub[k].grad)
         per_clip[a:b] = loss.detach()
+
+    if pool is None:
+        for i in range(len(chunks.spans)):
+            run(i)
+    else:
+        list(pool.map(run, range(len(chunks.spans))))  # list(): waits, and re-raises a chunk's exception
     pack.update(step, per_clip, params, optimizer)
     return per_clip
+
+
+@contextlib.contextmanager
+def _clip_workers(device: torch.device, n_chunks: int, parallel_ok: bool):
+    """On the CPU, a pack of several chunks runs them on min(threads, chunks) worker threads, each chunk with
+    threads // workers intra-op threads (torch's thread count is lowered for the loop and restored after).
+
+    Why: one clip's step is hundreds of small, memory-bound ops (the KAN layer's local basis, gathers, scatters,
+    the loss's STFTs) that gain little from a second intra-op thread, while two clips on two threads run side by
+    side at one core each. Yields the pool, or None where chunks run one after the other: on CUDA (one launch
+    stream), with one chunk or one thread, and where not `parallel_ok`.
+    Results do not depend on it beyond float rounding: every chunk writes only its own clips' slices.
+    """
+    threads = torch.get_num_threads()
+    workers = min(threads, n_chunks)
+    if device.type != "cpu" or not parallel_ok or workers < 2:
+        yield None
+        return
+    torch.set_num_threads(threads // workers)
+    try:
+        # flush-to-zero is a per-thread CPU flag: the workers set their own (see _flush_denormals)
+        with ThreadPoolExecutor(workers, initializer=torch.set_flush_denormal, initargs=(True,)) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _results(config, inr, seeds, params, buffers, pack: _PackState, final, pred, timing) -> list[FitResult]:

@@ -137,6 +137,76 @@ def test_chunked_pack_equals_whole_pack_and_separate_fits(crops, family, steps):
         fit(cfg, crops, clips_per_chunk=-1)
 
 
+def test_cpu_pack_chunks_run_on_worker_threads(crops, monkeypatch):
+    """With 2 torch threads, a CPU pack's chunks run on 2 worker threads at 1 intra-op thread each, and end
+    bit-identical to the same chunks run one after the other at 1 thread; torch's thread count is restored."""
+    import threading
+
+    from fewsound import losses
+
+    seen: dict[int, int] = {}
+    real_call = losses.ReconstructionLoss.__call__
+
+    def spy(self, pred):  # the real loss, noting which thread ran it at how many intra-op threads
+        seen[threading.get_ident()] = torch.get_num_threads()
+        return real_call(self, pred)
+
+    monkeypatch.setattr(losses.ReconstructionLoss, "__call__", spy)
+    cfg = FitConfig(family="kan", steps=3, log_every=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = fit(cfg, crops, seeds=[3, 4, 5], clips_per_chunk=1)
+        assert list(seen) == [threading.get_ident()]
+        seen.clear()
+        torch.set_num_threads(2)
+        threaded = fit(cfg, crops, seeds=[3, 4, 5], clips_per_chunk=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    workers = set(seen) - {threading.get_ident()}  # the final evaluation runs on the calling thread
+    assert len(workers) == 2 and all(seen[w] == 1 for w in workers)
+    for a, b in zip(sequential, threaded):
+        np.testing.assert_array_equal(a.reconstruction, b.reconstruction)
+        assert a.history == b.history
+        for k in a.params:
+            assert torch.equal(a.params[k], b.params[k])
+
+
+def test_bf16_precision_fits_close_to_full(crops):
+    """precision="bf16" (autocast on the INR forward) changes the fit by bfloat16 rounding, not its course."""
+    full = fit(FitConfig(family="kan", steps=20, log_every=19), crops[:2], seeds=[1, 2])
+    low = fit(FitConfig(family="kan", steps=20, log_every=19, precision="bf16"), crops[:2], seeds=[1, 2])
+    for a, b in zip(full, low):
+        assert b.loss == pytest.approx(a.loss, rel=0.03) and b.loss != a.loss
+        assert a.history[-1][1] < a.history[0][1] and b.history[-1][1] < b.history[0][1]  # both learn
+    assert FitConfig(precision="bf16").key_hash() != FitConfig().key_hash()
+    assert FitConfig(compile="default").key_hash() == FitConfig().key_hash()
+    with pytest.raises(ConfigError, match="precision"):
+        FitConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="compile"):
+        FitConfig(compile="fast")
+
+
+def test_failed_compile_falls_back_to_eager_with_one_line(crops, monkeypatch, capsys):
+    """A torch.compile whose backend fails: one line on stderr, and the fit ends where the eager fit ends."""
+    real_compile = torch.compile
+
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler found\n(details)")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=broken_backend))
+    monkeypatch.setattr(fewsound.fit, "_COMPILED", {})  # compiled forwards are shared per process: start afresh
+    (compiled,) = fit(FitConfig(family="nerf", steps=3, log_every=1, compile="default"), crops[0])
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed") == 1 and "no C++ compiler found" in err and "running eagerly" in err
+    assert fewsound.fit._COMPILED == {}  # the failed one is not handed to the next fit
+    monkeypatch.undo()
+    (eager,) = fit(FitConfig(family="nerf", steps=3, log_every=1), crops[0])
+    np.testing.assert_array_equal(compiled.reconstruction, eager.reconstruction)
+    assert compiled.history == eager.history
+
+
 @pytest.mark.parametrize("family", ["kan", "nerf"])
 def test_packed_fit_equals_separate_fits_float32(crops, family):
     cfg = FitConfig(family=family, steps=8)

@@ -112,6 +112,33 @@ def test_resume_continues_the_checkpoint(speech_wav, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["fit/loss"] == first["fit/loss"]
 
 
+def test_precision_and_compile_flags(speech_wav, tmp_path, capsys, monkeypatch):
+    """--precision bf16 and --compile reach the fit (dynamo's "eager" backend: the real tracing, no C++ build)."""
+    import torch
+
+    import fewsound.fit
+
+    calls = []
+    real_compile = torch.compile
+
+    def eager_backend_compile(fn, **kwargs):
+        calls.append(kwargs.get("mode"))
+        return real_compile(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_backend_compile)
+    monkeypatch.setattr(fewsound.fit, "_COMPILED", {})  # compiled forwards are shared per process: start afresh
+    common = [speech_wav, "--inr", "kan", "--steps", "3", "--length", "4096", "--metrics", "mse", "--log-every", "3"]
+    code, _, stderr = run_main(capsys, *common, "--out", tmp_path / "a", "--precision", "bf16", "--compile")
+    assert code == 0 and "torch.compile failed" not in stderr, stderr
+    assert calls == [None]  # --compile alone: torch.compile's default mode
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["config"]["precision"] == "bf16" and metrics["config"]["compile"] == "default"
+    assert run_main(capsys, *common, "--out", tmp_path / "b")[0] == 0
+    full = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["fit_key"] != full["fit_key"]  # bf16 computes another fit; compiling does not change the key
+    assert metrics["fit/loss"] == pytest.approx(full["fit/loss"], rel=0.05) and metrics["fit/loss"] != full["fit/loss"]
+
+
 @pytest.mark.parametrize(
     "make, args, message",
     [
@@ -123,6 +150,8 @@ def test_resume_continues_the_checkpoint(speech_wav, tmp_path, capsys):
         ("speech", ["--inr", "transformer"], "unknown INR family"),
         ("speech", ["--set", "grid=3"], "kan.grid"),
         ("speech", ["--metrics", "psnr,bogus"], "bogus"),
+        ("speech", ["--precision", "fp8"], "precision"),
+        ("speech", ["--compile", "fastest"], "compile"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, speech_wav, capsys, make, args, message):

@@ -437,6 +437,27 @@ def test_kan_layer_fast_equals_recursion_with_base_branch(monkeypatch):
     )
 
 
+def test_kan_layer_fast_under_bf16_autocast():
+    """Under CPU bfloat16 autocast the layer's two products take bfloat16 operands: output and gradients stay
+    float32, within bfloat16 rounding (~2^-8 relative) of the float32 layer, and really differ from it."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.rand(2, 300, 6, generator=gen) * 2.2 - 1.1).requires_grad_(True)
+    bw = torch.randn(2, 5, 6, generator=gen, requires_grad=True)
+    coef = torch.randn(2, 5, 6, 12, generator=gen, requires_grad=True)
+    gy = torch.randn(2, 300, 5, generator=gen)
+    y32 = kan_layer_fast(x, bw, coef, 10, 2, (-1.0, 1.0))
+    g32 = torch.autograd.grad(y32, (x, bw, coef), gy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = kan_layer_fast(x, bw, coef, 10, 2, (-1.0, 1.0))
+    g16 = torch.autograd.grad(y16, (x, bw, coef), gy)
+    assert y16.dtype == torch.float32 and all(g.dtype == torch.float32 for g in g16)
+    scale = y32.abs().max()
+    assert 0 < (y16 - y32).abs().max() < 2e-2 * scale
+    assert 0 < (g16[0] - g32[0]).abs().max() < 2e-2 * g32[0].abs().max()  # dL/dx: a bfloat16 product
+    for a, b in zip(g16[1:], g32[1:]):  # the table gradient stays float32
+        torch.testing.assert_close(a, b)
+
+
 def test_kan_fast_memory_is_one_tile():
     """The fast layer keeps its input and O(in) numbers per sample for backward: no [N, in, G + k] tensor."""
     inr = build_inr("kan")

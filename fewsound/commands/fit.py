@@ -57,6 +57,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--kind", default="speech", help="speech, noisy_speech, music or environment (which metrics apply)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--precision",
+        default="full",
+        help="full (default) or bf16: the INR forward under bfloat16 autocast, float32 accumulation",
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default="off",
+        metavar="MODE",
+        help="torch.compile the INR forward (MODE: default, or reduce-overhead for CUDA graphs on a GPU); "
+        "falls back to eager with one line if compiling fails",
+    )
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint to DIR/checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint/fit.pt if it exists")
     p.add_argument("--log-every", type=int, default=500, help="print the loss every N steps (default 500)")
@@ -81,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         log_every=max(args.log_every, 1),
         device=args.device,
+        precision=args.precision,
+        compile=args.compile,
     )
     config.build_inr()  # a bad --set key fails here, before the audio is read
     _check_metric_names(args.metrics, args.kind)

@@ -30,6 +30,9 @@ is gathered from dy table^T (bmm). All per-chunk temporaries live in buffers all
 multi-MB tensors per chunk cost more in page faults than the arithmetic). Autograd keeps the layer input plus
 12 bytes per (n, i), so memory grows with N * in, not N * in * (G + k). Its speed and memory against an
 independent dense implementation: benchmarks/fit_step.py (whole fit steps) and benchmarks/kan_speed.py.
+Inside a CPU/CUDA autocast region (FitConfig.precision "bf16") the two products - the forward embedding_bag and
+the backward's dL/dx bmm - take operands in the autocast dtype (accumulating in float32); the local basis, the
+table gradient, the layer's output and dL/dx stay in x's dtype. Tracing stops at the layer under torch.compile.
 Outside the extended knot range, and at its right end (half-open intervals), every basis is zero, as in the
 recursion; ties at knots fall as in the recursion to rounding (exactly for k = 0, where it matters).
 `implementation="recursion"` is the straightforward dense formulation (`bspline_basis_recursion` + one bmm),
@@ -335,11 +338,12 @@ class _KanLayer(torch.autograd.Function):
     def forward(ctx, x, bw, coef, grid_size, spline_order, grid_range):
         bsz, n, n_in = x.shape
         n_out = coef.shape[1]
+        low = _autocast_dtype(x)
         lay = _Layout(grid_size, spline_order, grid_range, x.dtype, x.device)
         table = _table(bw, coef, lay)  # [B, out, in * W]
         # [B * in * W, out], row-major: embedding_bag's fast kernel needs contiguous rows (a strided view of the
         # table - which reshape returns for B = 1 - takes a far slower generic path)
-        flat = table.view(bsz, n_out, n_in, lay.width).permute(0, 2, 3, 1).contiguous().view(-1, n_out)
+        flat = table.view(bsz, n_out, n_in, lay.width).permute(0, 2, 3, 1).contiguous().view(-1, n_out).to(low)
         rows = lay.rows(bsz, n_in, x.device, per_clip=True)
         y = x.new_empty(bsz, n, n_out)
         step = max(1, min(n, _chunk_pairs(x.device) // (bsz * n_in)))
@@ -347,10 +351,11 @@ class _KanLayer(torch.autograd.Function):
         kept = (torch.empty(x.shape, dtype=torch.int32, device=x.device), torch.empty_like(x), torch.empty_like(x))
         for s, r in _chunks(n, step):
             idx, w, _ = lay.local(x[:, s : s + r], rows, work=work, keep=tuple(t[:, s : s + r] for t in kept))
-            out = F.embedding_bag(idx.view(bsz * r, -1), flat, per_sample_weights=w.view(bsz * r, -1), mode="sum")
+            w = w.view(bsz * r, -1).to(low)
+            out = F.embedding_bag(idx.view(bsz * r, -1), flat, per_sample_weights=w, mode="sum")
             y[:, s : s + r] = out.view(bsz, r, n_out)
         ctx.save_for_backward(x, bw, coef, *kept)
-        ctx.grid = (grid_size, spline_order, grid_range)
+        ctx.grid, ctx.low = (grid_size, spline_order, grid_range), low
         return y
 
     @staticmethod
@@ -361,9 +366,10 @@ class _KanLayer(torch.autograd.Function):
         n_out = coef.shape[1]
         lay = _Layout(grid_size, spline_order, grid_range, x.dtype, x.device)
         cols = n_in * lay.width
-        table = _table(bw, coef, lay)  # [B, out, in * W]
+        table = _table(bw, coef, lay).to(ctx.low)  # [B, out, in * W]
         rows = lay.rows(bsz, n_in, x.device, per_clip=False)
         gy = gy.contiguous()
+        gy_low = gy.to(ctx.low)  # dL/dx's product in the autocast dtype; the table gradient in x's
         need_x = ctx.needs_input_grad[0]
         need_table = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         gx = x.new_empty(x.shape) if need_x else None
@@ -372,8 +378,10 @@ class _KanLayer(torch.autograd.Function):
         step = tile * max(1, min(-(-n // tile), _chunk_pairs(x.device) // (tile * bsz * n_in)))
         work = _Work(bsz * step * n_in, lay.slots, x.dtype, x.device, with_derivative=need_x, long_index=True)
         basis = x.new_zeros(bsz * tile * cols) if need_table else None  # zeroed again after each use
-        d = x.new_empty(bsz * tile * cols) if need_x else None
-        picked = x.new_empty(bsz * tile * lay.slots * n_in) if need_x else None
+        d = x.new_empty(bsz * tile * cols, dtype=ctx.low) if need_x else None
+        picked = x.new_empty(bsz * tile * lay.slots * n_in, dtype=ctx.low) if need_x else None
+        if need_x and ctx.low != x.dtype:
+            terms = x.new_empty(bsz * tile * lay.slots * n_in)  # the products with dw, in x's dtype
         for c, rc in _chunks(n, step):
             idx, w, dw = lay.local(
                 x[:, c : c + rc],
@@ -393,9 +401,14 @@ class _KanLayer(torch.autograd.Function):
                     gtable.baddbmm_(gys.transpose(1, 2), b)
                     b.zero_()
                 if need_x:
+                    gys = gy_low[:, c + s : c + s + r]
                     dt = torch.bmm(gys, table, out=d[: bsz * r * cols].view(bsz, r, cols))  # dL/d(basis column)
                     p = torch.gather(dt, -1, ids, out=picked[: ids.numel()].view(ids.shape))
-                    p = p.view(bsz, r, lay.slots, n_in).mul_(dw[:, s : s + r])
+                    p = p.view(bsz, r, lay.slots, n_in)
+                    if ctx.low == x.dtype:
+                        p = p.mul_(dw[:, s : s + r])
+                    else:
+                        p = torch.mul(p, dw[:, s : s + r], out=terms[: p.numel()].view(p.shape))
                     if bsz == 1:  # contiguous slice of gx: sum straight into it
                         torch.sum(p, dim=2, out=gx[:, c + s : c + s + r])
                     else:
@@ -408,6 +421,14 @@ class _KanLayer(torch.autograd.Function):
         return gx, gbw, gcoef, None, None, None
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the layer's two products (forward contraction, backward dL/dx): autocast's (e.g. bfloat16)
+    inside an autocast region of x's device, else x's. Inputs, the local basis and the table gradient stay in x's
+    dtype, and embedding_bag / bmm accumulate in float32 either way."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def _table(bw: Tensor, coef: Tensor, lay: _Layout) -> Tensor:
     """bw [B, out, in], coef [B, out, in, G + k] -> [B, out, in * W]: per input [bw, 0, coef..., 0]."""
     bsz, n_out, n_in, _ = coef.shape
@@ -416,10 +437,13 @@ def _table(bw: Tensor, coef: Tensor, lay: _Layout) -> Tensor:
     return table.view(bsz, n_out, n_in * lay.width)
 
 
+@torch.compiler.disable  # torch.compile (FitConfig.compile) fuses the code around the layer, not through it
 def kan_layer_fast(x: Tensor, bw: Tensor, coef: Tensor, grid_size: int, spline_order: int, grid_range) -> Tensor:
     """x: [B, N, in], bw: [B, out, in], coef: [B, out, in, G + k] -> [B, N, out] = SiLU(x) bw^T + spline(x).
 
-    Closed-form local basis, one embedding_bag per chunk, tiled custom backward (`_KanLayer`)."""
+    Closed-form local basis, one embedding_bag per chunk, tiled custom backward (`_KanLayer`). Dynamo would
+    trace the Function's Python chunk loops and buffer views into a far larger graph than the layer's few
+    kernels (a long compile for slower steps), so compilation stops at this call."""
     return _KanLayer.apply(
         x.contiguous(), bw.contiguous(), coef.contiguous(), grid_size, spline_order, tuple(grid_range)
     )
