@@ -11,6 +11,7 @@ the driver and its trials, never step on each other's runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -212,13 +213,32 @@ def stop_local_server(home: Path | None = None, timeout: float = 15.0) -> bool:
     os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        if _exited(int(info["pid"])):
             return True
         time.sleep(0.2)
-    os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
     return True
+
+
+def _exited(pid: int) -> bool:
+    """Whether the server process `pid` has exited (reaped here when this process started it: else it stays a
+    zombie, which signals still reach)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def local_server_status(home: Path | None = None) -> dict[str, Any]:

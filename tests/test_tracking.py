@@ -208,30 +208,30 @@ def test_experiments_open_on_runs_in_mlflows_ui(server):
     assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
 
 
-def test_mlflow_status_and_stop_commands(tmp_path):
-    """`python -m fewsound mlflow status|stop` on the embedded server of a FEWSOUND_HOME."""
-    import os
-    import subprocess
-    import sys
+def test_mlflow_status_and_stop_commands(tmp_path, monkeypatch, capsys):
+    """`python -m fewsound mlflow status|stop` on the embedded server of a FEWSOUND_HOME (the command's main, in
+    this process)."""
     import urllib.request
 
+    from fewsound.cli import main
+
     home = tmp_path / "home"
-    env = dict(os.environ, FEWSOUND_HOME=str(home))
-    env.pop("MLFLOW_TRACKING_URI", None)
+    monkeypatch.setenv("FEWSOUND_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "fewsound", "mlflow", *args]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    def cli(*args: str) -> tuple[int, str]:
+        code = main(["mlflow", *args])
+        return code, capsys.readouterr().out
 
-    none = cli("status")
-    assert none.returncode == 1 and "no MLflow server running" in none.stdout
+    code, out = cli("status")
+    assert code == 1 and "no MLflow server running" in out
     uri = tracking.start_local_server(home=home, port=None)
-    up = cli("status")
-    assert up.returncode == 0, up.stdout + up.stderr
-    assert f"MLflow server running at {uri}" in up.stdout and str(home.resolve() / "mlflow.db") in up.stdout
-    stop = cli("stop")
-    assert stop.returncode == 0 and f"stopped the MLflow server at {uri}" in stop.stdout
+    code, out = cli("status")
+    assert code == 0, out
+    assert f"MLflow server running at {uri}" in out and str(home.resolve() / "mlflow.db") in out
+    code, out = cli("stop")
+    assert code == 0 and f"stopped the MLflow server at {uri}" in out
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{uri}/health", timeout=2)
-    assert cli("status").returncode == 1
-    assert "no MLflow server was running" in cli("stop").stdout
+    assert cli("status")[0] == 1
+    assert "no MLflow server was running" in cli("stop")[1]

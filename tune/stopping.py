@@ -64,16 +64,17 @@ class interrupt_on_signal:  # noqa: N801 (used as a `with` statement, like conte
 
 
 class _StopAll(tune.Stopper):
-    """Tune stops every trial once a signal has arrived."""
+    """Tune stops every trial once a signal has arrived. It holds nothing but the signal's number: Tune pickles
+    its run config (the previous signal handlers, which StopOnSignal keeps, may not pickle)."""
 
-    def __init__(self, owner: StopOnSignal):
-        self.owner = owner
+    def __init__(self) -> None:
+        self.signal: int | None = None
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return self.owner.signal is not None
+        return self.signal is not None
 
     def stop_all(self) -> bool:
-        return self.owner.signal is not None
+        return self.signal is not None
 
 
 class StopOnSignal:
@@ -82,15 +83,18 @@ class StopOnSignal:
     signals cannot be caught: it does nothing and `signal` stays None."""
 
     def __init__(self) -> None:
-        self.signal: int | None = None
-        self.stopper = _StopAll(self)
+        self.stopper = _StopAll()
         self._previous: dict[int, Any] = {}
         self._env: str | None = None
 
+    @property
+    def signal(self) -> int | None:
+        return self.stopper.signal
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal is not None:  # a second signal: stop now
+        if self.stopper.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.signal = signum
+        self.stopper.signal = signum
         print(
             f"{signal.Signals(signum).name} received: stopping the trials (finished fits are kept; "
             "send it again to stop at once)",
