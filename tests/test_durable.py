@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from test_s3 import _free_port, _healthy  # tests/ is on sys.path (rootdir-relative imports)
 
 from fewsound import records, storage
 from fewsound.records import FitRecord
@@ -150,20 +149,6 @@ def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, 
 
 STEPS = "40"  # a few seconds per fit on a loaded 2-core machine: the kills land mid-sweep
 FITS = 4  # one per pack, two trials at once: a kill after the first fit leaves fits to do
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-            return r.status == 200
-    except Exception:
-        return False
 
 
 def _records(home: Path) -> dict[str, dict]:
