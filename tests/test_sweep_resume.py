@@ -150,7 +150,7 @@ def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_i
     assert stop_seconds < 60, stop_seconds
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped by SIGTERM: ") and "re-run the same command" in last, err
-    assert "Traceback" not in out + err.replace("(tune_trainable", "")  # Ray's own worker noise aside
+    assert "Traceback" not in out + err  # nor the trials' (Ray ends their actors with SIGTERM: tune.ray_env)
     before = done()
     parent, kids = children(client, "test-stop")
     assert parent.info.status == "KILLED"

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 
 import ray
 
@@ -36,6 +37,7 @@ __all__ = [
     "choose_scaling",
     "init_ray",
     "quiet_defaults",
+    "quiet_exits",
     "storage_root",
     "trial_resources",
     "trial_slots",
@@ -62,6 +64,23 @@ QUIET_ENV = {
 # (MLFLOW_TRACKING_USERNAME/PASSWORD) reach workers from the environment Ray was started in: a local Ray's raylet
 # inherits the driver's, a cluster's nodes have them from their own start (cluster.yaml).
 WORKER_ENV = ("MLFLOW_TRACKING_URI", *QUIET_ENV)
+
+
+def quiet_exits() -> None:
+    """In a trial's worker: Ray ends a reused actor with SIGTERM, whose handler raises SystemExit wherever the
+    worker happens to be. Landing in a finalizer (a WeakSet callback of a finished thread), Python prints it as
+    "Exception ignored in ... SystemExit" with a traceback, into the sweep's output. The process is exiting
+    anyway: such exits are not printed (sys.unraisablehook); every other unraisable exception still is."""
+    if getattr(sys.unraisablehook, "fewsound_quiet_exits", False):
+        return
+    default = sys.unraisablehook
+
+    def hook(unraisable: "sys.UnraisableHookArgs") -> None:
+        if not isinstance(unraisable.exc_value, (SystemExit, KeyboardInterrupt)):
+            default(unraisable)
+
+    hook.fewsound_quiet_exits = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def quiet_defaults() -> None:

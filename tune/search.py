@@ -64,7 +64,16 @@ from fewsound.search_space import (
 )
 from fewsound.tracking import PARENT_TAG, MlflowRun, tracking_uri, ui_url
 from tune.lease import take_lease
-from tune.ray_env import capacity, fraction_text, init_ray, quiet_defaults, storage_root, trial_resources, trial_slots
+from tune.ray_env import (
+    capacity,
+    fraction_text,
+    init_ray,
+    quiet_defaults,
+    quiet_exits,
+    storage_root,
+    trial_resources,
+    trial_slots,
+)
 from tune.stopping import StopOnSignal
 from tune.study import (
     NUMBER_KEY,
@@ -263,6 +272,7 @@ def search_trainable(config: dict[str, Any], ctx: SearchContext) -> None:
     """Ray Tune function trainable: one configuration on the context's pack of clips."""
     import torch
 
+    quiet_exits()  # Ray's SIGTERM to a finished actor: no "Exception ignored ... SystemExit" in the output
     torch.set_num_threads(1)
     os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
     fit_and_score(config, ctx, report=tune.report)

@@ -391,7 +391,10 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     import ray.tune
     import torch
 
+    from tune.ray_env import quiet_exits
+
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # also when Ray was started elsewhere
+    quiet_exits()  # Ray's SIGTERM to a finished actor: no "Exception ignored ... SystemExit" in the sweep's output
     client_defaults()  # fail fast on an unreachable server: the records wait for the driver
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # one torch thread per CPU the trial was given
