@@ -3,6 +3,7 @@
     python benchmarks/fit_step.py [--threads 1,all] [--packs 1,8,32] [--n 32768] [--steps 3] [--rounds 3]
                                   [--variants bf16,compile] [--variant-packs 1] [--quality-steps 0]
                                   [--profile] [--out benchmarks/results/fit_step.json]
+    python benchmarks/fit_step.py --report benchmarks/results/fit_step.json   # print a saved result
 
 One step = forward, the paper's loss (L1 + 5-resolution mel-STFT), backward and an AdamW update, on one real
 speech clip of N samples (32,768 = 1.5 s at 22,050 Hz), Table 1's KAN (fewsound's `table1()` preset).
@@ -29,13 +30,14 @@ speech clip of N samples (32,768 = 1.5 s at 22,050 Hz), Table 1's KAN (fewsound'
   PSNR of both: what bf16 costs in fidelity.
 
 The three run interleaved in one process per thread count (baseline steps, floor steps, then each fewsound pack,
-repeated `--rounds` times), and medians are reported: other jobs on a shared machine slow all three alike. Wall
-time and process CPU time (all threads) are both reported: on a machine loaded beyond its cores, wall time
-measures the scheduler more than the step, and CPU time is the figure to compare.
+repeated `--rounds` times, each round starting one row later), and medians are reported: other jobs on a shared
+machine slow all three alike. Wall time and process CPU time (all threads) are both reported: on a machine loaded
+beyond its cores, wall time measures the scheduler more than the step, and CPU time is the figure to compare.
 The 1-minute load average is recorded around every round. Peak memory is measured apart, in a fresh process
 per variant (high-water RSS minus the RSS before the first step), at the first thread count. `--profile` adds
-torch.profiler's top operators of fewsound's B = 1 step. Prints a table; writes benchmarks/results/fit_step.json
-(after each thread count).
+torch.profiler's top operators of fewsound's B = 1 step. Prints a table per thread count and, for several, each
+variant's speed-up from the first count to the last and what 10x the baseline asks there in multiples of the
+floor; writes benchmarks/results/fit_step.json (after each thread count).
 """
 
 from __future__ import annotations
@@ -284,10 +286,14 @@ def child_times(args) -> dict:
     times: dict[str, list[tuple[float, float]]] = {"baseline": [], "floor": [], **{r[0]: [] for r in runs}}
     first_step: dict[str, list[float]] = {r[0]: [] for r in runs}
     loads = [os.getloadavg()[0]]
-    for _ in range(args.rounds):
-        times["baseline"] += s.time_model("baseline", args.steps)
-        times["floor"] += s.time_model("floor", args.steps)
-        for name, variant, b in runs:
+    order = [("baseline", "", 1), ("floor", "", 1), *runs]
+    for round_ in range(args.rounds):
+        # each round starts one row later: no row always follows the baseline, whose gigabyte of freed tensors
+        # keeps the kernel busy (page reclaim) for a while after it - a penalty for whatever runs next
+        for name, variant, b in order[round_ % len(order) :] + order[: round_ % len(order)]:
+            if name in ("baseline", "floor"):
+                times[name] += s.time_model(name, args.steps)
+                continue
             steps = args.steps if b <= 8 else max(1, args.steps // 2)
             timed, first = s.time_fewsound(b, steps, variant)
             times[name] += timed
@@ -435,6 +441,32 @@ def report(threads: int, rows: list[dict], timing: dict) -> None:
     sys.stdout.flush()
 
 
+def scaling(result: dict) -> dict:
+    """From the first to the last thread count: each variant's wall ms per clip step and its speed-up, and what
+    10x the baseline asks at the last count, in ms and in multiples of that count's floor."""
+    first, last = result["runs"][0], result["runs"][-1]
+    ms = [{r["variant"]: r["ms_per_clip_step"] for r in run["rows"]} for run in (first, last)]
+    rows = {v: {"ms": [ms[0][v], ms[1][v]], "speedup": ms[0][v] / ms[1][v]} for v in ms[1] if v in ms[0]}
+    target = ms[1]["baseline"] / 10
+    return {
+        "threads": [first["threads"], last["threads"]],
+        "variants": rows,
+        "ten_x_baseline_ms": target,
+        "ten_x_baseline_x_floor": target / ms[1]["floor"],
+    }
+
+
+def report_scaling(sc: dict) -> None:
+    a, b = sc["threads"]
+    print(f"from {a} to {b} threads (wall ms per clip step):")
+    for v, r in sc["variants"].items():
+        print(f"  {v:22} {r['ms'][0]:9.1f} -> {r['ms'][1]:9.1f}   {r['speedup']:.2f}x")
+    print(
+        f"  10x the baseline at {b} threads is {sc['ten_x_baseline_ms']:.1f} ms per clip step: "
+        f"{sc['ten_x_baseline_x_floor']:.2f}x that count's floor"
+    )
+
+
 def write_json(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -454,6 +486,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="add torch.profiler's top ops of fewsound's step")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fit_step.json")
+    ap.add_argument("--report", type=Path, help="print the tables of a saved result (no measuring)")
     ap.add_argument("--child", choices=["times", "memory", "quality"], help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -469,6 +502,13 @@ def main() -> int:
         print(json.dumps(child(args)))
         return 0
 
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        for run in saved["runs"]:
+            report(run["threads"], run["rows"], run)
+        if len(saved["runs"]) > 1:
+            report_scaling(scaling(saved))
+        return 0
     thread_counts = sorted({os.cpu_count() if v == "all" else int(v) for v in args.threads.split(",")})
     variants = ["baseline", "floor", *[r[0] for r in fewsound_runs(args)]]
     result = {
@@ -499,6 +539,10 @@ def main() -> int:
         for name in ("full", "bf16"):
             q = quality[name]
             print(f"  {name:5} loss {q['loss']:.5f}  PSNR {q['psnr_db']:.2f} dB  ({q['seconds']:.0f} s)")
+        write_json(args.out, result)
+    if len(result["runs"]) > 1:
+        result["scaling"] = scaling(result)
+        report_scaling(result["scaling"])
         write_json(args.out, result)
     return 0
 

@@ -16,7 +16,7 @@ a whole pack's activations spill out of the caches and made packed fits dearer p
   recorded; the other clips go on. All of this is tensor ops on the device, with no host sync per step.
 - the running best loss is tracked.
 On the CPU, a pack's chunks run on worker threads (`_clip_workers`): one clip per core beats every core on one
-clip. `precision="bf16"` runs the INR forward under bfloat16 autocast; `compile` puts the INR forward through
+clip; a single clip's samples are split over the threads instead (its INR forward and backward per segment). `precision="bf16"` runs the INR forward under bfloat16 autocast; `compile` puts the INR forward through
 torch.compile ("reduce-overhead": CUDA graphs on a GPU), falling back to eager with one line if that fails.
 Every `checkpoint_every` steps the full state (params, optimizer moments, divergence masks, best losses) is
 written atomically to `checkpoint_dir/fit.pt`; a later call with the same config, seeds and clips resumes from
@@ -308,7 +308,7 @@ def fit(
     # chunks in parallel threads only with the paper's loss (user code need not be thread-safe) and eager (dynamo's
     # compilation is not thread-safe)
     parallel_ok = loss_fn is None and config.compile == "off"
-    with _flush_denormals(device), _clip_workers(device, len(chunks.spans), parallel_ok) as pool:
+    with _flush_denormals(device), _clip_workers(device, chunks, parallel_ok) as pool:
         t_loop = time.perf_counter()
         for step in range(start_step, config.steps):
             per_clip = _step(step, chunks, pack, optimizer, pool)
@@ -342,6 +342,7 @@ class _Chunks:
         self.t = _coordinates(n_samples, target.device, target.dtype)
         self.spans = [(a, min(a + chunk, n_clips)) for a in range(0, n_clips, chunk)]
         self.buffers = [{k: v[a:b] for k, v in buffers.items()} for a, b in self.spans]
+        self.segments: list[tuple[int, int]] = []  # sample ranges [a, b) of a split chunk (see _clip_workers)
         self.paper = None
         if loss_fn is None:  # the paper's loss, with each chunk's target features computed once
             self.paper = [
@@ -360,6 +361,17 @@ class _Chunks:
             sub = {k: v[a:b].detach().requires_grad_(grad) for k, v in self.params.items()}
         forward = self.forward if grad else self.forward.eager  # evaluation: no second compile for no_grad
         return sub, forward(sub, self.t, self.buffers[i])
+
+    def predict_segments(self, i: int, pool: ThreadPoolExecutor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Chunk i's params and its predictions per sample segment ([b - a, segment length] each, with autograd),
+        segment j computed on a worker thread of `pool`."""
+        a, b = self.spans[i]
+        sub = (
+            self.params
+            if len(self.spans) == 1
+            else {k: v[a:b].detach().requires_grad_(True) for k, v in self.params.items()}
+        )
+        return sub, list(pool.map(lambda seg: self.forward(sub, self.t[slice(*seg)], self.buffers[i]), self.segments))
 
     def loss(self, i: int, pred: torch.Tensor) -> torch.Tensor:
         """Chunk i's per-clip loss [b - a]."""
@@ -515,7 +527,37 @@ def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer, pool: ThreadP
                 p.grad[a:b].copy_(sub[k].grad)
         per_clip[a:b] = loss.detach()
 
-    if pool is None:
+    def run_split(i: int, workers: ThreadPoolExecutor) -> None:
+        # the INR is pointwise in t: segment j's forward and backward run on a worker, the loss on the whole
+        # prediction in between (on this thread, at its intra-op threads); the segments' gradients are summed in
+        # segment order, so the result does not depend on which worker ran which segment
+        a, b = chunks.spans[i]
+        sub, preds = chunks.predict_segments(i, workers)
+        pred = torch.cat([p.detach() for p in preds], dim=-1).requires_grad_(True)
+        loss = chunks.loss(i, pred)
+        live = pack.observe(a, b, step, loss, sub)
+        torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
+        d_pred, keys = pred.grad, list(sub)
+        assert d_pred is not None
+
+        def backward(j: int) -> tuple[torch.Tensor | None, ...]:
+            seg = slice(*chunks.segments[j])
+            return torch.autograd.grad(preds[j], [sub[k] for k in keys], d_pred[:, seg], allow_unused=True)
+
+        per_segment = list(workers.map(backward, range(len(preds))))
+        for n, k in enumerate(keys):
+            total: torch.Tensor | None = None
+            for g in per_segment:
+                part = g[n]
+                if part is not None:
+                    total = part if total is None else total + part
+            if total is not None:
+                params[k].grad[a:b].copy_(total)  # .grad: allocated before the first step
+        per_clip[a:b] = loss.detach()
+
+    if pool is not None and chunks.segments:
+        run_split(0, pool)  # one chunk, its samples split over the pool's threads
+    elif pool is None:
         for i in range(len(chunks.spans)):
             run(i)
     else:
@@ -525,21 +567,42 @@ def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer, pool: ThreadP
 
 
 @contextlib.contextmanager
-def _clip_workers(device: torch.device, n_chunks: int, parallel_ok: bool):
-    """On the CPU, a pack of several chunks runs them on min(threads, chunks) worker threads, each chunk with
-    threads // workers intra-op threads (torch's thread count is lowered for the loop and restored after).
+def _clip_workers(device: torch.device, chunks: _Chunks, parallel_ok: bool):
+    """On the CPU, the work of a step runs on worker threads at one intra-op thread each, one per core:
+
+    - a pack of several chunks runs them on min(threads, chunks) workers, each chunk with threads // workers
+      intra-op threads (torch's thread count is lowered for the loop and restored after);
+    - a single chunk (one clip, say) has its N samples split into one segment per thread (`chunks.segments`,
+      at least _MIN_SEGMENT samples each): each segment's INR forward and backward runs on a worker, the loss on
+      the whole prediction on the calling thread at every intra-op thread (the INRs are pointwise in t).
 
     Why: one clip's step is hundreds of small, memory-bound ops (the KAN layer's local basis, gathers, scatters,
-    the loss's STFTs) that gain little from a second intra-op thread, while two clips on two threads run side by
-    side at one core each. Yields the pool, or None where chunks run one after the other: on CUDA (one launch
-    stream), with one chunk or one thread, and where not `parallel_ok`.
-    Results do not depend on it beyond float rounding: every chunk writes only its own clips' slices.
+    the loss's STFTs) that gain little from a second intra-op thread, and OpenMP's threads meet at a barrier
+    after every op: one descheduled thread stalls them all. Independent pieces of work on separate threads run
+    side by side (torch releases the GIL inside its ops) and meet once per phase. Yields the pool, or None where
+    chunks run one after the other: on CUDA (one launch stream), with one thread, and where not `parallel_ok`.
+    Results do not depend on which worker runs what: every chunk writes only its own clips' slices, and split
+    segments' gradients are summed in segment order.
     """
     threads = torch.get_num_threads()
-    workers = min(threads, n_chunks)
-    if device.type != "cpu" or not parallel_ok or workers < 2:
+    n_chunks, n_samples = len(chunks.spans), chunks.t.shape[0]
+    if device.type != "cpu" or not parallel_ok or threads < 2:
         yield None
         return
+    if n_chunks == 1:
+        count = min(threads, n_samples // _MIN_SEGMENT)
+        if count < 2:
+            yield None
+            return
+        chunks.segments = [(n_samples * j // count, n_samples * (j + 1) // count) for j in range(count)]
+        try:
+            with ThreadPoolExecutor(count, initializer=_one_thread_worker) as pool:
+                yield pool
+        finally:
+            chunks.segments = []
+            torch.set_num_threads(threads)  # the workers' setting also became the default of threads started later
+        return
+    workers = min(threads, n_chunks)
     torch.set_num_threads(threads // workers)
     try:
         # flush-to-zero is a per-thread CPU flag: the workers set their own (see _flush_denormals)
@@ -547,6 +610,17 @@ def _clip_workers(device: torch.device, n_chunks: int, parallel_ok: bool):
             yield pool
     finally:
         torch.set_num_threads(threads)
+
+
+# a split chunk's segments have at least this many samples: below, per-op overheads outweigh a second core
+_MIN_SEGMENT = 4096
+
+
+def _one_thread_worker() -> None:
+    """A split segment's worker: one intra-op thread (once a thread has run torch ops its count is its own: the
+    calling thread keeps every thread) and denormals flushed."""
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
 
 
 def _results(config, inr, seeds, params, buffers, pack: _PackState, final, pred, timing) -> list[FitResult]:

@@ -173,6 +173,55 @@ def test_cpu_pack_chunks_run_on_worker_threads(crops, monkeypatch):
             assert torch.equal(a.params[k], b.params[k])
 
 
+def test_a_single_clip_splits_its_samples_over_the_threads(speech_clips, monkeypatch):
+    """One clip at 2 torch threads: its 8,192 samples run as 2 segments whose INR forward/backward run on 2 worker
+    threads at 1 intra-op thread each, the loss on the calling thread at 2; the fit equals the 1-thread fit (no
+    split) to float rounding, is bitwise repeatable, and torch's thread count is restored."""
+    import threading
+
+    from fewsound import losses
+    from fewsound.inr.kan import Kan
+
+    clip = speech_crops(speech_clips, 1, 8192)
+    forwards: dict[int, set[tuple[int, int]]] = collections.defaultdict(set)  # thread -> (samples, intra-op threads)
+    loss_threads: set[tuple[int, int]] = set()
+    real_forward, real_loss = Kan.forward, losses.ReconstructionLoss.__call__
+
+    def spy_forward(self, params, t, buffers):
+        forwards[threading.get_ident()].add((t.shape[-1], torch.get_num_threads()))
+        return real_forward(self, params, t, buffers)
+
+    def spy_loss(self, pred):
+        loss_threads.add((threading.get_ident(), torch.get_num_threads()))
+        return real_loss(self, pred)
+
+    monkeypatch.setattr(Kan, "forward", spy_forward)
+    monkeypatch.setattr(losses.ReconstructionLoss, "__call__", spy_loss)
+    cfg = FitConfig(family="kan", steps=4, log_every=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole = fit(cfg, clip, seeds=[7])[0]
+        forwards.clear()
+        loss_threads.clear()
+        torch.set_num_threads(2)
+        split = fit(cfg, clip, seeds=[7])[0]
+        assert torch.get_num_threads() == 2
+        again = fit(cfg, clip, seeds=[7])[0]
+    finally:
+        torch.set_num_threads(before)
+    me = threading.get_ident()
+    workers = {w: seen for w, seen in forwards.items() if w != me}  # the final evaluation runs on the caller
+    assert len(workers) == 2 and all(seen == {(4096, 1)} for seen in workers.values()), dict(forwards)
+    assert loss_threads == {(me, 2)}
+    np.testing.assert_allclose(split.reconstruction, whole.reconstruction, rtol=0, atol=1e-4)
+    assert [s for s, _ in split.history] == [s for s, _ in whole.history]
+    np.testing.assert_allclose([v for _, v in split.history], [v for _, v in whole.history], rtol=1e-4)
+    np.testing.assert_array_equal(again.reconstruction, split.reconstruction)
+    for k in split.params:
+        assert torch.equal(again.params[k], split.params[k])
+
+
 def test_bf16_precision_fits_close_to_full(crops):
     """precision="bf16" (autocast on the INR forward) changes the fit by bfloat16 rounding, not its course."""
     full = fit(FitConfig(family="kan", steps=20, log_every=19), crops[:2], seeds=[1, 2])

@@ -177,109 +177,155 @@ def run_sweep(
     client_defaults()  # MLflow's client fails fast: a driver that waits on a dead server reports it in one line
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    uri = tracking_uri()
-    experiment = experiment or name
-    sid = sweep_id(name, tasks)
-
-    watch = TrackingWatch(name, uri, records_root(experiment), sid)
-    with watch.guard():
-        watch.ensure()
-        lease = take_lease(uri, experiment, sid)  # a second driver of this sweep is refused here (tune.lease)
-        parent = _open_parent(experiment, uri, sid, name, len(tasks))
-        client = parent.client
-        finished, replayed = _log_kept_records(name, parent, watch, tasks, progress)
-        todo = [t for t in tasks if t.key not in finished]
-        _mark_stale(client, parent.experiment_id, {t.key for t in todo})
+    s = _open(name, tasks, experiment or name, progress)  # 1.
     timings["mlflow_setup"] = time.perf_counter() - t0
 
-    t = time.perf_counter()
+    t = time.perf_counter()  # 2.
     plan = plan_sweep(init_ray(address, num_cpus=num_cpus, num_gpus=num_gpus), gpu_fraction, max_concurrent)
     timings["ray_init"] = time.perf_counter() - t
-
-    def packs_and_bundles(tasks_left: list[FitTask]) -> tuple[list[list[FitTask]], list[list[int]]]:
-        packs = pack(tasks_left, pack_size)
-        return packs, bundle(packs, len(packs) if trials_per_slot is None else plan.slots * trials_per_slot)
-
-    packs, bundles = packs_and_bundles(todo)
     ctx = TrialContext(
         corpus=corpus_location(corpus),  # a URI or a name every node resolves, never a relative path
-        experiment=experiment,
-        parent_run_id=parent.run_id,
-        sweep=sid,
-        tracking_uri=uri,
+        experiment=s.experiment,
+        parent_run_id=s.parent.run_id,
+        sweep=s.sid,
+        tracking_uri=s.uri,
         max_retries=max_retries,
         curve_every_n_packs=curve_every_n_packs,
         log_artifacts=log_artifacts,
-        experiment_id=parent.experiment_id,
+        experiment_id=s.parent.experiment_id,
         git_commit=git_commit(),
         metrics=tuple(metrics) if metrics is not None else None,
-        records=watch.root,
+        records=s.watch.root,
     )
+    bundles_per_tune = None if trials_per_slot is None else plan.slots * trials_per_slot
     if progress:
         print(f"[{name}] {plan.describe()}", flush=True)
-        print(
-            f"[{name}] {len(tasks)} fits: {len(tasks) - len(todo)} already finished, {len(todo)} to run in "
-            f"{len(packs)} packs, {len(bundles)} trials; MLflow {uri} experiment {experiment!r}",
-            flush=True,
-        )
-    t = time.perf_counter()
-    callback = Progress(name, len(todo), t0, progress)
-    n_trials = 0
-    with StopOnSignal() as stop:
-        for attempt in range(tune_restarts + 1):
-            if not packs:
-                break
-            n_trials += len(bundles)
-            try:
-                grid = _tune(
-                    packs,
-                    bundles,
-                    ctx,
-                    plan,
-                    f"{sid}-r{attempt}" if attempt else sid,
-                    trial_failures,
-                    storage,
-                    [callback, ServerWatch(watch)],
-                    stop.stopper,
-                )
-            except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
-                if stop.signal is not None:
-                    break
-                if attempt == tune_restarts:
-                    raise
-                print(
-                    f"[{name}] Ray Tune stopped ({type(e).__name__}: {_first_line(e)}); restarting the fits that "
-                    "are not finished",
-                    flush=True,
-                )
-                with watch.guard():
-                    done_keys = _log_kept_records(name, parent, watch, todo, progress, after_tune=True)[0]
-                    _mark_stale(client, parent.experiment_id, {t.key for t in todo})
-                packs, bundles = packs_and_bundles([t for t in todo if t.key not in done_keys])
-                continue
-            with watch.guard():
-                _log_kept_records(name, parent, watch, todo, progress, after_tune=True)
-                _record_crashed_trials(grid, packs, ctx, client, parent.experiment_id)
-                _mark_stale(client, parent.experiment_id, {t.key for t in todo})  # runs of workers that died
-            break
-    timings["tune"] = time.perf_counter() - t
-    if stop.signal is not None:
-        lease.release()
-        if watch.answers():  # log what the trials computed, without waiting on a server that is down
-            _log_kept_records(name, parent, watch, todo, progress, after_tune=True)
-        _stopped(name, stop.signal, tasks, todo, parent, t0)
 
     t = time.perf_counter()
-    with watch.guard():
-        summary = _summarize(sid, experiment, tasks, todo, parent, uri, plan, callback, n_trials, timings, t0)
-        summary.replayed, summary.records = replayed, watch.where
+    callback = Progress(name, len(s.todo), t0, progress)
+    with StopOnSignal() as stop:  # 3. and the first half of 4.
+        n_trials = _tune_until_done(
+            s, ctx, plan, pack_size, bundles_per_tune, callback, stop, tune_restarts, trial_failures, storage
+        )
+    timings["tune"] = time.perf_counter() - t
+    if stop.signal is not None:
+        s.lease.release()
+        if s.watch.answers():  # log what the trials computed, without waiting on a server that is down
+            _log_kept_records(s, s.todo, after_tune=True)
+        _stopped(name, stop.signal, tasks, s.todo, s.parent, t0)
+
+    t = time.perf_counter()
+    with s.watch.guard():  # 4.
+        summary = _summarize(s, plan, callback, n_trials, timings, t0)
         if progress:
-            _print_failures(name, client, parent.experiment_id, sid, {t.key for t in todo})
-        _finish_parent(parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays audio
+            _print_failures(name, s.parent.client, s.parent.experiment_id, s.sid, {t.key for t in s.todo})
+        _finish_parent(s.parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays audio
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
-    lease.release()
+    s.lease.release()
     return summary
+
+
+@dataclasses.dataclass
+class _Opened:
+    """A sweep after step 1: its tracking server watched, its lease held, its parent run open, what is left."""
+
+    name: str
+    tasks: list[FitTask]
+    experiment: str
+    sid: str
+    uri: str
+    watch: TrackingWatch
+    lease: Any
+    parent: MlflowRun
+    progress: bool
+    todo: list[FitTask] = dataclasses.field(default_factory=list)
+    replayed: int = 0
+
+
+def _open(name: str, tasks: list[FitTask], experiment: str, progress: bool) -> _Opened:
+    """Step 1: the tracking server answers (tune.durable), this driver holds the sweep's lease (a second driver is
+    refused, tune.lease), the parent run is open, kept records are logged and `todo` lists the fits left."""
+    uri, sid = tracking_uri(), sweep_id(name, tasks)
+    watch = TrackingWatch(name, uri, records_root(experiment), sid)
+    with watch.guard():
+        watch.ensure()
+        lease = take_lease(uri, experiment, sid)
+        parent = _open_parent(experiment, uri, sid, name, len(tasks))
+        s = _Opened(name, tasks, experiment, sid, uri, watch, lease, parent, progress)
+        finished, s.replayed = _log_kept_records(s, tasks)
+        s.todo = [t for t in tasks if t.key not in finished]
+        _mark_stale(parent.client, parent.experiment_id, {t.key for t in s.todo})
+    return s
+
+
+def _tune_until_done(
+    s: _Opened,
+    ctx: TrialContext,
+    plan: SweepPlan,
+    pack_size: int,
+    bundles_per_tune: int | None,
+    callback: Progress,
+    stop: StopOnSignal,
+    tune_restarts: int,
+    trial_failures: int,
+    storage: str | None,
+) -> int:
+    """Step 3 and the first half of 4: pack and bundle the fits left, run them in Tune, log what the trials recorded and
+    the crashed trials' fits; a new Tune run over what is left when Tune itself stops with an exception (at most
+    `tune_restarts`). Returns the number of trials run."""
+    client, exp_id = s.parent.client, s.parent.experiment_id
+
+    def packs_and_bundles(tasks_left: list[FitTask]) -> tuple[list[list[FitTask]], list[list[int]]]:
+        packs = pack(tasks_left, pack_size)
+        return packs, bundle(packs, len(packs) if bundles_per_tune is None else bundles_per_tune)
+
+    packs, bundles = packs_and_bundles(s.todo)
+    if s.progress:
+        print(
+            f"[{s.name}] {len(s.tasks)} fits: {len(s.tasks) - len(s.todo)} already finished, {len(s.todo)} to run "
+            f"in {len(packs)} packs, {len(bundles)} trials; MLflow {s.uri} experiment {s.experiment!r}",
+            flush=True,
+        )
+    n_trials = 0
+    for attempt in range(tune_restarts + 1):
+        if not packs:
+            break
+        n_trials += len(bundles)
+        run_name = f"{s.sid}-r{attempt}" if attempt else s.sid
+        try:
+            grid = _tune(
+                packs,
+                bundles,
+                ctx,
+                plan,
+                run_name,
+                trial_failures,
+                storage,
+                [callback, ServerWatch(s.watch)],
+                stop.stopper,
+            )
+        except Exception as e:  # Tune itself stopped (e.g. Ray's OOM killer took an actor while it started)
+            if stop.signal is not None:
+                break
+            if attempt == tune_restarts:
+                raise
+            print(
+                f"[{s.name}] Ray Tune stopped ({type(e).__name__}: {_first_line(e)}); restarting the fits that "
+                "are not finished",
+                flush=True,
+            )
+            with s.watch.guard():
+                done_keys = _log_kept_records(s, s.todo, after_tune=True)[0]
+                _mark_stale(client, exp_id, {t.key for t in s.todo})
+            packs, bundles = packs_and_bundles([t for t in s.todo if t.key not in done_keys])
+            continue
+        with s.watch.guard():
+            _log_kept_records(s, s.todo, after_tune=True)
+            _record_crashed_trials(grid, packs, ctx, client, exp_id)
+            _mark_stale(client, exp_id, {t.key for t in s.todo})  # runs of workers that died
+        break
+    return n_trials
 
 
 def _check_arguments(
@@ -316,57 +362,47 @@ def records_root(experiment: str) -> str:
     return storage.join(storage_root("records"), records.component(experiment))
 
 
-def _log_kept_records(
-    name: str, parent: MlflowRun, watch: TrackingWatch, tasks: list[FitTask], progress: bool, after_tune: bool = False
-) -> tuple[dict[str, Any], int]:
+def _log_kept_records(s: _Opened, tasks: list[FitTask], after_tune: bool = False) -> tuple[dict[str, Any], int]:
     """Make sure the tracking server answers (restarting the embedded one), log every fit record of the sweep that
     is not logged yet (or whose run is missing), and return ({key: FINISHED run}, runs created from records)."""
-    watch.ensure()
-    client, exp_id = parent.client, parent.experiment_id
+    s.watch.ensure()
+    client, exp_id = s.parent.client, s.parent.experiment_id
     finished = finished_runs(client, exp_id)
     missing = {t.key for t in tasks if t.key not in finished}
-    n = replay_pending(client, exp_id, watch.root, watch.sweep, parent.run_id, missing)
+    n = replay_pending(client, exp_id, s.watch.root, s.watch.sweep, s.parent.run_id, missing)
     if n:
         finished = finished_runs(client, exp_id)
-        if progress:
+        if s.progress:
             when = "computed now, kept until MLflow answered" if after_tune else "computed earlier, not refitted"
-            print(f"[{name}] logged {n} fit records from {watch.where} ({when})", flush=True)
+            print(f"[{s.name}] logged {n} fit records from {s.watch.where} ({when})", flush=True)
     return finished, n
 
 
 def _summarize(
-    sid: str,
-    experiment: str,
-    tasks: list[FitTask],
-    todo: list[FitTask],
-    parent: MlflowRun,
-    uri: str,
-    plan: SweepPlan,
-    callback: Progress,
-    n_trials: int,
-    timings: dict[str, float],
-    t0: float,
+    s: _Opened, plan: SweepPlan, callback: Progress, n_trials: int, timings: dict[str, float], t0: float
 ) -> SweepSummary:
-    finished = finished_runs(parent.client, parent.experiment_id)
-    rows = [_row(t, finished[t.key]) for t in tasks if t.key in finished]
-    skipped = len(tasks) - len(todo)
-    return SweepSummary(
-        sid,
-        experiment,
-        parent.run_id,
-        uri,
-        len(tasks),
+    finished = finished_runs(s.parent.client, s.parent.experiment_id)
+    rows = [_row(t, finished[t.key]) for t in s.tasks if t.key in finished]
+    skipped = len(s.tasks) - len(s.todo)
+    summary = SweepSummary(
+        s.sid,
+        s.experiment,
+        s.parent.run_id,
+        s.uri,
+        len(s.tasks),
         skipped,
         len(rows) - skipped,
-        len(tasks) - len(rows),
+        len(s.tasks) - len(rows),
         time.perf_counter() - t0,
         plan.resources,
         rows,
         packs=callback.results,
         n_trials=n_trials,
         timings=timings,
-        experiment_id=parent.experiment_id,
+        experiment_id=s.parent.experiment_id,
     )
+    summary.replayed, summary.records = s.replayed, s.watch.where
+    return summary
 
 
 def _print_failures(name: str, client: Any, exp_id: str, sid: str, keys: set[str]) -> None:
