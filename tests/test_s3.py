@@ -127,7 +127,10 @@ def cloud(tmp_path_factory):
             serve.start()
             # RAY_memory_monitor_refresh_ms=0: no Ray OOM killer on this test head. It acts on the whole machine's
             # memory, which CI and development machines share with other work; the kernel still guards the machine.
-            node_env = dict(base, FEWSOUND_HOME=str(worker_home), RAY_memory_monitor_refresh_ms="0")
+            # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM the head stops at once. By default it first drains
+            # for up to 30 s, and a head that ran these jobs never finishes draining: it waited the whole 30 s.
+            node_env = dict(base, FEWSOUND_HOME=str(worker_home), RAY_memory_monitor_refresh_ms="0",
+                            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # fmt: skip
             head, address = _ray_head(root / "node", node_env)
             driver = dict(base, FEWSOUND_HOME=str(driver_home), RAY_ADDRESS=address, MLFLOW_TRACKING_URI=serve.uri,
                           FEWSOUND_STORAGE=f"s3://{BUCKET}/ray")  # fmt: skip
