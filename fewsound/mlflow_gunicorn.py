@@ -27,4 +27,10 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 (SQLAlch
 worker_class = "gthread"  # a few requests at once: trials logging while the user browses the UI
 threads = 4
 timeout = 300  # a large artifact upload or search may take a while; the default 30 s would kill the worker
+# On SIGTERM gunicorn waits up to graceful_timeout (default 30 s) for its open client connections, and a process
+# whose MLflow client has talked to the server keeps its connection open (MLflow keeps its HTTP session for the
+# process's life: a driver, a notebook, a test). So every such stop took the full 30 s: longer than `fewsound mlflow
+# stop` waits before it kills the server, and than many schedulers' grace periods (docker stop: 10 s), which would
+# kill `fewsound mlflow serve` before its final backup. Requests in flight still get these seconds to finish.
+graceful_timeout = 5
 loglevel = "warning"

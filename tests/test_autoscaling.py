@@ -121,6 +121,9 @@ def cluster(tmp_path_factory):
         "FEWSOUND_HOME": str(home),
         "RAY_USAGE_STATS_ENABLED": "0",
         "OMP_NUM_THREADS": "1",
+        # on SIGTERM the head stops at once; by default it first drains for up to 30 s, and a head that ran these
+        # jobs never finishes draining (it waited the whole 30 s)
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)

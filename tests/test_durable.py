@@ -185,6 +185,15 @@ def _one_finished_run_per_fit(uri: str, experiment: str, keys: set[str]) -> None
             assert files == {"audio/gt.wav", "audio/pred.wav"}, r.info.run_name
 
 
+def _nothing_refitted(home: Path, before: dict[str, dict], uri: str, experiment: str) -> None:
+    """After a sweep that a kill interrupted: every fit recorded and logged, the records that existed at the kill
+    (`before`) not computed again (same computed-at times), one FINISHED run per fit and no run left RUNNING."""
+    after = _records(home)
+    assert len(after) == FITS and all(r["logged"] for r in after.values())
+    assert {k: r["computed_at"] for k, r in before.items()} == {k: after[k]["computed_at"] for k in before}
+    _one_finished_run_per_fit(uri, experiment, set(after))
+
+
 def _driver_env(home: Path, uri: str | None) -> dict:
     env = dict(os.environ, FEWSOUND_HOME=str(home), PYTHONPATH=str(REPO))
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -282,18 +291,25 @@ def test_a_remote_server_that_does_not_answer_is_one_line_after_the_wait(tmp_pat
 
 
 @pytest.mark.e2e
-def test_embedded_server_killed_mid_sweep_is_restarted_on_its_port_and_nothing_is_refitted(tmp_path):
+def test_a_trial_worker_and_the_embedded_server_killed_mid_sweep_are_recovered_and_nothing_is_refitted(tmp_path):
+    """One sweep, two kills: a trial's Ray worker right after it recorded its first fit (Tune retries the trial; its
+    new worker skips the recorded fit), then the embedded MLflow server once a fit is logged (the driver restarts it
+    on its port; the trials keep their records meanwhile)."""
     from fewsound import tracking
 
     home = tmp_path / "home"
     uri = tracking.start_local_server(home, port=_free_port())  # the embedded server the driver finds and reuses
     log = tmp_path / "driver.log"
-    proc = _start([*DRIVER, "t-embedded", str(FITS), STEPS, "4"], _driver_env(home, None), log)
+    # one fit per pack, 2 trials of 2 packs: the killed worker's trial has a pack left to fit
+    proc = _start([*DRIVER, "t-kills", str(FITS), STEPS, "1"], _driver_env(home, None), log)
     try:
+        _wait_for(lambda: bool(_records(home)), proc, log)
+        at_worker_kill = _records(home)
+        first = next(iter(at_worker_kill.values()))
+        os.kill(first["pid"], signal.SIGKILL)  # the trial's Ray worker, right after it recorded its first fit
         _wait_for(lambda: any(r["logged"] for r in _records(home).values()), proc, log)
-        before = _records(home)
-        server_pid = json.loads((home / "server.json").read_text())["pid"]
-        os.killpg(server_pid, signal.SIGKILL)
+        at_server_kill = _records(home)
+        _kill_embedded(home)
         rc = proc.wait(timeout=600)
         out = log.read_text()
         print(out)
@@ -301,10 +317,13 @@ def test_embedded_server_killed_mid_sweep_is_restarted_on_its_port_and_nothing_i
         assert f"the embedded MLflow server at {uri} stopped" in out and "(1 of 2)" in out
         assert f"{FITS} fits: {FITS} done now, 0 already finished, 0 failed" in out
         assert json.loads((home / "server.json").read_text())["uri"] == uri and _healthy(uri)  # same port
-        after = _records(home)
-        assert len(after) == FITS and all(r["logged"] for r in after.values())
-        assert {k: r["computed_at"] for k, r in before.items()} == {k: after[k]["computed_at"] for k in before}
-        _one_finished_run_per_fit(uri, "t-embedded", set(after))
+        result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+        assert result["done"] == FITS and result["failed"] == 0
+        # Tune retried the killed trial: its new worker found the recorded fit and skipped it
+        retried = [p for p in result["packs"] if p["fits_skipped"]]
+        assert retried and all(p["pid"] != first["pid"] for p in retried), result["packs"]
+        _nothing_refitted(home, at_worker_kill, uri, "t-kills")
+        _nothing_refitted(home, at_server_kill, uri, "t-kills")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -348,44 +367,8 @@ def test_remote_server_killed_mid_sweep_is_one_line_then_a_rerun_logs_the_record
         assert f"[durable] logged {len(unlogged)} fit records from" in again.stdout
         assert f"{FITS} fits: {FITS} already finished, 0 to run" in again.stdout
         assert f"{FITS} fits: 0 done now, {FITS} already finished, 0 failed" in again.stdout
-        after = _records(home)
-        assert {k: r["computed_at"] for k, r in kept.items()} == {k: r["computed_at"] for k, r in after.items()}
-        assert all(r["logged"] for r in after.values())
-        _one_finished_run_per_fit(server.uri, "t-remote", set(after))
+        _nothing_refitted(home, kept, server.uri, "t-remote")
     finally:
         if proc.poll() is None:
             proc.kill()
         server.kill()
-
-
-@pytest.mark.e2e
-def test_a_trial_worker_killed_mid_pack_is_retried_and_nothing_recorded_is_refitted(tmp_path):
-    from fewsound import tracking
-
-    home = tmp_path / "home"
-    uri = tracking.start_local_server(home, port=_free_port())
-    log = tmp_path / "driver.log"
-    # one fit per pack, 2 trials of 2 packs: the killed worker's trial has a pack left to fit
-    proc = _start([*DRIVER, "t-worker", str(FITS), STEPS, "1"], _driver_env(home, None), log)
-    try:
-        _wait_for(lambda: bool(_records(home)), proc, log)
-        before = _records(home)
-        first = next(iter(before.values()))
-        os.kill(first["pid"], signal.SIGKILL)  # the trial's Ray worker, right after it recorded its first fit
-        rc = proc.wait(timeout=600)
-        out = log.read_text()
-        print(out)
-        assert rc == 0, out[-5000:]
-        result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
-        assert result["done"] == FITS and result["failed"] == 0
-        # Tune retried the killed trial: its new worker found the recorded fit and skipped it
-        retried = [p for p in result["packs"] if p["fits_skipped"]]
-        assert retried and all(p["pid"] != first["pid"] for p in retried), result["packs"]
-        after = _records(home)
-        assert len(after) == FITS and all(r["logged"] for r in after.values())
-        assert {k: r["computed_at"] for k, r in before.items()} == {k: after[k]["computed_at"] for k in before}
-        _one_finished_run_per_fit(uri, "t-worker", set(after))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        tracking.stop_local_server(home)

@@ -56,10 +56,17 @@ class Serve:
         self.uri = f"http://127.0.0.1:{port}"
 
     def start(self) -> Serve:
+        return self.spawn().wait_healthy()
+
+    def spawn(self) -> Serve:
+        """Start the server without waiting for it (the fixture starts the Ray head meanwhile)."""
         cmd = [sys.executable, "-m", "fewsound", "mlflow", "serve", "--store", str(self.store), "--backup", BACKUP,
                "--artifacts", ARTIFACTS, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]  # fmt: skip
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+    def wait_healthy(self) -> Serve:
         deadline = time.monotonic() + 120
         while not _healthy(self.uri):
             assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
@@ -124,11 +131,15 @@ def cloud(tmp_path_factory):
         (root / "user").mkdir()
         head = None
         try:
-            serve.start()
+            serve.spawn()  # it starts while the head does
             # RAY_memory_monitor_refresh_ms=0: no Ray OOM killer on this test head. It acts on the whole machine's
             # memory, which CI and development machines share with other work; the kernel still guards the machine.
-            node_env = dict(base, FEWSOUND_HOME=str(worker_home), RAY_memory_monitor_refresh_ms="0")
+            # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM the head stops at once. By default it first drains
+            # for up to 30 s, and a head that ran these jobs never finishes draining: it waited the whole 30 s.
+            node_env = dict(base, FEWSOUND_HOME=str(worker_home), RAY_memory_monitor_refresh_ms="0",
+                            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # fmt: skip
             head, address = _ray_head(root / "node", node_env)
+            serve.wait_healthy()
             driver = dict(base, FEWSOUND_HOME=str(driver_home), RAY_ADDRESS=address, MLFLOW_TRACKING_URI=serve.uri,
                           FEWSOUND_STORAGE=f"s3://{BUCKET}/ray")  # fmt: skip
             yield driver, driver_home, worker_home, s3, serve, root

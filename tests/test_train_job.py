@@ -185,6 +185,12 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
+        from fewsound.tracking import start_local_server
+
+        # The head's MLflow server, started while the head boots (as cluster.yaml runs one beside the head): both
+        # jobs find it in the head's FEWSOUND_HOME. A server the first job started would not outlive it: `ray job
+        # stop` ends the job's whole process tree, and the second job would pay a server start again.
+        start_local_server(home)
         deadline = time.monotonic() + 120
         while True:
             r = subprocess.run(
