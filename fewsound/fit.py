@@ -16,7 +16,8 @@ a whole pack's activations spill out of the caches and made packed fits dearer p
   recorded; the other clips go on. All of this is tensor ops on the device, with no host sync per step.
 - the running best loss is tracked.
 On the CPU, a pack's chunks run on worker threads (`_clip_workers`): one clip per core beats every core on one
-clip; a single clip's samples are split over the threads instead (its INR forward and backward per segment). `precision="bf16"` runs the INR forward under bfloat16 autocast; `compile` puts the INR forward through
+clip; a single clip's samples are split over the threads instead (its INR forward and backward per segment).
+`precision="bf16"` runs the INR forward under bfloat16 autocast; `compile` puts the INR forward through
 torch.compile ("reduce-overhead": CUDA graphs on a GPU), falling back to eager with one line if that fails.
 Every `checkpoint_every` steps the full state (params, optimizer moments, divergence masks, best losses) is
 written atomically to `checkpoint_dir/fit.pt`; a later call with the same config, seeds and clips resumes from
