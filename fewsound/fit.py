@@ -363,16 +363,13 @@ class _Chunks:
         forward = self.forward if grad else self.forward.eager  # evaluation: no second compile for no_grad
         return sub, forward(sub, self.t, self.buffers[i])
 
-    def predict_segments(self, i: int, pool: ThreadPoolExecutor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """Chunk i's params and its predictions per sample segment ([b - a, segment length] each, with autograd),
-        segment j computed on a worker thread of `pool`."""
-        a, b = self.spans[i]
-        sub = (
-            self.params
-            if len(self.spans) == 1
-            else {k: v[a:b].detach().requires_grad_(True) for k, v in self.params.items()}
+    def predict_segments(self, pool: ThreadPoolExecutor) -> list[torch.Tensor]:
+        """The single chunk's predictions per sample segment ([B, segment length] each, with autograd through the
+        pack's own parameter tensors), segment j computed on a worker thread of `pool`."""
+        assert len(self.spans) == 1, "only a pack of one chunk is split into sample segments"
+        return list(
+            pool.map(lambda seg: self.forward(self.params, self.t[slice(*seg)], self.buffers[0]), self.segments)
         )
-        return sub, list(pool.map(lambda seg: self.forward(sub, self.t[slice(*seg)], self.buffers[i]), self.segments))
 
     def loss(self, i: int, pred: torch.Tensor) -> torch.Tensor:
         """Chunk i's per-clip loss [b - a]."""
@@ -528,22 +525,21 @@ def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer, pool: ThreadP
                 p.grad[a:b].copy_(sub[k].grad)
         per_clip[a:b] = loss.detach()
 
-    def run_split(i: int, workers: ThreadPoolExecutor) -> None:
-        # the INR is pointwise in t: segment j's forward and backward run on a worker, the loss on the whole
-        # prediction in between (on this thread, at its intra-op threads); the segments' gradients are summed in
-        # segment order, so the result does not depend on which worker ran which segment
-        a, b = chunks.spans[i]
-        sub, preds = chunks.predict_segments(i, workers)
+    def run_split(workers: ThreadPoolExecutor) -> None:
+        # the pack's one chunk; the INR is pointwise in t: segment j's forward and backward run on a worker, the
+        # loss on the whole prediction in between (on this thread, at its intra-op threads); the segments'
+        # gradients are summed in segment order, so the result does not depend on which worker ran which segment
+        preds = chunks.predict_segments(workers)
         pred = torch.cat([p.detach() for p in preds], dim=-1).requires_grad_(True)
-        loss = chunks.loss(i, pred)
-        live = pack.observe(a, b, step, loss, sub)
+        loss = chunks.loss(0, pred)
+        live = pack.observe(0, len(per_clip), step, loss, params)
         torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
-        d_pred, keys = pred.grad, list(sub)
+        d_pred, keys = pred.grad, list(params)
         assert d_pred is not None
 
         def backward(j: int) -> tuple[torch.Tensor | None, ...]:
             seg = slice(*chunks.segments[j])
-            return torch.autograd.grad(preds[j], [sub[k] for k in keys], d_pred[:, seg], allow_unused=True)
+            return torch.autograd.grad(preds[j], [params[k] for k in keys], d_pred[:, seg], allow_unused=True)
 
         per_segment = list(workers.map(backward, range(len(preds))))
         for n, k in enumerate(keys):
@@ -553,11 +549,11 @@ def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer, pool: ThreadP
                 if part is not None:
                     total = part if total is None else total + part
             if total is not None:
-                params[k].grad[a:b].copy_(total)  # .grad: allocated before the first step
-        per_clip[a:b] = loss.detach()
+                params[k].grad.copy_(total)  # .grad: allocated before the first step
+        per_clip.copy_(loss.detach())
 
     if pool is not None and chunks.segments:
-        run_split(0, pool)  # one chunk, its samples split over the pool's threads
+        run_split(pool)  # one chunk, its samples split over the pool's threads
     elif pool is None:
         for i in range(len(chunks.spans)):
             run(i)

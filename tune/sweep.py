@@ -40,7 +40,7 @@ from fewsound.errors import ConfigError, Stopped
 from fewsound.plan import FitTask, bundle, pack, pack_to_config
 from fewsound.tracking import MlflowRun, git_commit, tracking_uri, ui_url
 from tune.durable import TrackingWatch, client_defaults, replay_pending
-from tune.lease import take_lease
+from tune.lease import SweepLease, take_lease
 from tune.ray_env import (
     Capacity,
     capacity,
@@ -236,7 +236,7 @@ class _Opened:
     sid: str
     uri: str
     watch: TrackingWatch
-    lease: Any
+    lease: SweepLease
     parent: MlflowRun
     progress: bool
     todo: list[FitTask] = dataclasses.field(default_factory=list)
