@@ -62,9 +62,9 @@ def server_cpu() -> float:
     """CPU seconds used so far by the local MLflow server (and its children)."""
     import psutil
 
-    from fewsound import tracking
+    from fewsound import storage
 
-    state = json.loads((tracking.default_home() / "server.json").read_text())
+    state = json.loads((storage.default_home() / "server.json").read_text())
     proc = psutil.Process(state["pid"])
     return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
 
@@ -74,9 +74,9 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
     and the MLflow server: where the 2 cores went besides the fits."""
     import psutil
 
-    from fewsound import tracking
+    from fewsound import storage
 
-    server = psutil.Process(json.loads((tracking.default_home() / "server.json").read_text())["pid"])
+    server = psutil.Process(json.loads((storage.default_home() / "server.json").read_text())["pid"])
     me = psutil.Process()
     out = {}
     for group, root in (("driver", me), ("mlflow server", server)):
@@ -209,7 +209,7 @@ def main() -> int:
     quiet_defaults()
     tracking.tracking_uri()
     corpus = resolve_corpus(None, args.length)
-    from fewsound.data.shards import open_corpus
+    from fewsound.data.corpus import open_corpus
 
     clips = list(open_corpus(corpus).clips())
     args.pack_size = min(args.pack_size, len(clips))  # one config = one pack of distinct clips

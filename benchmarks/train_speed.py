@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from fewsound.data.corpus import open_corpus
     from fewsound.data.prepare import prepare_corpus
-    from fewsound.data.shards import open_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus_dir = Path(tmp) / "corpus"

@@ -32,6 +32,21 @@ import pyarrow.fs as pafs
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+def default_home() -> Path:
+    """Where the embedded server keeps its SQLite file, artifacts and log: $FEWSOUND_HOME or ~/.fewsound."""
+    return Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound")).expanduser()
+
+
+def storage_root(sub: str) -> str:
+    """Where Ray Tune / Ray Train keep trial state and checkpoints: $FEWSOUND_STORAGE/sub (a shared folder or a
+    cloud URI such as s3://bucket/fewsound/ray: multi-node runs need one that every node reaches), else
+    $FEWSOUND_HOME/sub on this machine."""
+    root = os.environ.get("FEWSOUND_STORAGE")
+    if root:
+        return f"{root.rstrip('/')}/{sub}"
+    return str(default_home() / sub)
+
+
 def is_uri(location: str | os.PathLike) -> bool:
     """True for `scheme://...` (an object store or file:// URI), False for a plain path."""
     return bool(_SCHEME.match(str(location)))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fewsound.errors import ConfigError
+from fewsound.storage import default_home
 
 DEFAULT_PORT = 5000
 PARENT_TAG = "mlflow.parentRunId"
@@ -38,21 +39,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 # --------------------------------------------------------------------------------------------- the server
-
-
-def default_home() -> Path:
-    """Where the embedded server keeps its SQLite file, artifacts and log: $FEWSOUND_HOME or ~/.fewsound."""
-    return Path(os.environ.get("FEWSOUND_HOME", Path.home() / ".fewsound")).expanduser()
-
-
-def storage_root(sub: str) -> str:
-    """Where Ray Tune / Ray Train keep trial state and checkpoints: $FEWSOUND_STORAGE/sub (a shared folder or a
-    cloud URI such as s3://bucket/fewsound/ray: multi-node runs need one that every node reaches), else
-    $FEWSOUND_HOME/sub on this machine."""
-    root = os.environ.get("FEWSOUND_STORAGE")
-    if root:
-        return f"{root.rstrip('/')}/{sub}"
-    return str(default_home() / sub)
 
 
 def server_health(uri: str, timeout: float = 1.0) -> str | None:

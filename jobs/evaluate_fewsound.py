@@ -74,7 +74,7 @@ def model_run(source: str, model, experiment: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from fewsound.data.shards import open_corpus
+        from fewsound.data.corpus import open_corpus
         from fewsound.tables import DATASET_NAMES, build_table, hyper_label, to_markdown, write_results
         from tune.hyper_eval import LONG_GROUP, evaluate_trained, evaluation_key, log_evaluation, validation_set
         from tune.train_job import load_trained, resolve_train_corpus

@@ -203,7 +203,7 @@ def drive(env: dict, what: str) -> tuple[dict, str]:
 def test_a_sweep_scales_from_zero_and_runs_its_trials_with_gpu_fractions_on_the_new_nodes(cluster, capsys):
     from mlflow.tracking import MlflowClient
 
-    from tune.trial import KEY_TAG
+    from tune.spine import FIT_KEY_TAG
 
     r, out = drive(cluster, "sweep")
     assert r["nodes_before"] == {}, "the cluster starts with no worker node"
@@ -220,7 +220,7 @@ def test_a_sweep_scales_from_zero_and_runs_its_trials_with_gpu_fractions_on_the_
     nodes = r["nodes"]
     client = MlflowClient(tracking_uri=cluster["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("test-autoscale")
-    kids = [k for k in client.search_runs([exp.experiment_id], max_results=1000) if KEY_TAG in k.data.tags]
+    kids = [k for k in client.search_runs([exp.experiment_id], max_results=1000) if FIT_KEY_TAG in k.data.tags]
     assert len(kids) == r["fits"] and all(k.info.status == "FINISHED" for k in kids)
     per_node = collections.Counter(k.data.tags["fewsound.node"] for k in kids)
     assert set(per_node) <= set(nodes), "every fit ran on a worker node the autoscaler started"

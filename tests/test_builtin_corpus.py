@@ -177,7 +177,7 @@ def test_manifest_is_json_roundtrip(manifest):
 def test_builtin_name_is_prepared_per_node_and_bit_identical(tmp_path, monkeypatch):
     """`builtin:<protocol>`: each machine (here: each FEWSOUND_HOME) prepares its own copy from the package, and
     every copy has the same shards byte for byte, so trials on different nodes read the same clips."""
-    from fewsound.data.shards import open_corpus
+    from fewsound.data.corpus import open_corpus
     from fewsound.errors import ConfigError
 
     digests = []

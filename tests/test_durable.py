@@ -98,7 +98,8 @@ def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, 
     from mlflow.tracking import MlflowClient
 
     from fewsound.tracking import get_or_create_experiment
-    from tune.durable import KEY_TAG, SWEEP_TAG, replay_pending
+    from tune.durable import replay_pending
+    from tune.spine import FIT_KEY_TAG, SWEEP_TAG
 
     client = MlflowClient(tracking_uri=env[1])
     exp = get_or_create_experiment(client, "t-replay")
@@ -108,11 +109,11 @@ def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, 
 
     def rec(key: str, status: str = "FINISHED") -> FitRecord:
         r = _record(key, sweep, status)
-        r.tags = {KEY_TAG: key, SWEEP_TAG: sweep}
+        r.tags = {FIT_KEY_TAG: key, SWEEP_TAG: sweep}
         return r
 
     def runs(key: str) -> list:
-        return client.search_runs([exp], f"tags.`{KEY_TAG}` = '{key}'", max_results=100)
+        return client.search_runs([exp], f"tags.`{FIT_KEY_TAG}` = '{key}'", max_results=100)
 
     records.write_record(root, rec("a"), files)
     records.write_record(root, rec("b", "FAILED"))
@@ -127,7 +128,7 @@ def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, 
 
     # a logger died between creating c's run and ending it, and before it marked the record logged
     records.write_record(root, rec("c"), files)
-    half = client.create_run(exp, run_name="c", tags={KEY_TAG: "c", SWEEP_TAG: sweep}).info.run_id
+    half = client.create_run(exp, run_name="c", tags={FIT_KEY_TAG: "c", SWEEP_TAG: sweep}).info.run_id
     assert replay_pending(client, exp, root, sweep, parent, set()) == 1
     assert sorted(r.info.status for r in runs("c")) == ["FINISHED", "KILLED"]
     assert client.get_run(half).info.status == "KILLED"

@@ -111,7 +111,7 @@ def test_grid_on_the_builtin_corpus_logs_one_parent_and_skips_on_rerun(tmp_path,
     from mlflow.tracking import MlflowClient
 
     from fewsound import tracking
-    from tune.hyper_eval import EVAL_TAG
+    from tune.spine import EVAL_KEY_TAG as EVAL_TAG
 
     ray.shutdown()  # a Ray left by an earlier module has other servers in its workers' environment
     monkeypatch.setenv("FEWSOUND_HOME", str(tmp_path))

@@ -11,9 +11,9 @@ import pytest
 import soundfile as sf
 
 from fewsound.data.audio import resample
+from fewsound.data.corpus import open_corpus
 from fewsound.data.importers import detect_layout, scan
 from fewsound.data.prepare import prepare_corpus
-from fewsound.data.shards import open_corpus
 from fewsound.errors import DataError
 
 

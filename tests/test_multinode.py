@@ -9,7 +9,7 @@ import pytest
 from fewsound import tracking
 from fewsound.fit import FitConfig
 from fewsound.plan import FitTask
-from tune.trial import KEY_TAG
+from tune.spine import FIT_KEY_TAG
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +71,7 @@ def test_smoke_sweep_spreads_over_worker_nodes_and_logs_every_artifact(cluster):
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("test-multinode")
-    kids = [r for r in client.search_runs([exp.experiment_id]) if KEY_TAG in r.data.tags]
+    kids = [r for r in client.search_runs([exp.experiment_id]) if FIT_KEY_TAG in r.data.tags]
     assert len(kids) == 6 and all(r.info.status == "FINISHED" for r in kids)
     nodes = {r.data.tags["fewsound.node"] for r in kids}
     assert nodes == set(worker_ids), "the two packs ran on the two worker nodes, none on the head"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from fewsound.data.shards import open_corpus
+from fewsound.data.corpus import open_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "prepare_data.py"

@@ -180,7 +180,7 @@ def test_prepare_data_writes_the_corpus_to_the_bucket_and_resumes(cloud, inr_cor
     assert sorted(k for k in keys if "/receipts/" in k) == sorted(
         k.replace("corpora/inr/", "corpora/inr/receipts/").replace(".parquet", ".json") for k in shards
     )
-    from fewsound.data.shards import open_corpus
+    from fewsound.data.corpus import open_corpus
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in s3.env.items():

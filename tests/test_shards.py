@@ -13,10 +13,11 @@ import pytest
 import soundfile as sf
 
 from fewsound.data.audio import load_audio
+from fewsound.data.corpus import open_corpus
 from fewsound.data.importers import SourceRecord
 from fewsound.data.prepare import plan_corpus, prepare_corpus
 from fewsound.data.protocols import crop_start, get_protocol, load_crop, split_groups, val_group_count
-from fewsound.data.shards import open_corpus, process_shard
+from fewsound.data.shards import process_shard
 from fewsound.errors import AudioError, ConfigError, DataError
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fewsound import storage
+from fewsound.data.corpus import open_corpus
 from fewsound.data.prepare import prepare_corpus
-from fewsound.data.shards import open_corpus
 from fewsound.errors import DataError
 
 

@@ -21,7 +21,7 @@ import pytest
 from fewsound import tracking
 from fewsound.fit import FitConfig
 from fewsound.plan import FitTask
-from tune.trial import KEY_TAG, REASON_TAG
+from tune.spine import FIT_KEY_TAG, REASON_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_KEYS = (
@@ -88,7 +88,7 @@ def test_smoke_job_logs_parent_and_six_children_with_metrics_and_artifacts(smoke
     assert {r.data.tags["fewsound.family"] for r in kids} == {"nerf", "kan"}
     for r in kids:
         assert r.info.status == "FINISHED", (r.info.run_name, r.data.tags.get(REASON_TAG))
-        assert r.data.tags[KEY_TAG] == r.info.run_name
+        assert r.data.tags[FIT_KEY_TAG] == r.info.run_name
         assert r.data.tags.get("mlflow.source.git.commit")
         missing = [k for k in EVAL_KEYS + FIT_KEYS if k not in r.data.metrics]
         assert not missing, (r.info.run_name, missing, r.data.tags)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from test_sweep import REPO, children  # tests/ is on sys.path (rootdir-relative imports)
 
-from tune.trial import KEY_TAG
+from tune.spine import FIT_KEY_TAG
 
 EXPERIMENT = "test-resume"
 CMD = [
@@ -51,7 +51,7 @@ def finished(client) -> dict[str, str]:
     if exp is None:
         return {}
     runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000)
-    return {r.info.run_id: r.data.tags[KEY_TAG] for r in runs if KEY_TAG in r.data.tags}
+    return {r.info.run_id: r.data.tags[FIT_KEY_TAG] for r in runs if FIT_KEY_TAG in r.data.tags}
 
 
 def _is_agent(p: psutil.Process) -> bool:
@@ -125,7 +125,7 @@ def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_i
     def done() -> dict[str, str]:
         exp = client.get_experiment_by_name("test-stop")
         runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else []
-        return {r.info.run_id: r.data.tags[KEY_TAG] for r in runs if KEY_TAG in r.data.tags}
+        return {r.info.run_id: r.data.tags[FIT_KEY_TAG] for r in runs if FIT_KEY_TAG in r.data.tags}
 
     try:
         while not done():
@@ -166,7 +166,7 @@ def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_i
 
 
 def test_stop_on_signal_turns_signals_into_a_flag_and_restores_the_handlers():
-    from tune.stopping import StopOnSignal
+    from tune.spine import StopOnSignal
 
     before = signal.getsignal(signal.SIGINT)
     with StopOnSignal() as stop:
@@ -183,11 +183,11 @@ def test_stop_on_signal_turns_signals_into_a_flag_and_restores_the_handlers():
 
 def test_interrupt_on_signal_raises_in_the_main_thread_and_keeps_the_signal():
     """What Ray Train's driver uses (`trainer.fit()` has no stop API): SIGTERM becomes an exception here."""
-    from tune.stopping import Interrupted, interrupt_on_signal
+    from tune.spine import Interrupted, StopOnSignal
 
     before = signal.getsignal(signal.SIGTERM)
-    guard = interrupt_on_signal()
+    guard = StopOnSignal(interrupt=True)
     with pytest.raises(Interrupted), guard:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
-    assert guard.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert guard.signal == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before

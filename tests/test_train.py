@@ -155,7 +155,7 @@ def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segment
     from fewsound import tracking
     from fewsound.data.prepare import prepare_corpus
     from fewsound.hyper import save_model
-    from tune.hyper_eval import EVAL_TAG
+    from tune.spine import EVAL_KEY_TAG as EVAL_TAG
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

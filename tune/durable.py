@@ -30,12 +30,8 @@ from typing import Any, NoReturn
 from fewsound import records, storage, tracking
 from fewsound.errors import FewsoundError, Stopped, TrackingError
 from fewsound.records import FitRecord
+from tune.spine import FIT_KEY_TAG, RECORD_TAG, SWEEP_TAG, runs_by_tag, search_runs, tag_filter
 
-KEY_TAG = "fewsound.fit_key"
-SWEEP_TAG = "fewsound.sweep"
-PACK_TAG = "fewsound.pack"
-REASON_TAG = "fewsound.failure_reason"
-RECORD_TAG = "fewsound.record"  # the record a run was logged from (its computed-at stamp)
 LOG_THREADS = 4  # runs logged at once (each mostly waits on the server)
 HEALTH_TIMEOUT = 5.0  # seconds for GET /health (a loaded server answers it in milliseconds)
 # MLflow's documented client settings, as defaults (a user's values win): by default its client retries a failed
@@ -58,16 +54,7 @@ def stamp(rec: FitRecord) -> str:
 
 def runs_by_key(client: Any, exp_id: str, filter_string: str) -> dict[str, list[Any]]:
     """{fit key: its runs} of the runs matching `filter_string` (every page)."""
-    out: dict[str, list[Any]] = {}
-    token = None
-    while True:
-        page = client.search_runs([exp_id], filter_string=filter_string, max_results=5000, page_token=token)
-        for r in page:
-            if KEY_TAG in r.data.tags:
-                out.setdefault(r.data.tags[KEY_TAG], []).append(r)
-        token = page.token
-        if not token:
-            return out
+    return runs_by_tag(search_runs(client, exp_id, filter_string), FIT_KEY_TAG)
 
 
 def replay(
@@ -113,7 +100,7 @@ def replay_pending(client: Any, exp_id: str, root: str, sweep: str, parent_run_i
     pending = [k for k, logged in records.scan(root, sweep).items() if not logged or k in missing]
     if not pending:
         return 0
-    runs = runs_by_key(client, exp_id, f"tags.`{SWEEP_TAG}` = '{sweep}'")
+    runs = runs_by_key(client, exp_id, tag_filter(SWEEP_TAG, sweep))
 
     def one(key: str) -> bool:
         rec = records.read_record(root, sweep, key)

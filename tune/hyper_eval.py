@@ -31,8 +31,8 @@ import numpy as np
 
 from fewsound.config import cfg_hash
 from fewsound.errors import ConfigError, DataError
+from tune.spine import EVAL_KEY_TAG
 
-EVAL_TAG = "fewsound.eval_key"
 EVAL_DIR = "evaluation"
 LONG_GROUP = "long audio"
 
@@ -48,7 +48,7 @@ class Evaluation:
 
 def validation_set(corpus: str, clips: int | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """(segments [V, L], per-clip meta with clip_id/kind/speaker) of the corpus's validation split."""
-    from fewsound.data.shards import open_corpus
+    from fewsound.data.corpus import open_corpus
 
     segments, meta = open_corpus(corpus).arrays("validation")
     if clips is not None:
@@ -181,7 +181,7 @@ def log_evaluation(run: Any, ev: Evaluation, key: str, *, title: str, sample_rat
             save_audio(out / "example_gt.wav", ev.example_ref, sample_rate)
         run.log_artifact(out, EVAL_DIR)
     run.log_metrics({**_means(ev.rows, "evaluation"), **_means(ev.long_rows, "evaluation_long")})
-    run.set_tags({EVAL_TAG: key})
+    run.set_tags({EVAL_KEY_TAG: key})
 
 
 def load_evaluation(run: Any, key: str) -> Evaluation | None:
@@ -189,7 +189,7 @@ def load_evaluation(run: Any, key: str) -> Evaluation | None:
     from fewsound.data.audio import read_audio
 
     tags = run.client.get_run(run.run_id).data.tags
-    if tags.get(EVAL_TAG) != key:
+    if tags.get(EVAL_KEY_TAG) != key:
         return None
     with tempfile.TemporaryDirectory() as d:
         try:

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,9 +35,8 @@ from typing import Any
 
 from fewsound.config import cfg_hash, override
 from fewsound.errors import ConfigError, Stopped
+from tune.spine import GRID_TAG, JOB_TAG, N_TRAININGS_TAG, PAPER_ROWS_TAG, children_filter, mark_stale, open_keyed_run
 
-GRID_TAG = "fewsound.grid"
-ROLE_TAG = "fewsound.role"
 PAPER_DATASETS = ("VCTK", "noisy VCTK", "LibriSpeech", "LJ Speech", "GTZAN", "UrbanSound8K")
 WHISPER_CHECKPOINTS = {"Whisper L": "large-v2", "Whisper T": "tiny.en"}  # Table 5's rows (the paper's text)
 TABLE_ROW_HEADERS = {2: "Model", 3: "Target Network", 4: "Target Network", 5: "Encoder", 6: "Target Net."}
@@ -204,7 +202,7 @@ def _train_and_evaluate(tr: Training, s: Settings, parent_id: str, grid_id: str,
         storage=s.storage,
         experiment=s.experiment,
         num_workers=s.num_workers,
-        tags={PARENT_TAG: parent_id, GRID_TAG: grid_id, "fewsound.paper_rows": cells_text(tr.cells)},
+        tags={PARENT_TAG: parent_id, GRID_TAG: grid_id, PAPER_ROWS_TAG: cells_text(tr.cells)},
     )
     assert summary.key == tr.key, (summary.key, tr.key)
     run = MlflowRun(s.experiment, uri=summary.tracking_uri, run_id=summary.run_id)
@@ -249,22 +247,8 @@ class GridSummary:
 
 def _open_parent(experiment: str, uri: str, grid_id: str, n: int):
     """The grid's parent run: the one of an earlier run of the same grid (reopened), else a new one."""
-    from mlflow.tracking import MlflowClient
-
-    from fewsound.tracking import MlflowRun, get_or_create_experiment
-
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = get_or_create_experiment(client, experiment)
-    found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{GRID_TAG}` = '{grid_id}' and tags.`{ROLE_TAG}` = 'parent'"
-    )
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return MlflowRun(experiment, uri=uri, run_id=found[0].info.run_id)
-    tags = {ROLE_TAG: "parent", GRID_TAG: grid_id, "fewsound.job": "hyper_tables", "fewsound.n_trainings": n}
-    return MlflowRun(
-        experiment, uri=uri, run_name=f"hyper-tables-{grid_id}", tags={**tags, "fewsound.command": " ".join(sys.argv)}
-    )
+    tags = {JOB_TAG: "hyper_tables", N_TRAININGS_TAG: n}
+    return open_keyed_run(experiment, GRID_TAG, grid_id, run_name=f"hyper-tables-{grid_id}", tags=tags, uri=uri).run
 
 
 def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: Any = print) -> GridSummary:
@@ -273,7 +257,7 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
 
     from fewsound.tracking import tracking_uri
     from tune.ray_env import choose_scaling, init_ray
-    from tune.stopping import interrupt_on_signal
+    from tune.spine import StopOnSignal
 
     t0 = time.perf_counter()
     uri = tracking_uri()  # before Ray starts: its workers inherit MLFLOW_TRACKING_URI
@@ -290,12 +274,12 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
     )
     task = ray.remote(num_cpus=0, max_retries=0)(_train_and_evaluate)
     flight = _InFlight(task, s, parent, grid_id, uri, parallel, list(todo), log, t0)
-    guard = interrupt_on_signal()  # SIGINT/SIGTERM: stop the trainings, keep what finished (_stopped)
+    guard = StopOnSignal(interrupt=True)  # SIGINT/SIGTERM: stop the trainings, keep what finished (_stopped)
     try:
         with guard:
             flight.drain()
     except KeyboardInterrupt:
-        _stopped(guard.signum or signal.SIGINT, flight.pending, parent, flight.results, len(todo))
+        _stopped(guard.signal or signal.SIGINT, flight.pending, parent, flight.results, len(todo))
     results, failed = flight.results, flight.failed
     not_run = [f"{cells_text(t.cells)}: {t.skip}" for t in trainings if t.skip]
     markdown = _finish_parent(parent, cells, trainings, results, s, not_run, failed)
@@ -366,14 +350,7 @@ def _stopped(signum: int, pending: dict, parent: Any, results: dict, total: int)
 
     for ref in pending:
         ray.cancel(ref, force=True)
-    from fewsound.tracking import PARENT_TAG
-
-    running = parent.client.search_runs(
-        [parent.experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{PARENT_TAG}` = '{parent.run_id}'",
-    )
-    for r in running:
-        parent.client.set_terminated(r.info.run_id, status="KILLED")
+    mark_stale(parent.client, parent.experiment_id, children_filter(parent.run_id))
     parent.end("KILLED")
     raise Stopped(
         signum,

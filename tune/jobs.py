@@ -117,7 +117,7 @@ def resolve_corpus(corpus: str | None, length: int) -> str:
     builtin:<protocol>) checked to store clips of `length` samples; None: the built-in corpus, by name (the
     shortest INR protocol that stores `length` samples), so each node prepares its own copy from the package."""
     from fewsound.data.builtin import builtin_name
-    from fewsound.data.shards import corpus_location, open_corpus
+    from fewsound.data.corpus import corpus_location, open_corpus
 
     if corpus is None:
         fits = [p for n, p in sorted(BUILTIN_PROTOCOL.items()) if n >= length]
@@ -137,7 +137,7 @@ def resolve_corpus(corpus: str | None, length: int) -> str:
 def corpus_clips(corpus: str, clips: str | None, kind: str) -> list[Any]:
     """The corpus's clips of `kind` ('all' for every kind), narrowed by --clips (a count or a list of ids).
     Metadata only (fewsound.data.shards.ClipInfo): the driver never reads the audio."""
-    from fewsound.data.shards import open_corpus
+    from fewsound.data.corpus import open_corpus
 
     every = [c for c in open_corpus(corpus).infos() if kind == "all" or c.kind == kind]
     if not every:

@@ -23,8 +23,8 @@ import uuid
 from typing import Any
 
 from fewsound.errors import BusyError
+from tune.spine import LEASE_PREFIX
 
-LEASE_TAG = "fewsound.lease."
 _ACTIVE: dict[str, SweepLease] = {}  # the leases this process holds, by sweep id
 
 
@@ -37,7 +37,7 @@ class SweepLease:
     ):
         self.client, self.exp_id, self.sid = client, exp_id, sid
         self.interval, self.stale_after, self.settle = interval, stale_after, settle
-        self.tag = f"{LEASE_TAG}{sid}"
+        self.tag = f"{LEASE_PREFIX}{sid}"
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
         self.owner = f"{self.me['host']}:{self.me['pid']}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()

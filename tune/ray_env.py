@@ -27,7 +27,7 @@ import sys
 import ray
 
 from fewsound.errors import ConfigError
-from fewsound.tracking import storage_root
+from fewsound.storage import storage_root
 
 __all__ = [
     "GPU_FRACTIONS",

@@ -16,6 +16,7 @@ from typing import Any
 
 from fewsound.errors import ConfigError
 from fewsound.tracking import PARENT_TAG
+from tune.spine import COMMAND_TAG, FIT_KEY_TAG, JOB_TAG, LABEL_TAG, N_FITS_TAG, ROLE_TAG, SWEEP_TAG
 
 PAPER_TABLE = {"speech": 1, "music": 18, "environment": 19}
 PAPER_LABELS = ["NERF", "SIREN", "FINER", "WIRE", "RFF", "KAN"]
@@ -35,7 +36,7 @@ def latest_parent(uri: str, experiment: str) -> str:
         raise ConfigError("--experiment", f"no MLflow experiment {experiment!r} at {uri}")
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string="tags.`fewsound.role` = 'parent'",
+        filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -81,8 +82,8 @@ def collect(uri: str, parent_run_id: str) -> tuple[Any, list[dict[str, Any]]]:
 def _row(run: Any) -> dict[str, Any]:
     p, t = run.data.params, run.data.tags
     row = {
-        "key": t.get("fewsound.fit_key", run.info.run_id),
-        "label": t.get("fewsound.label") or p.get("label") or run.info.run_name,
+        "key": t.get(FIT_KEY_TAG, run.info.run_id),
+        "label": t.get(LABEL_TAG) or p.get("label") or run.info.run_name,
         "family": p.get("family"),
         "clip_id": p.get("clip_id", p.get("clips")),
         "length": int(p.get("clip.length", 0)),
@@ -127,7 +128,7 @@ def write_report(
     if not rows:
         raise ConfigError(parent.info.run_id, "the sweep has no finished fits to report")
     out = Path(out)
-    job = parent.data.tags.get("fewsound.job", "")
+    job = parent.data.tags.get(JOB_TAG, "")
     spec = _table_spec(job, rows)
     paths = tables.write_results(out, rows, **spec)
     markdown = (out / "table.md").read_text()
@@ -256,7 +257,7 @@ def listen_page(
     client = _client(uri)
     parent = client.get_run(parent_run_id)
     tags = parent.data.tags
-    job = tags.get("fewsound.job", "")
+    job = tags.get(JOB_TAG, "")
     if table is None:
         table = _table_spec(job, rows)
     summary, order = listen_tables(job, rows, table)
@@ -266,12 +267,12 @@ def listen_page(
     steps = sorted({client.get_run(s.rows[0]["run_id"]).data.params.get("fit.steps", "?") for s in sections})
     header = {
         "job": job,
-        "command": tags.get("fewsound.command"),
+        "command": tags.get(COMMAND_TAG),
         "steps": ", ".join(map(str, steps)),
         "commit": tags.get("mlflow.source.git.commit"),
-        "sweep": tags.get("fewsound.sweep"),
+        "sweep": tags.get(SWEEP_TAG),
         "parent run": parent_run_id,
-        "fits": f"{len(rows)} finished of {tags.get('fewsound.n_fits', len(rows))}",
+        "fits": f"{len(rows)} finished of {tags.get(N_FITS_TAG, len(rows))}",
     }
     n_total = len({r["clip_id"] for r in rows})
     return listen.render_page(

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ from fewsound.search_space import (
     start_point,
     to_fit_config,
 )
-from fewsound.tracking import PARENT_TAG, MlflowRun, tracking_uri, ui_url
+from fewsound.tracking import MlflowRun, tracking_uri, ui_url
 from tune.lease import take_lease
 from tune.ray_env import (
     capacity,
@@ -74,7 +73,25 @@ from tune.ray_env import (
     trial_resources,
     trial_slots,
 )
-from tune.stopping import StopOnSignal
+from tune.spine import (
+    FAMILY_TAG,
+    JOB_TAG,
+    LABEL_TAG,
+    PER_CLIP_TAG,
+    ROLE_TAG,
+    SEARCH_TAG,
+    START_POINT_TAG,
+    STOPPED_TAG,
+    TRIAL_TAG,
+    TRIALS_TAG,
+    StopOnSignal,
+    children_filter,
+    eta_seconds,
+    fmt_duration,
+    mark_stale,
+    open_keyed_run,
+    search_runs,
+)
 from tune.study import (
     NUMBER_KEY,
     START_KEY,
@@ -84,12 +101,7 @@ from tune.study import (
     fitted_trials,
     prepare_resume,
 )
-from tune.sweep import ROLE_TAG
 
-SEARCH_TAG = "fewsound.search"
-TRIAL_TAG = "fewsound.optuna_trial"  # a trial's run: the number of its Optuna trial
-PER_CLIP_TAG = "fewsound.per_clip"  # a finished trial's run: each clip's metrics (JSON)
-STOPPED_TAG = "fewsound.stopped_early"  # a KILLED trial's run: why ("ASHA at step N", or interrupted)
 PAPER = "paper"  # the name of a family's paper configuration among the start points ("paper" or "paper kan")
 
 
@@ -197,9 +209,9 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, report: Callabl
         parent_run_id=ctx.parent_run_id,
         tags={
             ROLE_TAG: "start_point" if start else "trial",
-            "fewsound.family": family,
-            "fewsound.label": label or "trial",
-            **({"fewsound.start_point": start} if start else {}),
+            FAMILY_TAG: family,
+            LABEL_TAG: label or "trial",
+            **({START_POINT_TAG: start} if start else {}),
             **({TRIAL_TAG: params[NUMBER_KEY]} if NUMBER_KEY in params else {}),
         },
     )
@@ -488,7 +500,7 @@ def _tune(
             verbose=0,
             storage_path=storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
             callbacks=[callback] if callback else None,
-            stop=stopper,  # tune.stopping: SIGINT/SIGTERM end every trial
+            stop=stopper,  # tune.spine.StopOnSignal: SIGINT/SIGTERM end every trial
         ),
     )
     return tuner.fit()
@@ -523,33 +535,18 @@ def _check_search(ctx_args: dict[str, Any], trials: int, max_params: int | None)
 
 def _open_search_parent(ctx_args: dict[str, Any], sid: str, trials: int, max_params: int | None) -> MlflowRun:
     """The search's parent run: reopened when the same search runs again (resume), else created."""
-    from mlflow.tracking import MlflowClient
-
-    from fewsound.tracking import get_or_create_experiment
-
-    uri = tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = get_or_create_experiment(client, ctx_args["experiment"])
-    found = client.search_runs([exp_id], f"tags.`{SEARCH_TAG}` = '{sid}' and tags.`{ROLE_TAG}` = 'parent'")
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        parent = MlflowRun(ctx_args["experiment"], uri=uri, run_id=found[0].info.run_id)
-        parent.set_tags({"fewsound.trials": trials})
-        return parent
     families = list(ctx_args["families"])
-    parent = MlflowRun(
+    keyed = open_keyed_run(
         ctx_args["experiment"],
-        uri=uri,
+        SEARCH_TAG,
+        sid,
         run_name=f"{sid}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={
-            ROLE_TAG: "parent",
-            SEARCH_TAG: sid,
-            "fewsound.job": "search_inr",
-            "fewsound.family": ",".join(families),
-            "fewsound.command": " ".join(sys.argv),
-            "fewsound.trials": trials,
-        },
+        tags={JOB_TAG: "search_inr", FAMILY_TAG: ",".join(families), TRIALS_TAG: trials},
     )
+    parent = keyed.run
+    if not keyed.created:
+        parent.set_tags({TRIALS_TAG: trials})
+        return parent
     parent.log_params(
         {
             "family": ",".join(families),
@@ -570,9 +567,7 @@ def _ended(parent: MlflowRun) -> Callable[[int], dict[str, Any] | None]:
     """Trial number -> how its run ended (tune.study.prepare_resume's `ended`), for runs that ran every step or
     that ASHA stopped: a driver killed in the moment between a trial's end and its result reaching the driver
     finds the trial here instead of refitting it."""
-    runs = parent.client.search_runs(
-        [parent.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.run_id}' and attributes.status != 'RUNNING'"
-    )
+    runs = search_runs(parent.client, parent.experiment_id, children_filter(parent.run_id, not_status="RUNNING"))
     records: dict[int, dict[str, Any]] = {}
     for r in runs:
         number, m = r.data.tags.get(TRIAL_TAG), r.data.metrics
@@ -594,12 +589,8 @@ def _ended(parent: MlflowRun) -> Callable[[int], dict[str, Any] | None]:
 
 def _mark_stale(parent: MlflowRun) -> None:
     """Child runs a killed driver left RUNNING: KILLED (their trials are refitted)."""
-    runs = parent.client.search_runs(
-        [parent.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.run_id}' and attributes.status = 'RUNNING'"
-    )
-    for r in runs:
-        parent.client.set_tag(r.info.run_id, STOPPED_TAG, "interrupted (the driver was killed)")
-        parent.client.set_terminated(r.info.run_id, status="KILLED")
+    why = {STOPPED_TAG: "interrupted (the driver was killed)"}
+    mark_stale(parent.client, parent.experiment_id, children_filter(parent.run_id), tags=why)
 
 
 def trial_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
@@ -721,11 +712,11 @@ class SearchProgress(tune.Callback):
             self.best = r["objective"]
         elapsed = time.perf_counter() - self.t0
         done = self.before + self.ended
-        eta = (self.total - done) * elapsed / self.ended
+        eta = eta_seconds(self.ended, self.total - self.before, elapsed)
         print(
             f"[search_inr] trials done {done}/{self.total}  stopped early {self.stopped}  remaining "
             f"{self.total - done}  best now {self.best if self.best is None else f'{self.best:.4g}'}  "
-            f"ETA {eta:.0f} s",
+            f"ETA {fmt_duration(eta)}",
             flush=True,
         )
 

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from fewsound.tracking import MlflowRun
 from tune.search import PAPER, SearchContext, SearchSummary, start_label, trial_row
+from tune.spine import BEST_RUN_TAG, BEST_TRIAL_TAG
 from tune.study import START_KEY, fitted_trials
 
 LISTEN_BEST = 3  # best trials shown on the listening page beside the start points
@@ -206,7 +207,7 @@ def finish_parent(
         }
     )
     if s.best:
-        parent.set_tags({"fewsound.best_run_id": s.best["mlflow_run_id"], "fewsound.best_trial": s.best["number"]})
+        parent.set_tags({BEST_RUN_TAG: s.best["mlflow_run_id"], BEST_TRIAL_TAG: s.best["number"]})
     imp, why = importances(study)
     s.importances = imp
     rejected = [

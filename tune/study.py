@@ -28,7 +28,7 @@ from ray.tune.search import Searcher
 from fewsound import storage
 from fewsound.errors import ConfigError
 from fewsound.search_space import count_params, suggest_point
-from fewsound.tracking import default_home
+from fewsound.storage import default_home
 from tune.ray_env import storage_root
 
 MAX_REJECTS = 500  # consecutive over-budget suggestions before giving up

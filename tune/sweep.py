@@ -25,7 +25,6 @@ one line per failed fit. Trials' own output reaches the driver (and `ray job log
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from ray import tune
 
 from fewsound import records, storage
 from fewsound.config import cfg_hash
-from fewsound.data.shards import corpus_location
+from fewsound.data.corpus import corpus_location
 from fewsound.errors import ConfigError, Stopped
 from fewsound.plan import FitTask, bundle, pack, pack_to_config
 from fewsound.tracking import MlflowRun, git_commit, tracking_uri, ui_url
@@ -53,10 +52,24 @@ from tune.ray_env import (
     trial_slots,
     tune_errors_silenced,
 )
-from tune.stopping import StopOnSignal
-from tune.trial import KEY_TAG, REASON_TAG, SWEEP_TAG, TrialContext, pack_id, tune_trainable
-
-ROLE_TAG = "fewsound.role"
+from tune.spine import (
+    FAMILY_TAG,
+    FIT_KEY_TAG,
+    JOB_TAG,
+    LABEL_TAG,
+    N_FITS_TAG,
+    PACK_TAG,
+    REASON_TAG,
+    SWEEP_TAG,
+    StopOnSignal,
+    eta_seconds,
+    fmt_duration,
+    mark_stale,
+    open_keyed_run,
+    search_runs,
+    tag_filter,
+)
+from tune.trial import TrialContext, pack_id, tune_trainable
 
 
 @dataclasses.dataclass
@@ -94,20 +107,10 @@ def sweep_id(name: str, tasks: list[FitTask]) -> str:
     return f"{name}-{cfg_hash(sorted(t.key for t in tasks))}"
 
 
-def _search(client: Any, exp_id: str, filter_string: str) -> list[Any]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp_id], filter_string=filter_string, max_results=5000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def finished_runs(client: Any, exp_id: str) -> dict[str, Any]:
     """key -> its FINISHED child run, over the whole experiment (any sweep that finished a fit counts)."""
-    runs = _search(client, exp_id, "attributes.status = 'FINISHED'")
-    return {r.data.tags[KEY_TAG]: r for r in runs if KEY_TAG in r.data.tags}
+    runs = search_runs(client, exp_id, "attributes.status = 'FINISHED'")
+    return {r.data.tags[FIT_KEY_TAG]: r for r in runs if FIT_KEY_TAG in r.data.tags}
 
 
 @dataclasses.dataclass
@@ -407,10 +410,10 @@ def _summarize(
 
 def _print_failures(name: str, client: Any, exp_id: str, sid: str, keys: set[str]) -> None:
     """One line per fit of this run that FAILED, with the reason on its child run (no tracebacks)."""
-    failed = _search(client, exp_id, f"attributes.status = 'FAILED' and tags.`{SWEEP_TAG}` = '{sid}'")
+    failed = search_runs(client, exp_id, f"attributes.status = 'FAILED' and {tag_filter(SWEEP_TAG, sid)}")
     seen = set()
     for r in failed:
-        key = r.data.tags.get(KEY_TAG)
+        key = r.data.tags.get(FIT_KEY_TAG)
         if key in keys and key not in seen:
             seen.add(key)
             reason = " ".join(r.data.tags.get(REASON_TAG, "no reason recorded").split())
@@ -468,7 +471,7 @@ def _tune(
             name=run_name,
             storage_path=storage or storage_root("ray_results"),  # $FEWSOUND_STORAGE on a cluster
             failure_config=tune.FailureConfig(max_failures=trial_failures),
-            stop=stopper,  # tune.stopping: SIGINT/SIGTERM end every trial
+            stop=stopper,  # tune.spine.StopOnSignal: SIGINT/SIGTERM end every trial
             verbose=0,
             callbacks=callbacks,
         ),
@@ -478,37 +481,13 @@ def _tune(
 
 
 def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> MlflowRun:
-    from mlflow.tracking import MlflowClient
-
-    from fewsound.tracking import get_or_create_experiment
-
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = get_or_create_experiment(client, experiment)
-    existing = _search(client, exp_id, f"tags.`{ROLE_TAG}` = 'parent' and tags.`{SWEEP_TAG}` = '{sid}'")
-    if existing:
-        run_id = existing[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return MlflowRun(experiment, uri=uri, run_id=run_id)
-    run = MlflowRun(
-        experiment,
-        uri=uri,
-        run_name=sid,
-        tags={
-            ROLE_TAG: "parent",
-            SWEEP_TAG: sid,
-            "fewsound.job": name,
-            "fewsound.n_fits": n,
-            "fewsound.command": " ".join(sys.argv),
-        },
-    )
-    return run
+    tags = {JOB_TAG: name, N_FITS_TAG: n}
+    return open_keyed_run(experiment, SWEEP_TAG, sid, run_name=sid, tags=tags, uri=uri).run
 
 
 def _mark_stale(client: Any, exp_id: str, todo_keys: set[str]) -> None:
-    """Child runs of unfinished fits still RUNNING (left by a killed driver or a dead worker): KILLED."""
-    for r in _search(client, exp_id, "attributes.status = 'RUNNING'"):
-        if r.data.tags.get(KEY_TAG) in todo_keys:
-            client.set_terminated(r.info.run_id, status="KILLED")
+    """Runs of unfinished fits still RUNNING (left by a killed driver or a dead worker): KILLED."""
+    mark_stale(client, exp_id, "", keep=lambda r: r.data.tags.get(FIT_KEY_TAG) in todo_keys)
 
 
 def _record_crashed_trials(grid: Any, packs: list[list[FitTask]], ctx: TrialContext, client: Any, exp_id: str) -> None:
@@ -535,12 +514,12 @@ def _record_failed_pack(tasks: list[FitTask], reason: str, ctx: TrialContext, fi
             run_name=t.key,
             parent_run_id=ctx.parent_run_id,
             tags={
-                KEY_TAG: t.key,
+                FIT_KEY_TAG: t.key,
                 SWEEP_TAG: ctx.sweep,
                 REASON_TAG: reason,
-                "fewsound.pack": pid,
-                "fewsound.family": t.family,
-                "fewsound.label": t.label,
+                PACK_TAG: pid,
+                FAMILY_TAG: t.family,
+                LABEL_TAG: t.label,
             },
         )
         run.log_params(t.params())
@@ -608,10 +587,10 @@ class Progress(tune.Callback):
         n = self.done + self.failed
         rate = n / elapsed * 3600 if elapsed > 0 else 0.0
         remaining = self.total - n
-        eta = remaining / (n / elapsed) if n else float("nan")
+        eta = eta_seconds(n, self.total, elapsed)
         print(
             f"[{self.name}] done {self.done}  failed {self.failed}  remaining {remaining}  "
-            f"ETA {_fmt_s(eta)}  {rate:.0f} fits/h{note}",
+            f"ETA {fmt_duration(eta)}  {rate:.0f} fits/h{note}",
             flush=True,
         )
 
@@ -648,10 +627,3 @@ class ServerWatch(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self.watch.poll()
-
-
-def _fmt_s(s: float) -> str:
-    if s != s:  # NaN
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

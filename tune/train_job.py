@@ -45,9 +45,17 @@ from fewsound.config import cfg_hash, flatten, to_dict
 from fewsound.errors import ConfigError, DataError, Stopped
 from fewsound.train import TrainConfig
 from tune.ray_env import choose_scaling, init_ray, storage_root, workers_have_cuda
+from tune.spine import (
+    KIND_TAG,
+    RESUME_EPOCH_PREFIX,
+    RESUMED_TAG,
+    TARGET_TAG,
+    TRAIN_KEY_TAG,
+    StopOnSignal,
+    fmt_duration,
+    open_keyed_run,
+)
 
-KEY_TAG = "fewsound.train_key"
-RESUME_TAG = "fewsound.resumed"
 CACHE_BYTES = 512 << 20  # a worker keeps its share of the training split in memory when it is at most this
 MODEL_FILE = "fewsound_model.pt"
 
@@ -59,7 +67,7 @@ def resolve_train_corpus(corpus: str | None, clip_length: int) -> str:
     """Where training reads: `corpus` (a folder every node mounts, s3://..., gs://..., builtin:<protocol>), checked
     for train/validation clips of `clip_length` samples; None: the built-in corpus by name (builtin:fewsound)."""
     from fewsound.data.builtin import builtin_name
-    from fewsound.data.shards import corpus_location, open_corpus
+    from fewsound.data.corpus import corpus_location, open_corpus
 
     corpus = corpus_location(corpus if corpus is not None else builtin_name("fewsound"))
     c = open_corpus(corpus)
@@ -91,31 +99,15 @@ def quiet_ray_data() -> None:
 def open_mlflow_run(experiment: str, key: str, params: dict[str, Any], tags: dict[str, Any]):
     """(MlflowRun, finished): the FINISHED run of `key` if any, else its latest unfinished run (reopened, for a
     resume), else a new one with the params logged."""
-    from mlflow.tracking import MlflowClient
-
-    from fewsound.tracking import MlflowRun, get_or_create_experiment, tracking_uri
-
-    uri = tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = get_or_create_experiment(client, experiment)
-    runs = client.search_runs(
-        [exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", order_by=["attributes.start_time DESC"], max_results=50
-    )
-    done = [r for r in runs if r.info.status == "FINISHED"]
-    if done:
-        return MlflowRun(experiment, uri=uri, run_id=done[0].info.run_id), True
-    if runs:
-        run = MlflowRun(experiment, uri=uri, run_id=runs[0].info.run_id)
-        client.update_run(run.run_id, status="RUNNING")
-        return run, False
-    run = MlflowRun(experiment, uri=uri, run_name=key, tags={KEY_TAG: key, **tags})
-    run.log_params(params)
-    return run, False
+    keyed = open_keyed_run(experiment, TRAIN_KEY_TAG, key, run_name=key, tags=tags, role=None, reopen_finished=False)
+    if keyed.created:
+        keyed.run.log_params(params)
+    return keyed.run, keyed.status == "FINISHED"
 
 
 def validation_plan(corpus: str, cfg: TrainConfig) -> tuple[list[str], list[str], list[str]]:
     """(subset clip ids, their kinds, ids whose audio is logged), from the clip_id/kind columns only."""
-    from fewsound.data.shards import open_corpus
+    from fewsound.data.corpus import open_corpus
     from fewsound.train import choose_validation
 
     t = open_corpus(corpus).table("validation", columns=["clip_id", "kind"])
@@ -170,7 +162,6 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     from fewsound.tracking import tracking_uri
-    from tune.stopping import interrupt_on_signal
 
     t0 = time.perf_counter()
     if keep_checkpoints < 1:
@@ -201,7 +192,7 @@ def run_training(
         "steps_per_epoch": cfg.steps_per_epoch,
     }
     run, finished = open_mlflow_run(
-        experiment, key, params, {"fewsound.kind": cfg.model.kind, "fewsound.target": cfg.model.target, **(tags or {})}
+        experiment, key, params, {KIND_TAG: cfg.model.kind, TARGET_TAG: cfg.model.target, **(tags or {})}
     )
     if finished:
         m = run.client.get_run(run.run_id).data.metrics
@@ -221,7 +212,7 @@ def run_training(
             run.experiment_id,
         )
 
-    from fewsound.data.shards import open_corpus
+    from fewsound.data.corpus import open_corpus
 
     quiet_ray_data()
     c = open_corpus(corpus)
@@ -255,14 +246,14 @@ def run_training(
         datasets={"train": train_ds, "validation": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    guard = interrupt_on_signal()
+    guard = StopOnSignal(interrupt=True)
     try:
         with guard:
             result = trainer.fit()
     except KeyboardInterrupt:  # SIGINT/SIGTERM: the workers stop with this driver; the checkpoints stay
         run.end("KILLED")
         raise Stopped(
-            guard.signum or signal.SIGINT,
+            guard.signal or signal.SIGINT,
             f"training stopped; re-run the same command to resume from its last checkpoint in {storage}/{key}",
         ) from None
     except BaseException:
@@ -498,7 +489,7 @@ class Progress:
         rate = samples * self.world / max(seconds, 1e-9)
         _say(
             f"[train] epoch {self.epoch + 1}/{self.cfg.epochs} step {steps}/{self.cfg.steps_per_epoch} "
-            f"({step}/{self.cfg.total_steps})  {rate:.1f} samples/s  ETA {_fmt_eta(self.eta_seconds(step))}"
+            f"({step}/{self.cfg.total_steps})  {rate:.1f} samples/s  ETA {fmt_duration(self.eta_seconds(step))}"
         )
 
     def epoch_line(self, epoch: int, step: int, metrics: dict[str, float]) -> str:
@@ -512,7 +503,7 @@ class Progress:
             + (f" val {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
             + (f" universal {metrics['universal/loss']:.4f}" if "universal/loss" in metrics else "")
             + f"  {metrics['cost/samples_per_s']:.1f} samples/s  epoch {metrics['cost/epoch_seconds']:.1f} s"
-            + f"  ETA {_fmt_eta(eta)}"
+            + f"  ETA {fmt_duration(eta)}"
         )
 
 
@@ -520,13 +511,6 @@ def _say(line: str) -> None:
     """One job-log line from a worker. Ray Train patches `print` to both log and echo to a wrapped sys.stdout,
     which prints every line twice in the job log; the process's own stdout gets it once."""
     print(line, file=sys.__stdout__, flush=True)
-
-
-def _fmt_eta(s: float) -> str:
-    if s != s:  # NaN: nothing measured yet
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 @dataclasses.dataclass
@@ -578,7 +562,7 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
         assert meta["digest_loaded"] == meta["digest"], "restored state differs from the checkpoint's"
         if rank == 0:
             _say(f"[train] resumed after epoch {meta['epoch'] + 1} (step {step}); state digest {meta['digest_loaded']}")
-            run.set_tags({RESUME_TAG: "true", f"fewsound.resume.epoch_{meta['epoch'] + 1}": meta["digest_loaded"]})
+            run.set_tags({RESUMED_TAG: "true", f"{RESUME_EPOCH_PREFIX}{meta['epoch'] + 1}": meta["digest_loaded"]})
     elif rank == 0:
         run.log_metrics({"model/params": float(model.param_counts()["total"])}, step=0)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False)

@@ -45,20 +45,21 @@ from fewsound import records
 from fewsound.data.audio import peak_normalize, save_audio
 from fewsound.plan import FitTask, pack_from_config
 from fewsound.records import FitRecord
-from fewsound.tracking import PARENT_TAG, server_health, storage_root
-from tune.durable import (
-    HEALTH_TIMEOUT,
-    KEY_TAG,
-    LOG_THREADS,
+from fewsound.storage import storage_root
+from fewsound.tracking import PARENT_TAG, server_health
+from tune.durable import HEALTH_TIMEOUT, LOG_THREADS, client_defaults, replay, runs_by_key
+from tune.spine import (
+    ATTEMPTS_TAG,
+    FAMILY_TAG,
+    FIT_KEY_TAG,
+    LABEL_TAG,
+    NODE_TAG,
+    NOT_APPLICABLE_PREFIX,
     PACK_TAG,
     REASON_TAG,
     SWEEP_TAG,
-    client_defaults,
-    replay,
-    runs_by_key,
+    tag_filter,
 )
-
-__all__ = ["KEY_TAG", "PACK_TAG", "REASON_TAG", "SWEEP_TAG", "TrialContext", "pack_id", "run_pack", "tune_trainable"]
 
 COMMIT_TAG = "mlflow.source.git.commit"
 ARTIFACT_FILES = ("audio/gt.wav", "audio/pred.wav", "plots/spectrogram.png")
@@ -94,7 +95,7 @@ class TrialContext:
 @functools.lru_cache(maxsize=4)
 def _corpus(corpus: str) -> Any:
     """The corpus, opened once per worker process; its clips are read when a pack needs them (row groups)."""
-    from fewsound.data.shards import open_corpus
+    from fewsound.data.corpus import open_corpus
 
     return open_corpus(corpus)
 
@@ -300,7 +301,7 @@ def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord]) -> int:
     exp_id = ctx.experiment_id or _experiment_id(ctx.tracking_uri, ctx.experiment)
     down = threading.Event()
     try:
-        runs = runs_by_key(client, exp_id, f"tags.`{SWEEP_TAG}` = '{ctx.sweep}' and tags.`{PACK_TAG}` = '{pid}'")
+        runs = runs_by_key(client, exp_id, f"{tag_filter(SWEEP_TAG, ctx.sweep)} and {tag_filter(PACK_TAG, pid)}")
     except Exception:
         return len(recs)
 
@@ -330,14 +331,14 @@ def _run_spec(
     from fewsound.metrics import to_mlflow
 
     tags = {
-        KEY_TAG: task.key,
+        FIT_KEY_TAG: task.key,
         SWEEP_TAG: ctx.sweep,
         PACK_TAG: pid,
         PARENT_TAG: ctx.parent_run_id,
-        "fewsound.family": task.family,
-        "fewsound.label": task.label,
-        "fewsound.attempts": attempts,
-        "fewsound.node": _node(),
+        FAMILY_TAG: task.family,
+        LABEL_TAG: task.label,
+        ATTEMPTS_TAG: attempts,
+        NODE_TAG: _node(),
     }
     if ctx.git_commit:
         tags[COMMIT_TAG] = ctx.git_commit
@@ -346,7 +347,7 @@ def _run_spec(
     metrics = dict(r.metrics())
     if ev is not None:
         metrics.update(to_mlflow(ev))
-        tags.update({f"fewsound.na.{k}": v[:250] for k, v in ev.get("not_applicable", {}).items()})
+        tags.update({f"{NOT_APPLICABLE_PREFIX}{k}": v[:250] for k, v in ev.get("not_applicable", {}).items()})
     return {
         "run_name": task.key,
         "tags": {k: str(v) for k, v in tags.items()},

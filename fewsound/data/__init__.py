@@ -9,11 +9,12 @@ CropDataset(corpus, "train")                       load-time crops a model sees
 """
 
 from fewsound.data.audio import DEFAULT_SR, load_audio, save_audio
+from fewsound.data.corpus import open_corpus
 from fewsound.data.dataset import CropDataset
 from fewsound.data.importers import IMPORTERS, LAYOUTS, SourceRecord, scan
 from fewsound.data.prepare import plan_corpus, prepare_corpus
 from fewsound.data.protocols import PROTOCOLS, get_protocol, load_crop
-from fewsound.data.shards import Clip, Corpus, open_corpus, process_shard
+from fewsound.data.shards import Clip, Corpus, process_shard
 
 __all__ = [
     "DEFAULT_SR", "IMPORTERS", "LAYOUTS", "PROTOCOLS", "Clip", "Corpus", "CropDataset", "SourceRecord", "get_protocol",

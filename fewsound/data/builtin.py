@@ -11,16 +11,15 @@ credits. `scripts/build_builtin_corpus.py` rebuilds it from Debian packages.
 Prepared, it is a corpus like any other, addressed by name: `builtin:<protocol>` (e.g. `builtin:inr-1.5s`,
 `builtin:fewsound`) is what jobs pass to their trials and workers instead of a folder. Each process that opens
 the name prepares it once under its own machine's `$FEWSOUND_HOME/corpora/` from the installed package
-(`resolve_builtin`). Why per node rather than one upload to shared storage: the package is on every node
-anyway and preparing it is deterministic (same files, same protocol and seed: bit-identical shards), takes
-seconds, and needs no bucket, credentials or upload step, so the laptop and the cluster run the same code and a
-node never depends on another node's disk.
+(`fewsound.data.corpus.resolve_builtin`). Why per node rather than one upload to shared storage: the package is
+on every node anyway and preparing it is deterministic (same files, same protocol and seed: bit-identical
+shards), takes seconds, and needs no bucket, credentials or upload step, so the laptop and the cluster run the
+same code and a node never depends on another node's disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import json
 import os
@@ -29,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from fewsound.data.audio import DEFAULT_SR, load_audio
-from fewsound.errors import ConfigError, DataError
+from fewsound.data.importers import KINDS as SOURCE_KINDS
+from fewsound.data.importers import SourceRecord
+from fewsound.errors import DataError
 
 KINDS = ("speech", "music", "environment")
 SCHEME = "builtin:"
@@ -115,27 +116,19 @@ def builtin_name(protocol: str) -> str:
     return f"{SCHEME}{protocol}"
 
 
-def resolve_builtin(where: str | os.PathLike) -> str | None:
-    """The local folder of `builtin:<protocol>` on this machine, prepared now if it is not yet (None for any
-    other location). Concurrent callers on one machine (Ray workers) wait for one preparation (a file lock)."""
-    text = str(where)
-    if not text.startswith(SCHEME):
-        return None
-    from fewsound.data.protocols import PROTOCOLS
-
-    protocol = text[len(SCHEME) :]
-    if protocol not in PROTOCOLS:
-        raise ConfigError(text, f"unknown protocol {protocol!r}; use builtin:<protocol>, one of {', '.join(PROTOCOLS)}")
-    from fewsound.tracking import default_home
-
-    out = default_home() / "corpora" / f"builtin-{protocol}"
-    if (out / "manifest.json").exists():
-        return str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".builtin-{protocol}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "manifest.json").exists():  # another process may have finished it while we waited
-            from fewsound.data.prepare import prepare_corpus
-
-            prepare_corpus("builtin", out=out, protocol=protocol)
-    return str(out)
+def builtin_records() -> list[SourceRecord]:
+    """The built-in corpus shipped inside the package as source records (`--source builtin`)."""
+    clips = builtin_corpus()
+    if not clips:
+        raise DataError("builtin", "the built-in corpus is empty")
+    # the deepest folder holding every clip, so `rel` stays short and portable
+    common = Path(os.path.commonpath([str(Path(c.path).resolve().parent) for c in clips]))
+    out = []
+    for c in clips:
+        p = Path(c.path).resolve()
+        kind = c.kind if c.kind in SOURCE_KINDS else "other"
+        out.append(
+            SourceRecord(path=str(p), rel=p.relative_to(common).as_posix(), utterance=str(c.clip_id),
+                         speaker=str(c.speaker), group=str(c.speaker), kind=kind)
+        )  # fmt: skip
+    return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -267,23 +266,3 @@ def scan(root: str | Path, layout: str = "auto", *, kind: str | None = None) -> 
             raise DataError(r.rel, f"duplicate utterance id {r.utterance!r} (also {seen[r.utterance]})")
         seen[r.utterance] = r.rel
     return layout, records
-
-
-def builtin_records() -> list[SourceRecord]:
-    """The built-in corpus shipped inside the package as source records (`--source builtin`)."""
-    from fewsound.data.builtin import builtin_corpus
-
-    clips = builtin_corpus()
-    if not clips:
-        raise DataError("builtin", "the built-in corpus is empty")
-    # the deepest folder holding every clip, so `rel` stays short and portable
-    common = Path(os.path.commonpath([str(Path(c.path).resolve().parent) for c in clips]))
-    out = []
-    for c in clips:
-        p = Path(c.path).resolve()
-        kind = c.kind if c.kind in KINDS else "other"
-        out.append(
-            SourceRecord(path=str(p), rel=p.relative_to(common).as_posix(), utterance=str(c.clip_id),
-                         speaker=str(c.speaker), group=str(c.speaker), kind=kind)
-        )  # fmt: skip
-    return out

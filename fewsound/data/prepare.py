@@ -18,7 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 from fewsound import storage
-from fewsound.data.importers import LAYOUTS, SourceRecord, builtin_records, scan
+from fewsound.data.builtin import builtin_records
+from fewsound.data.importers import LAYOUTS, SourceRecord, scan
 from fewsound.data.protocols import Protocol, get_protocol, plan_items
 from fewsound.data.shards import ShardPlan, ShardResult, plan_shards, process_shard, write_manifest
 from fewsound.errors import DataError

@@ -449,20 +449,11 @@ def _clips_of_table(t: pa.Table) -> Iterator[Clip]:
         yield Clip(**row, audio=values[offsets[i] : offsets[i + 1]])
 
 
-def corpus_location(where: str | Path) -> str:
-    """How to name a corpus to another process or node: builtin:<protocol> as is, a URI as is, a path absolute."""
-    from fewsound.data.builtin import SCHEME
-
-    return str(where) if str(where).startswith(SCHEME) else storage.normalize(where)
-
-
-def open_corpus(where: str | Path, *, verify: bool = False) -> Corpus:
-    """The prepared corpus at `where`: a folder, a URI (s3://bucket/corpus, gs://..., file://...) or the name of
-    the built-in corpus prepared with a protocol (`builtin:inr-1.5s`, see fewsound.data.builtin.resolve_builtin).
-    DataError when it is missing, unfinished or corrupt."""
-    from fewsound.data.builtin import resolve_builtin
-
-    loc = storage.normalize(resolve_builtin(where) or where)
+def open_prepared(where: str | Path, *, verify: bool = False) -> Corpus:
+    """The prepared corpus at `where`: a folder or a URI (s3://bucket/corpus, gs://..., file://...); it reads,
+    never prepares (names such as `builtin:inr-1.5s` are resolved by fewsound.data.corpus.open_corpus). DataError
+    when it is missing, unfinished or corrupt."""
+    loc = storage.normalize(where)
     try:
         if not storage.is_dir(loc):
             raise DataError(loc, "no such corpus folder (run jobs/prepare_data.py first)")
