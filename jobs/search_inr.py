@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         args.objective, args.final_metrics = "psnr", "mse,psnr,lsd,si_snr"
         args.experiment = args.experiment or f"search_inr-{args.family.replace(',', '+')}-smoke"
     try:
-        from tune.search import run_search
+        from tune.search import SearchSpec, run_search
 
         families = parse_families(args.family)
         start_from = parse_start_from(args.start_from)
@@ -99,20 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         clips = corpus_clips(corpus, args.clips, args.kind)
         name = args.family.replace(",", "+")
         summary = run_search(
-            {
-                "families": tuple(families),
-                "corpus": corpus,
-                "clips": tuple(c.clip_id for c in clips),
-                "kind": clips[0].kind,
-                "length": length,
-                "steps": args.steps,
-                "chunks": args.chunks,
-                "objective": args.objective,
-                "weights": parse_weights(args.mix_weights),
-                "seed": args.seed,
-                "experiment": args.experiment or f"search_inr-{name}",
-                "final_metrics": tuple(x.strip() for x in args.final_metrics.split(",") if x.strip()),
-            },
+            SearchSpec(
+                families=tuple(families),
+                corpus=corpus,
+                clips=tuple(c.clip_id for c in clips),
+                kind=clips[0].kind,
+                length=length,
+                steps=args.steps,
+                chunks=args.chunks,
+                objective=args.objective,
+                weights=parse_weights(args.mix_weights),
+                seed=args.seed,
+                experiment=args.experiment or f"search_inr-{name}",
+                final_metrics=tuple(x.strip() for x in args.final_metrics.split(",") if x.strip()),
+            ),
             start_from=start_from,
             listen_clips=args.listen_clips,
             trials=args.trials,

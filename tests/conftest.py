@@ -1,4 +1,13 @@
-"""Shared fixtures. Tests use real audio (the built-in corpus), real files, real Ray and a real MLflow server.
+"""Shared fixtures and the test tiers. Tests use real audio (the built-in corpus), real files, real Ray and a real
+MLflow server.
+
+Tiers, marked automatically from the fixtures a test uses (or, for what no fixture shows, such as a kill, an
+explicit `@pytest.mark.system` / `@pytest.mark.integration`):
+- unit: starts no process (a unit test that starts one fails, naming the tier it belongs to);
+- integration: a local Ray, an MLflow server, S3 or a job process (INTEGRATION_FIXTURES);
+- system: clusters, kills, the browser (SYSTEM_FIXTURES).
+`pytest` alone runs the unit tier; `pytest --tier all` (the README's command, CI) runs every tier;
+`--tier integration,system` any mix; naming files or `-m` runs what they select, every tier.
 
 Two session-wide homes (each a FEWSOUND_HOME with its own MLflow server on a free port, its prepared corpus):
 `home` for the sweep-job modules (test_ablation, test_search, test_report_job, test_listen_browser), `env` for the
@@ -7,9 +16,108 @@ sweep-engine modules (test_sweep, test_sweep_gpu, test_sweep_resume), so servers
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
+
+TIERS = ("unit", "integration", "system")
+# Fixtures that start a local Ray, an MLflow server, S3 or a job process (their dependants are found too: pytest
+# lists every fixture a test uses, directly or through other fixtures).
+INTEGRATION_FIXTURES = {"env", "home", "s3", "ray_local", "job_env", "server", "processes"}
+# Fixtures that start clusters (a Ray head with workers, emulated autoscaling), a cloud of S3 and servers, a browser.
+SYSTEM_FIXTURES = {"cluster", "cloud", "ray_head", "browser"}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--tier",
+        default=None,
+        help="tiers to run: unit (default without file arguments), integration, system, or all; comma-separated",
+    )
+
+
+def tier_of(item) -> str:
+    marks = {m.name for m in item.iter_markers()}
+    names = set(getattr(item, "fixturenames", ()))
+    if "system" in marks or names & SYSTEM_FIXTURES:
+        return "system"
+    if "integration" in marks or names & INTEGRATION_FIXTURES:
+        return "integration"
+    return "unit"
+
+
+def _selected_tiers(config) -> set[str]:
+    text = config.getoption("--tier")
+    if text is None:  # files named or -m/-k given: run what they select, in every tier
+        explicit = config.args_source != pytest.Config.ArgsSource.TESTPATHS
+        text = "all" if explicit or config.option.markexpr or config.option.keyword else "unit"
+    tiers = {t.strip() for t in text.split(",") if t.strip()}
+    if "all" in tiers:
+        return set(TIERS)
+    unknown = tiers - set(TIERS)
+    if unknown:
+        raise pytest.UsageError(f"--tier: unknown tier(s) {', '.join(sorted(unknown))}; use {', '.join(TIERS)} or all")
+    return tiers
+
+
+def pytest_collection_modifyitems(config, items):
+    tiers = _selected_tiers(config)
+    keep, drop = [], []
+    for item in items:
+        tier = tier_of(item)
+        item.add_marker(getattr(pytest.mark, tier))
+        item.stash[TIER] = tier
+        (keep if tier in tiers else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_report_header(config):
+    return f"tiers: {', '.join(t for t in TIERS if t in _selected_tiers(config))} (--tier all runs every tier)"
+
+
+TIER = pytest.StashKey[str]()
+
+
+class _NoProcesses:
+    """While a unit test sets up and runs, starting a process fails with the reason (its tier is wrong)."""
+
+    def __init__(self, item):
+        self.item = item
+
+    def __enter__(self):
+        self.original = subprocess.Popen.__init__
+        nodeid = self.item.nodeid
+
+        def refuse(popen, args, *a, **kw):
+            raise AssertionError(
+                f"{nodeid} starts a process ({args!r:.120}) but is in the unit tier: use a fixture that starts it "
+                f"({', '.join(sorted(INTEGRATION_FIXTURES))}), or mark it integration/system"
+            )
+
+        subprocess.Popen.__init__ = refuse  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.Popen.__init__ = self.original  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if item.stash.get(TIER, None) != "unit":
+        return (yield)
+    with _NoProcesses(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    if item.stash.get(TIER, None) != "unit":
+        return (yield)
+    with _NoProcesses(item):
+        return (yield)
 
 # Keep every test process to one BLAS/torch thread: CI has 2 cores and Ray workers run beside pytest.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -32,7 +32,7 @@ import pytest
 
 from fewsound import tracking
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

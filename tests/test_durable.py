@@ -240,7 +240,7 @@ def _kill_embedded(home: Path) -> None:
     os.killpg(json.loads((home / "server.json").read_text())["pid"], signal.SIGKILL)
 
 
-@pytest.mark.e2e
+@pytest.mark.system
 def test_the_embedded_server_is_restarted_twice_on_its_port_then_one_line(tmp_path, monkeypatch):
     from fewsound import tracking
     from fewsound.errors import TrackingError
@@ -291,7 +291,7 @@ def test_a_remote_server_that_does_not_answer_is_one_line_after_the_wait(tmp_pat
     )
 
 
-@pytest.mark.e2e
+@pytest.mark.system
 def test_a_trial_worker_and_the_embedded_server_killed_mid_sweep_are_recovered_and_nothing_is_refitted(tmp_path):
     """One sweep, two kills: a trial's Ray worker right after it recorded its first fit (Tune retries the trial; its
     new worker skips the recorded fit), then the embedded MLflow server once a fit is logged (the driver restarts it
@@ -331,7 +331,7 @@ def test_a_trial_worker_and_the_embedded_server_killed_mid_sweep_are_recovered_a
         tracking.stop_local_server(home)
 
 
-@pytest.mark.e2e
+@pytest.mark.system
 def test_remote_server_killed_mid_sweep_is_one_line_then_a_rerun_logs_the_records_and_refits_nothing(tmp_path):
     home = tmp_path / "home"
     server = RemoteServer(tmp_path / "server").start()

@@ -100,7 +100,7 @@ def test_missing_rows_keep_the_table_shape():
     assert "| KAN | - | 0 | - (" in md and "| SIREN | - | 0 |" in md  # no result, the paper's number beside
 
 
-@pytest.mark.e2e
+@pytest.mark.integration
 def test_grid_on_the_builtin_corpus_logs_one_parent_and_skips_on_rerun(tmp_path, monkeypatch, capsys):
     """Table 6 on two "datasets" that are both the built-in corpus: one training per target (the corpus is the
     same), four rows in two groups, every training a child of one parent with its evaluation; a re-run trains and

@@ -38,7 +38,7 @@ CHECK_JS = """
 """ % {"sr": SR}
 
 
-@pytest.mark.e2e
+@pytest.mark.system
 def test_smoke_sweeps_listening_page_plays_in_chromium(home, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -11,7 +11,7 @@ from fewsound.fit import FitConfig
 from fewsound.plan import FitTask
 from tune.spine import FIT_KEY_TAG
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")

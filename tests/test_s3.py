@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from s3 import MotoS3  # tests/s3.py (tests/ is on sys.path)
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -134,7 +134,7 @@ def _search_runs(client, experiment):
     return parent, children
 
 
-@pytest.mark.e2e
+@pytest.mark.integration
 def test_search_smoke_starts_from_the_paper_respects_budget_stops_early_and_reports(home, capsys, tmp_path):
     from browser import Chromium
     from mlflow.tracking import MlflowClient
@@ -197,7 +197,7 @@ def test_search_smoke_starts_from_the_paper_respects_budget_stops_early_and_repo
     assert result["images"] and all(im["height"] > 0 for im in result["images"])
 
 
-@pytest.mark.e2e
+@pytest.mark.integration
 def test_search_over_any_family_starts_from_each_familys_paper_configuration(home, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -236,7 +236,7 @@ def test_bad_input_is_a_one_line_error(home, capsys, argv, where):
 def test_suggestions_over_the_budget_are_told_pruned_and_never_reach_tune():
     from optuna.trial import TrialState
 
-    from tune.study import StudySearcher, fitted_trials
+    from tune.search.study import StudySearcher, fitted_trials
 
     budget = 400  # a few of the smallest KANs fit; most suggestions (even at the narrowest widths) do not
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
@@ -254,14 +254,14 @@ def test_suggestions_over_the_budget_are_told_pruned_and_never_reach_tune():
     assert study.best_value == 3.0
 
 
-@pytest.mark.e2e
+@pytest.mark.integration
 def test_asha_never_stops_a_start_point(home, tmp_path):
     """On real Tune: trials run one at a time, three good ones set ASHA's rungs, then a bad sampled trial is
     stopped at the first rung while an equally bad start point runs every iteration."""
     from ray import tune
 
     from tune.ray_env import init_ray
-    from tune.study import START_KEY, StartPointsRunToEnd
+    from tune.search.study import START_KEY, StartPointsRunToEnd
 
     quality = [1.0, 0.9, 0.8, 0.0, 0.0]  # the last one is the start point
 
@@ -296,7 +296,7 @@ def test_resume_settles_trials_in_flight_and_enqueues_the_start_points_left():
     point, which had not run, is enqueued."""
     from optuna.trial import TrialState
 
-    from tune.study import START_KEY, fitted_trials, prepare_resume
+    from tune.search.study import START_KEY, fitted_trials, prepare_resume
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(3):

@@ -77,7 +77,7 @@ def _kill_driver_and_its_ray(proc: subprocess.Popen) -> None:
             p.kill()
 
 
-@pytest.mark.e2e
+@pytest.mark.system
 def test_sigkill_mid_search_then_rerun_continues_the_same_study(env, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -121,12 +121,12 @@ def test_sigkill_mid_search_then_rerun_continues_the_same_study(env, tmp_path):
     assert len(papers) == 1
 
 
-@pytest.mark.e2e
+@pytest.mark.integration
 def test_study_journal_in_an_object_store_is_found_by_another_machine(s3, tmp_path, monkeypatch):
     """A study kept in s3:// (mirrored locally, uploaded after every change) is loaded by a driver with another
     local home, as after a head node is replaced."""
     from fewsound import storage
-    from tune.study import StudyStore
+    from tune.search.study import StudyStore
 
     monkeypatch.setenv("FEWSOUND_STORAGE", "s3://fewsound/state")
     monkeypatch.setenv("FEWSOUND_HOME", str(tmp_path / "first"))

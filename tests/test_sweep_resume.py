@@ -109,7 +109,7 @@ def test_sigkill_mid_sweep_then_rerun_finishes_every_fit_exactly_once(job_env, t
     assert not [r for r in kids if r.info.status == "RUNNING"]  # a fit in flight at the kill was marked KILLED
 
 
-@pytest.mark.e2e
+@pytest.mark.system
 def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_it(job_env, tmp_path):
     """A second driver of the running sweep is refused. SIGTERM (a scheduler, `kill`): the trials stop, the
     driver ends within seconds with one line and exit code 143, nothing is recorded FAILED, no run stays

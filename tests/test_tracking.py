@@ -131,7 +131,7 @@ def test_config_flatten_round_trip_and_hash():
         override(cfg, **{"inr.gird": 5})
 
 
-@pytest.mark.e2e
+@pytest.mark.integration
 def test_runs_reach_a_server_with_mlflows_basic_auth(tmp_path, monkeypatch):
     """The cluster's server may run MLflow's own authentication app (`--app-name basic-auth`): fewsound logs
     through MLflow's client, so MLflow's credential variables are all a job needs; without them, MLflow refuses."""

@@ -141,7 +141,7 @@ def test_fewsound_learns_and_beats_its_universal_weights(speech_segments):
     assert v["val/clips"] == 6
 
 
-@pytest.mark.e2e
+@pytest.mark.integration
 def test_evaluate_job_fewsound_checkpoint_vs_hypersound(tmp_path, speech_segments, capsys, monkeypatch):
     """jobs/evaluate_fewsound.py on a real prepared corpus: a FewSound training checkpoint folder and a
     HyperSound model file give Table 2's two rows and the long-audio rows, each model's results on a new MLflow

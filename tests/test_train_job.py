@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

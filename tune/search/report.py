@@ -23,9 +23,9 @@ import optuna
 from optuna.trial import TrialState
 
 from fewsound.tracking import MlflowRun
-from tune.search import PAPER, SearchContext, SearchSummary, start_label, trial_row
+from tune.search.results import PAPER, SearchContext, SearchSummary, start_label, trial_row
+from tune.search.study import START_KEY, fitted_trials
 from tune.spine import BEST_RUN_TAG, BEST_TRIAL_TAG
-from tune.study import START_KEY, fitted_trials
 
 LISTEN_BEST = 3  # best trials shown on the listening page beside the start points
 EVALUATORS = {
