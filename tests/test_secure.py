@@ -188,7 +188,8 @@ def _cluster_serve_command(config: dict) -> tuple[list[str], dict[str, str]]:
     """cluster.yaml's server line as argv (before its options) and {option: value}, the head's address as HEAD_IP."""
     (line,) = [c for c in config["head_start_ray_commands"] if "fewsound mlflow serve" in c]
     line = line.replace("$(hostname -I | awk '{print $1}')", HEAD_IP)
-    words = shlex.split(line[line.index("python -m fewsound mlflow serve") : line.index(">")])
+    start = line.index("python -m fewsound mlflow serve")
+    words = shlex.split(line[start : line.index(" > ", start)])  # up to its log's redirection
     head, rest = words[:5], words[5:]
     assert head == ["python", "-m", "fewsound", "mlflow", "serve"] and len(rest) % 2 == 0, words
     options = dict(zip(rest[::2], rest[1::2]))
