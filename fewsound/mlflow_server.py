@@ -15,14 +15,32 @@ What a crash between two backups loses is the runs of the last N minutes; resume
 FINISHED run) re-runs exactly those. For no loss at all, use a database server instead: pass a PostgreSQL URI as
 the store (`--store postgresql://user@host/mlflow`), which `serve` hands to MLflow as is, with no backup.
 
+Logins (`--app-name basic-auth`, what cluster.yaml runs): MLflow's own authentication app. Its secrets come from
+two files that `python -m fewsound mlflow secrets` creates on the user's machine and `ray up` copies to every node
+(cluster.yaml's file_mounts), never from the command line or cluster.yaml:
+- the MLflow credentials file (`--credentials`, MLflow's own format: `[mlflow]` with `mlflow_tracking_username`
+  and `mlflow_tracking_password`), mounted at ~/.mlflow/credentials, where every MLflow client on the node (jobs,
+  trials) reads its login; the server makes that user its admin on a fresh auth store;
+- the Flask secret key (`--flask-secret`), which signs the auth app's CSRF tokens.
+`serve` writes MLflow's auth settings file (MLFLOW_AUTH_CONFIG_PATH, no secret in it) next to the store and
+hands the admin login and the Flask key to the server in its environment. The auth store (users, permissions) is
+a SQLite file next to the tracking store and is NOT backed up to the bucket: a bucket that others can write must
+not be able to plant a user; on a fresh head the admin is made again from the credentials file.
+`--allowed-hosts` (MLflow's MLFLOW_SERVER_ALLOWED_HOSTS: the Host header values it answers, e.g. the head's
+private address and localhost) refuses requests addressed to any other name (DNS rebinding).
+
     python -m fewsound mlflow serve --store /home/ray/mlflow/mlflow.db --backup s3://bucket/fewsound/mlflow.db \\
-        --artifacts s3://bucket/fewsound/mlflow-artifacts --host 0.0.0.0 --port 5000
+        --artifacts s3://bucket/fewsound/mlflow-artifacts --host 0.0.0.0 --port 5000 --app-name basic-auth \\
+        --credentials ~/.mlflow/credentials --flask-secret ~/.fewsound/mlflow_flask_secret \\
+        --allowed-hosts "10.0.1.5:5000,localhost:*,127.0.0.1:*"
 """
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import os
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -104,10 +122,112 @@ class Backups:
         self._stop.set()
 
 
+# --------------------------------------------------------------------------------------------- logins
+
+SECRETS_DIR = Path("~/.fewsound/cluster")
+CREDENTIALS_FILE = "mlflow_credentials"
+FLASK_SECRET_FILE = "mlflow_flask_secret"
+ADMIN_USER = "admin"
+AUTH_APP = "basic-auth"
+
+
+def make_secrets(folder: str | Path = SECRETS_DIR, username: str = ADMIN_USER) -> list[Path]:
+    """Create `folder` (mode 0700) with the cluster server's two secret files (mode 0600), each from 32 random
+    bytes (secrets.token_urlsafe): CREDENTIALS_FILE (MLflow's credentials-file format) and FLASK_SECRET_FILE.
+    A file that exists is kept (a running cluster's login stays valid). Returns the files created."""
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    contents = {
+        CREDENTIALS_FILE: f"[mlflow]\nmlflow_tracking_username = {username}\n"
+        f"mlflow_tracking_password = {secrets.token_urlsafe(32)}\n",
+        FLASK_SECRET_FILE: secrets.token_urlsafe(32) + "\n",
+    }
+    made = []
+    for name, text in contents.items():
+        path = folder / name
+        try:  # O_EXCL: never overwrite; 0600 from the start, so the secret is never readable by others
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        made.append(path)
+    return made
+
+
+def read_credentials(path: str | Path) -> tuple[str, str]:
+    """(username, password) of an MLflow credentials file (`[mlflow]` mlflow_tracking_username/_password)."""
+    path = Path(path).expanduser()
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(path.read_text())
+        user, word = parser["mlflow"]["mlflow_tracking_username"], parser["mlflow"]["mlflow_tracking_password"]
+    except (OSError, configparser.Error, KeyError) as e:
+        raise ConfigError(path, f"not a readable MLflow credentials file ({type(e).__name__}); create it with "
+                          "`python -m fewsound mlflow secrets`") from None  # fmt: skip
+    if not user.strip() or not word.strip():
+        raise ConfigError(path, "empty mlflow_tracking_username or mlflow_tracking_password")
+    return user.strip(), word.strip()
+
+
+def read_secret(path: str | Path) -> str:
+    """The one-line secret in `path` (the Flask key file)."""
+    path = Path(path).expanduser()
+    try:
+        value = path.read_text().strip()
+    except OSError as e:
+        why = f"unreadable ({type(e).__name__}); create it with `python -m fewsound mlflow secrets`"
+        raise ConfigError(path, why) from None
+    if len(value) < 16:
+        raise ConfigError(path, "the secret is empty or shorter than 16 characters")
+    return value
+
+
+def auth_environment(credentials: str | Path | None, flask_secret: str | Path | None, auth_db: Path) -> dict[str, str]:
+    """The environment of an `mlflow server --app-name basic-auth`: its settings file (written next to
+    `auth_db`, without secrets), the admin login from `credentials` and the Flask key from `flask_secret`."""
+    if credentials is None or flask_secret is None:
+        raise ConfigError("--app-name basic-auth", "needs --credentials and --flask-secret (files; README)")
+    user, word = read_credentials(credentials)
+    key = read_secret(flask_secret)
+    auth_db.parent.mkdir(parents=True, exist_ok=True)
+    ini = auth_db.with_suffix(".ini")
+    # READ for users the admin adds; jobs log as the admin. No admin_password here: it comes in the environment.
+    ini.write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{auth_db}\nadmin_username = {user}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": word,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": key}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- the server
+
+
+def server_environment(app_name: str | None, db: Path | None, allowed_hosts: str | None,
+                       credentials: str | Path | None, flask_secret: str | Path | None) -> dict[str, str]:  # fmt: skip
+    """The `mlflow server` process's environment: no GenAI job runner, the allowed Host headers, the logins."""
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job runner (see tracking.py)
+    if allowed_hosts:
+        # the variable, not --allowed-hosts: MLflow refuses that flag with --gunicorn-opts, while its Flask app
+        # (which gunicorn serves) applies the variable
+        env["MLFLOW_SERVER_ALLOWED_HOSTS"] = allowed_hosts
+    if app_name == AUTH_APP:
+        auth_db = (db.parent if db is not None else Path.cwd()) / "basic_auth.db"
+        env.update(auth_environment(credentials, flask_secret, auth_db))
+    elif credentials or flask_secret:
+        raise ConfigError("--credentials/--flask-secret", f"are for --app-name {AUTH_APP}")
+    return env
+
+
 def serve(store: str, *, artifacts: str, backup: str | None = None, host: str = "127.0.0.1", port: int = 5000,
-          workers: int = 2, backup_minutes: float = 10.0, app_name: str | None = None, log=print) -> int:  # fmt: skip
+          workers: int = 2, backup_minutes: float = 10.0, app_name: str | None = None,
+          allowed_hosts: str | None = None, credentials: str | Path | None = None,
+          flask_secret: str | Path | None = None, log=print) -> int:  # fmt: skip
     """Restore, run `mlflow server` until it exits or this process gets SIGTERM/SIGINT, backing up meanwhile and
-    at the end. Returns the exit code (0 after a signal)."""
+    at the end. Returns the exit code (0 after a signal). With app_name "basic-auth", `credentials` and
+    `flask_secret` (files) give the admin login and the Flask key (see the module docstring)."""
     db = sqlite_path(store)
     if db is None and backup:
         raise ConfigError("--backup", f"the store {store} is a database server; it keeps the history itself")
@@ -124,11 +244,13 @@ def serve(store: str, *, artifacts: str, backup: str | None = None, host: str = 
     if storage.is_local(artifacts):
         artifacts = storage.normalize(artifacts)
         Path(artifacts).mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job runner (see tracking.py)
+    env = server_environment(app_name, db, allowed_hosts, credentials, flask_secret)
     cmd = server_command(store, artifacts, host, port, workers, app_name)
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     log(f"mlflow server pid {proc.pid} on {host}:{port}, store {store}, artifacts {artifacts}"
-        + (f", backup {backup} every {backup_minutes:g} min" if backups else ""))  # fmt: skip
+        + (f", backup {backup} every {backup_minutes:g} min" if backups else "")
+        + (f", logins ({app_name})" if app_name else "")
+        + (f", hosts {allowed_hosts}" if allowed_hosts else ""))  # fmt: skip
 
     stopping = threading.Event()
 

@@ -50,6 +50,8 @@ import itertools
 import json
 import math
 import os
+import pickle
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -71,6 +73,7 @@ if TYPE_CHECKING:
 DEFAULT_LR: dict[str, float] = {"nerf": 1e-5, "kan": 1e-5, "siren": 1e-6}
 SCHEDULE_STEPS = ("batch", "epoch")
 STATE_FILE = "train_state.pt"
+STATE_FORMAT = "fewsound.train_state"
 META_FILE = "meta.json"
 SILENCE_PEAK = 1e-6  # a crop quieter than this is left as is instead of being blown up by peak normalisation
 
@@ -585,17 +588,23 @@ def save_training_state(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the state after 0-based `epoch` (model, optimizer, scheduler) to `folder`/train_state.pt and a
-    readable `folder`/meta.json (epoch, step, digest, config). Returns the meta dict."""
+    readable `folder`/meta.json (epoch, step, digest, config). Returns the meta dict.
+
+    train_state.pt holds only tensors and plain data (dicts, lists, tuples, numbers, strings, None): what
+    torch.load(weights_only=True) accepts, so loading it never runs code. The data stream's randomness is no
+    state to save: a resumed run derives it from (seed, rank, epoch)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     m = unwrap(model)
     payload = {
+        "format": STATE_FORMAT,
         "model": {k: v.detach().cpu() for k, v in m.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
         "step": step,
     }
+    _assert_plain(payload, "train_state")
     buf = io.BytesIO()
     torch.save(payload, buf)
     (folder / STATE_FILE).write_bytes(buf.getvalue())
@@ -610,6 +619,45 @@ def save_training_state(
     return meta
 
 
+def _assert_plain(obj: Any, where: str) -> None:
+    """Every leaf of `obj` is a tensor or plain data: a checkpoint that weights_only=True can load (a torch
+    upgrade that put an object into an optimizer's or scheduler's state would fail here, when saving)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _assert_plain(k, where)
+            _assert_plain(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _assert_plain(v, f"{where}[{i}]")
+    elif not (obj is None or torch.is_tensor(obj) or isinstance(obj, (bool, int, float, str))):
+        raise TypeError(f"{where} is a {type(obj).__name__}: a training checkpoint holds tensors and plain data only")
+
+
+def load_state_file(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """The payload of a train_state.pt, read with torch's weights-only unpickler: tensors and plain data only,
+    never an object whose unpickling would run code. ConfigError (one line, naming the file) for a file that
+    holds anything else or is unreadable. Checkpoints of every fewsound release load (they always held only
+    tensors and plain data; the "format" tag is new)."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"a pickled Python object ({found.group(1)})" if found else "a pickled Python object"
+        raise ConfigError(
+            path,
+            f"refused: it holds {what}, which could run code when loaded; fewsound's training checkpoints hold "
+            "only tensors and plain data, so this file was not written by fewsound or was altered",
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file is the user's input
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        raise ConfigError(path, f"unreadable training checkpoint ({why})") from None
+    if not isinstance(payload, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= payload.keys():
+        raise ConfigError(path, "not a fewsound training checkpoint (no model/optimizer/scheduler/epoch)")
+    if payload.get("format", STATE_FORMAT) != STATE_FORMAT:
+        raise ConfigError(path, f"not a fewsound training checkpoint (format {payload['format']!r})")
+    return payload
+
+
 def load_training_state(
     folder: str | Path,
     model: torch.nn.Module,
@@ -622,7 +670,7 @@ def load_training_state(
     Returns the meta dict, with "digest_loaded" = the digest of the restored state."""
     folder = Path(folder)
     meta = json.loads((folder / META_FILE).read_text())
-    payload = torch.load(folder / STATE_FILE, map_location=device, weights_only=False)
+    payload = load_state_file(folder / STATE_FILE, map_location=device)
     unwrap(model).load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
@@ -688,7 +736,7 @@ def model_from_training_state(folder: str | Path, map_location: str | torch.devi
         raise ConfigError(folder, f"not a training checkpoint (no {STATE_FILE} and {META_FILE})")
     cfg = train_config_from_dict(json.loads((folder / META_FILE).read_text())["config"])
     model = build_model(cfg.model, verbose=False)
-    payload = torch.load(folder / STATE_FILE, map_location=map_location, weights_only=False)
+    payload = load_state_file(folder / STATE_FILE, map_location=map_location)
     model.load_state_dict(payload["model"])
     model.set_epoch(int(payload["epoch"]) + 1)
     return model.to(map_location).eval()

@@ -94,6 +94,30 @@ def test_ray_starts_from_the_checkout_with_token_auth_and_the_mlflow_server_on_t
     assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in " ".join(config["worker_start_ray_commands"])
 
 
+def test_the_mlflow_server_wants_logins_from_copied_files_and_answers_only_the_cluster(config):
+    """basic-auth by default; its admin login and Flask key are files `ray up` copies from the laptop (where
+    `python -m fewsound mlflow secrets` makes them), on every node, where MLflow's clients read the login; the
+    allowed hosts are the head's own address (as every node's MLFLOW_TRACKING_URI names it) and localhost."""
+    from fewsound.mlflow_server import CREDENTIALS_FILE, FLASK_SECRET_FILE, SECRETS_DIR
+
+    mounts = config["file_mounts"]
+    assert mounts["/home/ray/.mlflow/credentials"] == f"{SECRETS_DIR}/{CREDENTIALS_FILE}"  # MLflow's clients
+    (key_path,) = [k for k, v in mounts.items() if v == f"{SECRETS_DIR}/{FLASK_SECRET_FILE}"]
+    (server,) = [c for c in config["head_start_ray_commands"] if "fewsound mlflow serve" in c]
+    words = shlex.split(server.replace("$(hostname -I | awk '{print $1}')", "HEAD"))
+    opt = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+    assert opt["--app-name"] == "basic-auth"
+    assert opt["--credentials"] == "/home/ray/.mlflow/credentials" and opt["--flask-secret"] == key_path
+    assert opt["--allowed-hosts"].split(",") == ["HEAD:5000", "localhost:*", "127.0.0.1:*"]
+    head_uri = [c for c in config["head_start_ray_commands"] if "ray start" in c][0]
+    assert "MLFLOW_TRACKING_URI=http://$(hostname -I | awk '{print $1}'):5000" in head_uri  # the same address
+    # the login never travels in the environment or on a command line, only in the copied files
+    env = " ".join(config["docker"]["run_options"]) + " ".join(config["head_start_ray_commands"])
+    assert "MLFLOW_TRACKING_USERNAME" not in env and "MLFLOW_FLASK_SERVER_SECRET_KEY" not in env
+    for local in mounts.values():
+        assert local == "." or local.startswith("~/"), "file_mounts copy files from the laptop, never values"
+
+
 def test_no_credentials_in_the_file():
     text = CLUSTER_YAML.read_text().lower()
     for word in ("aws_access_key", "aws_secret", "password", "secret_access"):

@@ -1,9 +1,12 @@
-"""`python -m fewsound mlflow serve|status|stop`: the MLflow servers fewsound runs.
+"""`python -m fewsound mlflow serve|secrets|status|stop`: the MLflow servers fewsound runs.
 
     python -m fewsound mlflow status          # the embedded server of $FEWSOUND_HOME (~/.fewsound): address, health
     python -m fewsound mlflow stop            # stop it (its runs stay; the next job starts it again)
     python -m fewsound mlflow serve --store /home/ray/mlflow/mlflow.db --backup s3://bucket/fewsound/mlflow.db \\
-        --artifacts s3://bucket/fewsound/mlflow-artifacts --host 0.0.0.0 --port 5000
+        --artifacts s3://bucket/fewsound/mlflow-artifacts --host 0.0.0.0 --port 5000 --app-name basic-auth \\
+        --credentials ~/.mlflow/credentials --flask-secret ~/.fewsound/mlflow_flask_secret \\
+        --allowed-hosts "10.0.1.5:5000,localhost:*,127.0.0.1:*"
+    python -m fewsound mlflow secrets         # on the laptop, once: the files `ray up` copies (cluster.yaml)
 
 `serve` is the cluster's server, its history backed up to shared storage: see fewsound/mlflow_server.py for what
 it does (restore at start, periodic and final online backups). The embedded server is the one every job starts on
@@ -35,6 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
     s.add_argument("--backup-every", type=float, default=10.0, help="minutes between backups (default 10)")
     s.add_argument("--app-name", default=None, help="MLflow server app, e.g. basic-auth (logins; README)")
+    s.add_argument("--credentials", default=None, help="basic-auth: MLflow credentials file with the admin login")
+    s.add_argument("--flask-secret", default=None, help="basic-auth: file holding the Flask secret key")
+    s.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="Host header values the server answers, comma-separated, * wildcards (MLFLOW_SERVER_ALLOWED_HOSTS)",
+    )
+    k = sub.add_parser("secrets", help="create the cluster server's login and Flask key files (kept if present)")
+    k.add_argument("--dir", type=Path, default=None, help="where (default ~/.fewsound/cluster, as cluster.yaml)")
     for action, what in (("status", "show"), ("stop", "stop")):
         a = sub.add_parser(action, help=f"{what} the embedded MLflow server that jobs start ($FEWSOUND_HOME)")
         a.add_argument("--home", type=Path, default=None, help="its folder (default $FEWSOUND_HOME or ~/.fewsound)")
@@ -45,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         return _status(args.home)
     if args.mlflow_command == "stop":
         return _stop(args.home)
+    if args.mlflow_command == "secrets":
+        return _secrets(args.dir)
     from fewsound.mlflow_server import serve
 
     return serve(
@@ -56,8 +70,24 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         backup_minutes=args.backup_every,
         app_name=args.app_name,
+        allowed_hosts=args.allowed_hosts,
+        credentials=args.credentials,
+        flask_secret=args.flask_secret,
         log=lambda m: print(m, flush=True),
     )
+
+
+def _secrets(folder: Path | None) -> int:
+    from fewsound.mlflow_server import CREDENTIALS_FILE, SECRETS_DIR, make_secrets
+
+    folder = (folder or SECRETS_DIR).expanduser()
+    made = make_secrets(folder)
+    for path in made:
+        print(f"wrote {path} (mode 600)")
+    if not made:
+        print(f"kept the files in {folder} (they exist; delete them to make new ones)")
+    print(f"`ray up cluster.yaml` copies them to every node; the MLflow UI's login is in {folder / CREDENTIALS_FILE}")
+    return 0
 
 
 def _status(home: Path | None) -> int:
