@@ -1,7 +1,7 @@
 """Training FewSound and HyperSound: config, one optimizer step, the epoch loop, validation, training state.
 
 Pure torch, no Ray and no MLflow: the same functions run in one process (tests, benchmarks, a laptop) and inside
-every Ray Train worker (tune/train_job.py wraps the model in DDP and feeds the batches from Ray Data).
+every Ray Train worker (tune/hyper/ wraps the model in DDP and feeds the batches from Ray Data).
 
     cfg = TrainConfig(model=HyperConfig(target="kan", preset="tiny"), epochs=20, samples_per_epoch=64)
     model = build_model(cfg.model); optimizer, scheduler = make_optimizer(model, cfg)

@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def model_run(source: str, model, experiment: str):
     """The MLflow run to log on: the model's own run (an id), else a new run with the model's config."""
     from fewsound.config import flatten
+    from fewsound.hyper.trained import is_run_id
     from fewsound.tracking import MlflowRun
-    from tune.train_job import is_run_id
 
     if is_run_id(source):
         return MlflowRun(experiment, run_id=source)
@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from fewsound.data.corpus import open_corpus
+        from fewsound.hyper.trained import load_trained
         from fewsound.tables import DATASET_NAMES, build_table, hyper_label, to_markdown, write_results
-        from tune.hyper_eval import LONG_GROUP, evaluate_trained, evaluation_key, log_evaluation, validation_set
-        from tune.train_job import load_trained, resolve_train_corpus
+        from tune.hyper.evaluation import LONG_GROUP, evaluate_trained, evaluation_key, log_evaluation, validation_set
+        from tune.hyper.train import resolve_train_corpus
 
         models = [load_trained(m) for m in args.model]
         kinds_of = {m.config.kind for m in models}

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         args.experiment = args.experiment or "train_fewsound-smoke"
     try:
         cfg = build_config(args)
-        from tune.train_job import run_training
+        from tune.hyper.train import run_training
 
         s = run_training(
             cfg,

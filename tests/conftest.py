@@ -119,6 +119,7 @@ def pytest_runtest_call(item):
     with _NoProcesses(item):
         return (yield)
 
+
 # Keep every test process to one BLAS/torch thread: CI has 2 cores and Ray workers run beside pytest.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")

@@ -12,7 +12,7 @@ import pytest
 
 from fewsound.hyper import HyperConfig
 from fewsound.tables import build_table, hyper_label, paper_tables, paper_values, to_markdown, whisper_label
-from tune.hyper_grid import PAPER_DATASETS, Settings, max_parallel, paper_cells, plan
+from tune.hyper.grid import PAPER_DATASETS, Settings, max_parallel, paper_cells, plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_shared_rows_are_one_training_and_whisper_rows_without_checkpoint_are_no
 
 
 def test_parallel_trainings_fit_the_cluster():
-    from tune.train_job import choose_scaling
+    from tune.ray_env import choose_scaling
 
     laptop = {"CPU": 2.0}
     assert max_parallel(laptop, choose_scaling(laptop, None)[0]) == 1

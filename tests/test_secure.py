@@ -210,7 +210,7 @@ def _request(url: str, *, login: tuple[str, str] | None = None, host: str | None
         return e.code
 
 
-@pytest.mark.e2e
+@pytest.mark.integration
 def test_the_cluster_server_wants_a_login_answers_only_its_hosts_and_a_job_logs_with_the_files(tmp_path):
     config = yaml.safe_load(CLUSTER_YAML.read_text())
     _, options = _cluster_serve_command(config)

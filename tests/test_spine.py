@@ -41,7 +41,7 @@ def test_a_grid_and_a_search_resume_see_every_child_past_a_thousand(experiment):
     search's resume then finds every one (the ASHA-stopped trials it must not refit)."""
     from fewsound.errors import Stopped
     from fewsound.tracking import MlflowRun
-    from tune import hyper_grid
+    from tune.hyper import grid as hyper_grid
     from tune.search import driver as search
     from tune.spine import STOPPED_TAG, children_filter, search_runs
 

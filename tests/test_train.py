@@ -319,7 +319,7 @@ def test_progress_lines_give_samples_per_s_and_the_eta_of_the_remaining_steps(ca
     """A resumed run (from epoch 2 of 10, 20 steps each) that spends 0.5 s per step after a 60 s start-up: the
     ETA counts only the steps still to do, at the pace measured since this session's first step; in-epoch lines
     come at most every `every_s`."""
-    from tune.train_job import Progress
+    from tune.hyper.worker import Progress
 
     cfg = tiny(epochs=10, batch_size=4, samples_per_epoch=80)
     now = [100.0]

@@ -5,12 +5,12 @@
 
 A cell is one row of one paper table (Table 6: one row of one dataset's group). Cells that need the same model
 (Table 2's "FewSound 17.5M" is Table 3's NERF row and Table 5's SoundStream row, as in the paper) share one
-training: a training is keyed by its config, corpus and experiment (tune.train_job.run_key; the seed is in the
+training: a training is keyed by its config, corpus and experiment (tune.hyper.train.run_key; the seed is in the
 config), so the grid trains each model once and a re-run finds every finished one in MLflow.
 
 MLflow: one parent run per grid (keyed by its trainings and evaluation options, so a re-run reopens it), one
-child run per training (tune.train_job.run_training, Ray Train as for jobs/train_fewsound.py), evaluated as soon
-as it finishes (tune.hyper_eval: rows, tables and means on the child; a re-run skips a finished evaluation). The
+child run per training (tune.hyper.train.run_training, Ray Train as for jobs/train_fewsound.py), evaluated as soon
+as it finishes (tune.hyper.evaluation: rows, tables and means on the child; a re-run skips a finished evaluation). The
 parent gets each paper table (mean ± std, the paper's numbers beside; Markdown, LaTeX, CSV), the long-audio
 table, and per table a spectrogram grid (the ground truth of one validation clip and every row's
 reconstruction of it).
@@ -156,7 +156,7 @@ class Training:
 
 def plan(cells: list[Cell], corpora: dict[str, str], s: Settings) -> list[Training]:
     """The distinct trainings behind `cells` (cells of the same config and corpus share one), in cell order."""
-    from tune.train_job import resolve_train_corpus, run_key
+    from tune.hyper.train import resolve_train_corpus, run_key
 
     by_key: dict[str, Training] = {}
     for cell in cells:
@@ -188,10 +188,11 @@ def max_parallel(resources: dict[str, float], scaling: Any) -> int:
 def _train_and_evaluate(tr: Training, s: Settings, parent_id: str, grid_id: str, uri: str) -> dict[str, Any]:
     """One training (or its finished run) and its evaluation (or the one already on its run): a Ray task. `uri`:
     the driver's tracking server (a Ray started earlier, with another environment, must not send runs elsewhere)."""
+    from fewsound.hyper.trained import load_trained
     from fewsound.tables import hyper_label
     from fewsound.tracking import PARENT_TAG, MlflowRun
-    from tune.hyper_eval import evaluate_trained, evaluation_key, load_evaluation, log_evaluation, validation_set
-    from tune.train_job import load_trained, run_training
+    from tune.hyper.evaluation import evaluate_trained, evaluation_key, load_evaluation, log_evaluation, validation_set
+    from tune.hyper.train import run_training
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download buries the log
     os.environ["MLFLOW_TRACKING_URI"] = uri
