@@ -15,6 +15,7 @@ sweep-engine modules (test_sweep, test_sweep_gpu, test_sweep_resume), so servers
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -118,6 +119,57 @@ def pytest_runtest_call(item):
         return (yield)
     with _NoProcesses(item):
         return (yield)
+
+
+class Processes:
+    """The processes one test starts, as a user starts them: `run` waits for a command (output captured as text),
+    `start` leaves it running. At teardown whatever it started and is still running is killed with its children;
+    nothing else (another fixture's Ray head or server) is touched."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def run(self, cmd: list[str], *, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+        if kw.pop("capture_output", True):
+            kw.setdefault("stdout", subprocess.PIPE)
+            kw.setdefault("stderr", subprocess.PIPE)
+        kw.setdefault("text", True)
+        return self._wait(self.start(cmd, **kw), cmd, timeout)
+
+    def start(self, cmd: list[str], **kw) -> subprocess.Popen:
+        kw.setdefault("start_new_session", True)  # its own process group: stopped as one, apart from pytest's
+        proc = subprocess.Popen(cmd, **kw)
+        self.started.append(proc)
+        return proc
+
+    def _wait(self, proc: subprocess.Popen, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def stop_all(self) -> None:
+        import psutil
+
+        for proc in self.started:
+            if proc.poll() is not None:
+                continue
+            try:
+                family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for p in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            psutil.wait_procs(family, timeout=10)
+
+
+@pytest.fixture
+def processes():
+    """Run commands as subprocesses of this test (jobs, CLIs, servers); what is left running is killed at the end."""
+    procs = Processes()
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
 
 
 # Keep every test process to one BLAS/torch thread: CI has 2 cores and Ray workers run beside pytest.

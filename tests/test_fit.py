@@ -139,7 +139,8 @@ def test_chunked_pack_equals_whole_pack_and_separate_fits(crops, family, steps):
 
 def test_cpu_pack_chunks_run_on_worker_threads(crops, monkeypatch):
     """With 2 torch threads, a CPU pack's chunks run on 2 worker threads at 1 intra-op thread each, and end
-    bit-identical to the same chunks run one after the other at 1 thread; torch's thread count is restored."""
+    equal (to float32 rounding) to the same chunks run one after the other at 1 thread; torch's thread count is
+    restored."""
     import threading
 
     from fewsound import losses
@@ -166,11 +167,13 @@ def test_cpu_pack_chunks_run_on_worker_threads(crops, monkeypatch):
         torch.set_num_threads(before)
     workers = set(seen) - {threading.get_ident()}  # the final evaluation runs on the calling thread
     assert len(workers) == 2 and all(seen[w] == 1 for w in workers)
+    # Equal to float32 rounding, not bitwise: on some CPUs (this test failed bitwise on one machine kind, at the
+    # commit before this line too) a worker thread's vectorized reductions round differently from the caller's.
     for a, b in zip(sequential, threaded):
-        np.testing.assert_array_equal(a.reconstruction, b.reconstruction)
-        assert a.history == b.history
+        np.testing.assert_allclose(a.reconstruction, b.reconstruction, rtol=1e-4, atol=1e-6)
+        assert [v for _, v in a.history] == pytest.approx([v for _, v in b.history], rel=1e-5)
         for k in a.params:
-            assert torch.equal(a.params[k], b.params[k])
+            torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-3, atol=1e-5)  # Adam amplifies rounding
 
 
 def test_a_single_clip_splits_its_samples_over_the_threads(speech_clips, monkeypatch):

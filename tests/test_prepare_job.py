@@ -16,13 +16,18 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "prepare_data.py"
 
 
-def run_job(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+@pytest.fixture
+def run_job(processes):
+    """jobs/prepare_data.py with these arguments, as a process (tests/conftest.py's `processes`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=REPO)  # fmt: skip
+
+    def run(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+        return processes.run([sys.executable, str(JOB), *args], timeout=timeout, env=env, cwd=REPO)
+
+    return run
 
 
-def test_builtin_end_to_end_then_resume(tmp_path):
+def test_builtin_end_to_end_then_resume(tmp_path, run_job):
     out = tmp_path / "corpus"
     p = run_job("--source", "builtin", "--out", str(out), "--num-cpus", "2", "--shard-size", "16")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -44,7 +49,7 @@ def test_builtin_end_to_end_then_resume(tmp_path):
     assert open_corpus(out).manifest["counts"] == corpus.manifest["counts"]
 
 
-def test_smoke_test_strict_fails_in_one_line_naming_the_file(tmp_path, speech_clips):
+def test_smoke_test_strict_fails_in_one_line_naming_the_file(tmp_path, speech_clips, run_job):
     src = tmp_path / "src"
     for c in speech_clips[:3]:
         (src / c.speaker).mkdir(parents=True, exist_ok=True)
@@ -68,7 +73,7 @@ def test_smoke_test_strict_fails_in_one_line_naming_the_file(tmp_path, speech_cl
         (["--source", "EMPTY", "--layout", "vctk"], "not a VCTK 0.92 tree"),
     ],
 )
-def test_bad_input_one_line_error(tmp_path, args, message):
+def test_bad_input_one_line_error(tmp_path, args, message, run_job):
     (tmp_path / "empty").mkdir()
     args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
     p = run_job(*args, "--out", str(tmp_path / "out"), timeout=60)

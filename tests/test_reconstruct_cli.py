@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import numpy as np
@@ -20,16 +19,14 @@ def model_path(tmp_path_factory):
     return save_model(tmp_path_factory.mktemp("model") / "fewsound-tiny.pt", model)
 
 
-def test_round_trip_on_a_long_speech_file(tmp_path, model_path, speech_clips):
+def test_round_trip_on_a_long_speech_file(tmp_path, model_path, speech_clips, processes):
     clip = speech_clips[0]
     x = clip.load(sr=None)  # the file's own rate (not the model's): the command resamples
     inp = tmp_path / "in.flac"
     save_audio(inp, x, sr=clip.sample_rate)
     out = tmp_path / "out.wav"
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "fewsound", "reconstruct", str(model_path), str(inp), str(out), "--batch-size", "4"],
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

@@ -208,6 +208,7 @@ def test_experiments_open_on_runs_in_mlflows_ui(server):
     assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
 
 
+@pytest.mark.integration  # starts an embedded MLflow server
 def test_mlflow_status_and_stop_commands(tmp_path, monkeypatch, capsys):
     """`python -m fewsound mlflow status|stop` on the embedded server of a FEWSOUND_HOME (the command's main, in
     this process)."""
