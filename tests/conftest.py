@@ -129,12 +129,15 @@ class Processes:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen] = []
 
-    def run(self, cmd: list[str], *, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    def run(self, cmd: list[str], *, timeout: float = 600, check: bool = False, **kw) -> subprocess.CompletedProcess:
         if kw.pop("capture_output", True):
             kw.setdefault("stdout", subprocess.PIPE)
             kw.setdefault("stderr", subprocess.PIPE)
         kw.setdefault("text", True)
-        return self._wait(self.start(cmd, **kw), cmd, timeout)
+        done = self._wait(self.start(cmd, **kw), cmd, timeout)
+        if check:
+            done.check_returncode()
+        return done
 
     def start(self, cmd: list[str], **kw) -> subprocess.Popen:
         kw.setdefault("start_new_session", True)  # its own process group: stopped as one, apart from pytest's

@@ -83,7 +83,7 @@ def _plant(folder: Path, marker: Path) -> None:
     torch.save(payload, folder / STATE_FILE)
 
 
-def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path):
+def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path, processes):
     folder = tmp_path / "epoch_00001"
     cfg, _ = _checkpoint(folder)
     # the planted file is real: the full unpickler (what resuming used before) runs its code
@@ -108,11 +108,9 @@ def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
     # the laptop side: evaluating the checkpoint folder (a bucket's copy) prints one line and exits non-zero
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "jobs/evaluate_fewsound.py", "--model", str(folder), "--no-mlflow", "--smoke-test"],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -151,10 +149,10 @@ def test_checkpoints_are_plain_data_and_round_trip_exactly(tmp_path):
     assert "\n" not in str(e.value) and str(old / STATE_FILE) in str(e.value)
 
 
-def test_secrets_command_makes_private_random_files_and_keeps_existing_ones(tmp_path):
+def test_secrets_command_makes_private_random_files_and_keeps_existing_ones(tmp_path, processes):
     laptop = tmp_path / "cluster"
     run = [sys.executable, "-m", "fewsound", "mlflow", "secrets", "--dir", str(laptop)]
-    out = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    out = processes.run(run, cwd=ROOT, timeout=120, check=True).stdout
     assert f"wrote {laptop / CREDENTIALS_FILE}" in out and f"wrote {laptop / FLASK_SECRET_FILE}" in out
     assert stat.S_IMODE(laptop.stat().st_mode) == 0o700
     for name in (CREDENTIALS_FILE, FLASK_SECRET_FILE):
@@ -162,10 +160,10 @@ def test_secrets_command_makes_private_random_files_and_keeps_existing_ones(tmp_
     user, word = read_credentials(laptop / CREDENTIALS_FILE)
     assert user == "admin" and len(word) >= 40
     before = {n: (laptop / n).read_text() for n in (CREDENTIALS_FILE, FLASK_SECRET_FILE)}
-    again = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    again = processes.run(run, cwd=ROOT, timeout=120, check=True).stdout
     assert "kept" in again and {n: (laptop / n).read_text() for n in before} == before
     other = tmp_path / "other"
-    subprocess.run([*run[:-1], str(other)], cwd=ROOT, capture_output=True, timeout=120, check=True)
+    processes.run([*run[:-1], str(other)], cwd=ROOT, timeout=120, check=True)
     assert read_credentials(other / CREDENTIALS_FILE)[1] != word  # random, not a fixed default
 
 
