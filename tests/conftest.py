@@ -7,9 +7,16 @@ sweep-engine modules (test_sweep, test_sweep_gpu, test_sweep_resume), so servers
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+# CPU tests see no GPU, even on a GPU machine (before torch or Ray is imported: both read this once): the CPU
+# thread split, the emulated fractional GPUs and the bitwise checks assume the CPU. FEWSOUND_TEST_GPU=1 (what
+# benchmarks/gpu_check.sh sets) leaves the devices visible for the gpu tier, tests/test_gpu.py (`-m gpu`).
+if os.environ.get("FEWSOUND_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 # Keep every test process to one BLAS/torch thread: CI has 2 cores and Ray workers run beside pytest.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
