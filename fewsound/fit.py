@@ -76,6 +76,8 @@ DEFAULT_WEIGHT_DECAY: dict[str, float] = {"adamw": 0.01, "adam": 0.0}
 RUNTIME_FIELDS = ("checkpoint_every", "log_every", "device", "compile")
 # INR forward precision. "bf16": the forward runs under torch.autocast(bfloat16) - matmuls (and the KAN layer's
 # two products) take bfloat16 operands and accumulate in float32; activations, the loss and AdamW stay in `dtype`.
+# SIREN, FINER and WIRE opt out (INR.autocast_safe): their forward stays float32 under autocast, so "bf16" changes
+# nothing for them (fewsound.inr.base says why).
 PRECISIONS: dict[str, torch.dtype | None] = {"full": None, "bf16": torch.bfloat16}
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHECKPOINT_NAME = "fit.pt"

@@ -141,6 +141,7 @@ def _complex_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, im
 
 class Wire(INR):
     name = "wire"
+    autocast_safe = False  # Gabor wavelets of large phases: float32 even under autocast (fewsound.inr.base)
     Config = WireConfig
 
     @property
