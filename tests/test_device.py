@@ -183,3 +183,30 @@ def test_claiming_a_share_without_cuda_caps_nothing():
 
 def test_tests_run_with_cuda_hidden():
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+
+
+# --- CPU means CPU: a real local Ray whose node lists two GPUs ------------------------------------------------
+
+
+def test_a_ray_task_given_no_gpu_sees_none(monkeypatch):
+    import ray
+
+    from tune.ray_env import cpu_means_cpu
+
+    def probe(hide: bool) -> tuple[str | None, str, str]:
+        from fewsound.fit import resolve_device
+        from fewsound.metrics.cdpam import default_device
+
+        if hide:
+            cpu_means_cpu()
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), str(resolve_device("auto")), str(default_device())
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the node's environment: Ray's workers inherit it
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        task = ray.remote(num_cpus=1, max_calls=1)(probe)  # max_calls=1: a fresh worker process per call
+        assert ray.get(task.remote(False))[0] == "0,1"  # what Ray does by itself: every GPU visible
+        assert ray.get(task.remote(True)) == ("", "cpu", "cpu")  # hidden: torch and CDPAM on the CPU
+    finally:
+        ray.shutdown()

@@ -193,8 +193,10 @@ def _train_and_evaluate(tr: Training, s: Settings, parent_id: str, grid_id: str,
     from fewsound.tables import hyper_label
     from fewsound.tracking import PARENT_TAG, MlflowRun
     from tune.hyper_eval import evaluate_trained, evaluation_key, load_evaluation, log_evaluation, validation_set
+    from tune.ray_env import cpu_means_cpu
     from tune.train_job import load_trained, run_training
 
+    cpu_means_cpu()  # a 0-GPU task: the training runs on Ray Train's workers, nothing here may take a GPU
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download buries the log
     os.environ["MLFLOW_TRACKING_URI"] = uri
     t0 = time.perf_counter()

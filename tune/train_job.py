@@ -44,7 +44,7 @@ import numpy as np
 from fewsound.config import cfg_hash, flatten, to_dict
 from fewsound.errors import ConfigError, DataError, Stopped
 from fewsound.train import TrainConfig
-from tune.ray_env import choose_scaling, init_ray, storage_root, workers_have_cuda
+from tune.ray_env import choose_scaling, cpu_means_cpu, init_ray, storage_root, workers_have_cuda
 
 KEY_TAG = "fewsound.train_key"
 RESUME_TAG = "fewsound.resumed"
@@ -556,6 +556,7 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     from fewsound.tracking import MlflowRun, NullLogger
     from fewsound.train import load_training_state, make_optimizer, torch_threads, train_config_from_dict
 
+    cpu_means_cpu()  # a CPU worker on a GPU node stays on the CPU (a GPU worker keeps the GPU Ray gave it)
     cfg = train_config_from_dict(config["train"])
     quiet_ray_data()
     ctx = ray.train.get_context()
