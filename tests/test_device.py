@@ -210,3 +210,12 @@ def test_a_ray_task_given_no_gpu_sees_none(monkeypatch):
         assert ray.get(task.remote(True)) == ("", "cpu", "cpu")  # hidden: torch and CDPAM on the CPU
     finally:
         ray.shutdown()
+
+
+def test_the_grid_evaluation_asks_for_cpus_and_a_gpu_share():
+    from tune.hyper_eval import EVAL_CPUS, EVAL_GPU, eval_resources
+
+    assert eval_resources([2.0], gpus=False) == {"num_cpus": 1.0}  # a 2-CPU machine: one left to the others
+    assert eval_resources([4.0, 16.0], gpus=False) == {"num_cpus": float(EVAL_CPUS)}
+    assert eval_resources([0.0, 8.0], gpus=True) == {"num_cpus": float(EVAL_CPUS), "num_gpus": EVAL_GPU}
+    assert eval_resources([], gpus=True)["num_cpus"] == 1.0  # never a 0-CPU (one-thread, unaccounted) evaluation
