@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 
-# CPU tests see no GPU, even on a GPU machine (before torch or Ray is imported: both read this once): the CPU
-# thread split, the emulated fractional GPUs and the bitwise checks assume the CPU. FEWSOUND_TEST_GPU=1 (what
+# CPU tests see no GPU, even on a GPU machine (set before torch or Ray is imported: both read it once): the CPU
+# thread split, the emulated fractional GPUs and the bitwise checks assume the CPU. Negative ids, not "": CUDA and
+# torch stop at the first negative id (no device), while a local Ray may still declare up to 16 logical GPUs
+# (a GPU task gets "-1", ...; Ray refuses num_gpus > 0 when the variable is ""). FEWSOUND_TEST_GPU=1 (what
 # benchmarks/gpu_check.sh sets) leaves the devices visible for the gpu tier, tests/test_gpu.py (`-m gpu`).
+NO_GPUS = ",".join(str(-i) for i in range(1, 17))
 if os.environ.get("FEWSOUND_TEST_GPU") != "1":
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["CUDA_VISIBLE_DEVICES"] = NO_GPUS
 
 from pathlib import Path  # noqa: E402
 

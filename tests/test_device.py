@@ -182,7 +182,9 @@ def test_claiming_a_share_without_cuda_caps_nothing():
 
 
 def test_tests_run_with_cuda_hidden():
-    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    from conftest import NO_GPUS
+
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == NO_GPUS and torch.cuda.device_count() == 0
 
 
 # --- CPU means CPU: a real local Ray whose node lists two GPUs ------------------------------------------------
