@@ -150,6 +150,8 @@ def main() -> int:
         return trial_worker(args.trial_worker)
     if args.quick:
         args.packs, args.n, args.steps = "1,2", 4096, 2
+    if args.trials_per_gpu and not args.device.startswith("cuda"):
+        ap.error("--trials-per-gpu needs --device cuda (trials share a GPU's memory)")
 
     import torch
 
@@ -198,9 +200,6 @@ def main() -> int:
         "shared_gpu": [],
     }
     if args.trials_per_gpu:
-        if not args.device.startswith("cuda"):
-            print("--trials-per-gpu needs --device cuda", file=sys.stderr)
-            return 2
         result["shared_gpu"] = shared_gpu(args, [f for f in args.trial_families.split(",") if f])
     out = args.out or ROOT / "benchmarks" / "results" / f"gpu_table1_{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
