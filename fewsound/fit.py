@@ -8,9 +8,11 @@ from its own gradient and moments. So clip b's trajectory depends only on its ta
 fit of that clip alone (tests/test_fit.py checks packed == separate); nothing here may mix clips (no global
 gradient-norm clipping, no loss mean over the pack).
 
-Each step: forward all B networks, per-clip loss [B], then per clip (on the CPU the forward/backward runs in chunks
-of clips, `auto_clips_per_chunk`, accumulating each chunk's gradients before the one optimizer step of the pack:
-a whole pack's activations spill out of the caches and made packed fits dearer per clip than single fits):
+Each step: forward all B networks, per-clip loss [B], then per clip (the forward/backward runs in chunks of clips,
+`auto_clips_per_chunk`, accumulating each chunk's gradients before the one optimizer step of the pack: on the CPU
+because a whole pack's activations spill out of the caches and made packed fits dearer per clip than single fits;
+on CUDA as many clips as the process's share of the GPU holds (fewsound.device), and a chunk that still runs out
+of memory is redone in halves):
 - a non-finite loss (divergence, e.g. SIREN at too high a rate) freezes that clip: its parameters go back to the
   last weights whose loss was finite and stay there (gradients zeroed, optimizer drift undone), and the step is
   recorded; the other clips go on. All of this is tensor ops on the device, with no host sync per step.
