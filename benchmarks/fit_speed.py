@@ -9,7 +9,7 @@ Table 1 model sizes, on real speech crops of N samples from the built-in corpus 
   cost), so the sequential per-clip time per step is the single time per step.
 - packed: B clips in one fit (B independent networks, batched matmuls, one optimizer step). On the CPU the
   pack's forward/backward runs in chunks of clips (fewsound.fit.auto_clips_per_chunk: one 1.5 s clip per chunk)
-  with gradients accumulated per chunk; on CUDA the whole pack at once.
+  with gradients accumulated per chunk; on CUDA as many clips as the GPU's free memory holds (fewsound.device).
 The ratio is sequential per-clip time / packed per-clip time: > 1 means the packed path is faster per clip.
 
 Each measurement runs in its own fresh subprocess; peak memory is that process's RSS high-water mark

@@ -2,7 +2,7 @@
 
     python benchmarks/fit_step.py [--threads 1,all] [--packs 1,8,32] [--n 32768] [--steps 3] [--rounds 3]
                                   [--variants bf16,compile] [--variant-packs 1] [--quality-steps 0]
-                                  [--profile] [--out benchmarks/results/fit_step.json]
+                                  [--profile] [--device cpu|cuda] [--out benchmarks/results/fit_step.json]
     python benchmarks/fit_step.py --report benchmarks/results/fit_step.json   # print a saved result
 
 One step = forward, the paper's loss (L1 + 5-resolution mel-STFT), backward and an AdamW update, on one real
@@ -142,9 +142,11 @@ class PlainLoss:
         import torchaudio
 
         self.torch, self.target = torch, target
-        self.windows = [torch.hann_window(w) for _, _, w in RESOLUTIONS]
+        self.windows = [torch.hann_window(w, device=target.device) for _, _, w in RESOLUTIONS]
         self.banks = [
-            torchaudio.functional.melscale_fbanks(n // 2 + 1, 0.0, SR / 2, m, SR, norm="slaney", mel_scale="slaney")
+            torchaudio.functional.melscale_fbanks(n // 2 + 1, 0.0, SR / 2, m, SR, norm="slaney", mel_scale="slaney").to(
+                target.device
+            )
             for (n, _, _), m in zip(RESOLUTIONS, n_mels)
         ]
         with torch.no_grad():
@@ -189,7 +191,7 @@ def speech(n: int, count: int):
 class Setup:
     """Everything one thread count needs: the fewsound config, the baseline and floor models with their steps."""
 
-    def __init__(self, n: int, packs: list[int], check: bool = True):
+    def __init__(self, n: int, packs: list[int], check: bool = True, device: str = "cpu"):
         import torch
         from torch import nn
 
@@ -202,15 +204,17 @@ class Setup:
         assert tuple(FS_RESOLUTIONS) == RESOLUTIONS
         self.torch = torch
         self.clips = speech(n, max(packs))
-        self.config = FitConfig(family="kan", inr=table1()["kan"], steps=1, log_every=1, device="cpu")
+        self.config = FitConfig(family="kan", inr=table1()["kan"], steps=1, log_every=1, device=device)
+        self.cuda = device.startswith("cuda")
         inr = build_inr("kan", **table1()["kan"])
         c = inr.config
-        t = coordinates(n)
-        target = torch.from_numpy(self.clips[0])
+        t = coordinates(n, device=device)
+        target = torch.from_numpy(self.clips[0]).to(device)
         n_mels = [mel_bands_for(n_fft) for n_fft, _, _ in RESOLUTIONS]
 
         self.baseline = build_baseline(torch, nn, c)
-        params, buffers = inr.init([self.config.seed])
+        params, buffers = inr.init([self.config.seed], device=device)
+        self.baseline.to(device)
         with torch.no_grad():  # fewsound's initial weights, so both compute the same function
             for i, layer in enumerate(self.baseline.layers):
                 layer.base_weight.copy_(params[f"bw{i}"][0])
@@ -221,7 +225,7 @@ class Setup:
             same = (self.baseline(t) - inr(params, t, buffers)[0]).abs().max().item() if check else 0.0
         assert same < 1e-4, f"baseline and fewsound differ at init by {same}"
         self.max_abs_init_diff = same
-        self.floor = build_floor(torch, nn, c.encoding_length)
+        self.floor = build_floor(torch, nn, c.encoding_length).to(device)
         self.floor_params = sum(p.numel() for p in self.floor.parameters())
         self.steps = {}
         for name, model in (("baseline", self.baseline), ("floor", self.floor)):
@@ -240,11 +244,14 @@ class Setup:
     def time_model(self, name: str, steps: int) -> list[tuple[float, float]]:
         """(wall, process CPU) seconds of each of `steps` steps after a warm-up step."""
         step = self.steps[name]
+        sync = self.torch.cuda.synchronize if self.cuda else (lambda: None)  # a CUDA step ends on the device
         step()
+        sync()
         out = []
         for _ in range(steps):
             t0, c0 = time.perf_counter(), time.process_time()
             step()
+            sync()
             out.append((time.perf_counter() - t0, time.process_time() - c0))
         return out
 
@@ -281,7 +288,7 @@ def child_times(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    s = Setup(args.n, args.packs + args.variant_packs)
+    s = Setup(args.n, args.packs + args.variant_packs, device=args.device)
     runs = fewsound_runs(args)
     times: dict[str, list[tuple[float, float]]] = {"baseline": [], "floor": [], **{r[0]: [] for r in runs}}
     first_step: dict[str, list[float]] = {r[0]: [] for r in runs}
@@ -337,14 +344,20 @@ def child_memory(args) -> dict:
 
     torch.set_num_threads(args.threads)
     runs = {name: (variant, b) for name, variant, b in fewsound_runs(args)}
-    s = Setup(args.n, [runs[args.variant][1] if args.variant in runs else 1], check=False)
-    Path("/proc/self/clear_refs").write_text("5")
-    rss0 = psutil.Process().memory_info().rss
+    s = Setup(args.n, [runs[args.variant][1] if args.variant in runs else 1], check=False, device=args.device)
+    if s.cuda:  # on CUDA: the allocator's peak during the steps, above what the set-up holds
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        rss0 = psutil.Process().memory_info().rss
     if args.variant in runs:
         variant, b = runs[args.variant]
         s.time_fewsound(b, 1, variant)
     else:
         s.time_model(args.variant, 1)
+    if s.cuda:
+        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
     status = Path("/proc/self/status").read_text()
     hwm_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
     return {"peak_mb": (hwm_kb * 1024 - rss0) / 2**20}
@@ -364,7 +377,7 @@ def child_quality(args) -> dict:
     from fewsound.metrics.signal import psnr
 
     torch.set_num_threads(args.threads)
-    s = Setup(args.n, [1])
+    s = Setup(args.n, [1], device=args.device)
     clip = s.clips[0]
     out = {"steps": args.quality_steps, "n": args.n}
     for name in ("full", "bf16"):
@@ -386,7 +399,7 @@ def run_child(args, threads: int, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--threads", str(threads), "--n", str(args.n), "--steps", str(args.steps)]
     cmd += ["--rounds", str(args.rounds), "--packs", ",".join(map(str, args.packs)), *extra]
     cmd += ["--variants", ",".join(args.variants), "--variant-packs", ",".join(map(str, args.variant_packs))]
-    cmd += ["--quality-steps", str(args.quality_steps)]
+    cmd += ["--quality-steps", str(args.quality_steps), "--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -481,6 +494,7 @@ def main() -> int:
     ap.add_argument("--variants", default="", help="fewsound variants to add: bf16, compile (comma-separated)")
     ap.add_argument("--variant-packs", default="1", help="pack sizes B of the variants")
     ap.add_argument("--quality-steps", type=int, default=0, help="steps of the full vs bf16 quality fit (0: none)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (every model, fit and loss on that device)")
     ap.add_argument("--n", type=int, default=32_768)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant per round (after a warm-up)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -509,6 +523,9 @@ def main() -> int:
         if len(saved["runs"]) > 1:
             report_scaling(scaling(saved))
         return 0
+    if args.device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        print("no CUDA device here: run with --device cpu", file=sys.stderr)
+        return 2
     thread_counts = sorted({os.cpu_count() if v == "all" else int(v) for v in args.threads.split(",")})
     variants = ["baseline", "floor", *[r[0] for r in fewsound_runs(args)]]
     result = {
@@ -516,6 +533,8 @@ def main() -> int:
         f"{args.n}-sample speech clip per network; medians of interleaved steps",
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
+        "device": args.device,
+        "device_name": __import__("torch").cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": __import__("torch").__version__,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "args": {k: v for k, v in vars(args).items() if k not in ("child", "variant", "out")},

@@ -8,9 +8,11 @@ from its own gradient and moments. So clip b's trajectory depends only on its ta
 fit of that clip alone (tests/test_fit.py checks packed == separate); nothing here may mix clips (no global
 gradient-norm clipping, no loss mean over the pack).
 
-Each step: forward all B networks, per-clip loss [B], then per clip (on the CPU the forward/backward runs in chunks
-of clips, `auto_clips_per_chunk`, accumulating each chunk's gradients before the one optimizer step of the pack:
-a whole pack's activations spill out of the caches and made packed fits dearer per clip than single fits):
+Each step: forward all B networks, per-clip loss [B], then per clip (the forward/backward runs in chunks of clips,
+`auto_clips_per_chunk`, accumulating each chunk's gradients before the one optimizer step of the pack: on the CPU
+because a whole pack's activations spill out of the caches and made packed fits dearer per clip than single fits;
+on CUDA as many clips as the process's share of the GPU holds (fewsound.device), and a chunk that still runs out
+of memory is redone in halves):
 - a non-finite loss (divergence, e.g. SIREN at too high a rate) freezes that clip: its parameters go back to the
   last weights whose loss was finite and stay there (gradients zeroed, optimizer drift undone), and the step is
   recorded; the other clips go on. All of this is tensor ops on the device, with no host sync per step.
@@ -36,11 +38,12 @@ Adam, constant rate, no weight decay) selectable. The rate is constant, as in th
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -49,6 +52,7 @@ import numpy as np
 import torch
 
 from fewsound.config import cfg_hash, to_dict
+from fewsound.device import cuda_clips_per_chunk, release_cached_memory, set_numerics, split_on_oom
 from fewsound.errors import AudioError, ConfigError
 from fewsound.losses import RESOLUTIONS, ReconstructionLoss
 
@@ -74,6 +78,8 @@ DEFAULT_WEIGHT_DECAY: dict[str, float] = {"adamw": 0.01, "adam": 0.0}
 RUNTIME_FIELDS = ("checkpoint_every", "log_every", "device", "compile")
 # INR forward precision. "bf16": the forward runs under torch.autocast(bfloat16) - matmuls (and the KAN layer's
 # two products) take bfloat16 operands and accumulate in float32; activations, the loss and AdamW stay in `dtype`.
+# SIREN, FINER and WIRE opt out (INR.autocast_safe): their forward stays float32 under autocast, so "bf16" changes
+# nothing for them (fewsound.inr.base says why).
 PRECISIONS: dict[str, torch.dtype | None] = {"full": None, "bf16": torch.bfloat16}
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHECKPOINT_NAME = "fit.pt"
@@ -200,6 +206,9 @@ class FitResult:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto": CUDA when present, else the CPU; else `device` itself. Sets fewsound's numerics (no TF32, see
+    fewsound.device.set_numerics) for whatever runs on it."""
+    set_numerics()
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -215,10 +224,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 CPU_CHUNK_SAMPLES = 32_768
 
 
-def auto_clips_per_chunk(device: torch.device, n_clips: int, n_samples: int, *, custom_loss: bool = False) -> int:
-    """Clips per forward/backward chunk: the whole pack on CUDA (one launch sequence for all B is what makes a
-    GPU fast) and with a custom loss_fn (it sees the whole pack); on the CPU, max(1, CPU_CHUNK_SAMPLES // N)."""
-    if device.type != "cpu" or custom_loss:
+def auto_clips_per_chunk(
+    device: torch.device, n_clips: int, n_samples: int, *, custom_loss: bool = False, family: str | None = None
+) -> int:
+    """Clips per forward/backward chunk. With a custom loss_fn: the whole pack (it sees the whole pack). On the
+    CPU: max(1, CPU_CHUNK_SAMPLES // N). On CUDA: as many clips as this process's share of the GPU holds
+    (fewsound.device.cuda_clips_per_chunk, from the device's free memory and `family`'s bytes per clip-sample;
+    one launch sequence for many clips is what makes a GPU fast), the whole pack when `family` is None."""
+    if custom_loss:
+        return n_clips
+    if device.type == "cuda" and family is not None:
+        return cuda_clips_per_chunk(device, family, n_samples, n_clips)
+    if device.type != "cpu":
         return n_clips
     return max(1, min(n_clips, CPU_CHUNK_SAMPLES // n_samples))
 
@@ -265,12 +282,14 @@ def fit(
     checkpoint_dir: where `fit.pt` is written every `config.checkpoint_every` steps and at the end; with
         `resume`, an existing checkpoint of the same fit (config, seeds, clips) is continued.
     loss_fn: `(pred [B, N], target [B, N]) -> [B]` replacing the paper's loss (e.g. to inject faults in tests, or
-        to watch the predictions, as tune/search.py does). It is called once per step with the whole pack, unless
+        to watch the predictions, as tune/search/trial.py does). It is called once per step with the whole pack, unless
         `clips_per_chunk` is given, in which case it is called per chunk with that chunk's clips.
     clips_per_chunk: clips whose forward/backward run together (gradients of the chunks are accumulated, then one
-        optimizer step updates the whole pack). None: automatic (`auto_clips_per_chunk`: the whole pack on CUDA;
-        on the CPU, chunks of about CPU_CHUNK_SAMPLES samples with the paper's loss, the whole pack with a
-        custom `loss_fn`). Results do not depend on it beyond float rounding.
+        optimizer step updates the whole pack). None: automatic (`auto_clips_per_chunk`: on CUDA what the
+        process's share of the GPU holds; on the CPU, chunks of about CPU_CHUNK_SAMPLES samples with the paper's
+        loss; the whole pack with a custom `loss_fn`). Results do not depend on it beyond float rounding.
+        A step whose forward/backward runs out of memory (torch.OutOfMemoryError) is run again with chunks of
+        half the size, down to one clip (fewsound.device.split_on_oom); the fit goes on at the smaller size.
     """
     t_start = time.perf_counter()
     logger = logger or _NoLogger()
@@ -292,7 +311,9 @@ def fit(
         betas=config.betas,
         weight_decay=config.resolved_weight_decay,
     )
-    chunk = clips_per_chunk or auto_clips_per_chunk(device, n_clips, n_samples, custom_loss=loss_fn is not None)
+    chunk = clips_per_chunk or auto_clips_per_chunk(
+        device, n_clips, n_samples, custom_loss=loss_fn is not None, family=config.family
+    )
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ConfigError("clips_per_chunk", f"must be a positive integer, got {clips_per_chunk!r}")
     chunks = _Chunks(config, inr, params, buffers, target_cpu.to(device, dtype), chunk, loss_fn)
@@ -312,7 +333,8 @@ def fit(
     with _flush_denormals(device), _clip_workers(device, chunks, parallel_ok) as pool:
         t_loop = time.perf_counter()
         for step in range(start_step, config.steps):
-            per_clip = _step(step, chunks, pack, optimizer, pool)
+            run = functools.partial(_step_in_chunks, step, chunks, pack, optimizer, pool)
+            per_clip, _ = split_on_oom(run, chunks.size)
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
                 logger.log_metrics(pack.log(step, per_clip), step)
@@ -323,7 +345,8 @@ def fit(
         saved_at_end = config.checkpoint_every and config.steps % config.checkpoint_every == 0
         if ckpt_path is not None and steps_run and not saved_at_end:
             _save_checkpoint(ckpt_path, identity, config.steps, params, pack, optimizer)
-        final, pred = chunks.evaluate()  # the weights we return (for a diverged clip: its last good weights)
+        # the weights we return (for a diverged clip: its last good weights)
+        (final, pred), _ = split_on_oom(lambda c: chunks.resplit(c).evaluate(), chunks.size)
     steps_per_s = steps_run / loop_seconds if steps_run and loop_seconds > 0 else float("nan")
     timing = {"steps_per_s": steps_per_s, "seconds": time.perf_counter() - t_start}
     return _results(config, inr, seeds, params, buffers, pack, final, pred, timing)
@@ -339,19 +362,33 @@ class _Chunks:
     def __init__(self, config: FitConfig, inr, params, buffers, target, chunk: int, loss_fn):
         n_clips, n_samples = target.shape
         self.inr, self.params, self.target, self.loss_fn = inr, params, target, loss_fn
+        self.config, self.all_buffers = config, buffers
         self.forward = _InrForward(inr, config, target.device)
         self.t = _coordinates(n_samples, target.device, target.dtype)
-        self.spans = [(a, min(a + chunk, n_clips)) for a in range(0, n_clips, chunk)]
-        self.buffers = [{k: v[a:b] for k, v in buffers.items()} for a, b in self.spans]
         self.segments: list[tuple[int, int]] = []  # sample ranges [a, b) of a split chunk (see _clip_workers)
+        self.size = 0
+        self.resplit(chunk)
+
+    def resplit(self, chunk: int) -> _Chunks:
+        """Chunks of `chunk` clips from now on (after an out-of-memory error: smaller ones). Returns self."""
+        if chunk == self.size:
+            return self
+        n_clips, config, target = self.target.shape[0], self.config, self.target
+        if self.size:
+            release_cached_memory()  # the old chunks' loss features
+        self.size = chunk
+        self.spans = [(a, min(a + chunk, n_clips)) for a in range(0, n_clips, chunk)]
+        self.buffers = [{k: v[a:b] for k, v in self.all_buffers.items()} for a, b in self.spans]
+        self.segments = self.segments if len(self.spans) == 1 else []
         self.paper = None
-        if loss_fn is None:  # the paper's loss, with each chunk's target features computed once
+        if self.loss_fn is None:  # the paper's loss, with each chunk's target features computed once
             self.paper = [
                 ReconstructionLoss(
                     target[a:b], lambda_t=config.lambda_t, lambda_f=config.lambda_f, sr=config.sample_rate
                 )
                 for a, b in self.spans
             ]
+        return self
 
     def predict(self, i: int, grad: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Chunk i's params (leaf slices of the pack's tensors when the pack is split) and predictions [b - a, N]."""
@@ -495,6 +532,11 @@ def _per_clip(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _step_in_chunks(step: int, chunks: _Chunks, pack: _PackState, optimizer, pool, chunk: int) -> torch.Tensor:
+    """_step with the pack in chunks of `chunk` clips (split_on_oom's attempt at that size)."""
+    return _step(step, chunks.resplit(chunk), pack, optimizer, pool)
+
+
 def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer, pool: ThreadPoolExecutor | None) -> torch.Tensor:
     """One optimizer step of the whole pack: forward/backward chunk by chunk (on `pool`'s threads, if any), then
     the masked update. Returns the per-clip loss [B] of the weights before the step (detached, on the device)."""
@@ -505,6 +547,8 @@ def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer, pool: ThreadP
     def run(i: int) -> None:
         try:
             run_chunk(i)
+        except torch.OutOfMemoryError:  # not the compiler's fault: the step is redone in smaller chunks
+            raise
         except Exception as e:  # a failed torch.compile: the chunk again, eagerly (and the rest of the fit)
             if not chunks.forward.fall_back(e):
                 raise
@@ -557,9 +601,15 @@ def _step(step: int, chunks: _Chunks, pack: _PackState, optimizer, pool: ThreadP
     elif pool is None:
         for i in range(len(chunks.spans)):
             run(i)
-    else:
-        list(pool.map(run, range(len(chunks.spans))))  # list(): waits, and re-raises a chunk's exception
-    pack.update(step, per_clip, params, optimizer)
+    else:  # every chunk ends before a chunk's exception is re-raised (a retried step must not race its leftovers)
+        futures = [pool.submit(run, i) for i in range(len(chunks.spans))]
+        wait(futures)
+        for f in futures:
+            f.result()
+    try:
+        pack.update(step, per_clip, params, optimizer)
+    except torch.OutOfMemoryError as e:  # weights may be half-updated: this step cannot be redone in smaller chunks
+        raise RuntimeError(f"out of memory in the optimizer step of step {step}: {e}") from e
     return per_clip
 
 

@@ -1,7 +1,7 @@
 """What a hyper-parameter search of one INR family searches and optimises (pure logic, no Ray): the
 define-by-run search spaces (`SPACES`, including what the paper left unstated: FINER k / omega, WIRE omega0 / s0,
 RFF sigma), the objective (one metric or a weighted mix, on a common "higher is better" scale) and the
-parameter count of a suggestion (for the parameter budget). tune/search.py runs the search on Ray Tune.
+parameter count of a suggestion (for the parameter budget). tune/search/ runs the search on Ray Tune.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None,
                  include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})  # fmt: skip
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}})  # fmt: skip
 
     from fewsound.data.shards import process_shard
 

@@ -18,11 +18,21 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from pathlib import Path
 
-import pytest
+# CPU tests see no GPU, even on a GPU machine (set before torch or Ray is imported: both read it once): the CPU
+# thread split, the emulated fractional GPUs and the bitwise checks assume the CPU. Negative ids, not "": CUDA and
+# torch stop at the first negative id (no device), while a local Ray may still declare up to 16 logical GPUs
+# (a GPU task gets "-1", ...; Ray refuses num_gpus > 0 when the variable is ""). FEWSOUND_TEST_GPU=1 (what
+# benchmarks/gpu_check.sh sets) leaves the devices visible for the gpu tier, tests/test_gpu.py (`-m gpu`).
+NO_GPUS = ",".join(str(-i) for i in range(1, 17))
+if os.environ.get("FEWSOUND_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = NO_GPUS
 
-TIERS = ("unit", "integration", "system")
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TIERS = ("unit", "integration", "system", "gpu")
 # Fixtures that start a local Ray, an MLflow server, S3 or a job process (their dependants are found too: pytest
 # lists every fixture a test uses, directly or through other fixtures).
 INTEGRATION_FIXTURES = {"env", "home", "s3", "ray_local", "job_env", "server", "processes"}
@@ -34,13 +44,15 @@ def pytest_addoption(parser):
     parser.addoption(
         "--tier",
         default=None,
-        help="tiers to run: unit (default without file arguments), integration, system, or all; comma-separated",
+        help="tiers to run: unit (default without file arguments), integration, system, gpu, or all; comma-separated",
     )
 
 
 def tier_of(item) -> str:
     marks = {m.name for m in item.iter_markers()}
     names = set(getattr(item, "fixturenames", ()))
+    if "gpu" in marks:  # tests/test_gpu.py: needs CUDA (skipped without it, saying so)
+        return "gpu"
     if "system" in marks or names & SYSTEM_FIXTURES:
         return "system"
     if "integration" in marks or names & INTEGRATION_FIXTURES:

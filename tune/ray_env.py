@@ -35,6 +35,7 @@ __all__ = [
     "Capacity",
     "capacity",
     "choose_scaling",
+    "cpu_means_cpu",
     "init_ray",
     "quiet_defaults",
     "quiet_exits",
@@ -254,9 +255,22 @@ def choose_scaling(cluster: dict, num_workers: int | None = None):
     return ScalingConfig(num_workers=n, use_gpu=False, resources_per_worker={"CPU": cpu_each}), cpu_each, why
 
 
+def cpu_means_cpu() -> bool:
+    """First thing in a Ray task, actor or trial body: given no GPU (ray.get_gpu_ids() empty), hide every GPU of
+    the node from torch and CDPAM (CUDA_VISIBLE_DEVICES="", fewsound.device.hide_gpus), so `device="auto"` means
+    the CPU. Ray 2.60 sets CUDA_VISIBLE_DEVICES only for workers given GPUs; a 0-GPU worker on a GPU node would
+    otherwise see them all and put its work on cuda:0, outside Ray's accounting. Returns whether they were hidden.
+    It must run before the process first asks torch about CUDA (the driver reads the variable once)."""
+    from fewsound.device import hide_gpus
+
+    return hide_gpus(ray.get_gpu_ids())
+
+
 @ray.remote(num_cpus=0)
 def _cuda_available() -> bool:
     import torch
+
+    cpu_means_cpu()
 
     return torch.cuda.is_available()
 

@@ -392,15 +392,22 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     import ray.tune
     import torch
 
-    from tune.ray_env import quiet_exits
+    from fewsound.device import claim_gpu_share, release_cached_memory
+    from fewsound.fit import resolve_device
+    from tune.ray_env import cpu_means_cpu, quiet_exits
 
+    cpu_means_cpu()  # before anything asks torch about CUDA: a trial given no GPU runs on the CPU
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # also when Ray was started elsewhere
     quiet_exits()  # Ray's SIGTERM to a finished actor: no "Exception ignored ... SystemExit" in the sweep's output
     client_defaults()  # fail fast on an unreachable server: the records wait for the driver
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # one torch thread per CPU the trial was given
+    claim_gpu_share(assigned.get("GPU"))  # a GPU share: this process capped at it, its packs' chunks sized for it
     extra = {f"assigned_{k}": float(v) for k, v in assigned.items()}
     extra["trial"] = int(config["trial"]["index"])
+    # where the fits run, as the trial sees it (a 0-GPU trial: "cpu", with CUDA_VISIBLE_DEVICES "")
+    extra["device"] = str(resolve_device("auto"))
+    extra["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
     errors = []
     for pack in config["trial"]["packs"]:
         try:
@@ -408,6 +415,8 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
         except Exception as e:  # the trial's other packs go on; the trial then fails and Tune retries it
             errors.append(f"pack {pack['index']}: {type(e).__name__}: {e}")
             continue
+        finally:
+            release_cached_memory()  # the pack's cached blocks back to the card: a reused process must not grow
         ray.tune.report(dict(res, pack=int(pack["index"]), **extra))
     if errors:  # a retry skips every fit that already has a FINISHED record (run_pack looks them up)
         raise RuntimeError("; ".join(errors)[:2000])

@@ -11,6 +11,13 @@ batched matmuls), and hypernetworks (params = universal weights + predicted delt
 Initialisation is done per seed on the CPU with its own `torch.Generator`, then stacked and moved to the
 device: clip b's tensors depend only on `seeds[b]` (a packed init equals B separate inits) and a seed gives the
 same network on every device. Init is not a hot path, so the per-seed loop there is deliberate.
+
+Reduced precision: under torch.autocast (a fit's `precision="bf16"`, a hypernetwork trained in bf16) a family whose
+`autocast_safe` is False runs its whole forward with autocast off, in float32 (bfloat16/float16 inputs upcast).
+SIREN's and FINER's sines see phases of omega_0 * W t, thousands of radians at the first layer, where bfloat16's
+8-bit mantissa steps by several radians: the output is noise. WIRE's Gabor wavelets exp(j omega z - |s0 z|^2)
+amplify the same rounding. NeRF, RFF and KAN keep autocast (their bounded activations tolerate it;
+tests/test_bf16.py checks every family's forward error under bf16 autocast).
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ class INR:
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    # False: the forward runs in float32 with autocast off even inside torch.autocast (see the module docstring)
+    autocast_safe: ClassVar[bool] = True
 
     def __init__(self, config: Any = None):
         self.config = self.Config() if config is None else config
@@ -97,6 +106,9 @@ class INR:
 
     def __call__(self, params: dict[str, Tensor], t: Tensor, buffers: dict[str, Tensor] | None = None) -> Tensor:
         """y: [B, N] for t: [N] (shared by all B networks) or [B, N] (one coordinate row per network)."""
+        if not self.autocast_safe and torch.is_autocast_enabled(t.device.type):
+            with torch.autocast(t.device.type, enabled=False):
+                return self({k: _full(v) for k, v in params.items()}, _full(t), _full_dict(buffers))
         assert set(params) == set(self.param_specs()), f"params keys {sorted(params)} != {sorted(self.param_specs())}"
         buffers = {} if buffers is None else buffers
         assert set(buffers) >= set(self.buffer_specs()), f"missing buffers {set(self.buffer_specs()) - set(buffers)}"
@@ -207,3 +219,12 @@ def _where(cfg: Any, key: str) -> str:
 
 def config_fields(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+def _full(x: Tensor) -> Tensor:
+    """x in float32 if it is in a reduced float type (bfloat16, float16), else x itself."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _full_dict(tensors: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    return None if tensors is None else {k: _full(v) for k, v in tensors.items()}

@@ -56,6 +56,7 @@ class FinerConfig:
 
 class Finer(INR):
     name = "finer"
+    autocast_safe = False  # sines of large phases: float32 even under autocast (fewsound.inr.base)
     Config = FinerConfig
 
     @property

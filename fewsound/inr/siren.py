@@ -46,6 +46,7 @@ class SirenConfig:
 
 class Siren(INR):
     name = "siren"
+    autocast_safe = False  # sines of large phases: float32 even under autocast (fewsound.inr.base)
     Config = SirenConfig
 
     @property

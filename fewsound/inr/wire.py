@@ -49,7 +49,7 @@ omega_0 = 2000, omega_i = 1, s0 = 0.5 (learning rate 1e-3, fewsound.fit.DEFAULT_
   reaches f = omega_0 |W| / (2 pi 0.743) Hz: 2000 gives up to 430 Hz at init (SIREN's first-layer band; training
   grows W and the later Gabor layers multiply phases); the benchmark also fits omega_0 = 500 and 5000.
 - At these values the activations at init are finite and O(1) in every layer (mean |x| 0.9-1.0; tested).
-The Optuna search (tune/search.py) tunes omega_0, omega_i and s0 further.
+The Optuna search (tune/search/) tunes omega_0, omega_i and s0 further.
 """
 
 
@@ -141,6 +141,7 @@ def _complex_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, im
 
 class Wire(INR):
     name = "wire"
+    autocast_safe = False  # Gabor wavelets of large phases: float32 even under autocast (fewsound.inr.base)
     Config = WireConfig
 
     @property

@@ -35,6 +35,39 @@ from tune.spine import EVAL_KEY_TAG
 
 EVAL_DIR = "evaluation"
 LONG_GROUP = "long audio"
+# What the grid's evaluation task asks Ray for (eval_resources): up to EVAL_CPUS CPUs (torch threads for the model
+# and CDPAM, the metrics' own work) and EVAL_GPU of a GPU where jobs use GPUs (the model's reconstructions and
+# CDPAM on the device: the model is small, a share leaves the rest of the card to trainings).
+EVAL_CPUS = 4
+EVAL_GPU = 0.25
+
+
+def eval_resources(node_cpus: Sequence[float], gpus: bool) -> dict[str, float]:
+    """Ray options of one evaluation: num_cpus = EVAL_CPUS, at most the largest node's CPUs less one (left to the
+    trainings' data readers), at least 1; num_gpus = EVAL_GPU when `gpus` (the job uses GPUs)."""
+    largest = max(node_cpus, default=0.0)
+    res: dict[str, float] = {"num_cpus": float(max(1, min(EVAL_CPUS, int(largest) - 1)))}
+    if gpus:
+        res["num_gpus"] = EVAL_GPU
+    return res
+
+
+def evaluate_run(run_id: str, tracking: str, corpus: str, *, label: str, **options: Any) -> Evaluation:
+    """A Ray task body: the trained model of MLflow run `run_id`, evaluated (evaluate_trained(**options)) on the
+    device the task was given (its GPU share, else the CPU: a task given no GPU hides them) at one torch thread
+    per CPU it was given."""
+    import ray
+    import torch
+
+    from fewsound.fit import resolve_device
+    from fewsound.hyper.trained import load_trained
+    from tune.ray_env import cpu_means_cpu
+
+    cpu_means_cpu()
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    model = load_trained(run_id, tracking=tracking).to(resolve_device("auto"))
+    segments, meta = validation_set(corpus, options.pop("clips", None))
+    return evaluate_trained(model, segments, meta, label=label, **options)
 
 
 @dataclasses.dataclass

@@ -188,12 +188,15 @@ def max_parallel(resources: dict[str, float], scaling: Any) -> int:
 def _train_and_evaluate(tr: Training, s: Settings, parent_id: str, grid_id: str, uri: str) -> dict[str, Any]:
     """One training (or its finished run) and its evaluation (or the one already on its run): a Ray task. `uri`:
     the driver's tracking server (a Ray started earlier, with another environment, must not send runs elsewhere)."""
-    from fewsound.hyper.trained import load_trained
+    import ray
+
     from fewsound.tables import hyper_label
     from fewsound.tracking import PARENT_TAG, MlflowRun
-    from tune.hyper.evaluation import evaluate_trained, evaluation_key, load_evaluation, log_evaluation, validation_set
+    from tune.hyper.evaluation import eval_resources, evaluate_run, evaluation_key, load_evaluation, log_evaluation
     from tune.hyper.train import run_training
+    from tune.ray_env import capacity, cpu_means_cpu, use_gpus
 
+    cpu_means_cpu()  # a 0-GPU task: the training runs on Ray Train's workers, nothing here may take a GPU
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download buries the log
     os.environ["MLFLOW_TRACKING_URI"] = uri
     t0 = time.perf_counter()
@@ -212,11 +215,14 @@ def _train_and_evaluate(tr: Training, s: Settings, parent_id: str, grid_id: str,
     key = evaluation_key(tr.key, tr.corpus, s.clips, s.metrics, s.long_seconds)
     ev = load_evaluation(run, key)
     evaluated = ev is None
-    if ev is None:
-        model = load_trained(summary.run_id, tracking=summary.tracking_uri)
-        segments, meta = validation_set(tr.corpus, s.clips)
+    if ev is None:  # in a task of its own: this one holds no CPU (it only waits on the training's workers)
         label = hyper_label(tr.cfg.model, None)
-        ev = evaluate_trained(model, segments, meta, label=label, metrics=s.metrics, long_seconds=s.long_seconds)
+        nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+        task = ray.remote(max_retries=0)(evaluate_run).options(
+            **eval_resources(nodes, use_gpus(capacity(ray.cluster_resources())))
+        )
+        run_opts = dict(label=label, clips=s.clips, metrics=s.metrics, long_seconds=s.long_seconds)
+        ev = ray.get(task.remote(summary.run_id, summary.tracking_uri, tr.corpus, **run_opts))
         log_evaluation(run, ev, key, title=f"{label} on {Path(tr.corpus).name}", sample_rate=tr.cfg.model.sample_rate)
     return {
         "key": tr.key,

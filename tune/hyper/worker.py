@@ -18,6 +18,7 @@ from typing import Any
 
 from fewsound.hyper.trained import MODEL_FILE
 from tune.hyper.data import quiet_ray_data, ray_batches, validation_clips
+from tune.ray_env import cpu_means_cpu
 from tune.spine import (
     RESUME_EPOCH_PREFIX,
     RESUMED_TAG,
@@ -157,6 +158,7 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     from fewsound.tracking import MlflowRun, NullLogger
     from fewsound.train import load_training_state, make_optimizer, torch_threads, train_config_from_dict
 
+    cpu_means_cpu()  # a CPU worker on a GPU node stays on the CPU (a GPU worker keeps the GPU Ray gave it)
     cfg = train_config_from_dict(config["train"])
     quiet_ray_data()
     ctx = ray.train.get_context()

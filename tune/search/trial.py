@@ -186,9 +186,15 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, report: Callabl
 
 def search_trainable(config: dict[str, Any], ctx: SearchContext) -> None:
     """Ray Tune function trainable: one configuration on the context's pack of clips."""
+    import ray
     import torch
 
+    from fewsound.device import claim_gpu_share
+    from tune.ray_env import cpu_means_cpu
+
+    cpu_means_cpu()  # before anything asks torch about CUDA: a trial given no GPU runs on the CPU
     quiet_exits()  # Ray's SIGTERM to a finished actor: no "Exception ignored ... SystemExit" in the output
     torch.set_num_threads(1)
+    claim_gpu_share(ray.get_runtime_context().get_assigned_resources().get("GPU"))  # capped at its share
     os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
     fit_and_score(config, ctx, report=tune.report)

@@ -1,0 +1,155 @@
+"""The gpu tier: what only a CUDA device can show. Runs only where CUDA exists, with the devices left visible:
+
+    FEWSOUND_TEST_GPU=1 python -m pytest -m gpu tests/test_gpu.py      # or benchmarks/gpu_check.sh
+
+Elsewhere every test here is skipped ("no CUDA device"); tests/conftest.py hides the GPUs from every other test
+(CUDA_VISIBLE_DEVICES) unless FEWSOUND_TEST_GPU=1, so the CPU tests mean the same on a GPU machine.
+
+Determinism. On the CPU a fit is bitwise reproducible: same config, seeds and clips give the same bits (a resumed
+fit ends bit-identical to an uninterrupted one, a chunk's result does not depend on which worker thread ran it;
+tests/test_fit.py checks these with equality). On CUDA results agree to float rounding only: the STFT's backward
+(the loss's five resolutions) and index_add/scatter-add kernels sum with atomics, whose order varies from run to
+run, and cuBLAS may pick different kernels for different batch sizes (a pack of B vs a single clip). So here packed
+== separate and resumed == uninterrupted are checked to a tolerance, never bitwise. Matmuls and convolutions run
+in full float32 (no TF32: fewsound.device.set_numerics), so a CUDA result is within float32 rounding of the CPU's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fewsound.fit import FitConfig, fit
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="no CUDA device (the gpu tier runs with FEWSOUND_TEST_GPU=1 on a machine with CUDA)",
+    ),
+]
+
+
+def speech(speech_clips, n: int, length: int) -> np.ndarray:
+    out = []
+    for clip in speech_clips[:n]:
+        x = clip.load(sr=22_050)
+        x = np.resize(x, length)
+        out.append(x / np.abs(x).max())
+    return np.stack(out).astype(np.float32)
+
+
+def test_auto_means_cuda_with_full_float32_numerics_and_cdpam_on_the_gpu():
+    from fewsound.fit import resolve_device
+    from fewsound.metrics.cdpam import default_device
+
+    assert resolve_device("auto").type == "cuda" and default_device() == "cuda"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_a_fit_runs_on_the_gpu_and_matches_the_cpu_to_rounding(speech_clips):
+    clips = speech(speech_clips, 2, 8192)
+    torch.cuda.reset_peak_memory_stats()
+    gpu = fit(FitConfig(family="kan", steps=5, device="auto"), clips)
+    assert torch.cuda.max_memory_allocated() > 0  # the fit's tensors were on the device
+    cpu = fit(FitConfig(family="kan", steps=5, device="cpu"), clips)
+    for g, c in zip(gpu, cpu):
+        assert g.loss == pytest.approx(c.loss, rel=1e-3)
+        np.testing.assert_allclose(g.reconstruction, c.reconstruction, atol=2e-3)
+
+
+@pytest.mark.parametrize("family", ["kan", "siren", "wire"])
+def test_packed_equals_separate_fits_on_cuda_to_a_tolerance(speech_clips, family):
+    clips = speech(speech_clips, 3, 8192)
+    cfg = FitConfig(family=family, steps=8, log_every=1, device="cuda", dtype="float64")
+    packed = fit(cfg, clips, seeds=[3, 4, 5])
+    for b in range(3):
+        (alone,) = fit(cfg, clips[b], seeds=[3 + b])
+        np.testing.assert_allclose(packed[b].reconstruction, alone.reconstruction, rtol=1e-5, atol=1e-6)
+        assert packed[b].loss == pytest.approx(alone.loss, rel=1e-6)
+    assert abs(packed[0].loss - packed[1].loss) > 1e-3
+
+
+def test_a_pack_beyond_its_memory_share_is_split_on_the_real_device(speech_clips):
+    """A process capped below what a whole pack needs: the real torch.OutOfMemoryError splits it, and the fit ends
+    where a pack run in small chunks ends (to rounding)."""
+    from fewsound import device as dev
+
+    clips = speech(speech_clips, 8, 65_536)
+    cfg = FitConfig(family="wire", steps=3, log_every=1, device="cuda")
+    small = fit(cfg, clips, clips_per_chunk=1)
+    per_clip = dev.bytes_per_sample("wire") * 65_536
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 3 * per_clip / total))  # room for ~2 clips, not 8
+    try:
+        split = fit(cfg, clips, clips_per_chunk=8)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    for s, r in zip(split, small):
+        assert not s.diverged and s.loss == pytest.approx(r.loss, rel=1e-4)
+
+
+def test_chunks_are_sized_from_the_free_memory_of_the_share():
+    from fewsound import device as dev
+
+    free, total = torch.cuda.mem_get_info()
+    want = dev.clips_per_chunk("wire", 65_536, 64, free_bytes=free, total_bytes=total, share=0.25)
+    assert dev.cuda_clips_per_chunk(torch.device("cuda"), "wire", 65_536, 64) >= want  # share 1 here: no smaller
+    assert 1 <= want < 64
+
+
+def test_a_sweep_of_quarter_gpu_trials_shares_the_real_gpu(env):
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_sweep_gpu import max_overlap, sweep
+
+    from tune.jobs import resolve_corpus
+
+    corpus = resolve_corpus(None, 4096)
+    s = sweep(corpus, seed=11, experiment="test-gpu-real", num_cpus=4, num_gpus=1)
+    assert s.resources == {"cpu": 1, "gpu": 0.25} and (s.done, s.failed) == (8, 0)
+    assert {t["device"] for t in s.packs} == {"cuda"}  # a real device in every trial, not the CPU
+    assert all(t["assigned_GPU"] == 0.25 for t in s.packs)
+    assert max_overlap(s.packs) <= 4
+
+
+def test_ddp_with_nccl_in_one_process(tmp_path):
+    """One NCCL process group (world size 1): a DDP step equals the plain step to rounding."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = torch.nn.Linear(64, 8).cuda()
+        ddp = DDP(torch.nn.Linear(64, 8).cuda(), device_ids=[0])
+        ddp.module.load_state_dict(plain.state_dict())
+        x = torch.randn(32, 64, device="cuda")
+        for m in (plain, ddp):
+            m(x).square().mean().backward()
+        torch.testing.assert_close(ddp.module.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
+        assert dist.get_backend() == "nccl"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_training_smoke_test_trains_with_nccl_on_every_gpu(tmp_path):
+    """jobs/train_fewsound.py --smoke-test with one worker per GPU: the workers see CUDA and use NCCL."""
+    n = torch.cuda.device_count()
+    env = dict(os.environ, FEWSOUND_HOME=str(tmp_path), PYTHONPATH=str(REPO), RAY_ADDRESS="", FEWSOUND_USE_GPU="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, str(REPO / "jobs" / "train_fewsound.py"), "--smoke-test", "--num-workers", str(n)]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "training on their CPUs (gloo)" not in log, log[-4000:]
