@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace):
-    from tune.hyper.grid import Settings
+    from tune.hyper.grid_plan import Settings
 
     overrides = {}
     for item in args.set or []:
@@ -93,7 +93,8 @@ def settings(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from tune.hyper.grid import paper_cells, parse_datasets, run_grid
+        from fewsound.hyper.catalogue import paper_cells, parse_datasets
+        from tune.hyper.grid import run_grid
 
         try:
             tables = [int(t) for t in args.tables.split(",") if t.strip()]

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from fewsound.hyper import HyperConfig
+from fewsound.hyper.catalogue import PAPER_DATASETS, paper_cells
 from fewsound.tables import build_table, hyper_label, paper_tables, paper_values, to_markdown, whisper_label
-from tune.hyper.grid import PAPER_DATASETS, Settings, max_parallel, paper_cells, plan
+from tune.hyper.grid import max_parallel
+from tune.hyper.grid_plan import Settings, plan
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,152 +24,22 @@ workers take every CPU but one).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from fewsound.config import cfg_hash, override
-from fewsound.errors import ConfigError, Stopped
-from tune.spine import GRID_TAG, JOB_TAG, N_TRAININGS_TAG, PAPER_ROWS_TAG, children_filter, mark_stale, open_keyed_run
-
-PAPER_DATASETS = ("VCTK", "noisy VCTK", "LibriSpeech", "LJ Speech", "GTZAN", "UrbanSound8K")
-WHISPER_CHECKPOINTS = {"Whisper L": "large-v2", "Whisper T": "tiny.en"}  # Table 5's rows (the paper's text)
-TABLE_ROW_HEADERS = {2: "Model", 3: "Target Network", 4: "Target Network", 5: "Encoder", 6: "Target Net."}
-# --smoke-test: the paper's two hypernetwork sizes become two tiny ones (still distinct trainings)
-SMOKE_PRESETS = {"17.5M": {"preset": "tiny"}, "41.2M": {"preset": "tiny", "hyper_widths": (96, 96)}}
-SMOKE_TRAIN = dict(
-    epochs=2,
-    batch_size=4,
-    samples_per_epoch=8,
-    val_every=1,
-    val_clips=4,
-    log_clips=1,
-    val_metrics=("mse", "psnr", "si_snr", "lsd"),
-    lr=1e-4,
+from fewsound.config import cfg_hash
+from fewsound.errors import Stopped
+from fewsound.hyper.catalogue import (
+    Cell,
+    cells_text,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One row of one paper table."""
-
-    table: int
-    label: str  # as the paper prints it
-    kind: str
-    target: str
-    encoder: str
-    preset: str  # the paper's size: "17.5M" | "41.2M"
-    dataset: str
-    group: str | None = None  # Table 6: the dataset's group
-    whisper: str | None = None  # Table 5's Whisper rows: "large-v2" | "tiny.en"
-
-
-def paper_cells(tables: list[int], datasets: list[str]) -> list[Cell]:
-    """Every row of the asked tables. Tables 2-5 are on the first dataset (the paper's VCTK); Table 6 has a
-    group per dataset."""
-    bad = [t for t in tables if t not in (2, 3, 4, 5, 6)]
-    if bad or not tables:
-        raise ConfigError("--tables", f"the hypernetwork tables are 2-6, got {tables}")
-    if not datasets:
-        raise ConfigError("--datasets", "give at least one dataset")
-    main = datasets[0]
-    cells: list[Cell] = []
-    targets = ("nerf", "kan", "siren")
-    for t in tables:
-        if t == 2:
-            cells += [
-                Cell(2, "HyperSound", "hypersound", "nerf", "soundstream", "17.5M", main),
-                Cell(2, "FewSound 17.5M", "fewsound", "nerf", "soundstream", "17.5M", main),
-                Cell(2, "FewSound 41.2M", "fewsound", "nerf", "soundstream", "41.2M", main),
-            ]
-        elif t in (3, 4):
-            kind = "fewsound" if t == 3 else "hypersound"
-            cells += [Cell(t, x.upper(), kind, x, "soundstream", "17.5M", main) for x in targets]
-        elif t == 5:
-            for label, encoder in (
-                ("SoundStream", "soundstream"),
-                ("Whisper L", "whisper"),
-                ("Whisper T", "whisper"),
-                ("Spectral", "spectral"),
-                ("SNAC", "snac"),
-            ):
-                cells.append(
-                    Cell(5, label, "fewsound", "nerf", encoder, "17.5M", main, None, WHISPER_CHECKPOINTS.get(label))
-                )
-        else:
-            cells += [
-                Cell(6, x.upper(), "fewsound", x, "soundstream", "41.2M", ds, group=ds)
-                for ds in datasets
-                for x in ("nerf", "kan")
-            ]
-    return cells
-
-
-@dataclasses.dataclass
-class Settings:
-    """What every training and evaluation of a grid shares."""
-
-    train: dict[str, Any]  # TrainConfig fields (epochs, ...) for every training
-    overrides: dict[str, Any]  # dotted TrainConfig overrides (--set)
-    whisper: dict[str, str]  # Whisper checkpoint folder by size ("tiny.en", "large-v2")
-    smoke: bool = False
-    experiment: str = "hyper_tables"
-    storage: str | None = None
-    num_workers: int | None = None
-    parallel: int | None = None
-    address: str | None = None
-    clips: int | None = None
-    metrics: list[str] | None = None
-    long_seconds: float | None = 10.0
-    retries: int = 1  # a failed training is tried again this many times (resuming from its last checkpoint)
-
-
-def train_config(cell: Cell, s: Settings):
-    """The TrainConfig of a cell (raises ConfigError for a Whisper row without a checkpoint)."""
-    from fewsound.hyper import HyperConfig
-    from fewsound.train import TrainConfig
-
-    size = SMOKE_PRESETS[cell.preset] if s.smoke else {"preset": cell.preset}
-    extra = {}
-    if cell.whisper:
-        if cell.whisper not in s.whisper:
-            raise ConfigError("--whisper", f"no checkpoint for {cell.whisper} ({cell.label}): give {cell.whisper}=PATH")
-        extra["whisper_checkpoint"] = s.whisper[cell.whisper]
-    model = HyperConfig(kind=cell.kind, target=cell.target, encoder=cell.encoder, **size, **extra)
-    cfg = TrainConfig(model=model, **{**(SMOKE_TRAIN if s.smoke else {}), **s.train})
-    return override(cfg, **s.overrides) if s.overrides else cfg
-
-
-@dataclasses.dataclass
-class Training:
-    key: str
-    cfg: Any  # TrainConfig
-    corpus: str
-    cells: list[Cell]
-    skip: str | None = None  # why it is not run (a Whisper row without a checkpoint)
-
-
-def plan(cells: list[Cell], corpora: dict[str, str], s: Settings) -> list[Training]:
-    """The distinct trainings behind `cells` (cells of the same config and corpus share one), in cell order."""
-    from tune.hyper.train import resolve_train_corpus, run_key
-
-    by_key: dict[str, Training] = {}
-    for cell in cells:
-        try:
-            cfg = train_config(cell, s)
-        except ConfigError as e:
-            by_key.setdefault(f"skip-{cell.table}-{cell.label}", Training("", None, "", [cell], str(e)))
-            continue
-        corpus = resolve_train_corpus(corpora[cell.dataset], cfg.model.clip_length)
-        key = run_key(cfg, corpus, s.experiment)
-        by_key.setdefault(key, Training(key, cfg, corpus, []))
-        by_key[key].cells.append(cell)
-    return list(by_key.values())
+from tune.hyper.grid_plan import Settings, Training, plan
+from tune.hyper.grid_report import finish_parent
+from tune.spine import GRID_TAG, JOB_TAG, N_TRAININGS_TAG, PAPER_ROWS_TAG, children_filter, mark_stale, open_keyed_run
 
 
 def max_parallel(resources: dict[str, float], scaling: Any) -> int:
@@ -234,10 +104,6 @@ def _train_and_evaluate(tr: Training, s: Settings, parent_id: str, grid_id: str,
     }
 
 
-def cells_text(cells: list[Cell]) -> str:
-    return "; ".join(f"Table {c.table}: {c.label}" + (f" ({c.group})" if c.group else "") for c in cells)
-
-
 @dataclasses.dataclass
 class GridSummary:
     parent_run_id: str
@@ -289,7 +155,7 @@ def run_grid(cells: list[Cell], corpora: dict[str, str], s: Settings, *, log: An
         _stopped(guard.signal or signal.SIGINT, flight.pending, parent, flight.results, len(todo))
     results, failed = flight.results, flight.failed
     not_run = [f"{cells_text(t.cells)}: {t.skip}" for t in trainings if t.skip]
-    markdown = _finish_parent(parent, cells, trainings, results, s, not_run, failed)
+    markdown = finish_parent(parent, cells, trainings, results, s, not_run, failed)
     return GridSummary(
         parent.run_id,
         uri,
@@ -398,114 +264,3 @@ def _progress_line(log: Any, results: dict, failed: list, total: int, t0: float,
         f"[hyper_tables] {n}/{total} done ({len(failed)} failed), {elapsed:.0f} s, ETA "
         f"{'?' if math.isnan(eta) else f'{eta:.0f} s'}: {cells_text(last.cells)} {what}"
     )
-
-
-def table_rows(table: int, cells: list[Cell], trainings: list[Training], results: dict) -> list[dict[str, Any]]:
-    """The table's per-clip rows, relabelled with the paper's row labels (Table 6: grouped by dataset)."""
-    rows = []
-    for tr in trainings:
-        r = results.get(tr.key)
-        for cell in tr.cells:
-            if cell.table != table or r is None:
-                continue
-            rows += [
-                {**row, "label": cell.label, "group": cell.group, "run_id": r["run_id"]} for row in r["evaluation"].rows
-            ]
-    return rows
-
-
-def long_table_rows(trainings: list[Training], results: dict) -> list[dict[str, Any]]:
-    """Every training's long-audio rows, labelled by its first paper row ("T3 KAN, windowed")."""
-    rows = []
-    for tr in trainings:
-        r = results.get(tr.key)
-        if r is None:
-            continue
-        c = tr.cells[0]
-        name = f"T{c.table} {c.label}" + (f" ({c.group})" if c.group else "")
-        rows += [
-            {**row, "label": f"{name}, {row['variant']}", "run_id": r["run_id"]} for row in r["evaluation"].long_rows
-        ]
-    return rows
-
-
-def _finish_parent(parent, cells, trainings, results, s: Settings, not_run: list[str], failed: list[str]) -> str:
-    """Tables and spectrogram grids on the parent run; returns every table as Markdown."""
-    from fewsound import tables
-
-    parts = []
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d)
-        for table in sorted({c.table for c in cells}):
-            mine = [c for c in cells if c.table == table]
-            spec = dict(
-                title=f"Table {table}: {tables.paper_tables()[table]['caption']}",
-                row_header=TABLE_ROW_HEADERS[table],
-                paper_table=table,
-                label_order=list(dict.fromkeys(c.label for c in mine)),
-                keep_empty=True,
-                group_order=list(dict.fromkeys(c.group for c in mine if c.group)),
-            )
-            rows = table_rows(table, cells, trainings, results)
-            if not rows:
-                parts.append(f"### {spec['title']}\n\n(no finished row)\n")
-                continue
-            tables.write_results(out / f"table_{table}", rows, **spec)
-            parts.append((out / f"table_{table}" / "table.md").read_text())
-            _spectrogram_grids(out / "plots", table, mine, trainings, results)
-        long_rows = long_table_rows(trainings, results)
-        if long_rows:
-            spec = dict(title="Long audio: window by window (crossfaded) vs one window", row_header="Model")
-            tables.write_results(out / "long_audio", long_rows, **spec)
-            parts.append((out / "long_audio" / "table.md").read_text())
-        notes = [f"- not run: {x}" for x in not_run] + [f"- failed: {x}" for x in failed]
-        markdown = "\n".join(parts) + ("\n" + "\n".join(notes) + "\n" if notes else "")
-        (out / "tables.md").write_text(markdown)
-        (out / "runs.json").write_text(json.dumps({k: r["run_id"] for k, r in results.items()}, indent=1))
-        parent.log_artifact(out, "tables")
-    parent.log_metrics(
-        {
-            "grid/trainings": float(len([t for t in trainings if t.skip is None])),
-            "grid/finished": float(len(results)),
-            "grid/failed": float(len(failed)),
-            "grid/not_run": float(len(not_run)),
-        }
-    )
-    parent.end("FAILED" if failed else "FINISHED")
-    return markdown
-
-
-def _spectrogram_grids(folder: Path, table: int, cells: list[Cell], trainings: list[Training], results: dict) -> None:
-    """plots/table_N[_dataset].png: one validation clip's ground truth, then every row's reconstruction of it."""
-    from fewsound.report import save_figure, spectrogram_comparison_figure
-
-    of_cell = {(c.table, c.label, c.group): results.get(t.key) for t in trainings for c in t.cells}
-    for group in dict.fromkeys(c.group for c in cells):
-        preds, ref, clip, sr = {}, None, None, 22_050
-        for c in cells:
-            r = of_cell.get((c.table, c.label, c.group))
-            ev = r["evaluation"] if r else None
-            if ev is None or ev.example is None or (ref is not None and ev.example.shape != ref.shape):
-                continue
-            ref, clip = (ev.example_ref, ev.example_id) if ref is None else (ref, clip)
-            preds[c.label] = ev.example
-            sr = next(t.cfg.model.sample_rate for t in trainings if t.key == r["key"])
-        if ref is None:
-            continue
-        name = f"table_{table}" + (f"_{group.replace(' ', '_')}" if group else "")
-        title = f"Table {table}" + (f" ({group})" if group else "") + f": {clip}"
-        save_figure(spectrogram_comparison_figure(ref, preds, sr, title=title), folder / f"{name}.png")
-
-
-def parse_datasets(text: str | None, smoke: bool) -> dict[str, str | None]:
-    """--datasets "NAME=CORPUS,..." -> {name: corpus folder}; None: the built-in corpus under the name "builtin"
-    (in a smoke test: under every name of Table 6, so that its shape is complete)."""
-    if not text:
-        return {name: None for name in PAPER_DATASETS} if smoke else {"builtin": None}
-    out: dict[str, str | None] = {}
-    for item in text.split(","):
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ConfigError("--datasets", f"expected NAME=CORPUS (e.g. VCTK=/data/vctk-fs), got {item!r}")
-        out[name.strip()] = None if path.strip() == "builtin" else path.strip()
-    return out
