@@ -25,7 +25,6 @@ one line per failed fit. Trials' own output reaches the driver (and `ray job log
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,104 +34,41 @@ from ray import tune
 from fewsound import records, storage
 from fewsound.config import cfg_hash
 from fewsound.data.corpus import corpus_location
-from fewsound.errors import ConfigError, Stopped
+from fewsound.errors import Stopped
 from fewsound.plan import FitTask, bundle, pack, pack_to_config
-from fewsound.tracking import MlflowRun, git_commit, tracking_uri, ui_url
+from fewsound.tracking import MlflowRun, git_commit, tracking_uri
 from tune.durable import TrackingWatch, client_defaults, replay_pending
 from tune.lease import SweepLease, take_lease
 from tune.ray_env import (
-    Capacity,
-    capacity,
-    check_gpu_fraction,
-    fraction_text,
     init_ray,
     quiet_defaults,
     storage_root,
-    trial_resources,
-    trial_slots,
     tune_errors_silenced,
 )
 from tune.spine import (
-    FAMILY_TAG,
     FIT_KEY_TAG,
     JOB_TAG,
-    LABEL_TAG,
     N_FITS_TAG,
-    PACK_TAG,
-    REASON_TAG,
     SWEEP_TAG,
     StopOnSignal,
-    eta_seconds,
-    fmt_duration,
     mark_stale,
     open_keyed_run,
-    search_runs,
-    tag_filter,
 )
-from tune.trial import TrialContext, pack_id, tune_trainable
-
-
-@dataclasses.dataclass
-class SweepSummary:
-    sweep: str
-    experiment: str
-    parent_run_id: str
-    tracking_uri: str
-    n_fits: int
-    skipped: int
-    done: int
-    failed: int
-    seconds: float
-    resources: dict[str, float]
-    rows: list[dict[str, Any]]  # one per finished fit: key, label, family, clip_id, length, kind, metrics...
-    table_markdown: str = ""  # the paper-style table regenerated from `rows`
-    # One dict per pack that reported: what run_pack returned (fits_done, fit_seconds, eval_seconds, log_seconds,
-    # start, end, pid, torch_threads), assigned_CPU / assigned_GPU (the resources the scheduler granted its
-    # trial), pack and trial (indices). A trial runs one or more packs in turn.
-    packs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    n_trials: int = 0  # Tune trials run
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per driver phase
-    replayed: int = 0  # of `skipped`: fits logged at the start from records (computed before, not refitted)
-    records: str = ""  # where the sweep's fit records are (fewsound.records)
-
-    experiment_id: str | None = None
-
-    @property
-    def ui_url(self) -> str:
-        """The sweep's experiment in MLflow's UI, opened on its runs."""
-        return ui_url(self.tracking_uri, self.experiment_id)
+from tune.sweep.plan import SweepPlan, check_arguments, plan_sweep
+from tune.sweep.progress import Progress, ServerWatch
+from tune.sweep.summary import (
+    SweepSummary,
+    finish_parent,
+    finished_runs,
+    print_failures,
+    record_crashed_trials,
+    row,
+)
+from tune.trial import TrialContext, tune_trainable
 
 
 def sweep_id(name: str, tasks: list[FitTask]) -> str:
     return f"{name}-{cfg_hash(sorted(t.key for t in tasks))}"
-
-
-def finished_runs(client: Any, exp_id: str) -> dict[str, Any]:
-    """key -> its FINISHED child run, over the whole experiment (any sweep that finished a fit counts)."""
-    runs = search_runs(client, exp_id, "attributes.status = 'FINISHED'")
-    return {r.data.tags[FIT_KEY_TAG]: r for r in runs if FIT_KEY_TAG in r.data.tags}
-
-
-@dataclasses.dataclass
-class SweepPlan:
-    """What the sweep asks Ray for, and why."""
-
-    capacity: Capacity
-    resources: dict[str, float]  # per trial
-    slots: int  # trials at once at the cluster's capacity (capped by max_concurrent)
-    max_concurrent: int | None
-
-    def describe(self) -> str:
-        cap = f"; capped by --max-concurrent {self.max_concurrent}" if self.max_concurrent else ""
-        return (
-            f"planning for {self.capacity.describe()}: {self.slots} trial slots of {fraction_text(self.resources)}{cap}"
-        )
-
-
-def plan_sweep(cluster: dict, gpu_fraction: float, max_concurrent: int | None = None) -> SweepPlan:
-    cap = capacity(cluster)
-    resources = trial_resources(cap, gpu_fraction)
-    return SweepPlan(cap, resources, trial_slots(cap, resources, max_concurrent), max_concurrent)
 
 
 def run_sweep(
@@ -175,7 +111,7 @@ def run_sweep(
     spectrogram per fit (benchmarks turn both down to isolate orchestration; the child runs are logged anyway).
     listen_clips: clips on the parent run's listening page, report/listen.html (tune.report; None: a few, 0: none).
     """
-    _check_arguments(name, tasks, gpu_fraction, pack_size, max_retries, trial_failures, trials_per_slot, max_concurrent)
+    check_arguments(name, tasks, gpu_fraction, pack_size, max_retries, trial_failures, trials_per_slot, max_concurrent)
     quiet_defaults()
     client_defaults()  # MLflow's client fails fast: a driver that waits on a dead server reports it in one line
     t0 = time.perf_counter()
@@ -221,8 +157,8 @@ def run_sweep(
     with s.watch.guard():  # 4.
         summary = _summarize(s, plan, callback, n_trials, timings, t0)
         if progress:
-            _print_failures(name, s.parent.client, s.parent.experiment_id, s.sid, {t.key for t in s.todo})
-        _finish_parent(s.parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays audio
+            print_failures(name, s.parent.client, s.parent.experiment_id, s.sid, {t.key for t in s.todo})
+        finish_parent(s.parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays audio
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
     s.lease.release()
@@ -325,38 +261,10 @@ def _tune_until_done(
             continue
         with s.watch.guard():
             _log_kept_records(s, s.todo, after_tune=True)
-            _record_crashed_trials(grid, packs, ctx, client, exp_id)
+            record_crashed_trials(grid, packs, ctx, client, exp_id)
             _mark_stale(client, exp_id, {t.key for t in s.todo})  # runs of workers that died
         break
     return n_trials
-
-
-def _check_arguments(
-    name: str,
-    tasks: list[FitTask],
-    gpu_fraction: float,
-    pack_size: int,
-    max_retries: int,
-    trial_failures: int,
-    trials_per_slot: int | None,
-    max_concurrent: int | None,
-) -> None:
-    """Bad arguments fail here, before MLflow or Ray start."""
-    if not tasks:
-        raise ConfigError(name, "the sweep has no fits (check --families/--clips/--lengths)")
-    keys = [t.key for t in tasks]
-    if len(set(keys)) != len(keys):
-        raise ConfigError(name, "the sweep lists the same fit (family, clip, config, length) twice")
-    check_gpu_fraction(gpu_fraction)
-    if pack_size < 1 or max_retries < 0 or trial_failures < 0:
-        raise ConfigError(
-            "pack_size/max_retries/trial_failures",
-            f"need >= 1, >= 0, >= 0; got {pack_size}, {max_retries}, {trial_failures}",
-        )
-    if trials_per_slot is not None and trials_per_slot < 1:
-        raise ConfigError("trials_per_slot", f"need >= 1 (or None: one trial per pack); got {trials_per_slot}")
-    if max_concurrent is not None and max_concurrent < 1:
-        raise ConfigError("--max-concurrent", f"need >= 1; got {max_concurrent}")
 
 
 def records_root(experiment: str) -> str:
@@ -385,7 +293,7 @@ def _summarize(
     s: _Opened, plan: SweepPlan, callback: Progress, n_trials: int, timings: dict[str, float], t0: float
 ) -> SweepSummary:
     finished = finished_runs(s.parent.client, s.parent.experiment_id)
-    rows = [_row(t, finished[t.key]) for t in s.tasks if t.key in finished]
+    rows = [row(t, finished[t.key]) for t in s.tasks if t.key in finished]
     skipped = len(s.tasks) - len(s.todo)
     summary = SweepSummary(
         s.sid,
@@ -406,18 +314,6 @@ def _summarize(
     )
     summary.replayed, summary.records = s.replayed, s.watch.where
     return summary
-
-
-def _print_failures(name: str, client: Any, exp_id: str, sid: str, keys: set[str]) -> None:
-    """One line per fit of this run that FAILED, with the reason on its child run (no tracebacks)."""
-    failed = search_runs(client, exp_id, f"attributes.status = 'FAILED' and {tag_filter(SWEEP_TAG, sid)}")
-    seen = set()
-    for r in failed:
-        key = r.data.tags.get(FIT_KEY_TAG)
-        if key in keys and key not in seen:
-            seen.add(key)
-            reason = " ".join(r.data.tags.get(REASON_TAG, "no reason recorded").split())
-            print(f"[{name}] FAILED {key}: {reason[:300]}", flush=True)
 
 
 def _stopped(name: str, signum: int, tasks: list[FitTask], todo: list[FitTask], parent: MlflowRun, t0: float) -> None:
@@ -488,142 +384,3 @@ def _open_parent(experiment: str, uri: str, sid: str, name: str, n: int) -> Mlfl
 def _mark_stale(client: Any, exp_id: str, todo_keys: set[str]) -> None:
     """Runs of unfinished fits still RUNNING (left by a killed driver or a dead worker): KILLED."""
     mark_stale(client, exp_id, "", keep=lambda r: r.data.tags.get(FIT_KEY_TAG) in todo_keys)
-
-
-def _record_crashed_trials(grid: Any, packs: list[list[FitTask]], ctx: TrialContext, client: Any, exp_id: str) -> None:
-    """A trial that crashed beyond its retries leaves fits without a run: record each as FAILED with the reason."""
-    crashed = [r for r in grid if r.error is not None]
-    if not crashed:
-        return
-    finished = finished_runs(client, exp_id)
-    for result in crashed:
-        lines = str(result.error).strip().splitlines() or [""]
-        reason = f"trial crashed: {type(result.error).__name__}: {lines[-1][:300]}"
-        for idx in (int(p["index"]) for p in result.config["trial"]["packs"]):
-            _record_failed_pack(packs[idx], reason, ctx, finished)
-
-
-def _record_failed_pack(tasks: list[FitTask], reason: str, ctx: TrialContext, finished: dict[str, Any]) -> None:
-    pid = pack_id(tasks)
-    for t in tasks:
-        if t.key in finished:
-            continue
-        run = MlflowRun(
-            ctx.experiment,
-            uri=ctx.tracking_uri,
-            run_name=t.key,
-            parent_run_id=ctx.parent_run_id,
-            tags={
-                FIT_KEY_TAG: t.key,
-                SWEEP_TAG: ctx.sweep,
-                REASON_TAG: reason,
-                PACK_TAG: pid,
-                FAMILY_TAG: t.family,
-                LABEL_TAG: t.label,
-            },
-        )
-        run.log_params(t.params())
-        run.end("FAILED")
-
-
-def _row(t: FitTask, run: Any) -> dict[str, Any]:
-    row = {
-        "key": t.key,
-        "label": t.label or t.family,
-        "family": t.family,
-        "clip_id": t.clip_id,
-        "length": t.length,
-        "kind": t.kind,
-        "run_id": run.info.run_id,
-    }
-    row.update(run.data.metrics)
-    return row
-
-
-def _finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any], listen_clips: int | None = None) -> None:
-    from fewsound import tables
-    from tune.report import log_listen_page
-
-    parent.log_metrics(
-        {"sweep/fits": s.n_fits, "sweep/done": s.done + s.skipped, "sweep/failed": s.failed, "sweep/seconds": s.seconds}
-    )
-    with tempfile.TemporaryDirectory() as d:
-        if s.rows:
-            tables.write_results(Path(d), s.rows, **table)
-            parent.log_artifact(d, "tables")  # results.csv, table.md, table.tex, table.csv
-            s.table_markdown = (Path(d) / "table.md").read_text()
-            parent.log_artifact(_quality_plot(s.rows, table, Path(d) / "plots"), "plots")
-    log_listen_page(parent.uri, parent.run_id, s.rows, table, listen_clips)  # report/listen.html
-    parent.end("FINISHED" if s.failed == 0 else "FAILED")
-
-
-def _quality_plot(rows: list[dict[str, Any]], table: dict[str, Any], out: Path) -> Path:
-    """plots/quality_vs_params.png of the parent run: each row of the table (mean over clips) at its parameter
-    count, a series per clip length: which INR buys the most quality per parameter."""
-    from fewsound import tables
-    from fewsound.report import quality_vs_params_figure, save_figure
-
-    spec = {"title": "Reconstruction metrics", **table}
-    points = tables.quality_points(tables.build_table(rows, **spec))
-    title = f"{spec['title']}: quality vs parameter count"
-    return save_figure(quality_vs_params_figure(points, title=title), out / "quality_vs_params.png")
-
-
-class Progress(tune.Callback):
-    """Collects every pack's result; with `show`, one line per finished pack: done / failed / remaining / ETA /
-    fits per hour."""
-
-    def __init__(self, name: str, total: int, t0: float, show: bool):
-        self.name, self.total, self.t0, self.show = name, total, t0, show
-        self.done = self.failed = self.kept = 0
-        self.results: list[dict[str, Any]] = []
-        self.reported: dict[str, int] = {}  # trial id -> fits it reported
-        self.counted: dict[str, set[Any]] = {}  # trial id -> packs whose fits are counted
-
-    def _line(self, note: str = "") -> None:
-        if not self.show:
-            return
-        elapsed = time.perf_counter() - self.t0
-        n = self.done + self.failed
-        rate = n / elapsed * 3600 if elapsed > 0 else 0.0
-        remaining = self.total - n
-        eta = eta_seconds(n, self.total, elapsed)
-        print(
-            f"[{self.name}] done {self.done}  failed {self.failed}  remaining {remaining}  "
-            f"ETA {fmt_duration(eta)}  {rate:.0f} fits/h{note}",
-            flush=True,
-        )
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "fits_done" not in result:
-            return
-        self.results.append({k: v for k, v in result.items() if k != "config"})
-        self.kept += int(result.get("fits_kept", 0))
-        counted = self.counted.setdefault(trial.trial_id, set())
-        if result.get("pack") not in counted:  # a retried trial re-runs packs that reported already: not again
-            counted.add(result.get("pack"))
-            # fits_skipped: recorded by an earlier attempt of this trial that died before it reported them
-            n = int(result.get("fits_done", 0)) + int(result.get("fits_skipped", 0))
-            self.done += n
-            self.failed += int(result.get("fits_failed", 0))
-            self.reported[trial.trial_id] = self.reported.get(trial.trial_id, 0) + n + int(result.get("fits_failed", 0))
-        self._line(f"  ({self.kept} kept in storage for MLflow, logged at the end)" if self.kept else "")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        lost = sum(len(p["clips"]) for p in trial.config["trial"]["packs"]) - self.reported.get(trial.trial_id, 0)
-        self.failed += lost
-        self._line(f"  (a trial crashed beyond its retries: its {lost} unreported fits are recorded FAILED)")
-
-
-class ServerWatch(tune.Callback):
-    """Checks the tracking server between packs and every few seconds of Tune's loop (TrackingWatch.poll): the
-    driver's embedded server is restarted on its store and port when it died."""
-
-    def __init__(self, watch: TrackingWatch):
-        self.watch = watch
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.watch.poll(every=2.0)
-
-    def on_step_end(self, iteration, trials, **info):
-        self.watch.poll()

@@ -1,0 +1,151 @@
+"""What a sweep reports at the end: one row per finished fit, a line per failed fit, a FAILED run for each fit whose
+trial crashed beyond its retries, and the parent run's tables, quality plot and listening page."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fewsound.plan import FitTask
+from fewsound.tracking import MlflowRun, ui_url
+from tune.spine import (
+    FAMILY_TAG,
+    FIT_KEY_TAG,
+    LABEL_TAG,
+    PACK_TAG,
+    REASON_TAG,
+    SWEEP_TAG,
+    search_runs,
+    tag_filter,
+)
+from tune.trial import TrialContext, pack_id
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    sweep: str
+    experiment: str
+    parent_run_id: str
+    tracking_uri: str
+    n_fits: int
+    skipped: int
+    done: int
+    failed: int
+    seconds: float
+    resources: dict[str, float]
+    rows: list[dict[str, Any]]  # one per finished fit: key, label, family, clip_id, length, kind, metrics...
+    table_markdown: str = ""  # the paper-style table regenerated from `rows`
+    # One dict per pack that reported: what run_pack returned (fits_done, fit_seconds, eval_seconds, log_seconds,
+    # start, end, pid, torch_threads), assigned_CPU / assigned_GPU (the resources the scheduler granted its
+    # trial), pack and trial (indices). A trial runs one or more packs in turn.
+    packs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    n_trials: int = 0  # Tune trials run
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per driver phase
+    replayed: int = 0  # of `skipped`: fits logged at the start from records (computed before, not refitted)
+    records: str = ""  # where the sweep's fit records are (fewsound.records)
+
+    experiment_id: str | None = None
+
+    @property
+    def ui_url(self) -> str:
+        """The sweep's experiment in MLflow's UI, opened on its runs."""
+        return ui_url(self.tracking_uri, self.experiment_id)
+
+
+def finished_runs(client: Any, exp_id: str) -> dict[str, Any]:
+    """key -> its FINISHED child run, over the whole experiment (any sweep that finished a fit counts)."""
+    runs = search_runs(client, exp_id, "attributes.status = 'FINISHED'")
+    return {r.data.tags[FIT_KEY_TAG]: r for r in runs if FIT_KEY_TAG in r.data.tags}
+
+
+def print_failures(name: str, client: Any, exp_id: str, sid: str, keys: set[str]) -> None:
+    """One line per fit of this run that FAILED, with the reason on its child run (no tracebacks)."""
+    failed = search_runs(client, exp_id, f"attributes.status = 'FAILED' and {tag_filter(SWEEP_TAG, sid)}")
+    seen = set()
+    for r in failed:
+        key = r.data.tags.get(FIT_KEY_TAG)
+        if key in keys and key not in seen:
+            seen.add(key)
+            reason = " ".join(r.data.tags.get(REASON_TAG, "no reason recorded").split())
+            print(f"[{name}] FAILED {key}: {reason[:300]}", flush=True)
+
+
+def record_crashed_trials(grid: Any, packs: list[list[FitTask]], ctx: TrialContext, client: Any, exp_id: str) -> None:
+    """A trial that crashed beyond its retries leaves fits without a run: record each as FAILED with the reason."""
+    crashed = [r for r in grid if r.error is not None]
+    if not crashed:
+        return
+    finished = finished_runs(client, exp_id)
+    for result in crashed:
+        lines = str(result.error).strip().splitlines() or [""]
+        reason = f"trial crashed: {type(result.error).__name__}: {lines[-1][:300]}"
+        for idx in (int(p["index"]) for p in result.config["trial"]["packs"]):
+            _record_failed_pack(packs[idx], reason, ctx, finished)
+
+
+def _record_failed_pack(tasks: list[FitTask], reason: str, ctx: TrialContext, finished: dict[str, Any]) -> None:
+    pid = pack_id(tasks)
+    for t in tasks:
+        if t.key in finished:
+            continue
+        run = MlflowRun(
+            ctx.experiment,
+            uri=ctx.tracking_uri,
+            run_name=t.key,
+            parent_run_id=ctx.parent_run_id,
+            tags={
+                FIT_KEY_TAG: t.key,
+                SWEEP_TAG: ctx.sweep,
+                REASON_TAG: reason,
+                PACK_TAG: pid,
+                FAMILY_TAG: t.family,
+                LABEL_TAG: t.label,
+            },
+        )
+        run.log_params(t.params())
+        run.end("FAILED")
+
+
+def row(t: FitTask, run: Any) -> dict[str, Any]:
+    row = {
+        "key": t.key,
+        "label": t.label or t.family,
+        "family": t.family,
+        "clip_id": t.clip_id,
+        "length": t.length,
+        "kind": t.kind,
+        "run_id": run.info.run_id,
+    }
+    row.update(run.data.metrics)
+    return row
+
+
+def finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any], listen_clips: int | None = None) -> None:
+    from fewsound import tables
+    from tune.report import log_listen_page
+
+    parent.log_metrics(
+        {"sweep/fits": s.n_fits, "sweep/done": s.done + s.skipped, "sweep/failed": s.failed, "sweep/seconds": s.seconds}
+    )
+    with tempfile.TemporaryDirectory() as d:
+        if s.rows:
+            tables.write_results(Path(d), s.rows, **table)
+            parent.log_artifact(d, "tables")  # results.csv, table.md, table.tex, table.csv
+            s.table_markdown = (Path(d) / "table.md").read_text()
+            parent.log_artifact(_quality_plot(s.rows, table, Path(d) / "plots"), "plots")
+    log_listen_page(parent.uri, parent.run_id, s.rows, table, listen_clips)  # report/listen.html
+    parent.end("FINISHED" if s.failed == 0 else "FAILED")
+
+
+def _quality_plot(rows: list[dict[str, Any]], table: dict[str, Any], out: Path) -> Path:
+    """plots/quality_vs_params.png of the parent run: each row of the table (mean over clips) at its parameter
+    count, a series per clip length: which INR buys the most quality per parameter."""
+    from fewsound import tables
+    from fewsound.report import quality_vs_params_figure, save_figure
+
+    spec = {"title": "Reconstruction metrics", **table}
+    points = tables.quality_points(tables.build_table(rows, **spec))
+    title = f"{spec['title']}: quality vs parameter count"
+    return save_figure(quality_vs_params_figure(points, title=title), out / "quality_vs_params.png")
