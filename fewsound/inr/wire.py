@@ -16,12 +16,11 @@ Evaluation in real arithmetic. Activations are carried as real planes [Re x, Im 
 complex layer is ONE real bmm with the block matrix [[Wr, -Wi], [Wi, Wr]] (`_complex_linear`), and
 psi(a + jb) = exp(-omega b - s0^2 (a^2 + b^2)) (cos(omega a) + j sin(omega a)) is a custom autograd Function
 with a closed-form backward (`_GaborPlanes`). `forward_complex` is the same network in torch complex ops (the
-reference the tests compare against, float64: 1e-12). Why WIRE was slow on the CPU: (1) denormals - Gabor
-envelopes far from their centre underflow through the denormal range, where x86 arithmetic is ~4x slower
-(fit() flushes denormals on the CPU; measured fwd+bwd at N = 32,768: 3.0-3.6 s without, 0.8-0.95 s with);
-(2) complex elementwise ops and autograd through exp/cos/sin/cat: the real-plane form with its hand-written
-backward takes the step from 0.95 s to 0.69 s (SIREN: 0.16 s; 1 thread, load ~2.6). What remains is inherent:
-a complex 90 x 90 layer is four real 90 x 90 matmuls, and each unit needs exp, cos and sin.
+reference the tests compare against, in float64). Two things make this form fast on the CPU: denormals (Gabor
+envelopes far from their centre underflow through the denormal range, where x86 arithmetic is several times
+slower: fit() flushes denormals on the CPU), and no complex elementwise ops nor autograd through exp/cos/sin/cat
+(the real planes with a hand-written backward). What remains is inherent: a complex width x width layer is four
+real matmuls, and each unit needs exp, cos and sin.
 
 Defaults (the paper gives none; WIRE's image defaults omega = 20, s0 = 10 do not learn audio here): see
 DEFAULTS_NOTE below.

@@ -12,20 +12,18 @@ the file ships inside the installed `cdpam` wheel, whose Python code we already 
 grants nothing more. Nothing in the package is patched, and the setting is not process-wide (unlike
 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD). Its __init__ also defaults to 'cuda:0'; we always pass the device.
 
-Speed. One forward costs ~240 GFLOP per 1.5 s signal (16 convolutions of width 15 at up to 1024 channels), so
-the network, not the model load, dominates. `embed` computes the same numbers as the package's
-`base_encoder.forward` with less work:
+Speed. The network (16 convolutions of width 15 at up to 1024 channels per signal), not the model load,
+dominates. `embed` computes the same numbers as the package's `base_encoder.forward` with less work:
 - the four layers followed by `x[:, :, ::2]` are evaluated as stride-2 convolutions (only the kept outputs), and
   the last layer only for the first half of its channels - the "acoustic" half that the distance uses (the
-  "content" half is discarded): about 25% fewer FLOPs; each batch norm is folded into its convolution;
+  "content" half is discarded); each batch norm is folded into its convolution;
 - on CPU, each convolution after the first runs as an FFT convolution (overlap-save in blocks of 64 or 128
-  points: per frequency bin, one complex matrix product over channels - ~5x fewer FLOPs than the direct
-  width-15 convolution), with the stride-2 layers in polyphase form (even and odd samples as twice the
-  channels, kernel 8). The weights' spectra (64- or 128-point) are computed once per process and kept, several
-  times the weights' size - `CDPAMModel(dev, conv="direct")` avoids that memory. benchmarks/metrics_speed.py
-  compares it with oneDNN's direct convolution (README: Speed); on CUDA, cuDNN's direct convolution is used.
-  Float32 throughout: the distance differs from the package's only by the order of float sums, which the
-  tests bound at 1e-5 relative.
+  points: per frequency bin, one complex matrix product over channels), with the stride-2 layers in polyphase
+  form (even and odd samples as twice the channels, kernel 8). The weights' spectra are computed once per process
+  and kept, several times the weights' size - `CDPAMModel(dev, conv="direct")` avoids that memory.
+  benchmarks/metrics_speed.py measures it against oneDNN's direct convolution; on CUDA, cuDNN's direct
+  convolution is used. Float32 throughout: the distance differs from the package's only by the order of float
+  sums (the tests bound it at 1e-5 relative).
 - signals go through the network two at a time on CPU (larger batches are slower per signal: the activations
   leave the cache), and the embeddings of reference clips are kept (LRU, keyed by the audio's bytes), since a
   sweep compares the same reference with many reconstructions (every INR family, every ablation value).
