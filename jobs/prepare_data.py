@@ -57,14 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
     import ray  # here, not at the top: --help and argument errors stay instant
 
-    if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None,
-                 include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}})  # fmt: skip
+    from tune.ray_env import init_ray
 
-    from fewsound.data.shards import process_shard
-
-    task = ray.remote(num_cpus=1, max_retries=1)(process_shard)
+    init_ray(args.address, num_cpus=args.num_cpus)  # the one way every job starts or joins Ray
+    task = ray.remote(num_cpus=1, max_retries=1)(_process_shard)
     pending = {task.remote(s): s for s in plan.shards}
     results, t_work = [], time.perf_counter()
     while pending:
@@ -92,6 +88,18 @@ def run(args: argparse.Namespace) -> int:
     if not sum(manifest["counts"].values()):
         raise FewsoundError(plan.out_dir, f"no usable clips: all {len(manifest['rejected'])} inputs were rejected")
     return 0
+
+
+def _process_shard(shard):
+    """A Ray task: one shard, on the CPU (a 0-GPU task hides the node's GPUs) at one thread."""
+    import torch
+
+    from fewsound.data.shards import process_shard
+    from tune.ray_env import cpu_means_cpu
+
+    cpu_means_cpu()
+    torch.set_num_threads(1)
+    return process_shard(shard)
 
 
 def main(argv=None) -> int:
