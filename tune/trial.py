@@ -7,13 +7,15 @@ Logging goes over HTTP to the tracking server, so artifacts reach it from any no
 A trial runs one or more packs (fewsound.plan.bundle), each in turn (run_pack: fit, evaluate, record, log).
 
 Nothing computed is lost: each finished fit is first written to the sweep's storage as a record
-(fewsound.records: tags, params, metrics, curves, status, gt/pred audio, spectrogram), and its MLflow child run
-is a replay of that record (tune.durable.replay: idempotent). When the tracking server does not answer (one
-GET /health), the pack keeps its records and reports them as `fits_kept`; the driver logs them once the server
-is back, or a re-run of the same command does. Per fit, the child run costs a fixed, small number of HTTP calls:
-create_run (with every tag), one log_batch (params + metrics + not-applicable reasons), the artifact uploads,
-set_terminated. MLflow's per-run "View run" print (and the extra get_run behind it) is off via
-MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by the driver.
+(fewsound.records: tags, params, metrics, curves, status, the prediction's audio and the spectrogram; the clip's
+target audio once per sweep, clip and length), and its MLflow child run is a replay of that record
+(tune.durable.replay: idempotent); once the run holds the files they leave the record (one durable copy). When
+the tracking server does not answer (one GET /health), the pack keeps its records and reports them as
+`fits_kept`; the driver logs them once the server is back, or a re-run of the same command does. Per fit, the
+child run costs a fixed, small number of HTTP calls: create_run (with every tag), one log_batch (params + metrics
++ not-applicable reasons), the artifact uploads (audio/pred.flac, plots/spectrogram.png), set_terminated; each
+clip's target adds one upload to the parent run, once per sweep. MLflow's per-run "View run" print (and the extra
+get_run behind it) is off via MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by the driver.
 
 Failure handling, from the inside out:
 - a fit that diverges (non-finite loss) is refitted with a fresh seed up to `max_retries` times; if it still
@@ -32,17 +34,15 @@ import dataclasses
 import functools
 import math
 import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fewsound import records
-from fewsound.data.audio import peak_normalize, save_audio
+from fewsound.data.audio import flac_bytes, peak_normalize
 from fewsound.plan import FitTask, pack_from_config
 from fewsound.records import FitRecord
 from fewsound.tracking import PARENT_TAG, server_health, storage_root
@@ -53,16 +53,20 @@ from tune.durable import (
     PACK_TAG,
     REASON_TAG,
     SWEEP_TAG,
+    TARGET_TAG,
+    TARGETS_DIR,
     client_defaults,
     replay,
+    replay_targets,
     runs_by_key,
 )
 
 __all__ = ["KEY_TAG", "PACK_TAG", "REASON_TAG", "SWEEP_TAG", "TrialContext", "pack_id", "run_pack", "tune_trainable"]
 
 COMMIT_TAG = "mlflow.source.git.commit"
-ARTIFACT_FILES = ("audio/gt.wav", "audio/pred.wav", "plots/spectrogram.png")
-_PLOT_LOCK = threading.Lock()
+# Per fit: the prediction, 16-bit FLAC (quantized: metrics are computed on the float signals before storage), and
+# target | prediction | difference as a palette PNG. The target is stored once per clip and length (TARGET_TAG).
+ARTIFACT_FILES = ("audio/pred.flac", "plots/spectrogram.png")
 INF_DB = 200.0  # PSNR/SNR of an exact reconstruction is +inf; MLflow stores finite floats only
 
 
@@ -77,7 +81,7 @@ class TrialContext:
     tracking_uri: str
     max_retries: int = 1
     curve_every_n_packs: int = 10  # per-step curves only for a sample of fits (the UI slows with thousands)
-    log_artifacts: bool = True  # audio/gt.wav, audio/pred.wav, plots/spectrogram.png per fit
+    log_artifacts: bool = True  # audio/pred.flac, plots/spectrogram.png per fit; each clip's target once
     experiment_id: str | None = None  # resolved once by the driver (None: looked up by name, once per process)
     git_commit: str | None = None  # mlflow.source.git.commit of every child run (resolved once by the driver)
     # Which metrics of fewsound.metrics to compute (None: every metric of the paper that applies to the clip's
@@ -160,9 +164,10 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
 
     t = time.perf_counter()
     log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
+    targets = _put_targets(tasks, results, clips, ctx)
     new = [
         _write_record(
-            task, results[i], evals[i], eval_errors.get(i), clips[i], ctx, pid, attempts[i], curve=log_curves and i == 0
+            task, results[i], evals[i], eval_errors.get(i), targets[i], ctx, pid, attempts[i], log_curves and i == 0
         )
         for i, task in enumerate(tasks)
     ]
@@ -270,23 +275,49 @@ def _write_record(
     r: Any,
     ev: dict | None,
     eval_error: str | None,
-    ref: np.ndarray,
+    target: tuple[str, np.ndarray] | None,
     ctx: TrialContext,
     pid: str,
     attempts: int,
     curve: bool,
 ) -> FitRecord:
     """One fit's record in the sweep's storage, written before anything is logged: FINISHED, or FAILED with the
-    reason (diverged, or its evaluation failed); the audio and spectrogram of a fit that did not diverge."""
+    reason (diverged, or its evaluation failed); for a fit that did not diverge, its prediction's audio and the
+    spectrogram, and a reference to its clip's target (`target`: its name in the sweep's storage, and the audio)."""
     reason = None
     if r.diverged:
         reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts} attempt(s)"
     elif eval_error is not None:
         reason = f"evaluation failed: {eval_error}"
     spec = _run_spec(task, r, ev, ctx, pid, reason, attempts, curve)
+    files = {}
+    if target is not None:
+        files = _artifact_files(task, r, target[1])
+        spec["tags"][TARGET_TAG] = f"{TARGETS_DIR}/{target[0]}"
     rec = FitRecord(key=task.key, sweep=ctx.sweep, reason=reason, **spec)
-    files = _artifact_files(task, r, ref) if ctx.log_artifacts and not r.diverged else {}
     return records.write_record(ctx.records_root, rec, files)
+
+
+def _put_targets(
+    tasks: list[FitTask], results: list[Any], clips: np.ndarray | None, ctx: TrialContext
+) -> list[tuple[str, np.ndarray] | None]:
+    """Each clip's target audio (16-bit FLAC) in the sweep's storage, once per sweep, clip, length and sample rate
+    (fewsound.records.put_target), before the records that reference it. Returns per fit (name, the target [N]),
+    None for a fit that gets no files (diverged, or artifacts off)."""
+    out: list[tuple[str, np.ndarray] | None] = [None] * len(tasks)
+    if not ctx.log_artifacts or clips is None:
+        return out
+    seen = set()
+    for i, t in enumerate(tasks):
+        if results[i].diverged:
+            continue
+        sr = t.cfg.sample_rate
+        name = records.target_name(t.clip_id, t.length, sr)
+        if name not in seen:
+            seen.add(name)
+            records.put_target(ctx.records_root, ctx.sweep, name, functools.partial(flac_bytes, clips[i], sr))
+        out[i] = (name, clips[i])
+    return out
 
 
 def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord]) -> int:
@@ -299,7 +330,9 @@ def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord]) -> int:
     client = _client(ctx.tracking_uri)
     exp_id = ctx.experiment_id or _experiment_id(ctx.tracking_uri, ctx.experiment)
     down = threading.Event()
-    try:
+    targets = {rec.tags[TARGET_TAG].rpartition("/")[2] for rec in recs if TARGET_TAG in rec.tags}
+    try:  # the targets first: a logged fit's reference resolves
+        replay_targets(client, ctx.records_root, ctx.sweep, ctx.parent_run_id, targets)
         runs = runs_by_key(client, exp_id, f"tags.`{SWEEP_TAG}` = '{ctx.sweep}' and tags.`{PACK_TAG}` = '{pid}'")
     except Exception:
         return len(recs)
@@ -358,16 +391,16 @@ def _run_spec(
 
 
 def _artifact_files(task: FitTask, r: Any, ref: np.ndarray) -> dict[str, bytes]:
-    """audio/gt.wav, audio/pred.wav and plots/spectrogram.png of one fit, as bytes."""
-    from fewsound.report import save_spectrogram_png
+    """ARTIFACT_FILES of one fit, as bytes: audio/pred.flac (the reconstruction quantized to 16 bits; its metrics
+    were computed before, on the float signal) and plots/spectrogram.png (target | prediction | difference)."""
+    from fewsound.report import spectrogram_png
 
-    with tempfile.TemporaryDirectory() as d:
-        sr = task.cfg.sample_rate
-        save_audio(Path(d) / "audio" / "gt.wav", ref, sr)
-        save_audio(Path(d) / "audio" / "pred.wav", r.reconstruction, sr)
-        with _PLOT_LOCK:  # matplotlib is not thread-safe
-            save_spectrogram_png(Path(d) / "plots" / "spectrogram.png", ref, r.reconstruction, sr, title=task.key)
-        return {rel: (Path(d) / rel).read_bytes() for rel in ARTIFACT_FILES}
+    sr = task.cfg.sample_rate
+    pred = np.asarray(r.reconstruction, dtype=np.float32).reshape(-1)
+    return {
+        "audio/pred.flac": flac_bytes(pred, sr),
+        "plots/spectrogram.png": spectrogram_png(ref, pred, sr, title=task.key),
+    }
 
 
 def _node() -> str:
