@@ -4,7 +4,8 @@ Runs in a Ray worker process. Actors are reused across trials, so the per-proces
 the MLflow client, and fewsound.metrics' CDPAM model) are built once per worker and live for many trials.
 Logging goes over HTTP to the tracking server, so artifacts reach it from any node of a cluster.
 
-A trial runs one or more packs (fewsound.plan.bundle), each in turn (run_pack: fit, evaluate, record, log).
+A trial runs one or more packs (fewsound.plan.bundle), each in turn (run_pack: fit, evaluate, record, log); on a
+GPU, pack k is evaluated, recorded and logged in a background thread while pack k + 1 fits (run_packs).
 
 Nothing computed is lost: each finished fit is first written to the sweep's storage as a record
 (fewsound.records: tags, params, metrics, curves, status, the prediction's audio and the spectrogram; the clip's
@@ -36,7 +37,7 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,8 @@ class TrialContext:
     # orchestration. The child runs are logged either way.
     metrics: tuple[str, ...] | None = None
     records: str = ""  # where fit records are kept (fewsound.records); "": storage_root("records") of the worker
+    # evaluate, record and log a pack while the next one fits (tune.trial.overlaps); None: where fits run on a GPU
+    overlap_evaluation: bool | None = None
 
     @property
     def records_root(self) -> str:
@@ -141,13 +144,30 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     (the packed fit() calls, retries included), fit_cpu (their CPU seconds in the fitting thread: all of it with
     one torch thread, and unlike wall time not inflated by whatever shares the core), eval_seconds, eval_cpu,
     record_seconds (writing the records), process_cpu (all threads of the trial's process: the fit, logging,
-    Ray's own threads), log_seconds, seconds (the whole call), start/end (epoch seconds, for concurrency
-    accounting), pid, torch_threads.
+    Ray's own threads; with `overlap` also the next pack's fit), log_seconds, seconds (the whole call), start/end
+    (epoch seconds, for concurrency accounting), fit_start/fit_end and eval_start/eval_end (epoch seconds of the
+    fit phase and of the evaluation), pid, torch_threads.
     """
-    import torch
+    return finish_pack(fit_phase(pack, ctx, pack_index), ctx)
 
-    start = time.time()
-    t0, cpu0 = time.perf_counter(), time.process_time()
+
+@dataclasses.dataclass
+class Fitted:
+    """A pack after its fit (`fit_phase`): what evaluating, recording and logging it (`finish_pack`) need."""
+
+    tasks: list[FitTask]  # the fits computed now (those with a FINISHED record are skipped)
+    earlier: list[FitRecord]  # their FINISHED records, found at the start (a retried trial)
+    clips: np.ndarray | None  # [B, N]
+    results: list[Any]
+    attempts: list[int]
+    pack_index: int
+    pid: str  # pack_id of the whole pack
+    timing: dict[str, float]
+
+
+def fit_phase(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> Fitted:
+    """The resume lookup, loading the clips and the packed fit of one pack."""
+    start, t0, cpu0 = time.time(), time.perf_counter(), time.process_time()
     tasks = pack_from_config(pack)
     pid = pack_id(tasks)
     root = ctx.records_root
@@ -156,43 +176,56 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     tasks = [t for t in tasks if t.key not in done_keys]
     clips = np.stack([load_clip(ctx.corpus, t.clip_id, t.length) for t in tasks]) if tasks else None
     setup_seconds = time.perf_counter() - t0  # the resume lookup and loading the clips
-
     results, attempts, fit_seconds, fit_cpu = _fit_pack(tasks, clips, ctx)
+    timing = {"start": start, "t0": t0, "cpu0": cpu0, "setup_seconds": setup_seconds, "fit_seconds": fit_seconds,
+              "fit_cpu": fit_cpu, "fit_start": start, "fit_end": time.time()}  # fmt: skip
+    return Fitted(tasks, earlier, clips, results, attempts, pack_index, pid, timing)
+
+
+def finish_pack(f: Fitted, ctx: TrialContext) -> dict[str, float]:
+    """Evaluate, record and log the fits of a fitted pack; returns run_pack's result. Safe in a thread other than
+    the one fitting the next pack (nothing here is shared with a fit but the read-only corpus)."""
+    import torch
+
+    tasks, clips, results, pid = f.tasks, f.clips, f.results, f.pid
+    eval_start = time.time()
     t, c = time.perf_counter(), time.thread_time()
     evals, eval_errors = _evaluate(tasks, results, clips, ctx)
     eval_seconds, eval_cpu = time.perf_counter() - t, time.thread_time() - c
+    eval_end = time.time()
 
     t = time.perf_counter()
-    log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
+    log_curves = f.pack_index % max(1, ctx.curve_every_n_packs) == 0
     targets = _put_targets(tasks, results, clips, ctx)
     new = [
         _write_record(
-            task, results[i], evals[i], eval_errors.get(i), targets[i], ctx, pid, attempts[i], log_curves and i == 0
+            task, results[i], evals[i], eval_errors.get(i), targets[i], ctx, pid, f.attempts[i], log_curves and i == 0
         )
         for i, task in enumerate(tasks)
     ]
     record_seconds = time.perf_counter() - t
 
     t = time.perf_counter()
-    unlogged = [r for r in earlier if records.logged_run(root, ctx.sweep, r.key) is None]
+    unlogged = [r for r in f.earlier if records.logged_run(ctx.records_root, ctx.sweep, r.key) is None]
     kept = _log_records(ctx, pid, new + unlogged)
     log_seconds = time.perf_counter() - t
     done = sum(r.status == "FINISHED" for r in new)
+    timing = dict(f.timing)
+    t0, cpu0 = timing.pop("t0"), timing.pop("cpu0")
     return {
         "fits_done": done,
         "fits_failed": len(new) - done,
-        "fits_skipped": len(earlier),
+        "fits_skipped": len(f.earlier),
         "fits_kept": kept,
-        "setup_seconds": setup_seconds,
-        "fit_seconds": fit_seconds,
+        **timing,
         "eval_seconds": eval_seconds,
         "record_seconds": record_seconds,
         "log_seconds": log_seconds,
         "seconds": time.perf_counter() - t0,
-        "fit_cpu": fit_cpu,
         "eval_cpu": eval_cpu,
         "process_cpu": time.process_time() - cpu0,
-        "start": start,
+        "eval_start": eval_start,
+        "eval_end": eval_end,
         "end": time.time(),
         "pid": os.getpid(),
         "torch_threads": torch.get_num_threads(),
@@ -415,11 +448,8 @@ def _node() -> str:
 
 
 def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: the trial's packs one after the other, one report per pack once its fits are
-    recorded and logged (or kept).
-
-    Logging a pack in a background thread while the next one fits was measured slower on CPU (2 cores: the
-    tracking server needs the same cores, and the logging thread the fit loop's GIL), so packs log in turn."""
+    """Ray Tune function trainable: the trial's packs (`run_packs`), one report per pack once its fits are
+    recorded and logged (or kept)."""
     import ray
     import ray.tune
     import torch
@@ -433,13 +463,58 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # one torch thread per CPU the trial was given
     extra = {f"assigned_{k}": float(v) for k, v in assigned.items()}
     extra["trial"] = int(config["trial"]["index"])
-    errors = []
-    for pack in config["trial"]["packs"]:
-        try:
-            res = run_pack(pack, ctx, int(pack["index"]))
-        except Exception as e:  # the trial's other packs go on; the trial then fails and Tune retries it
-            errors.append(f"pack {pack['index']}: {type(e).__name__}: {e}")
-            continue
-        ray.tune.report(dict(res, pack=int(pack["index"]), **extra))
+    errors = run_packs(config["trial"]["packs"], ctx, lambda res: ray.tune.report(dict(res, **extra)))
     if errors:  # a retry skips every fit that already has a FINISHED record (run_pack looks them up)
         raise RuntimeError("; ".join(errors)[:2000])
+
+
+def overlaps(ctx: TrialContext) -> bool:
+    """Whether a trial evaluates a pack while it fits the next: ctx.overlap_evaluation, by default where the fits
+    run on a GPU (the GPU need not wait for CPU metrics). On CPU the two would share the trial's cores (and the fit
+    loop's GIL), so packs finish in turn there."""
+    if ctx.overlap_evaluation is not None:
+        return ctx.overlap_evaluation
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_packs(packs: list[dict[str, Any]], ctx: TrialContext, report: Any) -> list[str]:
+    """Every pack of a trial: fit (`fit_phase`), then evaluate, record and log (`finish_pack`); `report(result)`
+    per pack, in order, from this thread (result: run_pack's, plus `pack`). With `overlaps(ctx)`, pack k is
+    finished in a background thread while pack k + 1 fits here (at most one pack waits: k is reported before
+    k + 1 is handed over). A pack that raises is skipped; returns those errors (the trial then fails and Tune
+    retries it)."""
+    errors: list[str] = []
+    overlap = overlaps(ctx)
+    pending: tuple[int, Future] | None = None
+
+    def collect() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        index, fut = pending
+        pending = None
+        try:
+            res = fut.result()
+        except Exception as e:
+            errors.append(f"pack {index}: {type(e).__name__}: {e}")
+            return
+        report(dict(res, pack=index))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish-pack") as pool:
+        for pack in packs:
+            index = int(pack["index"])
+            try:
+                fitted = fit_phase(pack, ctx, index)
+            except Exception as e:  # the trial's other packs go on
+                errors.append(f"pack {index}: {type(e).__name__}: {e}")
+                fitted = None
+            collect()  # the previous pack, finished meanwhile
+            if fitted is None:
+                continue
+            pending = (index, pool.submit(finish_pack, fitted, ctx))
+            if not overlap:
+                collect()  # wait for it: the next pack fits after
+        collect()
+    return errors
