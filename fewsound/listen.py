@@ -102,13 +102,9 @@ def sample_sections(
 
 def flac_data_uri(x: np.ndarray, sr: int) -> str:
     """x [N] float in [-1, 1] -> a data: URI of 16-bit FLAC (lossless at 16 bits; what a listener can hear)."""
-    import soundfile as sf
+    from fewsound.data.audio import flac_bytes
 
-    buf = io.BytesIO()
-    sf.write(
-        buf, np.clip(np.asarray(x, dtype=np.float32).reshape(-1), -1.0, 1.0), int(sr), format="FLAC", subtype="PCM_16"
-    )
-    return "data:audio/flac;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:audio/flac;base64," + base64.b64encode(flac_bytes(x, sr)).decode("ascii")
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,23 +1,33 @@
 """Fit records: every finished fit's result, kept in the sweep's storage before anything is logged anywhere.
 
     rec = FitRecord(key=..., sweep=..., run_name=..., tags=..., params=..., metrics=..., status="FINISHED")
-    rec = write_record(root, rec, {"audio/gt.wav": b"...", "audio/pred.wav": b"...", ...})
+    put_target(root, sweep, target_name(clip_id, length, sr), encode)   the clip's target audio, once per sweep
+    rec = write_record(root, rec, {"audio/pred.flac": b"...", "plots/spectrogram.png": b"..."})
     read_record(root, sweep, key)      the record, or None when the fit has none (not computed, or cut short)
     scan(root, sweep)                  {key: logged?} of every committed record, in one listing
     mark_logged(root, sweep, key, run_id)
     artifacts_folder(root, sweep, key, scratch)   a local folder with the record's files (downloaded if remote)
+    release_files(root, sweep, key, files)        the files are in the logged run now: removed here
 
 A tracking server can be down, restarted or unreachable from a worker; a computed fit is too costly to throw
 away then. So a trial writes each fit's result here first, and logging it (tune.durable) is a replay of the
 record that may happen at once, later in the same sweep, or in a re-run of the same command.
 
+Each file has one durable copy at a time: here until its MLflow run holds it (the run is complete), then in
+MLflow's artifact store only (`release_files`, `target_logged`); record.json and logged.json stay, so the
+record still says what the fit's run shows and which run that is. A clip's target audio is the same for every
+family and setting fitted to it, so it is kept once per sweep, clip, length and sample rate (`_targets/`) and
+logged once on the sweep's parent run; each fit's run references it (tune.spine.TARGET_AUDIO_TAG).
+
 Layout under `root` (a local folder, a shared path or an object-store URI; fewsound.storage writes each file
 whole or not at all):
 
-    root/<sweep>/<key>/artifacts/audio/gt.wav ...   the fit's files, written first
+    root/<sweep>/<key>/artifacts/audio/pred.flac ...   the fit's files, written first (until logged)
     root/<sweep>/<key>/record.json                  the commit marker, written last: a reader that finds it finds
-                                                    every file it lists
+                                                    every file it lists (or, once logged, their run)
     root/<sweep>/<key>/logged.json                  written once the record's MLflow run is complete
+    root/<sweep>/_targets/<clip>-<length>-<sr>.flac   a clip's target audio, until logged on the parent run
+    root/<sweep>/_targets/<name>.logged             written once it is (then the .flac is removed)
 
 No Ray and no MLflow here: a record is plain JSON (tags, params, finite metrics, curves, status and reason) plus
 its files.
@@ -26,10 +36,13 @@ its files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -40,6 +53,8 @@ from fewsound import storage
 RECORD = "record.json"
 LOGGED = "logged.json"
 ARTIFACTS = "artifacts"
+TARGETS = "_targets"  # not a fit key: keys start with a family name
+TARGET_LOGGED = ".logged"
 VERSION = 1
 
 
@@ -144,11 +159,71 @@ def scan(root: str, sweep: str) -> dict[str, bool]:
 
 
 def artifacts_folder(root: str, sweep: str, key: str, files: list[str], scratch: Path) -> Path:
-    """A local folder holding the record's `files` (relative paths): the record's own folder when the storage is
-    local, else a download of them into `scratch`."""
+    """A local folder holding the record's `files` (relative paths) that are still here (see `release_files`):
+    the record's own folder when the storage is local, else a download of them into `scratch`."""
     where = storage.join(record_dir(root, sweep, key), ARTIFACTS)
     if storage.is_local(where) and not storage.is_uri(where):
         return Path(where)
     for rel in files:
-        storage.download_file(storage.join(where, rel), scratch / rel)
+        try:
+            storage.download_file(storage.join(where, rel), scratch / rel)
+        except FileNotFoundError:
+            continue  # released: its run holds it
     return scratch
+
+
+def release_files(root: str, sweep: str, key: str, files: list[str]) -> None:
+    """Remove the record's `files` once its MLflow run is complete and holds them (call after `mark_logged`):
+    one durable copy of each. The record keeps listing them; logged.json names the run that has them."""
+    where = storage.join(record_dir(root, sweep, key), ARTIFACTS)
+    for rel in files:
+        storage.delete(storage.join(where, rel))
+
+
+# --- a clip's target audio: once per sweep, clip, length and sample rate ----------------------------------------
+
+
+def target_name(clip_id: str, length: int, sr: int) -> str:
+    """`<clip>-<length>-<sr>.flac`, the target's file name here and its artifact name on the parent run: the clip
+    id as is when it is made of [A-Za-z0-9._-] only, else those characters plus a hash of the id (an artifact
+    path travels in URLs)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", clip_id)
+    if safe != clip_id:
+        safe += "_" + hashlib.sha1(clip_id.encode()).hexdigest()[:8]
+    return f"{safe}-{int(length)}-{int(sr)}.flac"
+
+
+def target_path(root: str, sweep: str, name: str) -> str:
+    return storage.join(root, component(sweep), TARGETS, name)
+
+
+def put_target(root: str, sweep: str, name: str, encode: Callable[[], bytes]) -> bool:
+    """Write the target `name` (the bytes `encode()` returns) unless it is here or logged already. Returns whether
+    it was written. Write it before the records that reference it, so that a committed record's target is
+    durable too."""
+    path = target_path(root, sweep, name)
+    if storage.exists(path) or storage.exists(path + TARGET_LOGGED):
+        return False
+    storage.write_bytes(path, encode())
+    return True
+
+
+def target_is_logged(root: str, sweep: str, name: str) -> bool:
+    return storage.exists(target_path(root, sweep, name) + TARGET_LOGGED)
+
+
+def pending_targets(root: str, sweep: str) -> list[str]:
+    """Names of the sweep's targets written but not yet logged (a file left by a process that died between
+    `target_logged`'s two steps is removed)."""
+    names = storage.listdir(storage.join(root, component(sweep), TARGETS))
+    logged = {n[: -len(TARGET_LOGGED)] for n in names if n.endswith(TARGET_LOGGED)}
+    for n in logged.intersection(names):
+        storage.delete(target_path(root, sweep, n))
+    return [n for n in names if n.endswith(".flac") and n not in logged]
+
+
+def target_logged(root: str, sweep: str, name: str, run_id: str) -> None:
+    """The target is an artifact of run `run_id` now: note it, then remove the file here."""
+    path = target_path(root, sweep, name)
+    storage.write_bytes(path + TARGET_LOGGED, json.dumps({"run_id": run_id, "logged_at": time.time()}).encode())
+    storage.delete(path)

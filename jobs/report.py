@@ -8,9 +8,10 @@ Writes into --out: table.md / table.tex / table.csv / results.csv (mean ± std p
 for MSE, PSNR, LSD, SI-SNR, PESQ, STOI, CDPAM and WD; best in bold; the paper's numbers in parentheses where
 the protocol matches), one folder of tables per knob and quality_vs_params.png for a KAN ablation, and
 spectrograms.png: ground truth and every row's reconstruction of one clip (the paper's Fig. 3), from the child
-runs' audio/gt.wav and audio/pred.wav; and listen.html, the listening page (also logged on the parent run as
-report/listen.html): for --listen-clips clips, the target and every row's reconstruction as playable audio with
-spectrograms (target | prediction | difference) and metrics side by side, self-contained (works offline).
+runs' audio (audio/pred.flac, and the target each run names on its parent run); and listen.html, the listening
+page (also logged on the parent run as report/listen.html): for --listen-clips clips, the target and every row's
+reconstruction as playable audio with spectrograms (target | prediction | difference) and metrics side by side,
+self-contained (works offline).
 """
 
 from __future__ import annotations

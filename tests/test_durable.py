@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_s3 import _free_port, _healthy  # tests/ is on sys.path (rootdir-relative imports)
 
@@ -117,12 +118,20 @@ def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, 
 
     records.write_record(root, rec("a"), files)
     records.write_record(root, rec("b", "FAILED"))
+    a_files = storage.join(records.record_dir(root, sweep, "a"), records.ARTIFACTS)
+    assert storage.exists(storage.join(a_files, "audio", "gt.wav"))  # durable before it is logged
     assert replay_pending(client, exp, root, sweep, parent, set()) == 2
     assert replay_pending(client, exp, root, sweep, parent, set()) == 0  # logged: nothing again
     (a,) = runs("a")
     assert a.info.status == "FINISHED" and a.data.metrics["eval/mse"] == 0.25 and a.data.params["fit.steps"] == "3"
     assert a.data.tags["mlflow.parentRunId"] == parent
     assert {f.path for f in client.list_artifacts(a.info.run_id, "audio")} == {"audio/gt.wav"}
+    back = Path(client.download_artifacts(a.info.run_id, "audio/gt.wav", str(tmp_path / "a")))
+    assert back.read_bytes() == files["audio/gt.wav"]
+    # one durable copy: the run holds the files now, the record keeps its JSON (what the run shows, which run)
+    assert not storage.exists(storage.join(a_files, "audio", "gt.wav"))
+    assert records.read_record(root, sweep, "a").artifacts == sorted(files)  # type: ignore[union-attr]
+    assert records.logged_run(root, sweep, "a") == a.info.run_id
     assert [m.value for m in client.get_metric_history(a.info.run_id, "fit/loss_curve")] == [1.0, 0.5]
     assert [r.info.status for r in runs("b")] == ["FAILED"]
 
@@ -140,10 +149,49 @@ def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, 
     assert replay_pending(client, exp, root, sweep, parent, set()) == 0
     assert [r.info.status for r in runs("d")] == ["FINISHED"] and records.scan(root, sweep)["d"]
 
-    # the tracking store lost a's run (e.g. restored from an older backup): the re-run logs it again
+    # the tracking store lost a's run (e.g. restored from an older backup): the re-run logs it again (its files
+    # went with the lost run, and the new run says so)
     client.delete_run(a.info.run_id)
     assert replay_pending(client, exp, root, sweep, parent, {"a"}) == 1
     assert [r.info.status for r in runs("a")] == ["FINISHED"] and runs("a")[0].info.run_id != a.info.run_id
+    assert runs("a")[0].data.tags["fewsound.artifacts"] == f"lost with run {a.info.run_id}"
+
+
+def test_a_clips_target_is_stored_once_and_logged_once_on_the_parent(env, tmp_path):
+    """fewsound.records' targets: written once per sweep, clip, length and rate whatever fits share it, logged by
+    tune.durable.replay_pending on the parent run, then removed from the sweep's storage (one durable copy)."""
+    import soundfile as sf
+    from mlflow.tracking import MlflowClient
+
+    from fewsound.data.audio import flac_bytes
+    from fewsound.tracking import get_or_create_experiment
+    from tune.durable import TARGETS_DIR, replay_pending
+
+    client = MlflowClient(tracking_uri=env[1])
+    exp = get_or_create_experiment(client, "t-targets")
+    parent = client.create_run(exp, run_name="parent").info.run_id
+    root, sweep = str(tmp_path / "records"), "sw-targets"
+    x = np.sin(np.linspace(0, 400, 4096)).astype(np.float32)
+    encoded = []
+
+    def encode() -> bytes:
+        encoded.append(1)
+        return flac_bytes(x, 22_050)
+
+    name = records.target_name("fr/clip one", 4096, 22_050)
+    assert name.endswith("-4096-22050.flac") and "/" not in name and " " not in name
+    assert name != records.target_name("fr_clip one", 4096, 22_050)  # distinct ids stay distinct
+    assert records.target_name("clip-1", 4096, 22_050) == "clip-1-4096-22050.flac"
+    assert records.put_target(root, sweep, name, encode) and not records.put_target(root, sweep, name, encode)
+    assert len(encoded) == 1 and records.pending_targets(root, sweep) == [name]
+    assert records.scan(root, sweep) == {}  # a target is not a fit record
+    assert replay_pending(client, exp, root, sweep, parent, set()) == 0  # no fit run; the target is logged
+    assert [f.path for f in client.list_artifacts(parent, TARGETS_DIR)] == [f"{TARGETS_DIR}/{name}"]
+    got, sr = sf.read(client.download_artifacts(parent, f"{TARGETS_DIR}/{name}", str(tmp_path)), dtype="float32")
+    assert sr == 22_050 and np.abs(got - x).max() <= 2**-15  # 16-bit
+    assert records.pending_targets(root, sweep) == [] and records.target_is_logged(root, sweep, name)
+    assert not storage.exists(records.target_path(root, sweep, name))  # MLflow holds the one copy
+    assert not records.put_target(root, sweep, name, encode) and len(encoded) == 1  # a later fit of the clip
 
 
 # --------------------------------------------------------------------------------------------- kill tests
@@ -183,7 +231,9 @@ def _one_finished_run_per_fit(uri: str, experiment: str, keys: set[str]) -> None
     for r in kids:
         if r.info.status == "FINISHED":
             files = {a.path for a in client.list_artifacts(r.info.run_id, "audio")}
-            assert files == {"audio/gt.wav", "audio/pred.wav"}, r.info.run_name
+            assert files == {"audio/pred.flac"}, r.info.run_name
+            parent, target = r.data.tags["mlflow.parentRunId"], r.data.tags["fewsound.target_audio"]
+            assert target in {a.path for a in client.list_artifacts(parent, "targets")}, r.info.run_name
 
 
 def _nothing_refitted(home: Path, before: dict[str, dict], uri: str, experiment: str) -> None:

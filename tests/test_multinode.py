@@ -78,5 +78,6 @@ def test_smoke_sweep_spreads_over_worker_nodes_and_logs_every_artifact(cluster):
     for r in kids:
         files = {a.path for a in client.list_artifacts(r.info.run_id, "audio")}
         files |= {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
-        assert files == {"audio/gt.wav", "audio/pred.wav", "plots/spectrogram.png"}, r.info.run_name
+        assert files == {"audio/pred.flac", "plots/spectrogram.png"}, r.info.run_name  # the target: on the parent
+        assert r.data.tags["fewsound.target_audio"].startswith("targets/"), r.info.run_name
         assert "eval/lsd" in r.data.metrics

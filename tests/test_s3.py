@@ -219,9 +219,12 @@ def test_sweep_on_the_bucket_and_history_survives_a_new_head(cloud, inr_corpus):
     assert len(kids) == 2 and all(r.info.status == "FINISHED" for r in kids), [r.info.status for r in kids]
 
     keys = s3.keys(BUCKET)
-    for r in kids:  # every child run's audio and spectrogram are objects in the bucket (the server's proxy)
+    for r in kids:  # every child run's audio and spectrogram, and its target (on the parent run), are objects in
+        # the bucket (the server's proxy)
         mine = [k for k in keys if k.startswith("fewsound/mlflow-artifacts/") and r.info.run_id in k]
-        assert any(k.endswith("audio/gt.wav") for k in mine) and any(k.endswith("audio/pred.wav") for k in mine), mine
+        assert any(k.endswith("audio/pred.flac") for k in mine) and any(k.endswith("spectrogram.png") for k in mine)
+        parent, target = r.data.tags["mlflow.parentRunId"], r.data.tags["fewsound.target_audio"]
+        assert any(parent in k and k.endswith(target) for k in keys), (target, keys)
     assert any(k.startswith("ray/ray_results/") for k in keys), keys  # Ray Tune's experiment state
     records = [k for k in keys if k.startswith("ray/records/fit_inrs-smoke/") and k.endswith("/record.json")]
     assert len(records) == 2, keys  # each fit's record (fewsound.records), kept in the bucket before it was logged

@@ -21,7 +21,7 @@ import pytest
 from fewsound import tracking
 from fewsound.fit import FitConfig
 from fewsound.plan import FitTask
-from tune.spine import FIT_KEY_TAG, REASON_TAG
+from tune.spine import FIT_KEY_TAG, REASON_TAG, TARGET_AUDIO_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_KEYS = (
@@ -94,31 +94,43 @@ def test_smoke_job_logs_parent_and_six_children_with_metrics_and_artifacts(smoke
         assert not missing, (r.info.run_name, missing, r.data.tags)
         assert all(math.isfinite(v) for v in r.data.metrics.values())
         assert r.data.params["clip.length"] == "16384" and r.data.params["fit.steps"] == "5"
-    # artifacts travel over HTTP: read one fit's back and check they are its audio and a PNG
+    # artifacts travel over HTTP: read one fit's back and check they are its audio and a PNG; the target is logged
+    # once per clip and length on the parent run, and each fit's run names it
     run = kids[0]
+    parent, _ = children(client, "fit_inrs-smoke")
     d = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
     import soundfile as sf
 
-    gt, sr = sf.read(d / "audio" / "gt.wav", dtype="float32")
-    pred, _ = sf.read(d / "audio" / "pred.wav", dtype="float32")
-    assert sr == 22_050 and gt.shape == pred.shape == (16_384,)
-    assert np.isclose(np.abs(gt).max(), 1.0)  # peak-normalised, as fitted
+    target = run.data.tags[TARGET_AUDIO_TAG]
+    assert target.startswith("targets/") and target.endswith("-16384-22050.flac"), target
+    gt, sr = sf.read(client.download_artifacts(parent.info.run_id, target, str(tmp_path / "t")), dtype="float32")
+    pred, pred_sr = sf.read(d / "audio" / "pred.flac", dtype="float32")
+    assert sr == pred_sr == 22_050 and gt.shape == pred.shape == (16_384,)
+    assert sf.info(str(d / "audio" / "pred.flac")).subtype == "PCM_16"  # quantized: the metrics came first
+    assert np.isclose(np.abs(gt).max(), 1.0, atol=1e-4)  # peak-normalised, as fitted
     mse = float(np.mean((gt - pred) ** 2))
     assert mse == pytest.approx(run.data.metrics["eval/mse"], rel=1e-4)
-    assert (d / "plots" / "spectrogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (d / "plots" / "spectrogram.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    assert image.mode == "P" and image.width > 3 * 240 and image.height > 160  # three panels, palette pixels
+    # the parent holds each clip's target once: one per clip (the smoke test fits 3 clips with 2 families)
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "targets")}
+    assert names == {r.data.tags[TARGET_AUDIO_TAG] for r in kids} and len(names) == 3, names
     # the parent compares: the table and quality against parameter count (one point per INR)
-    parent, _ = children(client, "fit_inrs-smoke")
     plots = [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
     assert plots == ["plots/quality_vs_params.png"]
     png = Path(client.download_artifacts(parent.info.run_id, plots[0], str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     exp = client.get_experiment_by_name("fit_inrs-smoke")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs, not traces
-    # every other run has its three files too
+    # every other run has its two files too
     for r in kids[1:]:
         files = {a.path for a in client.list_artifacts(r.info.run_id, "audio")}
         files |= {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
-        assert files == {"audio/gt.wav", "audio/pred.wav", "plots/spectrogram.png"}
+        assert files == {"audio/pred.flac", "plots/spectrogram.png"}
 
 
 def test_smoke_output_is_quiet_progress_lines_table_and_ui_address(smoke):

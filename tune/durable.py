@@ -7,7 +7,10 @@ first looks for the fit's runs by their tags (fit key, sweep, and the record's s
 - a complete run of this record (FINISHED/FAILED as recorded; any FINISHED run of the key for a FINISHED
   record) means it is logged already: the record is marked logged, nothing is created;
 - a run left RUNNING by a process that died while logging is ended KILLED, and a fresh run is logged;
-so a fit ends with exactly one FINISHED run whatever was killed when.
+so a fit ends with exactly one FINISHED run whatever was killed when. Once a run is complete, the record's files
+are removed from the sweep's storage (fewsound.records.release_files): the run's artifacts are their one durable
+copy. A clip's target audio is logged once per sweep on the parent run (`replay_targets`, before the fits that
+reference it: tag TARGET_AUDIO_TAG (tune.spine), an artifact path of the run's parent).
 
 The server's health is one GET /health with a short timeout (MLflow's client retries for minutes before it gives
 up, far too long for a sweep to wait on). `TrackingWatch` is the driver's view of it: the embedded server (the
@@ -32,6 +35,7 @@ from fewsound.errors import FewsoundError, Stopped, TrackingError
 from fewsound.records import FitRecord
 from tune.spine import FIT_KEY_TAG, RECORD_TAG, SWEEP_TAG, runs_by_tag, search_runs, tag_filter
 
+TARGETS_DIR = "targets"  # the parent run's artifact folder of the sweep's targets
 LOG_THREADS = 4  # runs logged at once (each mostly waits on the server)
 HEALTH_TIMEOUT = 5.0  # seconds for GET /health (a loaded server answers it in milliseconds)
 # MLflow's documented client settings, as defaults (a user's values win): by default its client retries a failed
@@ -69,6 +73,7 @@ def replay(
         same = r.data.tags.get(RECORD_TAG) == mine or rec.status == "FINISHED"
         if r.info.status == rec.status and same:
             records.mark_logged(root, rec.sweep, rec.key, r.info.run_id)
+            records.release_files(root, rec.sweep, rec.key, rec.artifacts)
             return r.info.run_id, False
     for r in runs:
         if r.info.status == "RUNNING":  # a logger died while it logged this fit
@@ -87,16 +92,44 @@ def replay(
     if rec.artifacts:
         with tempfile.TemporaryDirectory() as d:
             folder = records.artifacts_folder(root, rec.sweep, rec.key, rec.artifacts, Path(d))
-            client.log_artifacts(run_id, str(folder))
+            if any(p.is_file() for p in folder.rglob("*")):
+                client.log_artifacts(run_id, str(folder))
+            else:  # released to a run the tracking store has lost since (e.g. restored from an older backup)
+                client.set_tag(
+                    run_id, "fewsound.artifacts", f"lost with run {records.logged_run(root, rec.sweep, rec.key)}"
+                )
         client.set_terminated(run_id, status=rec.status)
     records.mark_logged(root, rec.sweep, rec.key, run_id)
+    records.release_files(root, rec.sweep, rec.key, rec.artifacts)
     return run_id, True
+
+
+def replay_targets(client: Any, root: str, sweep: str, parent_run_id: str, names: set[str] | None = None) -> int:
+    """Log the sweep's pending targets (those of `names` only, when given) on the parent run under TARGETS_DIR,
+    each then removed from the sweep's storage. Idempotent: two processes logging the same target write the same
+    bytes to the same artifact path. Returns how many were logged."""
+    pending = records.pending_targets(root, sweep)
+    if names is not None:
+        pending = [n for n in pending if n in names]
+    done = 0
+    with tempfile.TemporaryDirectory() as d:
+        for name in pending:
+            try:
+                storage.download_file(records.target_path(root, sweep, name), Path(d) / name)
+            except FileNotFoundError:  # another process logged it meanwhile
+                continue
+            client.log_artifact(parent_run_id, str(Path(d) / name), TARGETS_DIR)
+            records.target_logged(root, sweep, name, parent_run_id)
+            done += 1
+    return done
 
 
 def replay_pending(client: Any, exp_id: str, root: str, sweep: str, parent_run_id: str, missing: set[str]) -> int:
     """Log every record of `sweep` not yet logged (kept while the server was down, or by a process that died
     before it logged them), and again those of `missing`, keys without a FINISHED run (e.g. a tracking store
-    restored from an older backup): a record is never refitted. Returns how many runs were created."""
+    restored from an older backup): a record is never refitted. The pending targets go first (`replay_targets`).
+    Returns how many runs were created."""
+    replay_targets(client, root, sweep, parent_run_id)
     pending = [k for k, logged in records.scan(root, sweep).items() if not logged or k in missing]
     if not pending:
         return 0

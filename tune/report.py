@@ -153,7 +153,6 @@ def spectrogram_comparison(
 ) -> Path | None:
     """Ground truth and each label's reconstruction of one clip, from the runs' audio artifacts (None when the
     runs have no audio, e.g. a search)."""
-    from fewsound.data.audio import read_audio
     from fewsound.report import save_figure, spectrogram_comparison_figure
 
     shortest = min(r["length"] for r in rows)
@@ -172,17 +171,50 @@ def spectrogram_comparison(
     with tempfile.TemporaryDirectory() as d:
         for i, lab in enumerate(labels):
             run_id = chosen[lab]["run_id"]
-            try:
-                pred, sr = read_audio(client.download_artifacts(run_id, "audio/pred.wav", f"{d}/{i}"))
-                if ref is None:
-                    ref, sr = read_audio(client.download_artifacts(run_id, "audio/gt.wav", f"{d}/{i}"))
-            except Exception:  # this run logged no audio
+            got = fit_audio(client, run_id, "pred", Path(d) / str(i))
+            if got is None:  # this run logged no audio
                 continue
-            preds[lab] = pred
+            preds[lab], sr = got
+            if ref is None and (target := fit_audio(client, run_id, "target", Path(d) / str(i))) is not None:
+                ref, sr = target
     if ref is None:
         return None
     fig = spectrogram_comparison_figure(ref, preds, sr, title=f"{clip} ({shortest / sr:.1f} s)")
     return save_figure(fig, path)
+
+
+# --- a fit's audio, as its child run logged it -------------------------------------------------------------------
+
+
+def fit_audio(client: Any, run_id: str, which: str, workdir: Path, folder: str = "audio") -> tuple[Any, int] | None:
+    """A fit's "pred" or "target" audio as (float32 [N], sample rate), read from MLflow; None when the run logged
+    none (log_artifacts off, or the run is gone).
+
+    A sweep's fit logs `<folder>/pred.flac` and references its clip's target, logged once on its parent run
+    (tag tune.spine.TARGET_AUDIO_TAG); runs logged before that, and a search's trials (`folder` "audio/<clip>"), have
+    `<folder>/pred.wav` and `<folder>/gt.wav` of their own. Stored audio is quantized (16-bit FLAC)."""
+    from fewsound.data.audio import read_audio
+    from tune.spine import TARGET_AUDIO_TAG
+
+    where = workdir / run_id
+    if which == "target":
+        try:
+            tags = client.get_run(run_id).data.tags
+        except Exception:
+            return None
+        if TARGET_AUDIO_TAG in tags and PARENT_TAG in tags:
+            paths = [(tags[PARENT_TAG], tags[TARGET_AUDIO_TAG])]
+        else:
+            paths = [(run_id, f"{folder}/gt.wav")]
+    else:
+        assert which == "pred", which
+        paths = [(run_id, f"{folder}/pred.flac"), (run_id, f"{folder}/pred.wav")]
+    for rid, path in paths:
+        try:
+            return read_audio(client.download_artifacts(rid, path, str(where)))
+        except Exception:  # not logged under this name
+            continue
+    return None
 
 
 # --- the listening page (fewsound.listen) from a sweep's runs ---------------------------------------------------
@@ -204,18 +236,11 @@ def listen_tables(job: str, rows: list[dict[str, Any]], table: dict[str, Any]) -
 
 
 def _fetch_audio(client: Any, sections: list[Any], workdir: Path) -> dict[tuple[str, int], Any]:
-    """(clip, length) -> ClipAudio from the child runs' audio/gt.wav and audio/pred.wav (sections of runs that
-    logged no audio are left out). Downloads run a few at a time: each is one round trip to the server."""
+    """(clip, length) -> ClipAudio from the child runs' audio (`fit_audio`; sections of runs that logged no audio
+    are left out). Downloads run a few at a time: each is one round trip to the server."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fewsound.data.audio import read_audio
     from fewsound.listen import ClipAudio
-
-    def get(run_id: str, path: str) -> tuple[Any, int] | None:
-        try:
-            return read_audio(client.download_artifacts(run_id, path, str(workdir / run_id)))
-        except Exception:  # this run logged no audio (e.g. log_artifacts=False), or it is gone
-            return None
 
     # a progress bar per downloaded file would bury the sweep's output; only a default, as in tune.sweep
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -223,7 +248,7 @@ def _fetch_audio(client: Any, sections: list[Any], workdir: Path) -> dict[tuple[
     # fits several clips)
     jobs = [(s, r["run_id"], r.get("audio", "audio")) for s in sections for r in s.rows]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        preds = list(pool.map(lambda job: get(job[1], f"{job[2]}/pred.wav"), jobs))
+        preds = list(pool.map(lambda job: fit_audio(client, job[1], "pred", workdir, job[2]), jobs))
         by_section: dict[tuple[str, int], dict[str, Any]] = {}
         folder: dict[str, str] = {}
         for (s, run_id, where), got in zip(jobs, preds):
@@ -236,7 +261,7 @@ def _fetch_audio(client: Any, sections: list[Any], workdir: Path) -> dict[tuple[
             if not have:
                 continue
             first = next(iter(have))
-            target = get(first, f"{folder[f'{first}/{s.clip_id}']}/gt.wav")
+            target = fit_audio(client, first, "target", workdir, folder[f"{first}/{s.clip_id}"])
             if target is not None:
                 out[(s.clip_id, s.length)] = ClipAudio(target[0], {k: v[0] for k, v in have.items()}, target[1])
     return out

@@ -37,6 +37,7 @@ FIT_KEY_TAG = "fewsound.fit_key"  # a fit's run: {family}-{clip_id}-{cfg_hash8}
 PACK_TAG = "fewsound.pack"  # a fit's run: the pack it was fitted in
 REASON_TAG = "fewsound.failure_reason"  # a FAILED run: why
 RECORD_TAG = "fewsound.record"  # a fit's run: the record it was logged from (its computed-at stamp)
+TARGET_AUDIO_TAG = "fewsound.target_audio"  # a fit's run: its target audio, an artifact path of its parent run
 FAMILY_TAG = "fewsound.family"
 LABEL_TAG = "fewsound.label"
 N_FITS_TAG = "fewsound.n_fits"  # a sweep's parent: fits it plans

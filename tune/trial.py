@@ -4,16 +4,19 @@ Runs in a Ray worker process. Actors are reused across trials, so the per-proces
 the MLflow client, and fewsound.metrics' CDPAM model) are built once per worker and live for many trials.
 Logging goes over HTTP to the tracking server, so artifacts reach it from any node of a cluster.
 
-A trial runs one or more packs (fewsound.plan.bundle), each in turn (run_pack: fit, evaluate, record, log).
+A trial runs one or more packs (fewsound.plan.bundle), each in turn (run_pack: fit, evaluate, record, log); on a
+GPU, pack k is evaluated, recorded and logged in a background thread while pack k + 1 fits (run_packs).
 
 Nothing computed is lost: each finished fit is first written to the sweep's storage as a record
-(fewsound.records: tags, params, metrics, curves, status, gt/pred audio, spectrogram), and its MLflow child run
-is a replay of that record (tune.durable.replay: idempotent). When the tracking server does not answer (one
-GET /health), the pack keeps its records and reports them as `fits_kept`; the driver logs them once the server
-is back, or a re-run of the same command does. Per fit, the child run costs a fixed, small number of HTTP calls:
-create_run (with every tag), one log_batch (params + metrics + not-applicable reasons), the artifact uploads,
-set_terminated. MLflow's per-run "View run" print (and the extra get_run behind it) is off via
-MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by the driver.
+(fewsound.records: tags, params, metrics, curves, status, the prediction's audio and the spectrogram; the clip's
+target audio once per sweep, clip and length), and its MLflow child run is a replay of that record
+(tune.durable.replay: idempotent); once the run holds the files they leave the record (one durable copy). When
+the tracking server does not answer (one GET /health), the pack keeps its records and reports them as
+`fits_kept`; the driver logs them once the server is back, or a re-run of the same command does. Per fit, the
+child run costs a fixed, small number of HTTP calls: create_run (with every tag), one log_batch (params + metrics
++ not-applicable reasons), the artifact uploads (audio/pred.flac, plots/spectrogram.png), set_terminated; each
+clip's target adds one upload to the parent run, once per sweep. MLflow's per-run "View run" print (and the extra
+get_run behind it) is off via MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, set by the driver.
 
 Failure handling, from the inside out:
 - a fit that diverges (non-finite loss) is refitted with a fresh seed up to `max_retries` times; if it still
@@ -32,22 +35,21 @@ import dataclasses
 import functools
 import math
 import os
-import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from fewsound import records
-from fewsound.data.audio import peak_normalize, save_audio
+from fewsound.data.audio import flac_bytes, peak_normalize
+from fewsound.device import release_cached_memory
 from fewsound.plan import FitTask, pack_from_config
 from fewsound.records import FitRecord
 from fewsound.storage import storage_root
 from fewsound.tracking import PARENT_TAG, server_health
-from tune.durable import HEALTH_TIMEOUT, LOG_THREADS, client_defaults, replay, runs_by_key
+from tune.durable import HEALTH_TIMEOUT, LOG_THREADS, TARGETS_DIR, client_defaults, replay, replay_targets, runs_by_key
 from tune.spine import (
     ATTEMPTS_TAG,
     FAMILY_TAG,
@@ -58,12 +60,14 @@ from tune.spine import (
     PACK_TAG,
     REASON_TAG,
     SWEEP_TAG,
+    TARGET_AUDIO_TAG,
     tag_filter,
 )
 
 COMMIT_TAG = "mlflow.source.git.commit"
-ARTIFACT_FILES = ("audio/gt.wav", "audio/pred.wav", "plots/spectrogram.png")
-_PLOT_LOCK = threading.Lock()
+# Per fit: the prediction, 16-bit FLAC (quantized: metrics are computed on the float signals before storage), and
+# target | prediction | difference as a palette PNG. The target is stored once per clip and length (TARGET_AUDIO_TAG).
+ARTIFACT_FILES = ("audio/pred.flac", "plots/spectrogram.png")
 INF_DB = 200.0  # PSNR/SNR of an exact reconstruction is +inf; MLflow stores finite floats only
 
 
@@ -78,7 +82,7 @@ class TrialContext:
     tracking_uri: str
     max_retries: int = 1
     curve_every_n_packs: int = 10  # per-step curves only for a sample of fits (the UI slows with thousands)
-    log_artifacts: bool = True  # audio/gt.wav, audio/pred.wav, plots/spectrogram.png per fit
+    log_artifacts: bool = True  # audio/pred.flac, plots/spectrogram.png per fit; each clip's target once
     experiment_id: str | None = None  # resolved once by the driver (None: looked up by name, once per process)
     git_commit: str | None = None  # mlflow.source.git.commit of every child run (resolved once by the driver)
     # Which metrics of fewsound.metrics to compute (None: every metric of the paper that applies to the clip's
@@ -86,6 +90,8 @@ class TrialContext:
     # orchestration. The child runs are logged either way.
     metrics: tuple[str, ...] | None = None
     records: str = ""  # where fit records are kept (fewsound.records); "": storage_root("records") of the worker
+    # evaluate, record and log a pack while the next one fits (tune.trial.overlaps); None: where fits run on a GPU
+    overlap_evaluation: bool | None = None
 
     @property
     def records_root(self) -> str:
@@ -138,13 +144,30 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     (the packed fit() calls, retries included), fit_cpu (their CPU seconds in the fitting thread: all of it with
     one torch thread, and unlike wall time not inflated by whatever shares the core), eval_seconds, eval_cpu,
     record_seconds (writing the records), process_cpu (all threads of the trial's process: the fit, logging,
-    Ray's own threads), log_seconds, seconds (the whole call), start/end (epoch seconds, for concurrency
-    accounting), pid, torch_threads.
+    Ray's own threads; with `overlap` also the next pack's fit), log_seconds, seconds (the whole call), start/end
+    (epoch seconds, for concurrency accounting), fit_start/fit_end and eval_start/eval_end (epoch seconds of the
+    fit phase and of the evaluation), pid, torch_threads.
     """
-    import torch
+    return finish_pack(fit_phase(pack, ctx, pack_index), ctx)
 
-    start = time.time()
-    t0, cpu0 = time.perf_counter(), time.process_time()
+
+@dataclasses.dataclass
+class Fitted:
+    """A pack after its fit (`fit_phase`): what evaluating, recording and logging it (`finish_pack`) need."""
+
+    tasks: list[FitTask]  # the fits computed now (those with a FINISHED record are skipped)
+    earlier: list[FitRecord]  # their FINISHED records, found at the start (a retried trial)
+    clips: np.ndarray | None  # [B, N]
+    results: list[Any]
+    attempts: list[int]
+    pack_index: int
+    pid: str  # pack_id of the whole pack
+    timing: dict[str, float]
+
+
+def fit_phase(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> Fitted:
+    """The resume lookup, loading the clips and the packed fit of one pack."""
+    start, t0, cpu0 = time.time(), time.perf_counter(), time.process_time()
     tasks = pack_from_config(pack)
     pid = pack_id(tasks)
     root = ctx.records_root
@@ -153,42 +176,56 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     tasks = [t for t in tasks if t.key not in done_keys]
     clips = np.stack([load_clip(ctx.corpus, t.clip_id, t.length) for t in tasks]) if tasks else None
     setup_seconds = time.perf_counter() - t0  # the resume lookup and loading the clips
-
     results, attempts, fit_seconds, fit_cpu = _fit_pack(tasks, clips, ctx)
+    timing = {"start": start, "t0": t0, "cpu0": cpu0, "setup_seconds": setup_seconds, "fit_seconds": fit_seconds,
+              "fit_cpu": fit_cpu, "fit_start": start, "fit_end": time.time()}  # fmt: skip
+    return Fitted(tasks, earlier, clips, results, attempts, pack_index, pid, timing)
+
+
+def finish_pack(f: Fitted, ctx: TrialContext) -> dict[str, float]:
+    """Evaluate, record and log the fits of a fitted pack; returns run_pack's result. Safe in a thread other than
+    the one fitting the next pack (nothing here is shared with a fit but the read-only corpus)."""
+    import torch
+
+    tasks, clips, results, pid = f.tasks, f.clips, f.results, f.pid
+    eval_start = time.time()
     t, c = time.perf_counter(), time.thread_time()
     evals, eval_errors = _evaluate(tasks, results, clips, ctx)
     eval_seconds, eval_cpu = time.perf_counter() - t, time.thread_time() - c
+    eval_end = time.time()
 
     t = time.perf_counter()
-    log_curves = pack_index % max(1, ctx.curve_every_n_packs) == 0
+    log_curves = f.pack_index % max(1, ctx.curve_every_n_packs) == 0
+    targets = _put_targets(tasks, results, clips, ctx)
     new = [
         _write_record(
-            task, results[i], evals[i], eval_errors.get(i), clips[i], ctx, pid, attempts[i], curve=log_curves and i == 0
+            task, results[i], evals[i], eval_errors.get(i), targets[i], ctx, pid, f.attempts[i], log_curves and i == 0
         )
         for i, task in enumerate(tasks)
     ]
     record_seconds = time.perf_counter() - t
 
     t = time.perf_counter()
-    unlogged = [r for r in earlier if records.logged_run(root, ctx.sweep, r.key) is None]
+    unlogged = [r for r in f.earlier if records.logged_run(ctx.records_root, ctx.sweep, r.key) is None]
     kept = _log_records(ctx, pid, new + unlogged)
     log_seconds = time.perf_counter() - t
     done = sum(r.status == "FINISHED" for r in new)
+    timing = dict(f.timing)
+    t0, cpu0 = timing.pop("t0"), timing.pop("cpu0")
     return {
         "fits_done": done,
         "fits_failed": len(new) - done,
-        "fits_skipped": len(earlier),
+        "fits_skipped": len(f.earlier),
         "fits_kept": kept,
-        "setup_seconds": setup_seconds,
-        "fit_seconds": fit_seconds,
+        **timing,
         "eval_seconds": eval_seconds,
         "record_seconds": record_seconds,
         "log_seconds": log_seconds,
         "seconds": time.perf_counter() - t0,
-        "fit_cpu": fit_cpu,
         "eval_cpu": eval_cpu,
         "process_cpu": time.process_time() - cpu0,
-        "start": start,
+        "eval_start": eval_start,
+        "eval_end": eval_end,
         "end": time.time(),
         "pid": os.getpid(),
         "torch_threads": torch.get_num_threads(),
@@ -271,23 +308,49 @@ def _write_record(
     r: Any,
     ev: dict | None,
     eval_error: str | None,
-    ref: np.ndarray,
+    target: tuple[str, np.ndarray] | None,
     ctx: TrialContext,
     pid: str,
     attempts: int,
     curve: bool,
 ) -> FitRecord:
     """One fit's record in the sweep's storage, written before anything is logged: FINISHED, or FAILED with the
-    reason (diverged, or its evaluation failed); the audio and spectrogram of a fit that did not diverge."""
+    reason (diverged, or its evaluation failed); for a fit that did not diverge, its prediction's audio and the
+    spectrogram, and a reference to its clip's target (`target`: its name in the sweep's storage, and the audio)."""
     reason = None
     if r.diverged:
         reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts} attempt(s)"
     elif eval_error is not None:
         reason = f"evaluation failed: {eval_error}"
     spec = _run_spec(task, r, ev, ctx, pid, reason, attempts, curve)
+    files = {}
+    if target is not None:
+        files = _artifact_files(task, r, target[1])
+        spec["tags"][TARGET_AUDIO_TAG] = f"{TARGETS_DIR}/{target[0]}"
     rec = FitRecord(key=task.key, sweep=ctx.sweep, reason=reason, **spec)
-    files = _artifact_files(task, r, ref) if ctx.log_artifacts and not r.diverged else {}
     return records.write_record(ctx.records_root, rec, files)
+
+
+def _put_targets(
+    tasks: list[FitTask], results: list[Any], clips: np.ndarray | None, ctx: TrialContext
+) -> list[tuple[str, np.ndarray] | None]:
+    """Each clip's target audio (16-bit FLAC) in the sweep's storage, once per sweep, clip, length and sample rate
+    (fewsound.records.put_target), before the records that reference it. Returns per fit (name, the target [N]),
+    None for a fit that gets no files (diverged, or artifacts off)."""
+    out: list[tuple[str, np.ndarray] | None] = [None] * len(tasks)
+    if not ctx.log_artifacts or clips is None:
+        return out
+    seen = set()
+    for i, t in enumerate(tasks):
+        if results[i].diverged:
+            continue
+        sr = t.cfg.sample_rate
+        name = records.target_name(t.clip_id, t.length, sr)
+        if name not in seen:
+            seen.add(name)
+            records.put_target(ctx.records_root, ctx.sweep, name, functools.partial(flac_bytes, clips[i], sr))
+        out[i] = (name, clips[i])
+    return out
 
 
 def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord]) -> int:
@@ -300,7 +363,9 @@ def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord]) -> int:
     client = _client(ctx.tracking_uri)
     exp_id = ctx.experiment_id or _experiment_id(ctx.tracking_uri, ctx.experiment)
     down = threading.Event()
-    try:
+    targets = {rec.tags[TARGET_AUDIO_TAG].rpartition("/")[2] for rec in recs if TARGET_AUDIO_TAG in rec.tags}
+    try:  # the targets first: a logged fit's reference resolves
+        replay_targets(client, ctx.records_root, ctx.sweep, ctx.parent_run_id, targets)
         runs = runs_by_key(client, exp_id, f"{tag_filter(SWEEP_TAG, ctx.sweep)} and {tag_filter(PACK_TAG, pid)}")
     except Exception:
         return len(recs)
@@ -359,16 +424,16 @@ def _run_spec(
 
 
 def _artifact_files(task: FitTask, r: Any, ref: np.ndarray) -> dict[str, bytes]:
-    """audio/gt.wav, audio/pred.wav and plots/spectrogram.png of one fit, as bytes."""
-    from fewsound.report import save_spectrogram_png
+    """ARTIFACT_FILES of one fit, as bytes: audio/pred.flac (the reconstruction quantized to 16 bits; its metrics
+    were computed before, on the float signal) and plots/spectrogram.png (target | prediction | difference)."""
+    from fewsound.report import spectrogram_png
 
-    with tempfile.TemporaryDirectory() as d:
-        sr = task.cfg.sample_rate
-        save_audio(Path(d) / "audio" / "gt.wav", ref, sr)
-        save_audio(Path(d) / "audio" / "pred.wav", r.reconstruction, sr)
-        with _PLOT_LOCK:  # matplotlib is not thread-safe
-            save_spectrogram_png(Path(d) / "plots" / "spectrogram.png", ref, r.reconstruction, sr, title=task.key)
-        return {rel: (Path(d) / rel).read_bytes() for rel in ARTIFACT_FILES}
+    sr = task.cfg.sample_rate
+    pred = np.asarray(r.reconstruction, dtype=np.float32).reshape(-1)
+    return {
+        "audio/pred.flac": flac_bytes(pred, sr),
+        "plots/spectrogram.png": spectrogram_png(ref, pred, sr, title=task.key),
+    }
 
 
 def _node() -> str:
@@ -383,16 +448,13 @@ def _node() -> str:
 
 
 def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: the trial's packs one after the other, one report per pack once its fits are
-    recorded and logged (or kept).
-
-    Logging a pack in a background thread while the next one fits was measured slower on CPU (2 cores: the
-    tracking server needs the same cores, and the logging thread the fit loop's GIL), so packs log in turn."""
+    """Ray Tune function trainable: the trial's packs (`run_packs`), one report per pack once its fits are
+    recorded and logged (or kept)."""
     import ray
     import ray.tune
     import torch
 
-    from fewsound.device import claim_gpu_share, release_cached_memory
+    from fewsound.device import claim_gpu_share
     from fewsound.fit import resolve_device
     from tune.ray_env import cpu_means_cpu, quiet_exits
 
@@ -408,15 +470,59 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     # where the fits run, as the trial sees it (a 0-GPU trial: "cpu", with CUDA_VISIBLE_DEVICES "")
     extra["device"] = str(resolve_device("auto"))
     extra["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
-    errors = []
-    for pack in config["trial"]["packs"]:
-        try:
-            res = run_pack(pack, ctx, int(pack["index"]))
-        except Exception as e:  # the trial's other packs go on; the trial then fails and Tune retries it
-            errors.append(f"pack {pack['index']}: {type(e).__name__}: {e}")
-            continue
-        finally:
-            release_cached_memory()  # the pack's cached blocks back to the card: a reused process must not grow
-        ray.tune.report(dict(res, pack=int(pack["index"]), **extra))
+    errors = run_packs(config["trial"]["packs"], ctx, lambda res: ray.tune.report(dict(res, **extra)))
     if errors:  # a retry skips every fit that already has a FINISHED record (run_pack looks them up)
         raise RuntimeError("; ".join(errors)[:2000])
+
+
+def overlaps(ctx: TrialContext) -> bool:
+    """Whether a trial evaluates a pack while it fits the next: ctx.overlap_evaluation, by default where the fits
+    run on a GPU (the GPU need not wait for CPU metrics). On CPU the two would share the trial's cores (and the fit
+    loop's GIL), so packs finish in turn there."""
+    if ctx.overlap_evaluation is not None:
+        return ctx.overlap_evaluation
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_packs(packs: list[dict[str, Any]], ctx: TrialContext, report: Any) -> list[str]:
+    """Every pack of a trial: fit (`fit_phase`), then evaluate, record and log (`finish_pack`); `report(result)`
+    per pack, in order, from this thread (result: run_pack's, plus `pack`). With `overlaps(ctx)`, pack k is
+    finished in a background thread while pack k + 1 fits here (at most one pack waits: k is reported before
+    k + 1 is handed over). A pack that raises is skipped; returns those errors (the trial then fails and Tune
+    retries it)."""
+    errors: list[str] = []
+    overlap = overlaps(ctx)
+    pending: tuple[int, Future] | None = None
+
+    def collect() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        index, fut = pending
+        pending = None
+        try:
+            res = fut.result()
+        except Exception as e:
+            errors.append(f"pack {index}: {type(e).__name__}: {e}")
+            return
+        report(dict(res, pack=index))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish-pack") as pool:
+        for pack in packs:
+            index = int(pack["index"])
+            try:
+                fitted = fit_phase(pack, ctx, index)
+            except Exception as e:  # the trial's other packs go on
+                errors.append(f"pack {index}: {type(e).__name__}: {e}")
+                fitted = None
+            collect()  # the previous pack, finished meanwhile
+            release_cached_memory()  # the pack's cached GPU blocks back to the card: a reused process must not grow
+            if fitted is None:
+                continue
+            pending = (index, pool.submit(finish_pack, fitted, ctx))
+            if not overlap:
+                collect()  # wait for it: the next pack fits after
+        collect()
+    return errors

@@ -7,6 +7,7 @@ Every fault of the input raises `AudioError` naming the file and the problem.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,15 @@ def segment(x: np.ndarray, length: int, *, skip: int = 0) -> list[int]:
 def is_silent(x: np.ndarray) -> bool:
     """True when the peak |x| is below SILENCE_PEAK (also for empty x)."""
     return x.size == 0 or float(np.abs(x).max()) < SILENCE_PEAK
+
+
+def flac_bytes(x: np.ndarray, sr: int, subtype: str = "PCM_16") -> bytes:
+    """x [N] float in [-1, 1] (clipped there) -> FLAC file bytes, quantized to `subtype` (PCM_16 or PCM_24): lossless
+    at that bit depth, so what is stored is the signal rounded to it, not the float32 samples."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.asarray(x, dtype=np.float32).reshape(-1), -1.0, 1.0), int(sr), format="FLAC",
+             subtype=subtype)  # fmt: skip
+    return buf.getvalue()
 
 
 def save_audio(path: str | Path, x: np.ndarray, sr: int = DEFAULT_SR, subtype: str = "FLOAT") -> Path:
