@@ -282,8 +282,8 @@ def fit(
     checkpoint_dir: where `fit.pt` is written every `config.checkpoint_every` steps and at the end; with
         `resume`, an existing checkpoint of the same fit (config, seeds, clips) is continued.
     loss_fn: `(pred [B, N], target [B, N]) -> [B]` replacing the paper's loss (e.g. to inject faults in tests, or
-        to watch the predictions, as tune/search/trial.py does). It is called once per step with the whole pack, unless
-        `clips_per_chunk` is given, in which case it is called per chunk with that chunk's clips.
+        to watch the predictions, as tune/search/trial.py does). It is called once per step with the whole pack,
+        unless `clips_per_chunk` is given, in which case it is called per chunk with that chunk's clips.
     clips_per_chunk: clips whose forward/backward run together (gradients of the chunks are accumulated, then one
         optimizer step updates the whole pack). None: automatic (`auto_clips_per_chunk`: on CUDA what the
         process's share of the GPU holds; on the CPU, chunks of about CPU_CHUNK_SAMPLES samples with the paper's
@@ -306,16 +306,9 @@ def fit(
     for p in params.values():
         p.grad = torch.zeros_like(p)  # allocated once: chunks write their slices of it
     optimizer = OPTIMIZERS[config.optimizer](
-        list(params.values()),
-        lr=config.resolved_lr,
-        betas=config.betas,
-        weight_decay=config.resolved_weight_decay,
+        list(params.values()), lr=config.resolved_lr, betas=config.betas, weight_decay=config.resolved_weight_decay
     )
-    chunk = clips_per_chunk or auto_clips_per_chunk(
-        device, n_clips, n_samples, custom_loss=loss_fn is not None, family=config.family
-    )
-    if not (isinstance(chunk, int) and chunk >= 1):
-        raise ConfigError("clips_per_chunk", f"must be a positive integer, got {clips_per_chunk!r}")
+    chunk = _chunk_size(clips_per_chunk, device, n_clips, n_samples, config.family, custom_loss=loss_fn is not None)
     chunks = _Chunks(config, inr, params, buffers, target_cpu.to(device, dtype), chunk, loss_fn)
     pack = _PackState(params, n_clips, device, dtype)
 
@@ -350,6 +343,16 @@ def fit(
     steps_per_s = steps_run / loop_seconds if steps_run and loop_seconds > 0 else float("nan")
     timing = {"steps_per_s": steps_per_s, "seconds": time.perf_counter() - t_start}
     return _results(config, inr, seeds, params, buffers, pack, final, pred, timing)
+
+
+def _chunk_size(
+    clips_per_chunk: int | None, device: torch.device, n_clips: int, n_samples: int, family: str, custom_loss: bool
+) -> int:
+    """`clips_per_chunk`, checked, or the automatic size (auto_clips_per_chunk)."""
+    chunk = clips_per_chunk or auto_clips_per_chunk(device, n_clips, n_samples, custom_loss=custom_loss, family=family)
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ConfigError("clips_per_chunk", f"must be a positive integer, got {clips_per_chunk!r}")
+    return chunk
 
 
 class _Chunks:

@@ -15,6 +15,7 @@ import ast
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,9 +78,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewsound.data.audio import load_audio, peak_normalize, save_audio
-    from fewsound.fit import FitConfig, fit
-    from fewsound.report import save_spectrogram_png
+    from fewsound.fit import fit
+
+    config = _config(args)
+    target = _target(args)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = out / "checkpoint" if (args.checkpoint_every or args.resume) else None
+    print(
+        f"fitting {config.family} ({config.build_inr().num_params():,} params) to {args.clip}: "
+        f"{target.size:,} samples at {args.sr} Hz, {config.steps:,} steps, lr {config.resolved_lr:g}",
+        flush=True,
+    )
+    (result,) = fit(config, target[None], logger=_PrintLogger(), checkpoint_dir=checkpoint_dir, resume=args.resume)
+    metrics = _write_outputs(args, config, target, result)
+    shown = [k for k in ("fit/loss", "eval/mse", "eval/psnr", "eval/si_snr", "eval/pesq") if k in metrics]
+    summary = ", ".join(f"{k.split('/')[-1]} {metrics[k]:.4g}" for k in shown)
+    print(f"{summary}; {result.steps_per_s:.2f} steps/s; wrote {out}")
+    if result.diverged:
+        print(
+            f"error: the fit diverged at step {result.diverged_step} (non-finite loss); outputs are from its last"
+            f" finite weights - try a lower --lr",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    """The FitConfig of the command line; a bad --set key, metric name or length fails here, before any audio."""
+    from fewsound.fit import FitConfig
 
     config = FitConfig(
         family=args.inr,
@@ -98,10 +126,16 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile=args.compile,
     )
-    config.build_inr()  # a bad --set key fails here, before the audio is read
+    config.build_inr()
     _check_metric_names(args.metrics, args.kind)
     if args.length < 0 or args.offset < 0:
         raise ConfigError("--length/--offset", f"must be >= 0, got {args.length}/{args.offset}")
+    return config
+
+
+def _target(args: argparse.Namespace) -> np.ndarray:
+    """The clip at --sr, cut to --offset/--length, peak-normalised: [N] float32."""
+    from fewsound.data.audio import load_audio, peak_normalize
 
     x = load_audio(args.clip, sr=args.sr)
     if args.length:
@@ -114,29 +148,21 @@ def run(args: argparse.Namespace) -> int:
         x = x[args.offset : args.offset + args.length]
     else:
         x = x[args.offset :]
-    target = peak_normalize(x, where=args.clip)
+    return peak_normalize(x, where=args.clip)
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint_dir = out / "checkpoint" if (args.checkpoint_every or args.resume) else None
-    print(
-        f"fitting {config.family} ({config.build_inr().num_params():,} params) to {args.clip}: "
-        f"{target.size:,} samples at {args.sr} Hz, {config.steps:,} steps, lr {config.resolved_lr:g}",
-        flush=True,
-    )
-    (result,) = fit(config, target[None], logger=_PrintLogger(), checkpoint_dir=checkpoint_dir, resume=args.resume)
 
+def _write_outputs(args: argparse.Namespace, config: Any, target: np.ndarray, result: Any) -> dict[str, Any]:
+    """gt.wav, pred.wav, spectrogram.png, params.pt and metrics.json in --out; returns the metrics."""
     import torch
 
+    from fewsound.data.audio import save_audio
+    from fewsound.report import save_spectrogram_png
+
+    out: Path = args.out
     save_audio(out / "gt.wav", target, args.sr)
     save_audio(out / "pred.wav", result.reconstruction, args.sr)
-    save_spectrogram_png(
-        out / "spectrogram.png",
-        target,
-        result.reconstruction,
-        args.sr,
-        title=f"{config.family} - {Path(args.clip).name}",
-    )
+    title = f"{config.family} - {Path(args.clip).name}"
+    save_spectrogram_png(out / "spectrogram.png", target, result.reconstruction, args.sr, title=title)
     torch.save(
         {"family": config.family, "inr": dict(config.inr), "params": result.params, "buffers": result.buffers},
         out / "params.pt",
@@ -155,17 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "fit_key": config.key_hash(),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
-    shown = [k for k in ("fit/loss", "eval/mse", "eval/psnr", "eval/si_snr", "eval/pesq") if k in metrics]
-    summary = ", ".join(f"{k.split('/')[-1]} {metrics[k]:.4g}" for k in shown)
-    print(f"{summary}; {result.steps_per_s:.2f} steps/s; wrote {out}")
-    if result.diverged:
-        print(
-            f"error: the fit diverged at step {result.diverged_step} (non-finite loss); outputs are from its last"
-            f" finite weights - try a lower --lr",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return metrics
 
 
 def quality_metrics(ref: np.ndarray, pred: np.ndarray, sr: int, metrics: str = "all", kind: str = "speech") -> dict:
