@@ -157,15 +157,7 @@ def run_search(
     done_before = len(fitted_trials(study))
     todo = max(0, trials - done_before)
     if progress:
-        print(
-            f"[search_inr] {ctx.name}: {trials} trials of {ctx.steps} steps on {len(ctx.clips)} clips, objective "
-            f"{ctx.objective} ({mode}), budget {max_params or 'none'}; starts from {', '.join(n for n, _ in fitting)}"
-            f"; study {store.uri}"
-            + (f" ({done_before} trials already ended, {todo} to run)" if done_before or interrupted else "")
-            + (f"; {interrupted} trials in flight when it stopped are refitted" if interrupted else "")
-            + f"; MLflow {parent.uri} experiment {ctx.experiment!r}",
-            flush=True,
-        )
+        _print_start(ctx, trials, mode, max_params, fitting, store.uri, done_before, todo, interrupted)
     if todo:
         searcher = StudySearcher(study, families, max_params, metric="objective", mode=mode, on_change=store.sync)
         scheduler = StartPointsRunToEnd(
@@ -211,6 +203,29 @@ def run_search(
     finally:
         lease.release()
     return summary
+
+
+def _print_start(
+    ctx: SearchContext,
+    trials: int,
+    mode: str,
+    max_params: int | None,
+    fitting: list[tuple[str, dict[str, Any]]],
+    study_uri: str,
+    done_before: int,
+    todo: int,
+    interrupted: int,
+) -> None:
+    """The search's first line: what it fits, from where, what is left, where it logs."""
+    print(
+        f"[search_inr] {ctx.name}: {trials} trials of {ctx.steps} steps on {len(ctx.clips)} clips, objective "
+        f"{ctx.objective} ({mode}), budget {max_params or 'none'}; starts from {', '.join(n for n, _ in fitting)}"
+        f"; study {study_uri}"
+        + (f" ({done_before} trials already ended, {todo} to run)" if done_before or interrupted else "")
+        + (f"; {interrupted} trials in flight when it stopped are refitted" if interrupted else "")
+        + f"; MLflow {ctx.tracking_uri} experiment {ctx.experiment!r}",
+        flush=True,
+    )
 
 
 def _fitting_start_points(
