@@ -77,3 +77,14 @@ def test_search_with_heldout_validation_refits_on_unseen_clips_under_the_parent_
     assert [x for x in again.splitlines() if x.startswith("VERDICT: ")] == verdict
     kids2 = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}'", max_results=1000)
     assert len(kids2) == len(kids) and {FIT_KEY_TAG in r.data.tags for r in kids2} == {True, False}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "extra, where",
+    [(["--validate-top", "-1"], "--validate-top"), (["--validate-corpus", "/nonexistent/corpus"], "/nonexistent")],
+)
+def test_bad_validation_options_are_a_one_line_error_before_any_fit(home, capsys, extra, where):
+    assert job("search_inr").main(["--smoke-test", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and where in err[0]
