@@ -1,5 +1,7 @@
-"""The paper's tables, regenerated from per-fit results: mean ± std per row, best in bold, the paper's own numbers
-side by side, as Markdown, LaTeX and CSV.
+"""The paper's tables, regenerated from per-fit results: mean ± std per row with the 95% interval of the mean where
+a row has several clips (fewsound.stats: Student's t), best in bold, the paper's own numbers side by side, as
+Markdown, LaTeX and CSV. A cell reads "2.31 ± 0.40 [2.05, 2.57]": mean ± population std over the clips [95% t
+interval of the mean], so that two rows can be compared at a glance (intervals that do not overlap).
 
 Input rows are flat dicts, one per fit, as the sweeps collect them from MLflow:
     {"label": "KAN", "length": 32768, "eval/mse": 8e-4, "eval/psnr": 39.7, ..., "model/params": 33768}
@@ -55,6 +57,8 @@ class Row:
     params: int | None
     values: dict[str, tuple[float, float]]  # column -> (mean, std) over clips
     paper: dict[str, tuple[float, float | None]]  # column -> the paper's (mean, std), where the protocol matches
+    # column -> the 95% t interval (low, high) of the mean over clips, where the row has 2 or more clips
+    intervals: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -177,13 +181,7 @@ def build_table(
         out_rows = []
         for lab in order:
             clip_rows = labels[lab]
-            values = {}
-            for c, key, _ in COLUMNS:
-                xs = [float(r[key]) for r in clip_rows if key in r and r[key] is not None and math.isfinite(r[key])]
-                if xs:
-                    mean = sum(xs) / len(xs)
-                    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))  # population std over clips
-                    values[c] = (mean, std)
+            values, intervals = _column_values(clip_rows)
             params = next((int(r["model/params"]) for r in clip_rows if r.get("model/params") is not None), None)
             table_id = paper_table.get(length) if isinstance(paper_table, dict) else paper_table
             # the paper's numbers only for its own clip lengths (1.5 s / 3 s), never beside e.g. a smoke test's crops
@@ -192,10 +190,30 @@ def build_table(
             )
             if table_id == 1 and length == 32_768:
                 paper.update(paper_wd(lab))
-            out_rows.append(Row(lab, len(clip_rows), params, values, paper))
+            out_rows.append(Row(lab, len(clip_rows), params, values, paper, intervals))
         name = LENGTH_NAMES.get(length, f"{length} samples")
         groups.append(Group(f"{dataset}, {name}" if dataset else name, columns, out_rows))
     return Table(title, row_header, groups)
+
+
+def _column_values(
+    clip_rows: list[dict[str, Any]],
+) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
+    """({column: (mean, population std)}, {column: 95% t interval of the mean}) over a row's clips (finite
+    values only; an interval where there are 2 or more)."""
+    from fewsound.stats import mean_interval
+
+    values, intervals = {}, {}
+    for c, key, _ in COLUMNS:
+        xs = [float(r[key]) for r in clip_rows if key in r and r[key] is not None and math.isfinite(r[key])]
+        if xs:
+            mean = sum(xs) / len(xs)
+            std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))  # population std over clips
+            values[c] = (mean, std)
+            iv = mean_interval(xs, method="t")
+            if iv.low is not None and iv.high is not None:
+                intervals[c] = (iv.low, iv.high)
+    return values, intervals
 
 
 def _fmt(column: str, v: float) -> str:
@@ -219,6 +237,9 @@ def _cell(row: Row, column: str, bold: bool, latex: bool) -> str:
     else:
         mean, std = row.values[column]
         text = f"{_fmt(column, mean)}{pm}{_fmt(column, std)}"
+        if column in row.intervals:
+            low, high = row.intervals[column]
+            text += f" [{_fmt(column, low)}, {_fmt(column, high)}]"
     if bold:
         text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
     if column in row.paper:
@@ -231,7 +252,9 @@ def to_markdown(table: Table) -> str:
     out = [f"### {table.title}", ""]
     has_paper = any(r.paper for g in table.groups for r in g.rows)
     for g in table.groups:
-        out += [f"**{g.name}**" + (" (paper's value in parentheses)" if has_paper else ""), ""]
+        note = "mean ± std over the n clips [95% t interval of the mean]" if any(r.intervals for r in g.rows) else ""
+        notes = ", ".join(x for x in (note, "paper's value in parentheses" if has_paper else "") if x)
+        out += [f"**{g.name}**" + (f" ({notes})" if notes else ""), ""]
         head = [table.row_header, "# params", "n"] + g.columns
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
@@ -269,12 +292,27 @@ def to_latex(table: Table) -> str:
 def to_csv(table: Table) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["group", table.row_header, "params", "n", "metric", "mean", "std", "paper_mean", "paper_std"])
+    w.writerow(
+        [
+            "group",
+            table.row_header,
+            "params",
+            "n",
+            "metric",
+            "mean",
+            "std",
+            "paper_mean",
+            "paper_std",
+            "ci_low",
+            "ci_high",
+        ]
+    )
     for g in table.groups:
         for r in g.rows:
             for c in g.columns:
                 if c in r.values:
                     pm, ps = r.paper.get(c, (None, None))
+                    iv = r.intervals.get(c)
                     w.writerow(
                         [
                             g.name,
@@ -286,6 +324,8 @@ def to_csv(table: Table) -> str:
                             repr(r.values[c][1]),
                             "" if pm is None else pm,
                             "" if ps is None else ps,
+                            "" if iv is None else repr(iv[0]),
+                            "" if iv is None else repr(iv[1]),
                         ]
                     )
     return buf.getvalue()

@@ -4,6 +4,7 @@ starting from the paper's configuration, resumable.
     python jobs/search_inr.py --family kan --max-params 34000 --trials 200 --objective pesq
     python jobs/search_inr.py --family any --max-params 34000 --trials 300        # the best INR of any family
     python jobs/search_inr.py --family kan --start-from grid_size=16,widths=64x32x16 --trials 100
+    python jobs/search_inr.py --family kan --trials 30 --steps 100 --clips 2 --length 0.75 --validate-top 3
     python jobs/search_inr.py --smoke-test
 
 The paper's configuration of each family (and every --start-from configuration) is fitted first, as a trial that
@@ -13,6 +14,14 @@ Each trial fits one configuration on a small pack of clips and reports the objec
 ASHA stops the poor ones. The study lives in the sweep's storage ($FEWSOUND_STORAGE or $FEWSOUND_HOME): running
 the same command again after an interruption continues it. Results: one MLflow parent run (comparison, every
 trial, importances, plots, the listening page report/listen.html), one child run per trial.
+
+Held-out validation (--validate, or any --validate-* option): after the trials, every start point and the
+--validate-top best trials are refitted on clips no trial used (the same corpus minus the searched clips and
+their recordings; on the built-in corpus its 10-clips-per-voice protocol, builtin:inr-1.5s-x10, for more clips;
+or --validate-corpus), at the search's steps and length or --validate-steps/--validate-length, as child runs
+of the search's parent (a re-run skips finished refits). The output ends with each configuration's mean and 95%
+interval per metric, a Wilcoxon signed-rank test of each against the paper's configuration on the same clips
+(Holm-corrected), and the verdict: whether the winner beats the paper's configuration on held-out clips.
 """
 
 from __future__ import annotations
@@ -79,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--experiment", default=None, help="MLflow experiment (default: search_inr-<family>)")
     add("--listen-clips", type=int, default=None, help="clips on the listening page (default: up to 4; 0: none)")
     add("--smoke-test", action="store_true", help="6 trials (unless --trials) of 8 steps on a 0.74 s clip: a minute")
+    _add_validation_arguments(p)
     args = p.parse_args(argv)
     if args.smoke_test:
         args.steps, args.chunks, args.clips = 8, 4, "1"
@@ -122,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=args.concurrency,
             address=args.address,
             gpu_fraction=args.gpu_fraction,
+            validate=_validation(args, length),
         )
     except FewsoundError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -133,7 +144,62 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.comparison_markdown)
     print(f"search took {summary.seconds:.1f} s")
     print(f"MLflow UI: {summary.ui_url}  (experiment {summary.experiment!r}, parent run {summary.parent_run_id})")
+    if summary.heldout is not None:
+        _print_heldout(summary.heldout)
     return 0 if summary.best else 1
+
+
+def _add_validation_arguments(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument
+    add("--validate", action="store_true", help="refit the best trials and the start points on held-out clips")
+    add(
+        "--validate-top",
+        type=int,
+        default=None,
+        metavar="K",
+        help="best trials refitted on held-out clips beside the start points (default 3; implies --validate)",
+    )
+    add("--validate-corpus", default=None, help="held-out clips from this corpus (folder, URI, builtin:<protocol>; "
+        "default: the search's corpus; the built-in corpus: builtin:inr-1.5s-x10)")  # fmt: skip
+    add("--validate-clips", type=positive_int, default=None, help="held-out clips (default: every one)")
+    add("--validate-steps", type=positive_int, default=None, help="steps of the refits (default: the search's)")
+    add("--validate-length", default=None, choices=sorted(LENGTHS), help="refits' clip length in seconds (default: "
+        "the search's)")  # fmt: skip
+    add("--validate-seed", type=int, default=0, help="seed of the held-out clips drawn (default: 0)")
+    add(
+        "--validate-interval", default="t", choices=["t", "bootstrap"], help="95%% interval: t or bootstrap (default t)"
+    )
+
+
+def _validation(args: argparse.Namespace, length: int):
+    """The held-out validation the options ask for (tune.search.heldout.HeldOut), or None."""
+    from tune.search.heldout import HeldOut
+
+    named = [args.validate_top, args.validate_corpus, args.validate_clips, args.validate_steps, args.validate_length]
+    if not args.validate and all(x is None for x in named):
+        return None
+    if args.validate_top is not None and args.validate_top < 0:
+        raise ConfigError("--validate-top", f"need >= 0; got {args.validate_top}")
+    vlength = LENGTHS[args.validate_length] if args.validate_length else length
+    corpus = args.validate_corpus
+    if corpus is None and args.corpus is None and vlength <= LENGTHS["1.5"]:
+        corpus = "builtin:inr-1.5s-x10"  # the built-in corpus cut 10 clips per voice: more held-out clips
+    corpus = resolve_corpus(corpus if corpus is not None else args.corpus, vlength)
+    top = 3 if args.validate_top is None else args.validate_top
+    return HeldOut(top, corpus, args.validate_clips, args.validate_steps, vlength, args.validate_seed,
+                   args.validate_interval)  # fmt: skip
+
+
+def _print_heldout(h) -> None:
+    """The held-out table and, last, the verdict in words."""
+    print()
+    print(f"held-out clips: {h.note}")
+    if h.failed:
+        print(f"{h.failed} refits failed (their runs say why)")
+    if h.markdown:
+        print(h.markdown)
+    print(f"held-out validation on the parent run: {', '.join(h.artifacts) or 'none'}")
+    print(h.verdict)
 
 
 if __name__ == "__main__":

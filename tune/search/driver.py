@@ -26,6 +26,9 @@ with ASHA early stopping, that starts from the paper's configuration and survive
   every chunk, final metrics, and for trials that ran every step each clip's audio and spectrogram); a trial
   ASHA stopped ends KILLED with the step it reached. The parent gets the comparison with the start points, every
   trial as CSV, the importances and plots (tune.search.report) and the listening page.
+- Held-out validation (`validate`, tune.search.heldout): after the trials, the start points and the best trials
+  are refitted on clips no trial used, as a sweep of child runs of the same parent (resumable by fit key), and
+  compared with the paper's configuration clip by clip: intervals, Wilcoxon tests, a verdict.
 """
 
 from __future__ import annotations
@@ -60,8 +63,9 @@ from tune.ray_env import (
     trial_resources,
     trial_slots,
 )
+from tune.search.heldout import HeldOut, validate_search
 from tune.search.report import finish_parent
-from tune.search.results import PAPER, SearchContext, SearchSpec, SearchSummary, summarize_study
+from tune.search.results import PAPER, SearchContext, SearchSpec, SearchSummary, summarize_study, trial_row
 from tune.search.study import (
     StartPointsRunToEnd,
     StudySearcher,
@@ -127,9 +131,12 @@ def run_search(
     gpu_fraction: float = 0.25,
     listen_clips: int | None = None,
     progress: bool = True,
+    validate: HeldOut | None = None,
 ) -> SearchSummary:
     """Run (or resume) the search described by `spec` (a SearchSpec, or its fields by keyword). concurrency: most
-    trials at once (None: as many as the cluster runs, tune.ray_env)."""
+    trials at once (None: as many as the cluster runs, tune.ray_env). validate: after the trials, refit the best
+    configurations and the start points on held-out clips and compare them with the paper's configuration
+    (tune.search.heldout; the outcome is `summary.heldout`)."""
     spec = SearchSpec.of(spec)
     _check_search(spec, trials, max_params)
     families = list(spec.families)
@@ -150,15 +157,7 @@ def run_search(
     done_before = len(fitted_trials(study))
     todo = max(0, trials - done_before)
     if progress:
-        print(
-            f"[search_inr] {ctx.name}: {trials} trials of {ctx.steps} steps on {len(ctx.clips)} clips, objective "
-            f"{ctx.objective} ({mode}), budget {max_params or 'none'}; starts from {', '.join(n for n, _ in fitting)}"
-            f"; study {store.uri}"
-            + (f" ({done_before} trials already ended, {todo} to run)" if done_before or interrupted else "")
-            + (f"; {interrupted} trials in flight when it stopped are refitted" if interrupted else "")
-            + f"; MLflow {parent.uri} experiment {ctx.experiment!r}",
-            flush=True,
-        )
+        _print_start(ctx, trials, mode, max_params, fitting, store.uri, done_before, todo, interrupted)
     if todo:
         searcher = StudySearcher(study, families, max_params, metric="objective", mode=mode, on_change=store.sync)
         scheduler = StartPointsRunToEnd(
@@ -196,8 +195,37 @@ def run_search(
     summary = summarize_study(study, parent, ctx, mode, done_before, t0)
     summary.experiment_id = parent.experiment_id
     finish_parent(parent, study, summary, ctx, max_params, listen_clips)
-    lease.release()
+    try:
+        if validate is not None and summary.best:
+            rows = [trial_row(t) for t in fitted_trials(study)]
+            run = dict(address=address, gpu_fraction=gpu_fraction, concurrency=concurrency, progress=progress)
+            summary.heldout = validate_search(summary, rows, ctx, validate, validate.corpus or ctx.corpus, **run)
+    finally:
+        lease.release()
     return summary
+
+
+def _print_start(
+    ctx: SearchContext,
+    trials: int,
+    mode: str,
+    max_params: int | None,
+    fitting: list[tuple[str, dict[str, Any]]],
+    study_uri: str,
+    done_before: int,
+    todo: int,
+    interrupted: int,
+) -> None:
+    """The search's first line: what it fits, from where, what is left, where it logs."""
+    print(
+        f"[search_inr] {ctx.name}: {trials} trials of {ctx.steps} steps on {len(ctx.clips)} clips, objective "
+        f"{ctx.objective} ({mode}), budget {max_params or 'none'}; starts from {', '.join(n for n, _ in fitting)}"
+        f"; study {study_uri}"
+        + (f" ({done_before} trials already ended, {todo} to run)" if done_before or interrupted else "")
+        + (f"; {interrupted} trials in flight when it stopped are refitted" if interrupted else "")
+        + f"; MLflow {ctx.tracking_uri} experiment {ctx.experiment!r}",
+        flush=True,
+    )
 
 
 def _fitting_start_points(

@@ -106,6 +106,7 @@ class SearchSummary:
     seconds: float
     artifacts: list[str] = dataclasses.field(default_factory=list)  # what the parent run got
     importances: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # evaluator -> param -> share
+    heldout: Any = None  # tune.search.heldout.HeldOutResult when the search was validated on held-out clips
 
     experiment_id: str | None = None
 

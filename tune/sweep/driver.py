@@ -94,6 +94,7 @@ def run_sweep(
     trials_per_slot: int | None = 4,
     listen_clips: int | None = None,
     max_concurrent: int | None = None,
+    parent_run_id: str | None = None,
 ) -> SweepSummary:
     """Run every fit of `tasks` not already finished in MLflow. See the module docstring.
 
@@ -110,13 +111,16 @@ def run_sweep(
     metrics: the metrics to compute (None: all that apply; see TrialContext.metrics). log_artifacts: audio and
     spectrogram per fit (benchmarks turn both down to isolate orchestration; the child runs are logged anyway).
     listen_clips: clips on the parent run's listening page, report/listen.html (tune.report; None: a few, 0: none).
+    parent_run_id: an existing run of `experiment` to log the fits under instead of the sweep's own parent run
+    (e.g. a search's parent, whose held-out refits are a sweep): it is reopened (RUNNING), gets the sweep's tables,
+    plots and metrics, and is ended as the sweep ends its own parent.
     """
     check_arguments(name, tasks, gpu_fraction, pack_size, max_retries, trial_failures, trials_per_slot, max_concurrent)
     quiet_defaults()
     client_defaults()  # MLflow's client fails fast: a driver that waits on a dead server reports it in one line
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    s = _open(name, tasks, experiment or name, progress)  # 1.
+    s = _open(name, tasks, experiment or name, progress, parent_run_id)  # 1.
     timings["mlflow_setup"] = time.perf_counter() - t0
 
     t = time.perf_counter()  # 2.
@@ -182,7 +186,7 @@ class _Opened:
     replayed: int = 0
 
 
-def _open(name: str, tasks: list[FitTask], experiment: str, progress: bool) -> _Opened:
+def _open(name: str, tasks: list[FitTask], experiment: str, progress: bool, parent_run_id: str | None) -> _Opened:
     """Step 1: the tracking server answers (tune.durable), this driver holds the sweep's lease (a second driver is
     refused, tune.lease), the parent run is open, kept records are logged and `todo` lists the fits left."""
     uri, sid = tracking_uri(), sweep_id(name, tasks)
@@ -190,7 +194,11 @@ def _open(name: str, tasks: list[FitTask], experiment: str, progress: bool) -> _
     with watch.guard():
         watch.ensure()
         lease = take_lease(uri, experiment, sid)
-        parent = _open_parent(experiment, uri, sid, name, len(tasks))
+        if parent_run_id is None:
+            parent = _open_parent(experiment, uri, sid, name, len(tasks))
+        else:  # an existing run (a search's parent): reopened
+            parent = MlflowRun(experiment, uri=uri, run_id=parent_run_id)
+            parent.client.update_run(parent_run_id, status="RUNNING")
         s = _Opened(name, tasks, experiment, sid, uri, watch, lease, parent, progress)
         finished, s.replayed = _log_kept_records(s, tasks)
         s.todo = [t for t in tasks if t.key not in finished]
