@@ -4,6 +4,8 @@ driver.py   run_search: open/reopen the parent, the study, the Tune run, stop on
 trial.py    one trial: a configuration fitted on the search's clips, scored after every chunk, one child run
 study.py    the Optuna study stored as a journal (resumable), the searcher and the scheduler Tune drives
 results.py  what a search is (SearchContext) and what it found (SearchSummary, the comparison table)
+progress.py what it prints: its first line and one line per ended trial
+heldout.py  the winner and the start points refitted on held-out clips, with intervals and a paired test
 report.py   what the parent run gets: comparison, every trial as CSV, importances, plots, listening page
 """
 

@@ -64,6 +64,7 @@ from tune.ray_env import (
     trial_slots,
 )
 from tune.search.heldout import HeldOut, validate_search
+from tune.search.progress import SearchProgress, print_start
 from tune.search.report import finish_parent
 from tune.search.results import PAPER, SearchContext, SearchSpec, SearchSummary, summarize_study, trial_row
 from tune.search.study import (
@@ -84,8 +85,6 @@ from tune.spine import (
     TRIALS_TAG,
     StopOnSignal,
     children_filter,
-    eta_seconds,
-    fmt_duration,
     mark_stale,
     open_keyed_run,
     search_runs,
@@ -157,7 +156,7 @@ def run_search(
     done_before = len(fitted_trials(study))
     todo = max(0, trials - done_before)
     if progress:
-        _print_start(ctx, trials, mode, max_params, fitting, store.uri, done_before, todo, interrupted)
+        print_start(ctx, trials, mode, max_params, fitting, store.uri, done_before, todo, interrupted)
     if todo:
         searcher = StudySearcher(study, families, max_params, metric="objective", mode=mode, on_change=store.sync)
         scheduler = StartPointsRunToEnd(
@@ -182,15 +181,7 @@ def run_search(
             )
         _close_dead_trials(grid, parent)
         if stop.signal is not None:
-            store.sync()
-            lease.release()
-            parent.end("KILLED")
-            ended = len(fitted_trials(study))
-            raise Stopped(
-                stop.signal,
-                f"{ended} of {trials} trials ended ({ended - done_before} in this run); re-run the same command to "
-                f"continue the same study ({store.uri}): ended trials are not refitted",
-            )
+            _stopped(stop.signal, store, study, lease, parent, trials, done_before)
     store.sync()
     summary = summarize_study(study, parent, ctx, mode, done_before, t0)
     summary.experiment_id = parent.experiment_id
@@ -205,26 +196,17 @@ def run_search(
     return summary
 
 
-def _print_start(
-    ctx: SearchContext,
-    trials: int,
-    mode: str,
-    max_params: int | None,
-    fitting: list[tuple[str, dict[str, Any]]],
-    study_uri: str,
-    done_before: int,
-    todo: int,
-    interrupted: int,
-) -> None:
-    """The search's first line: what it fits, from where, what is left, where it logs."""
-    print(
-        f"[search_inr] {ctx.name}: {trials} trials of {ctx.steps} steps on {len(ctx.clips)} clips, objective "
-        f"{ctx.objective} ({mode}), budget {max_params or 'none'}; starts from {', '.join(n for n, _ in fitting)}"
-        f"; study {study_uri}"
-        + (f" ({done_before} trials already ended, {todo} to run)" if done_before or interrupted else "")
-        + (f"; {interrupted} trials in flight when it stopped are refitted" if interrupted else "")
-        + f"; MLflow {ctx.tracking_uri} experiment {ctx.experiment!r}",
-        flush=True,
+def _stopped(signum: int, store: Any, study: Any, lease: Any, parent: MlflowRun, trials: int, before: int) -> None:
+    """After SIGINT/SIGTERM stopped the trials: the study synced, the lease released, the parent KILLED; raises
+    Stopped with what ended (a re-run continues the same study)."""
+    store.sync()
+    lease.release()
+    parent.end("KILLED")
+    ended = len(fitted_trials(study))
+    raise Stopped(
+        signum,
+        f"{ended} of {trials} trials ended ({ended - before} in this run); re-run the same command to "
+        f"continue the same study ({store.uri}): ended trials are not refitted",
     )
 
 
@@ -376,32 +358,3 @@ def _mark_stale(parent: MlflowRun) -> None:
     """Child runs a killed driver left RUNNING: KILLED (their trials are refitted)."""
     why = {STOPPED_TAG: "interrupted (the driver was killed)"}
     mark_stale(parent.client, parent.experiment_id, children_filter(parent.run_id), tags=why)
-
-
-class SearchProgress(tune.Callback):
-    """One line per ended trial: done / stopped early / remaining / best so far / ETA."""
-
-    def __init__(self, total: int, before: int, mode: str, t0: float):
-        self.total, self.before, self.mode, self.t0 = total, before, mode, t0
-        self.ended = self.stopped = 0
-        self.best = None
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.ended += 1
-        r = trial.last_result or {}
-        if r.get("final") != 1:
-            self.stopped += 1
-        elif self.best is None or (r["objective"] > self.best if self.mode == "max" else r["objective"] < self.best):
-            self.best = r["objective"]
-        elapsed = time.perf_counter() - self.t0
-        done = self.before + self.ended
-        eta = eta_seconds(self.ended, self.total - self.before, elapsed)
-        print(
-            f"[search_inr] trials done {done}/{self.total}  stopped early {self.stopped}  remaining "
-            f"{self.total - done}  best now {self.best if self.best is None else f'{self.best:.4g}'}  "
-            f"ETA {fmt_duration(eta)}",
-            flush=True,
-        )
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.on_trial_complete(iteration, trials, trial)

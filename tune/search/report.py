@@ -188,7 +188,6 @@ def finish_parent(
     listen_clips: int | None = None,
 ) -> None:
     """Log the search's outcome on its parent run and end it (FINISHED when some trial ran every step)."""
-    from fewsound.tables import rows_to_csv
     from tune.report import log_listen_page
 
     rows = [trial_row(t) for t in fitted_trials(study)]
@@ -210,6 +209,39 @@ def finish_parent(
         parent.set_tags({BEST_RUN_TAG: s.best["mlflow_run_id"], BEST_TRIAL_TAG: s.best["number"]})
     imp, why = importances(study)
     s.importances = imp
+    s.artifacts = _log_search_files(parent, study, s, ctx, max_params, rows, imp, why)
+    page = listen_rows(s, rows, ctx)
+    order = list(dict.fromkeys(r["label"] for r in page))
+    log_listen_page(
+        parent.uri,
+        parent.run_id,
+        page,
+        {
+            "title": f"search {ctx.name}: start points and best trials",
+            "row_header": "configuration",
+            "label_order": order,
+        },
+        listen_clips,
+    )
+    if page and (listen_clips is None or listen_clips > 0):
+        s.artifacts.append("report/listen.html")
+    parent.end("FINISHED" if s.best else "FAILED")
+
+
+def _log_search_files(
+    parent: MlflowRun,
+    study: optuna.Study,
+    s: SearchSummary,
+    ctx: SearchContext,
+    max_params: int | None,
+    rows: list[dict[str, Any]],
+    imp: dict[str, dict[str, float]],
+    why: dict[str, str],
+) -> list[str]:
+    """search/ on the parent run: the comparison, every trial and rejected suggestion as CSV, the best
+    configuration, the importances and the plots. Returns the artifact paths."""
+    from fewsound.tables import rows_to_csv
+
     rejected = [
         dict(json.loads(t.user_attrs.get("point", "{}")), num_params=t.user_attrs.get("num_params"))
         for t in study.get_trials(deepcopy=False)
@@ -248,20 +280,4 @@ def finish_parent(
         if n_complete >= 2:
             _plots(study, imp, out / "plots")
         parent.log_artifact(out, "search")
-        s.artifacts = sorted(f"search/{p.relative_to(out)}" for p in out.rglob("*") if p.is_file())
-    page = listen_rows(s, rows, ctx)
-    order = list(dict.fromkeys(r["label"] for r in page))
-    log_listen_page(
-        parent.uri,
-        parent.run_id,
-        page,
-        {
-            "title": f"search {ctx.name}: start points and best trials",
-            "row_header": "configuration",
-            "label_order": order,
-        },
-        listen_clips,
-    )
-    if page and (listen_clips is None or listen_clips > 0):
-        s.artifacts.append("report/listen.html")
-    parent.end("FINISHED" if s.best else "FAILED")
+        return sorted(f"search/{p.relative_to(out)}" for p in out.rglob("*") if p.is_file())

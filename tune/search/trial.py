@@ -97,41 +97,13 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, report: Callabl
     """Fit one point (fewsound.search_space: family, knobs, widths) on the context's clips; log a child run;
     report the objective after every chunk. report: called with each intermediate result (ray.tune.report in a
     trial); ASHA may end the trial inside it. Returns the final result."""
-    from fewsound.config import flatten
     from fewsound.fit import fit
     from fewsound.metrics import to_mlflow
     from tune.trial import load_clip
 
-    family, start = params["family"], params.get(START_KEY)
-    point = {k: v for k, v in params.items() if k not in (START_KEY, NUMBER_KEY)}
-    cfg = to_fit_config(family, point, ctx.steps, ctx.seed, log_every=ctx.chunk_steps)
-    label = start_label(start, ctx.families) if start else None
-    run = MlflowRun(
-        ctx.experiment,
-        uri=ctx.tracking_uri,
-        run_name=label or (f"trial-{tune.get_context().get_trial_id()}" if report else None),
-        parent_run_id=ctx.parent_run_id,
-        tags={
-            ROLE_TAG: "start_point" if start else "trial",
-            FAMILY_TAG: family,
-            LABEL_TAG: label or "trial",
-            **({START_POINT_TAG: start} if start else {}),
-            **({TRIAL_TAG: params[NUMBER_KEY]} if NUMBER_KEY in params else {}),
-        },
-    )
+    cfg = to_fit_config(params["family"], _point(params), ctx.steps, ctx.seed, log_every=ctx.chunk_steps)
+    run = _trial_run(params, cfg, ctx, reporting=report is not None)
     n_params = cfg.build_inr().num_params()
-    run.log_params(
-        {
-            **{f"search.{k}": v for k, v in point.items()},
-            **{f"fit.{k}": v for k, v in flatten(cfg).items()},
-            "fit.lr_resolved": cfg.resolved_lr,
-            "clips": ",".join(ctx.clips),
-            "clip.length": ctx.length,
-            "clip.kind": ctx.kind,
-            "objective": ctx.objective,
-            "family": family,
-        }
-    )
     run.log_metrics({"model/params": n_params})
     clips = np.stack([load_clip(ctx.corpus, c, ctx.length) for c in ctx.clips])
     watch = _Watch(cfg)
@@ -182,6 +154,46 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, report: Callabl
     if report is not None:
         report(out)
     return out
+
+
+def _point(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's configuration: its params less the study's bookkeeping (start-point name, trial number)."""
+    return {k: v for k, v in params.items() if k not in (START_KEY, NUMBER_KEY)}
+
+
+def _trial_run(params: dict[str, Any], cfg: Any, ctx: SearchContext, *, reporting: bool) -> MlflowRun:
+    """The trial's child run of the search's parent, tagged (role, family, label, start point, Optuna trial) and
+    with its params (the point, the fit config, the clips and the objective)."""
+    from fewsound.config import flatten
+
+    family, start = params["family"], params.get(START_KEY)
+    label = start_label(start, ctx.families) if start else None
+    run = MlflowRun(
+        ctx.experiment,
+        uri=ctx.tracking_uri,
+        run_name=label or (f"trial-{tune.get_context().get_trial_id()}" if reporting else None),
+        parent_run_id=ctx.parent_run_id,
+        tags={
+            ROLE_TAG: "start_point" if start else "trial",
+            FAMILY_TAG: family,
+            LABEL_TAG: label or "trial",
+            **({START_POINT_TAG: start} if start else {}),
+            **({TRIAL_TAG: params[NUMBER_KEY]} if NUMBER_KEY in params else {}),
+        },
+    )
+    run.log_params(
+        {
+            **{f"search.{k}": v for k, v in _point(params).items()},
+            **{f"fit.{k}": v for k, v in flatten(cfg).items()},
+            "fit.lr_resolved": cfg.resolved_lr,
+            "clips": ",".join(ctx.clips),
+            "clip.length": ctx.length,
+            "clip.kind": ctx.kind,
+            "objective": ctx.objective,
+            "family": family,
+        }
+    )
+    return run
 
 
 def search_trainable(config: dict[str, Any], ctx: SearchContext) -> None:

@@ -126,20 +126,7 @@ def run_sweep(
     t = time.perf_counter()  # 2.
     plan = plan_sweep(init_ray(address, num_cpus=num_cpus, num_gpus=num_gpus), gpu_fraction, max_concurrent)
     timings["ray_init"] = time.perf_counter() - t
-    ctx = TrialContext(
-        corpus=corpus_location(corpus),  # a URI or a name every node resolves, never a relative path
-        experiment=s.experiment,
-        parent_run_id=s.parent.run_id,
-        sweep=s.sid,
-        tracking_uri=s.uri,
-        max_retries=max_retries,
-        curve_every_n_packs=curve_every_n_packs,
-        log_artifacts=log_artifacts,
-        experiment_id=s.parent.experiment_id,
-        git_commit=git_commit(),
-        metrics=tuple(metrics) if metrics is not None else None,
-        records=s.watch.root,
-    )
+    ctx = _trial_context(s, corpus, max_retries, curve_every_n_packs, log_artifacts, metrics)
     bundles_per_tune = None if trials_per_slot is None else plan.slots * trials_per_slot
     if progress:
         print(f"[{name}] {plan.describe()}", flush=True)
@@ -152,10 +139,7 @@ def run_sweep(
         )
     timings["tune"] = time.perf_counter() - t
     if stop.signal is not None:
-        s.lease.release()
-        if s.watch.answers():  # log what the trials computed, without waiting on a server that is down
-            _log_kept_records(s, s.todo, after_tune=True)
-        _stopped(name, stop.signal, tasks, s.todo, s.parent, t0)
+        _stopped(s, stop.signal, t0)
 
     t = time.perf_counter()
     with s.watch.guard():  # 4.
@@ -324,9 +308,39 @@ def _summarize(
     return summary
 
 
-def _stopped(name: str, signum: int, tasks: list[FitTask], todo: list[FitTask], parent: MlflowRun, t0: float) -> None:
-    """After a signal stopped the trials: runs they left RUNNING end KILLED, so does the parent; raise Stopped
-    with what finished (nothing stopped is recorded FAILED: a re-run fits it)."""
+def _trial_context(
+    s: _Opened,
+    corpus: str | Path,
+    max_retries: int,
+    curve_every_n_packs: int,
+    log_artifacts: bool,
+    metrics: tuple[str, ...] | None,
+) -> TrialContext:
+    """What every trial of the sweep is handed besides its packs."""
+    return TrialContext(
+        corpus=corpus_location(corpus),  # a URI or a name every node resolves, never a relative path
+        experiment=s.experiment,
+        parent_run_id=s.parent.run_id,
+        sweep=s.sid,
+        tracking_uri=s.uri,
+        max_retries=max_retries,
+        curve_every_n_packs=curve_every_n_packs,
+        log_artifacts=log_artifacts,
+        experiment_id=s.parent.experiment_id,
+        git_commit=git_commit(),
+        metrics=tuple(metrics) if metrics is not None else None,
+        records=s.watch.root,
+    )
+
+
+def _stopped(s: _Opened, signum: int, t0: float) -> None:
+    """After a signal stopped the trials: what they computed is logged (unless the server is down), runs they left
+    RUNNING end KILLED, so does the parent; raise Stopped with what finished (nothing stopped is recorded FAILED:
+    a re-run fits it)."""
+    s.lease.release()
+    if s.watch.answers():  # log what the trials computed, without waiting on a server that is down
+        _log_kept_records(s, s.todo, after_tune=True)
+    tasks, todo, parent = s.tasks, s.todo, s.parent
     client = parent.client
     todo_keys = {t.key for t in todo}
     _mark_stale(client, parent.experiment_id, todo_keys)
