@@ -35,6 +35,7 @@ its files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -178,6 +179,12 @@ def release_files(root: str, sweep: str, key: str, files: list[str]) -> None:
     where = storage.join(record_dir(root, sweep, key), ARTIFACTS)
     for rel in files:
         storage.delete(storage.join(where, rel))
+    if storage.is_local(where) and not storage.is_uri(where):  # and the folders they leave empty (object stores
+        folders = {Path(where, rel).parent for rel in files}  # have none)
+        for folder in sorted(folders | {f for d in folders for f in d.parents}, key=lambda p: -len(p.parts)):
+            if folder == Path(where) or Path(where) in folder.parents:
+                with contextlib.suppress(OSError):  # not empty, or gone
+                    folder.rmdir()
 
 
 # --- a clip's target audio: once per sweep, clip, length and sample rate ----------------------------------------

@@ -130,6 +130,10 @@ def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, 
     assert back.read_bytes() == files["audio/gt.wav"]
     # one durable copy: the run holds the files now, the record keeps its JSON (what the run shows, which run)
     assert not storage.exists(storage.join(a_files, "audio", "gt.wav"))
+    assert sorted(p.name for p in Path(records.record_dir(root, sweep, "a")).iterdir()) == [
+        "logged.json",
+        "record.json",
+    ]
     assert records.read_record(root, sweep, "a").artifacts == sorted(files)  # type: ignore[union-attr]
     assert records.logged_run(root, sweep, "a") == a.info.run_id
     assert [m.value for m in client.get_metric_history(a.info.run_id, "fit/loss_curve")] == [1.0, 0.5]
