@@ -112,6 +112,51 @@ def test_resume_continues_the_checkpoint(speech_wav, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["fit/loss"] == first["fit/loss"]
 
 
+def _logged_losses(stdout: str) -> dict[int, str]:
+    """step -> the loss as printed, from the command's `step N  loss L` lines."""
+    return {int(line.split()[1]): line.split()[3] for line in stdout.splitlines() if line.startswith("step ")}
+
+
+def test_a_fit_killed_mid_run_resumes_from_its_last_checkpoint(speech_wav, tmp_path, capsys):
+    """A real `fewsound fit` process SIGKILLed after its first checkpoint: `--resume` runs only the steps after the
+    checkpoint's, its loss curve goes on as the uninterrupted fit's does, and it ends where that fit ends."""
+    import signal
+
+    import torch
+
+    steps, every = 12, 3
+    common = [speech_wav, "--inr", "kan", "--steps", steps, "--length", "4096", "--metrics", "mse",
+              "--checkpoint-every", every, "--log-every", "1"]  # fmt: skip
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fewsound", "fit", *map(str, common), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # the step after the first checkpoint has run: that checkpoint is on disk
+            seen.append(line)
+            if line.startswith("step ") and int(line.split()[1]) > every:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert not (out / "metrics.json").exists()  # killed mid-run
+    at = torch.load(out / "checkpoint" / "fit.pt", weights_only=True)["step"]
+    assert every <= at < steps and at % every == 0, at
+
+    code, stdout, stderr = run_main(capsys, *common, "--out", out, "--resume")
+    assert code == 0, stderr
+    resumed = _logged_losses(stdout)
+    assert sorted(resumed) == list(range(at + 1, steps + 1))  # went on from the checkpoint's step, not step 1
+    code, full_stdout, _ = run_main(capsys, *common, "--out", tmp_path / "full")  # never interrupted
+    assert code == 0
+    full = _logged_losses(full_stdout)
+    assert {s: full[s] for s in resumed} == resumed  # the same curve from the checkpoint on
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "full"))
+    assert a["fit/loss"] == b["fit/loss"] and a["eval/mse"] == b["eval/mse"] and a["fit/steps"] == steps
+
+
 def test_precision_and_compile_flags(speech_wav, tmp_path, capsys, monkeypatch):
     """--precision bf16 and --compile reach the fit (dynamo's "eager" backend: the real tracing, no C++ build)."""
     import torch
