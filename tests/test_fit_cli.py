@@ -85,33 +85,6 @@ def test_fit_round_trip(speech_wav, tmp_path):
     assert (out / "spectrogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resume_continues_the_checkpoint(speech_wav, tmp_path, capsys):
-    out = tmp_path / "out"
-    common = [
-        speech_wav,
-        "--inr",
-        "kan",
-        "--steps",
-        "6",
-        "--length",
-        "4096",
-        "--out",
-        out,
-        "--metrics",
-        "mse",
-        "--checkpoint-every",
-        "3",
-        "--log-every",
-        "1",
-    ]
-    assert run_main(capsys, *common)[0] == 0
-    first = json.loads((out / "metrics.json").read_text())
-    code, stdout, stderr = run_main(capsys, *common, "--resume")
-    assert code == 0, stderr
-    assert "step " not in stdout  # nothing left to run: the finished checkpoint was reused
-    assert json.loads((out / "metrics.json").read_text())["fit/loss"] == first["fit/loss"]
-
-
 def _logged_losses(stdout: str) -> dict[int, str]:
     """step -> the loss as printed, from the command's `step N  loss L` lines."""
     return {int(line.split()[1]): line.split()[3] for line in stdout.splitlines() if line.startswith("step ")}
@@ -119,7 +92,8 @@ def _logged_losses(stdout: str) -> dict[int, str]:
 
 def test_a_fit_killed_mid_run_resumes_from_its_last_checkpoint(speech_wav, tmp_path, capsys):
     """A real `fewsound fit` process SIGKILLed after its first checkpoint: `--resume` runs only the steps after the
-    checkpoint's, its loss curve goes on as the uninterrupted fit's does, and it ends where that fit ends."""
+    checkpoint's, its loss curve goes on as the uninterrupted fit's does, and it ends where that fit ends; a
+    finished checkpoint is reused as it is."""
     import signal
 
     import torch
@@ -155,6 +129,12 @@ def test_a_fit_killed_mid_run_resumes_from_its_last_checkpoint(speech_wav, tmp_p
     assert {s: full[s] for s in resumed} == resumed  # the same curve from the checkpoint on
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "full"))
     assert a["fit/loss"] == b["fit/loss"] and a["eval/mse"] == b["eval/mse"] and a["fit/steps"] == steps
+
+    # --resume once more: the finished checkpoint is reused, nothing is fitted again
+    code, stdout, stderr = run_main(capsys, *common, "--out", out, "--resume")
+    assert code == 0, stderr
+    assert "step " not in stdout  # nothing left to run: the finished checkpoint was reused
+    assert json.loads((out / "metrics.json").read_text())["fit/loss"] == a["fit/loss"]
 
 
 def test_precision_and_compile_flags(speech_wav, tmp_path, capsys, monkeypatch):
