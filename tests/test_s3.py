@@ -201,6 +201,8 @@ def _children(uri: str, experiment: str) -> list:
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
+    if exp is None:  # a store without the sweep's history
+        return []
     return [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
 
 
