@@ -30,22 +30,39 @@ def pair_dirs(tmp_path_factory, speech_clips):
     return root / "ref", root / "rec"
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fewsound", "evaluate", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+@pytest.fixture
+def run_cli(processes):
+    """`python -m fewsound evaluate ...` as a process (tests/conftest.py's `processes`)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return processes.run([sys.executable, "-m", "fewsound", "evaluate", *map(str, args)], timeout=300)
+
+    return run
 
 
-def test_file_pair_prints_every_metric_as_json(pair_dirs):
+def test_file_pair_prints_every_metric_as_json(pair_dirs, run_cli):
     ref, rec = pair_dirs
     out = run_cli(ref / "s0.wav", rec / "s0.wav", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)["s0.wav"]
     assert set(result) == set(METRICS) | {"not_applicable"} and result["not_applicable"] == {}
     assert 1.0 < result["pesq"] < 4.7 and 0 < result["stoi"] <= 1 and result["cdpam"] > 0 and result["mse"] > 0
+    # PESQ and STOI as the packages compute them on the same files (read with soundfile; PESQ at 16 kHz after
+    # librosa's kaiser_best resampling, the paper's; STOI at the file's rate)
+    import librosa
+    from pesq import pesq
+    from pystoi import stoi
+
+    x, sr = sf.read(str(ref / "s0.wav"), dtype="float32")
+    y, _ = sf.read(str(rec / "s0.wav"), dtype="float32")
+    assert sr == SR
+    x16, y16 = (librosa.resample(a, orig_sr=SR, target_sr=16_000, res_type="kaiser_best") for a in (x, y))
+    assert result["pesq"] == pytest.approx(pesq(16_000, x16, y16, "wb"), abs=1e-9)
+    assert result["stoi"] == pytest.approx(stoi(x, y, SR, extended=False), abs=1e-9)
+    assert result["mse"] == pytest.approx(float(np.mean((x.astype(np.float64) - y) ** 2)), rel=1e-5)
 
 
-def test_folder_pair_and_kind(pair_dirs):
+def test_folder_pair_and_kind(pair_dirs, run_cli):
     ref, rec = pair_dirs
     out = run_cli(ref, rec, "--kind", "music", "--metrics", "mse", "psnr", "pesq")
     assert out.returncode == 0, out.stderr

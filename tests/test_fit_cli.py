@@ -16,11 +16,14 @@ from fewsound.data.audio import load_audio
 SR = 22_050
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """The real command in a fresh interpreter, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "fewsound", "fit", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+@pytest.fixture
+def run_cli(processes):
+    """The real command in a fresh interpreter, as a user runs it (tests/conftest.py's `processes`)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return processes.run([sys.executable, "-m", "fewsound", "fit", *map(str, args)], timeout=300)
+
+    return run
 
 
 def run_main(capsys, *args) -> tuple[int, str, str]:
@@ -40,7 +43,7 @@ def speech_wav(speech_clips, tmp_path_factory):
     return path
 
 
-def test_fit_round_trip(speech_wav, tmp_path):
+def test_fit_round_trip(speech_wav, tmp_path, run_cli):
     out = tmp_path / "out"
     proc = run_cli(
         speech_wav,
@@ -85,31 +88,57 @@ def test_fit_round_trip(speech_wav, tmp_path):
     assert (out / "spectrogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resume_continues_the_checkpoint(speech_wav, tmp_path, capsys):
-    out = tmp_path / "out"
-    common = [
-        speech_wav,
-        "--inr",
-        "kan",
-        "--steps",
-        "6",
-        "--length",
-        "4096",
-        "--out",
-        out,
-        "--metrics",
-        "mse",
-        "--checkpoint-every",
-        "3",
-        "--log-every",
-        "1",
-    ]
-    assert run_main(capsys, *common)[0] == 0
-    first = json.loads((out / "metrics.json").read_text())
-    code, stdout, stderr = run_main(capsys, *common, "--resume")
+def _logged_losses(stdout: str) -> dict[int, str]:
+    """step -> the loss as printed, from the command's `step N  loss L` lines."""
+    return {int(line.split()[1]): line.split()[3] for line in stdout.splitlines() if line.startswith("step ")}
+
+
+@pytest.mark.system  # a SIGKILL mid-run
+def test_a_fit_killed_mid_run_resumes_from_its_last_checkpoint(speech_wav, tmp_path, capsys, processes):
+    """A real `fewsound fit` process SIGKILLed after its first checkpoint: `--resume` runs only the steps after the
+    checkpoint's, its loss curve goes on as the uninterrupted fit's does, and it ends where that fit ends; a
+    finished checkpoint is reused as it is."""
+    import signal
+
+    import torch
+
+    steps, every = 12, 3
+    common = [speech_wav, "--inr", "kan", "--steps", steps, "--length", "4096", "--metrics", "mse",
+              "--checkpoint-every", every, "--log-every", "1"]  # fmt: skip
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fewsound", "fit", *map(str, common), "--out", str(out)]
+    proc = processes.start(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # the step after the first checkpoint has run: that checkpoint is on disk
+            seen.append(line)
+            if line.startswith("step ") and int(line.split()[1]) > every:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert not (out / "metrics.json").exists()  # killed mid-run
+    at = torch.load(out / "checkpoint" / "fit.pt", weights_only=True)["step"]
+    assert every <= at < steps and at % every == 0, at
+
+    code, stdout, stderr = run_main(capsys, *common, "--out", out, "--resume")
+    assert code == 0, stderr
+    resumed = _logged_losses(stdout)
+    assert sorted(resumed) == list(range(at + 1, steps + 1))  # went on from the checkpoint's step, not step 1
+    code, full_stdout, _ = run_main(capsys, *common, "--out", tmp_path / "full")  # never interrupted
+    assert code == 0
+    full = _logged_losses(full_stdout)
+    assert {s: full[s] for s in resumed} == resumed  # the same curve from the checkpoint on
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "full"))
+    assert a["fit/loss"] == b["fit/loss"] and a["eval/mse"] == b["eval/mse"] and a["fit/steps"] == steps
+
+    # --resume once more: the finished checkpoint is reused, nothing is fitted again
+    code, stdout, stderr = run_main(capsys, *common, "--out", out, "--resume")
     assert code == 0, stderr
     assert "step " not in stdout  # nothing left to run: the finished checkpoint was reused
-    assert json.loads((out / "metrics.json").read_text())["fit/loss"] == first["fit/loss"]
+    assert json.loads((out / "metrics.json").read_text())["fit/loss"] == a["fit/loss"]
 
 
 def test_precision_and_compile_flags(speech_wav, tmp_path, capsys, monkeypatch):
@@ -171,7 +200,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, speech_wav, capsys, make, args,
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-def test_bad_input_exit_code_from_a_real_process(tmp_path):
+def test_bad_input_exit_code_from_a_real_process(tmp_path, run_cli):
     proc = run_cli(tmp_path / "missing.wav", "--out", tmp_path / "out")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.wav'}: no such file"]

@@ -51,8 +51,16 @@ def test_a_live_driver_holds_the_sweep_and_a_dead_ones_lease_is_taken_over(exp):
     lease.release()
     assert lease.holder() is None
     _other_driver(client, exp_id, "sweep-a", 1, time.time() - 120, host="another-node")  # no heartbeat for 2 min
-    lease = SweepLease(client, exp_id, "sweep-a", settle=0.1).acquire()
-    lease.release()
+    before = SweepLease(client, exp_id, "sweep-a", settle=0.1)
+    assert before.holder()["owner"] == "x:1:other"
+    lease = before.acquire()
+    try:
+        held = lease.holder()  # taken over: this driver's name and a fresh heartbeat replace the dead one's
+        assert held["owner"] == lease.owner != "x:1:other" and held["host"] != "another-node"
+        assert time.time() - held["heartbeat"] < 60
+    finally:
+        lease.release()
+    assert lease.holder() is None
 
 
 def test_the_lease_is_renewed_and_other_sweeps_are_free(exp):

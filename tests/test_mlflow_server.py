@@ -29,6 +29,8 @@ def test_backup_while_writing_then_restore_into_a_new_head(s3, tmp_path):
     con.execute("create table t (k integer primary key, v text)")
     con.commit()
     stop = threading.Event()
+    committed = [0]  # rows the writer has committed
+    progress = threading.Condition()
 
     def writer() -> None:  # a second connection keeps committing while the backups are taken
         w = sqlite3.connect(db)
@@ -37,7 +39,14 @@ def test_backup_while_writing_then_restore_into_a_new_head(s3, tmp_path):
             w.execute("insert into t values (?, ?)", (i, "w" * 100))
             w.commit()
             i += 1
+            with progress:
+                committed[0] += 1
+                progress.notify_all()
         w.close()
+
+    def wait_for(n: int) -> None:  # the writer's own signal, not a sleep
+        with progress:
+            assert progress.wait_for(lambda: committed[0] >= n, timeout=60), committed[0]
 
     for k in range(200):
         con.execute("insert into t values (?, ?)", (k, f"run-{k}"))
@@ -47,10 +56,23 @@ def test_backup_while_writing_then_restore_into_a_new_head(s3, tmp_path):
     log: list[str] = []
     backups = Backups(db, BACKUP, every_s=3600, log=log.append)
     try:
+        wait_for(1)  # the writer is committing
         assert backups.now()
+        wait_for(committed[0] + 1)  # ... and went on after the backup: it was taken mid-stream
     finally:
         stop.set()
         thread.join()
+    # the backup taken during the writes, restored before anything overwrites it: a consistent database with
+    # every row committed before it began and an unbroken run of the writer's rows (a committed prefix)
+    during = tmp_path / "head-during" / "mlflow.db"
+    assert restore(during, BACKUP)
+    with sqlite3.connect(during) as c:
+        assert c.execute("pragma integrity_check").fetchone() == ("ok",)
+    rows = _rows(during)
+    assert rows[:200] == [(k, f"run-{k}") for k in range(200)]
+    written = [k for k, _ in rows[200:]]
+    assert written == list(range(1000, 1000 + len(written))) and 1 <= len(written) < committed[0], len(written)
+
     assert backups.now()  # the writer added rows: a new snapshot is uploaded
     assert not backups.now() and len(log) == 2  # nothing changed since: no upload
     assert "fewsound/mlflow.db" in s3.keys("fewsound")

@@ -46,6 +46,22 @@ def test_report_regenerates_tables_matching_the_child_runs(home, tmp_path, capsy
     assert {(lab, c) for lab in ("NERF", "KAN") for c in ("MSE", "PSNR", "LSD", "SI-SNR")} <= seen
     md = (tmp_path / "a" / "table.md").read_text()
     assert md.count("**") >= 2  # the best value of each column in bold
+    # each metric column: exactly one bold cell, on the row whose child run has that column's best value
+    lower_is_better = {"MSE", "LSD", "WD", "CDPAM"}
+    table_lines = [line for line in md.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    head = [c.strip() for c in table_lines[0].strip("|").split("|")]
+    body = {cells[0]: cells for cells in ([c.strip() for c in x.strip("|").split("|")] for x in table_lines[1:])}
+    assert set(body) == {"NERF", "KAN"}, md
+    checked = 0
+    for i, column in enumerate(head):
+        if column not in columns:
+            continue
+        bold = [label for label, cells in body.items() if cells[i].startswith("**") and cells[i].count("**") == 2]
+        values = {label: by_label[label][columns[column]] for label in body}
+        want = (min if column in lower_is_better else max)(values.values())
+        assert len(bold) == 1 and values[bold[0]] == want, (column, bold, values)
+        checked += 1
+    assert checked >= 4  # at least MSE, PSNR, LSD, SI-SNR
     assert (tmp_path / "a" / "table.tex").read_text().count(r"\begin{tabular}") == 1
     # the listening page: in --out and on the parent run, a row per fit of the sweep's one clip
     page = (tmp_path / "a" / "listen.html").read_text()

@@ -201,6 +201,8 @@ def _children(uri: str, experiment: str) -> list:
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
+    if exp is None:  # a store without the sweep's history
+        return []
     return [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
 
 
@@ -239,10 +241,21 @@ def test_sweep_on_the_bucket_and_history_survives_a_new_head(cloud, inr_corpus):
         f.unlink()
     serve.start()
     assert f"restored {serve.store} from {BACKUP}" in serve.log_path.read_text()
+
+    # the restored store itself holds the history, before anything re-runs: the same runs, ids, metrics
+    def history() -> dict:
+        return {
+            r.info.run_id: (r.info.status, r.info.run_name, r.data.metrics)
+            for r in _children(serve.uri, "fit_inrs-smoke")
+        }
+
+    restored = history()
+    assert restored == {r.info.run_id: (r.info.status, r.info.run_name, r.data.metrics) for r in kids}, restored
     again = _job(driver, root / "user", *args)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-5000:]
     assert "2 fits: 0 done now, 2 already finished, 0 failed" in out, out[-3000:]
+    assert history() == restored  # found finished in the restored history: nothing re-logged from the bucket
 
 
 def test_training_smoke_reads_and_checkpoints_in_the_bucket(cloud):

@@ -182,6 +182,14 @@ def test_search_smoke_starts_from_the_paper_respects_budget_stops_early_and_repo
     assert "search/plots/quality_vs_params.png" in logged
     imp = json.load(open(client.download_artifacts(parent.info.run_id, "search/importances.json")))
     assert set(imp["importances"]) | set(imp["not_computed"]) == {"ped_anova", "fanova"}
+    # an evaluator gives nothing only for too few trials; one that crashed (any other reason) fails here
+    too_few = f"{len(done)} trials ran every step (needs 3 or more)"
+    assert all(reason == too_few for reason in imp["not_computed"].values()), imp["not_computed"]
+    assert bool(imp["importances"]) == (len(done) >= 3), (len(done), imp)
+    sampled = {k.removeprefix("search.") for r in children for k in r.data.params if k.startswith("search.")}
+    for name, shares in imp["importances"].items():  # shares of the sampled parameters, summing to one
+        assert shares and set(shares) <= sampled, (name, shares, sampled)
+        assert sum(shares.values()) == pytest.approx(1.0) and min(shares.values()) >= 0, (name, shares)
 
     # the listening page: the paper's configuration and the best trial(s), playable
     page = Path(client.download_artifacts(parent.info.run_id, "report/listen.html", str(tmp_path)))
@@ -197,7 +205,31 @@ def test_search_smoke_starts_from_the_paper_respects_budget_stops_early_and_repo
     assert result["images"] and all(im["height"] > 0 for im in result["images"])
 
 
-@pytest.mark.integration
+def test_importances_are_computed_and_a_crashing_evaluator_is_reported(monkeypatch):
+    """tune.search.report.importances on a study whose objective depends on one parameter: both evaluators rank
+    it first; with too few trials neither runs; an evaluator that raises is reported with its error, not skipped
+    silently (the search test above fails on such a reason)."""
+    from tune.search import report as search_report
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: 10 * t.suggest_float("x", 0, 1) + 0.01 * t.suggest_float("y", 0, 1), n_trials=16)
+    imp, why = search_report.importances(study)
+    assert why == {} and set(imp) == {"ped_anova", "fanova"}
+    for shares in imp.values():
+        assert max(shares, key=shares.get) == "x" and sum(shares.values()) == pytest.approx(1.0)
+    few = optuna.create_study(direction="maximize")
+    few.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert search_report.importances(few) == ({}, dict.fromkeys(imp, "2 trials ran every step (needs 3 or more)"))
+
+    class Broken(optuna.importance.FanovaImportanceEvaluator):
+        def evaluate(self, *args, **kwargs):
+            raise RuntimeError("evaluator crashed")
+
+    monkeypatch.setitem(search_report.EVALUATORS, "fanova", Broken)
+    imp, why = search_report.importances(study)
+    assert set(imp) == {"ped_anova"} and why == {"fanova": "RuntimeError: evaluator crashed"}
+
+
 def test_search_over_any_family_starts_from_each_familys_paper_configuration(home, capsys):
     from mlflow.tracking import MlflowClient
 

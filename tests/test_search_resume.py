@@ -40,8 +40,10 @@ def ended_runs(client) -> int:
     return sum(r.data.tags.get("fewsound.role") in ("trial", "start_point") for r in runs)
 
 
-def study_trials(home) -> dict[int, tuple[str, float | None]]:
-    """number -> (outcome, value) of every trial of the (only) study in `home` that counts towards --trials."""
+def study_trials(home) -> dict[int, tuple]:
+    """number -> (outcome, value, completed at, MLflow run id) of every trial of the (only) study in `home` that
+    counts towards --trials. A refit reproduces a seeded trial's outcome and value, not when it completed nor
+    the run it logged."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -50,7 +52,7 @@ def study_trials(home) -> dict[int, tuple[str, float | None]]:
     [summary] = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     return {
-        t.number: (t.user_attrs["outcome"], t.value)
+        t.number: (t.user_attrs["outcome"], t.value, t.datetime_complete, t.user_attrs.get("mlflow_run_id"))
         for t in study.get_trials()
         if t.user_attrs.get("outcome") in ("finished", "stopped_early", "failed")
     }
@@ -112,6 +114,10 @@ def test_sigkill_mid_search_then_rerun_continues_the_same_study(env, tmp_path):
     after = study_trials(home)
     assert len(after) == TRIALS  # the total is what was asked
     assert {n: after[n] for n in before} == before  # the trials that ended before the kill were not refitted
+    assert all(completed is not None and run_id for _, _, completed, run_id in before.values()), before
+    runs = {r.info.run_id: r for r in children(client, EXPERIMENT)[1]}
+    for number, (_, _, completed, run_id) in before.items():  # each one's run is the one it logged before the kill
+        assert run_id in runs and runs[run_id].info.start_time <= completed.timestamp() * 1000, (number, run_id)
     parent, kids = children(client, EXPERIMENT)  # the re-run reopened the same parent run
     assert parent.info.status == "FINISHED" and parent.data.metrics["search/trials"] == TRIALS
     assert not [r for r in kids if r.info.status == "RUNNING"]

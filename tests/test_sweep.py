@@ -40,12 +40,25 @@ FIT_KEYS = ("fit/loss", "cost/seconds", "cost/steps_per_s", "model/params")
 
 @pytest.fixture(scope="module")
 def ray_local(env):
+    """A local Ray of this module's own with 2 CPUs, whatever the machine has: a Ray that an earlier module left
+    running in this process (with its CPU count and another FEWSOUND_HOME in its workers) is shut down first."""
     import ray
 
     from tune.ray_env import init_ray, quiet_defaults
 
     quiet_defaults()
-    init_ray(num_cpus=2)
+    if ray.is_initialized():
+        ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)  # start one here, never join another
+        init_ray(num_cpus=2)
+    assert ray.cluster_resources().get("CPU") == 2 and not ray.cluster_resources().get("GPU")
+
+    @ray.remote(num_cpus=1)
+    def worker_home() -> str | None:
+        return os.environ.get("FEWSOUND_HOME")
+
+    assert ray.get(worker_home.remote()) == str(env[0])  # the workers see this module's home
     yield
     ray.shutdown()
 

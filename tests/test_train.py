@@ -309,6 +309,25 @@ def test_augmentations_are_off_by_default_and_applied_to_training_crops_only(spe
     aug = next(random_batches(speech_segments, 4, CLIP, seed=2, augment=cfg.augment))
     assert not torch.allclose(aug, plain, atol=1e-3)
     assert torch.allclose(aug.abs().amax(dim=1), torch.ones(4))
+
+    # train() with the augmentations on, judged from outside the stream's seeding:
+    from fewsound.train import summarize_validation, validate
+
+    def run(**kw):
+        return train(
+            tiny(epochs=1, val_metrics=("mse",), **kw), speech_segments[:4], speech_segments[4:], ["speech"] * 2
+        )
+
+    model, history, (summary,) = run(phase_mangle=1.0, dequantize_bits=16)
+    _, plain_history, _ = run()
+    # training crops ARE augmented: the first step (the same init, the same crop starts) sees other samples
+    assert history[0].losses[0] != plain_history[0].losses[0], (history[0].losses, plain_history[0].losses)
+    # validation crops are NOT: the clips' first CLIP samples, peak-normalised here with numpy, give the
+    # validation train() reported for its final model
+    first = speech_segments[4:, :CLIP].astype(np.float64)
+    clean = (first / np.abs(first).max(axis=1, keepdims=True)).astype(np.float32)
+    again = summarize_validation(validate(model, clean, ["speech"] * 2, tiny(val_metrics=("mse",))))
+    assert {k: summary[k] for k in again} == again
     with pytest.raises(ConfigError, match="phase_mangle"):
         tiny(phase_mangle=1.5)
     with pytest.raises(ConfigError, match="dequantize_bits"):

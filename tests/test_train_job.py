@@ -9,6 +9,7 @@ would kill every Ray on the machine, other people's test clusters included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -318,12 +319,22 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp
     log = tmp_path / "train.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    started: dict[int, psutil.Process] = {}  # the job's processes (its local Ray), as seen while it ran
+
+    def note_family() -> None:
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        started.update((p.pid, p) for p in family)
+
     try:
         deadline = time.monotonic() + 400
         snapshots = home / "train"
         while not any("epoch_00001" in p.read_text() for p in snapshots.glob("*/checkpoint_manager_snapshot.json")):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.2)
+        note_family()
         workers = _train_workers(proc.pid)
         assert len(workers) == 2, workers
         workers[1].send_signal(signal.SIGKILL)
@@ -331,12 +342,22 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp
         (run_dir,) = [p.parent for p in snapshots.glob("*/checkpoint_manager_snapshot.json")]
         metas = run_dir.glob("epoch_*/meta.json")
         digests = {int(p.parent.name.split("_")[1]): json.loads(p.read_text())["digest"] for p in metas}
-        assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+        deadline = time.monotonic() + 600
+        while proc.poll() is None:  # the restarted workers are the job's too
+            note_family()
+            assert time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(0.5)
+        assert proc.returncode == 0, log.read_text()[-5000:]
     finally:
+        note_family()
         if proc.poll() is None:
             proc.kill()
-        for p in psutil.Process().children(recursive=True):  # the job's local Ray, if anything is left of it
-            p.kill()
+            proc.wait()
+        # only what this job started, if anything is left of it; a process already gone (or a pid reused by
+        # another: psutil checks the start time) is no error that would hide the test's own failure
+        for p in started.values():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
     out = log.read_text()
     m = re.search(r"resumed after epoch (\d+) \(step (\d+)\); state digest (\w+)", out)
     assert m, out[-5000:]
