@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import ray
-
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO  # tests/support.py
 
 
 def gpu_nodes() -> dict[str, dict]:

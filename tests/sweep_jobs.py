@@ -4,9 +4,8 @@ FEWSOUND_HOME is conftest's `home` fixture)."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO  # tests/support.py
 
 
 def job(name: str):

@@ -21,21 +21,17 @@ import collections
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
+from support import REPO, VENV_BIN, RayHead  # tests/support.py
 
 from fewsound import tracking
 
 pytestmark = pytest.mark.system
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 SPOT = {"CPU": 1, "GPU": 1}  # cluster.yaml's gpu_spot, smaller
 MULTI = {"CPU": 2, "GPU": 4, "gpu_multi": 4}  # cluster.yaml's gpu_multi: 4 GPUs and the custom resource
 STORE = {"object_store_memory": 200 << 20}  # each emulated node's object store (the default is 30% of the RAM)
@@ -46,12 +42,6 @@ CEILING = {
     "FEWSOUND_TRAIN_GPUS": str(MULTI["GPU"]),
     "FEWSOUND_TRAIN_CPUS": str(MULTI["CPU"]),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_cluster_config(gcs_address: str) -> dict:
@@ -96,16 +86,9 @@ def cluster(tmp_path_factory):
     """The emulated cluster (its head only, at first), token authentication on as in cluster.yaml, and an MLflow
     server. Yields the environment of a driver process (RAY_ADDRESS, the FEWSOUND_* ceiling settings as
     cluster.yaml sets them, MLFLOW_TRACKING_URI)."""
-    import psutil
 
     root = tmp_path_factory.mktemp("autoscaling")
     home = root / "home"
-    ip = socket.gethostbyname(socket.gethostname())
-    gcs = f"{ip}:{_free_port()}"
-    config = root / "autoscaling.json"
-    config.write_text(json.dumps(fake_cluster_config(gcs)))
-    dash = _free_port()
-    temp_dir = Path(f"/tmp/fsas_{secrets.token_hex(3)}")  # short: Ray's unix socket paths have a length limit
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -127,58 +110,18 @@ def cluster(tmp_path_factory):
     }
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [
-        str(VENV_BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        f"--autoscaling-config={config}",
-        "--num-cpus=0",
-        "--num-gpus=0",
-        f"--object-store-memory={STORE['object_store_memory']}",
-        f"--port={gcs.rsplit(':', 1)[1]}",
-        f"--temp-dir={temp_dir}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-        "--disable-usage-stats",
-    ]
-    log = open(root / "ray_head.log", "wb")
-    head = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    config = root / "autoscaling.json"
+    extra = [f"--autoscaling-config={config}", "--num-cpus=0", "--num-gpus=0",
+             f"--object-store-memory={STORE['object_store_memory']}"]  # fmt: skip
+    head = RayHead(root, env, extra=extra, dashboard=True, host=socket.gethostbyname(socket.gethostname()), cwd=REPO)
+    config.write_text(json.dumps(fake_cluster_config(head.gcs)))
     uri = None
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            r = subprocess.run(
-                [str(VENV_BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{dash}"],
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            if r.returncode == 0:
-                break
-            assert head.poll() is None, (root / "ray_head.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, r.stderr[-2000:]
-            time.sleep(2)
+        head.start(attempts=1)  # the autoscaling config names its GCS port
         uri = tracking.start_local_server(home=home)
-        yield {**env, "RAY_ADDRESS": gcs, "MLFLOW_TRACKING_URI": uri}
+        yield {**env, "RAY_ADDRESS": head.gcs, "MLFLOW_TRACKING_URI": uri}
     finally:
-        ours = psutil.Process(head.pid).children(recursive=True)  # head, autoscaler and the nodes it started
-        head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started, then exits
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        for proc in ours:  # worker nodes are started by the autoscaler, outside the head's process group
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        log.close()
+        head.stop()  # the head, its autoscaler and the nodes it started
         if uri:
             tracking.stop_local_server(home)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_s3 import _free_port, _healthy  # tests/ is on sys.path (rootdir-relative imports)
+from support import REPO, free_port  # tests/support.py
+from test_s3 import _healthy  # tests/ is on sys.path (rootdir-relative imports)
 
 from fewsound import records, storage
 from fewsound.records import FitRecord
 
-REPO = Path(__file__).resolve().parents[1]
 DRIVER = [sys.executable, str(REPO / "tests" / "durable_driver.py")]
 
 
@@ -265,7 +265,7 @@ class RemoteServer:
     """A tracking server that fewsound did not start (not in any server.json): a user's or a cluster head's."""
 
     def __init__(self, store: Path):
-        self.store, self.port = store, _free_port()
+        self.store, self.port = store, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -302,7 +302,7 @@ def test_the_embedded_server_is_restarted_twice_on_its_port_then_one_line(tmp_pa
 
     home = tmp_path / "home"
     monkeypatch.setenv("FEWSOUND_HOME", str(home))  # the driver's home, whose server.json names the embedded server
-    uri = tracking.start_local_server(home, port=_free_port())
+    uri = tracking.start_local_server(home, port=free_port())
     root = str(tmp_path / "records")
     records.write_record(root, _record("nerf-a-abc"))  # one result waiting to be logged
     watch = TrackingWatch("t", uri, root, "sw-1", max_restarts=2)
@@ -328,7 +328,7 @@ def test_a_remote_server_that_does_not_answer_is_one_line_after_the_wait(tmp_pat
     from fewsound.errors import TrackingError
     from tune.durable import TrackingWatch
 
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     root = str(tmp_path / "records")
     records.write_record(root, _record("nerf-a-abc"))
     records.write_record(root, _record("nerf-b-abc"))
@@ -353,7 +353,7 @@ def test_a_trial_worker_and_the_embedded_server_killed_mid_sweep_are_recovered_a
     from fewsound import tracking
 
     home = tmp_path / "home"
-    uri = tracking.start_local_server(home, port=_free_port())  # the embedded server the driver finds and reuses
+    uri = tracking.start_local_server(home, port=free_port())  # the embedded server the driver finds and reuses
     log = tmp_path / "driver.log"
     # one fit per pack, 2 trials of 2 packs: the killed worker's trial has a pack left to fit
     proc = _start([*DRIVER, "t-kills", str(FITS), STEPS, "1"], _driver_env(home, None), log)

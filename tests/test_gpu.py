@@ -19,15 +19,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support import REPO  # tests/support.py
 
 from fewsound.fit import FitConfig, fit
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.gpu,

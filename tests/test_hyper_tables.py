@@ -5,24 +5,15 @@ the built-in corpus: trainings as child runs of one parent, evaluated, tabled, a
 from __future__ import annotations
 
 import json
-import socket
-from pathlib import Path
 
 import pytest
+from support import REPO, free_port  # tests/support.py
 
 from fewsound.hyper import HyperConfig
 from fewsound.hyper.catalogue import PAPER_DATASETS, paper_cells
 from fewsound.tables import build_table, hyper_label, paper_tables, paper_values, to_markdown, whisper_label
 from tune.hyper.grid import max_parallel
 from tune.hyper.grid_plan import Settings, plan
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_grid_has_every_row_of_tables_2_to_6():
@@ -117,7 +108,7 @@ def test_grid_on_the_builtin_corpus_logs_one_parent_and_skips_on_rerun(tmp_path,
 
     ray.shutdown()  # a Ray left by an earlier module has other servers in its workers' environment
     monkeypatch.setenv("FEWSOUND_HOME", str(tmp_path))
-    uri = tracking.start_local_server(home=tmp_path, port=_free_port())
+    uri = tracking.start_local_server(home=tmp_path, port=free_port())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     spec = importlib.util.spec_from_file_location("hyper_tables", REPO / "jobs" / "hyper_tables.py")
     job = importlib.util.module_from_spec(spec)

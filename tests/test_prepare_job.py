@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import soundfile as sf
+from support import REPO  # tests/support.py
 
 from fewsound.data.corpus import open_corpus
 
-REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "prepare_data.py"
 
 

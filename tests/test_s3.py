@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,22 +21,15 @@ from pathlib import Path
 
 import pytest
 from s3 import MotoS3  # tests/s3.py (tests/ is on sys.path)
+from support import REPO, VENV_BIN, RayHead, free_port  # tests/support.py
 
 pytestmark = pytest.mark.system
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 BUCKET = "fewsound"
 INR_CORPUS = f"s3://{BUCKET}/corpora/inr"
 TRAIN_CORPUS = f"s3://{BUCKET}/corpora/fewsound"
 BACKUP = f"s3://{BUCKET}/fewsound/mlflow.db"
 ARTIFACTS = f"s3://{BUCKET}/fewsound/mlflow-artifacts"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(uri: str) -> bool:
@@ -82,34 +74,6 @@ class Serve:
             self.log.close()
 
 
-def _ray_head(root: Path, env: dict, attempts: int = 3) -> tuple[subprocess.Popen, str]:
-    """A private `ray start --head --block` (its own temp dir and ports); (process, GCS address). Ray gives its
-    raylet 30 s to register; on a machine loaded by other work that can run out, so a failed start is retried."""
-    for attempt in range(attempts):
-        port = _free_port()
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-               "--temp-dir", f"/tmp/fss3_{secrets.token_hex(3)}", "--port", str(port), "--include-dashboard", "false",
-               "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-               "--dashboard-agent-grpc-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-               "--runtime-env-agent-port", str(_free_port()), "--disable-usage-stats"]  # fmt: skip
-        log_path = root / f"ray_head{attempt}.log"
-        with open(log_path, "wb") as log:
-            head = subprocess.Popen(
-                cmd, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + 150
-        while "Ray runtime started" not in log_path.read_text(errors="replace"):
-            if head.poll() is not None or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        else:
-            return head, f"127.0.0.1:{port}"
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
-    raise AssertionError(log_path.read_text()[-3000:])
-
-
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory):
     """moto + `fewsound mlflow serve` + a Ray head whose workers have their own FEWSOUND_HOME and cwd.
@@ -125,7 +89,7 @@ def cloud(tmp_path_factory):
                     OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # fmt: skip
         (root / "server").mkdir()
         serve = Serve(dict(base, FEWSOUND_HOME=str(root / "server-home")), root / "server" / "mlflow.db",
-                      _free_port(), root / "serve.log")  # fmt: skip
+                      free_port(), root / "serve.log")  # fmt: skip
         worker_home, driver_home = root / "worker-home", root / "driver-home"
         (root / "node").mkdir()
         (root / "user").mkdir()
@@ -138,18 +102,15 @@ def cloud(tmp_path_factory):
             # for up to 30 s, and a head that ran these jobs never finishes draining: it waited the whole 30 s.
             node_env = dict(base, FEWSOUND_HOME=str(worker_home), RAY_memory_monitor_refresh_ms="0",
                             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # fmt: skip
-            head, address = _ray_head(root / "node", node_env)
+            head = RayHead(root / "node", node_env, extra=["--num-cpus", "2", "--num-gpus", "0"], dashboard=False)
+            address = head.start().gcs
             serve.wait_healthy()
             driver = dict(base, FEWSOUND_HOME=str(driver_home), RAY_ADDRESS=address, MLFLOW_TRACKING_URI=serve.uri,
                           FEWSOUND_STORAGE=f"s3://{BUCKET}/ray")  # fmt: skip
             yield driver, driver_home, worker_home, s3, serve, root
         finally:
             if head is not None:
-                head.send_signal(signal.SIGTERM)  # --block: the head stops what it started, then exits
-                try:
-                    head.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(head.pid, signal.SIGKILL)
+                head.stop()
             if getattr(serve, "proc", None) is not None and serve.proc.poll() is None:
                 serve.stop()
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import REPO, free_port  # tests/support.py
 
 from fewsound import tracking
 from fewsound.errors import ConfigError
@@ -47,8 +48,7 @@ from fewsound.train import (
     train_step,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER_YAML = ROOT / "cluster.yaml"
+CLUSTER_YAML = REPO / "cluster.yaml"
 HEAD_IP = "10.0.1.5"  # stands for the head's private address (`hostname -I` in cluster.yaml's line)
 
 
@@ -110,7 +110,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path, proces
     # the laptop side: evaluating the checkpoint folder (a bucket's copy) prints one line and exits non-zero
     proc = processes.run(
         [sys.executable, "jobs/evaluate_fewsound.py", "--model", str(folder), "--no-mlflow", "--smoke-test"],
-        cwd=ROOT,
+        cwd=REPO,
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -152,7 +152,7 @@ def test_checkpoints_are_plain_data_and_round_trip_exactly(tmp_path):
 def test_secrets_command_makes_private_random_files_and_keeps_existing_ones(tmp_path, processes):
     laptop = tmp_path / "cluster"
     run = [sys.executable, "-m", "fewsound", "mlflow", "secrets", "--dir", str(laptop)]
-    out = processes.run(run, cwd=ROOT, timeout=120, check=True).stdout
+    out = processes.run(run, cwd=REPO, timeout=120, check=True).stdout
     assert f"wrote {laptop / CREDENTIALS_FILE}" in out and f"wrote {laptop / FLASK_SECRET_FILE}" in out
     assert stat.S_IMODE(laptop.stat().st_mode) == 0o700
     for name in (CREDENTIALS_FILE, FLASK_SECRET_FILE):
@@ -160,10 +160,10 @@ def test_secrets_command_makes_private_random_files_and_keeps_existing_ones(tmp_
     user, word = read_credentials(laptop / CREDENTIALS_FILE)
     assert user == "admin" and len(word) >= 40
     before = {n: (laptop / n).read_text() for n in (CREDENTIALS_FILE, FLASK_SECRET_FILE)}
-    again = processes.run(run, cwd=ROOT, timeout=120, check=True).stdout
+    again = processes.run(run, cwd=REPO, timeout=120, check=True).stdout
     assert "kept" in again and {n: (laptop / n).read_text() for n in before} == before
     other = tmp_path / "other"
-    processes.run([*run[:-1], str(other)], cwd=ROOT, timeout=120, check=True)
+    processes.run([*run[:-1], str(other)], cwd=REPO, timeout=120, check=True)
     assert read_credentials(other / CREDENTIALS_FILE)[1] != word  # random, not a fixed default
 
 
@@ -214,7 +214,7 @@ def test_the_cluster_server_wants_a_login_answers_only_its_hosts_and_a_job_logs_
     _, options = _cluster_serve_command(config)
     # the secret files: made on the laptop, then placed on the "node" where cluster.yaml's file_mounts put them
     laptop, node = tmp_path / "laptop" / ".fewsound" / "cluster", tmp_path / "node"
-    subprocess.run([sys.executable, "-m", "fewsound", "mlflow", "secrets", "--dir", str(laptop)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "fewsound", "mlflow", "secrets", "--dir", str(laptop)], cwd=REPO, check=True)
     for remote, local in config["file_mounts"].items():
         if local.startswith("~/.fewsound/cluster/"):
             dest = node / Path(remote).relative_to("/home/ray")
@@ -222,7 +222,7 @@ def test_the_cluster_server_wants_a_login_answers_only_its_hosts_and_a_job_logs_
             shutil.copy2(laptop / Path(local).name, dest)
     login = read_credentials(node / ".mlflow" / "credentials")
 
-    port = tracking._free_port()
+    port = free_port()
     local = {  # only where things are: the same options, with cluster.yaml's own values for the rest
         "--store": str(node / "mlflow" / "mlflow.db"),
         "--backup": str(tmp_path / "bucket" / "mlflow.db"),
@@ -239,7 +239,7 @@ def test_the_cluster_server_wants_a_login_answers_only_its_hosts_and_a_job_logs_
         argv += [k, local.get(k, v)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -260,7 +260,7 @@ def test_the_cluster_server_wants_a_login_answers_only_its_hosts_and_a_job_logs_
         job_env = dict(env, HOME=str(node), MLFLOW_TRACKING_URI=uri, FEWSOUND_HOME=str(node / ".fewsound"))
         job = subprocess.run(
             [sys.executable, "jobs/fit_inrs.py", "--smoke-test", "--experiment", "secure-smoke"],
-            cwd=ROOT,
+            cwd=REPO,
             env=job_env,
             capture_output=True,
             text=True,

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import REPO  # tests/support.py
 
 from fewsound import tracking
 from fewsound.fit import FitConfig
 from fewsound.plan import FitTask
 from tune.spine import FIT_KEY_TAG, REASON_TAG, TARGET_AUDIO_TAG
 
-REPO = Path(__file__).resolve().parents[1]
 EVAL_KEYS = (
     "eval/mse",
     "eval/psnr",

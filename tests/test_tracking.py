@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import free_port  # tests/support.py
 
 from fewsound import tracking
 from fewsound.config import cfg_hash, flatten, from_flat, override
@@ -149,7 +150,7 @@ def test_runs_reach_a_server_with_mlflows_basic_auth(tmp_path, monkeypatch):
         f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    port = tracking._free_port()
+    port = free_port()
     conf = Path(tracking.__file__).with_name("mlflow_gunicorn.py")
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth"]
     cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}", "--host", "127.0.0.1"]

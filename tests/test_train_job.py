@@ -15,27 +15,18 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support import REPO, VENV_BIN, RayHead  # tests/support.py
 
 pytestmark = pytest.mark.system
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 CLIP = 2048
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ DDP
@@ -151,40 +142,7 @@ def ray_head(tmp_path_factory):
     }
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    dash = _free_port()
-    temp_dir = Path(f"/tmp/fsrt_{secrets.token_hex(3)}")  # short: Ray's unix socket paths have a length limit
-    cmd = [
-        str(VENV_BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--num-cpus",
-        "2",
-        "--num-gpus",
-        "0",
-        "--temp-dir",
-        str(temp_dir),
-        "--port",
-        str(_free_port()),
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dash),
-        "--ray-client-server-port",
-        str(_free_port()),
-        "--dashboard-agent-listen-port",
-        str(_free_port()),
-        "--dashboard-agent-grpc-port",
-        str(_free_port()),
-        "--metrics-export-port",
-        str(_free_port()),
-        "--runtime-env-agent-port",
-        str(_free_port()),
-        "--disable-usage-stats",
-    ]
-    log = open(root / "ray_head.log", "wb")
-    head = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    head = RayHead(root, env, extra=["--num-cpus", "2", "--num-gpus", "0"], dashboard=True, cwd=REPO).spawn()
     try:
         from fewsound.tracking import start_local_server
 
@@ -192,24 +150,11 @@ def ray_head(tmp_path_factory):
         # jobs find it in the head's FEWSOUND_HOME. A server the first job started would not outlive it: `ray job
         # stop` ends the job's whole process tree, and the second job would pay a server start again.
         start_local_server(home)
-        deadline = time.monotonic() + 120
-        while True:
-            r = subprocess.run(
-                [str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True
-            )
-            if r.returncode == 0:
-                break
-            assert head.poll() is None, (root / "ray_head.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, r.stderr[-2000:]
-            time.sleep(2)
-        yield env, address, home, head.pid
+        assert head.wait_ready(), head.log_path.read_text(errors="replace")[-3000:]
+        assert head.proc is not None
+        yield env, head.dashboard, home, head.proc.pid
     finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started, then exits
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        log.close()
+        head.stop()
         from fewsound.tracking import stop_local_server
 
         stop_local_server(home)  # the MLflow server the job started for this FEWSOUND_HOME
