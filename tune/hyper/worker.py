@@ -146,6 +146,7 @@ class _Worker:
     run: Any  # MlflowRun on rank 0, NullLogger elsewhere
     start_epoch: int
     step: int
+    metric_workers: int = 0  # processes for the CPU-only validation metrics (PESQ, STOI): the worker's CPUs
 
 
 def _start_worker(config: dict[str, Any]) -> _Worker:
@@ -176,7 +177,7 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            meta = load_training_state(d, model, optimizer, scheduler, device=device)
+            meta = load_training_state(d, model, optimizer, scheduler)
         start_epoch, step = meta["epoch"] + 1, meta["step"]
         assert meta["digest_loaded"] == meta["digest"], "restored state differs from the checkpoint's"
         if rank == 0:
@@ -185,7 +186,8 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     elif rank == 0:
         run.log_metrics({"model/params": float(model.param_counts()["total"])}, step=0)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False)
-    return _Worker(cfg, rank, world, device, model, ddp, optimizer, scheduler, run, start_epoch, step)
+    metric_workers = int(config["cpus_per_worker"] or 0)
+    return _Worker(cfg, rank, world, device, model, ddp, optimizer, scheduler, run, start_epoch, step, metric_workers)
 
 
 def _train_metrics(w: _Worker, stats: Any, epoch: int) -> dict[str, float]:
@@ -209,14 +211,15 @@ def _train_metrics(w: _Worker, stats: Any, epoch: int) -> dict[str, float]:
 
 def _validate_epoch(w: _Worker, epoch: int, val: tuple, log_ids: set[str]) -> tuple[dict[str, float], list[dict]]:
     """Validation on every rank's clips, gathered on rank 0: (summary metrics, audio rows to log); both empty on
-    the other ranks. Audio (logged clips' reconstructions and FewSound's universal output) on audio epochs."""
+    the other ranks. Reconstructions and loss on the worker's device, PESQ/STOI in a pool of the worker's CPUs.
+    Audio (logged clips' reconstructions and FewSound's universal output) on audio epochs."""
     import torch.distributed as dist
 
     from fewsound.train import reconstruct, summarize_validation, universal_reconstruction, validate
 
     clips, ids, kinds = val
     length = w.cfg.model.clip_length
-    rows = validate(w.model, clips, kinds, w.cfg, ids, device=w.device) if len(ids) else []
+    rows = validate(w.model, clips, kinds, w.cfg, ids, device=w.device, workers=w.metric_workers) if len(ids) else []
     audio_rows = []
     if w.cfg.is_audio_epoch(epoch):
         pick = [i for i, c in enumerate(ids) if c in log_ids]
