@@ -151,3 +151,83 @@ def test_the_training_smoke_test_trains_with_nccl_on_every_gpu(tmp_path):
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "training on their CPUs (gloo)" not in log, log[-4000:]
+
+
+def test_validation_runs_on_the_gpu_and_matches_the_cpu_to_rounding(speech_clips):
+    """Validation's reconstructions, loss and universal output stay on the model's CUDA device; its rows agree
+    with the same model's on the CPU to float32 rounding."""
+    from fewsound.hyper import HyperConfig, build_model
+    from fewsound.train import TrainConfig, validate
+    from fewsound.train.validation import reconstruct_on_device
+
+    cfg = TrainConfig(
+        model=HyperConfig(target="kan", preset="tiny", clip_length=16_384),
+        batch_size=4,
+        samples_per_epoch=8,
+        val_metrics=("mse", "lsd", "pesq", "stoi"),
+    )
+    clips = speech(speech_clips, 4, 16_384)
+    cpu = build_model(cfg.model, verbose=False)
+    gpu = build_model(cfg.model, verbose=False).cuda()
+    out = reconstruct_on_device(gpu, clips, cfg, batch_size=3)
+    assert out.universal is not None and out.universal_losses is not None
+    for t in (out.recs, out.losses, out.universal, out.universal_losses):
+        assert t.device == next(gpu.parameters()).device and t.device.type == "cuda"
+    on_gpu = validate(gpu, clips, ["speech"] * 4, cfg, workers=2)
+    on_cpu = validate(cpu, clips, ["speech"] * 4, cfg)
+    for g, c in zip(on_gpu, on_cpu):
+        assert g["loss"] == pytest.approx(c["loss"], rel=1e-3)
+        assert g["universal_loss"] == pytest.approx(c["universal_loss"], rel=1e-3)
+        assert g["metrics"]["mse"] == pytest.approx(c["metrics"]["mse"], rel=1e-3)
+        assert g["metrics"].keys() == c["metrics"].keys()
+
+
+def test_a_resumed_optimizer_steps_on_the_gpu_without_host_syncs(tmp_path, speech_clips):
+    """After a resume on CUDA, AdamW's state has the layout of a fresh optimizer's (moments on the GPU in float32,
+    `step` a 0-dim float32 CPU tensor), and its steps run with CUDA's sync debug mode set to "error". Read straight
+    onto the GPU (map_location="cuda", the old loader), `step` lands on the GPU and the first step syncs."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_train_device import optimizer_layout, tiny
+
+    from fewsound.hyper import build_model
+    from fewsound.losses import fit_loss
+    from fewsound.train import load_training_state, make_optimizer, save_training_state, train_step
+    from fewsound.train.state import STATE_FILE, load_state_file
+
+    cfg = tiny(epochs=4)
+    batch = torch.from_numpy(speech(speech_clips, 4, 2048)).cuda()
+    fresh = build_model(cfg.model, verbose=False).cuda()
+    opt, sched = make_optimizer(fresh, cfg)
+    train_step(fresh, batch, opt, scheduler=sched)
+    save_training_state(tmp_path, fresh, opt, sched, cfg, epoch=0, step=1)
+
+    def steps(model, optimizer, scheduler, n: int) -> None:
+        for _ in range(n):
+            optimizer.zero_grad(set_to_none=True)
+            fit_loss(model(batch), batch).mean().backward()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                optimizer.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            scheduler.step()
+
+    steps(fresh, opt, sched, 1)  # a fresh optimizer passes: the check is fair
+    resumed = build_model(cfg.model, verbose=False).cuda()
+    opt_r, sched_r = make_optimizer(resumed, cfg)
+    load_training_state(tmp_path, resumed, opt_r, sched_r)
+    assert optimizer_layout(opt_r) == optimizer_layout(opt)
+    assert all(s["step"].device.type == "cpu" and s["exp_avg"].is_cuda for s in opt_r.state.values())
+    steps(resumed, opt_r, sched_r, 3)
+
+    old = build_model(cfg.model, verbose=False).cuda()
+    opt_o, _ = make_optimizer(old, cfg)
+    opt_o.load_state_dict(load_state_file(tmp_path / STATE_FILE, map_location="cuda")["optimizer"])
+    assert all(s["step"].is_cuda for s in opt_o.state.values())
+    fit_loss(old(batch), batch).mean().backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            opt_o.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -9,16 +9,12 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from fewsound.config import to_dict
 from fewsound.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
-
 from fewsound.train.config import TrainConfig, train_config_from_dict
 from fewsound.train.step import unwrap
 
@@ -131,18 +127,20 @@ def load_state_file(path: Path, map_location: torch.device | str = "cpu") -> dic
 
 
 def load_training_state(
-    folder: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    *,
-    device: torch.device | str = "cpu",
+    folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
-    """Restore what `save_training_state` wrote into model/optimizer/scheduler (built from the same config).
-    Returns the meta dict, with "digest_loaded" = the digest of the restored state."""
+    """Restore what `save_training_state` wrote into model/optimizer/scheduler (built from the same config, the
+    model already on its device). Returns the meta dict, with "digest_loaded" = the digest of the restored state.
+
+    The file is read to the host; the load_state_dict calls then copy each tensor where it belongs, and the
+    optimizer's state ends as a fresh optimizer's after a step: AdamW's moments on their parameter's device and
+    dtype (torch casts them), its `step` a 0-dim float32 CPU tensor (torch keeps a non-fused, non-capturable
+    `step` where it was read, and a fresh AdamW hosts it on the CPU). Reading onto a GPU instead
+    (map_location=cuda) would leave `step` there, and AdamW reads it back with `.item()` every step: a host sync
+    per parameter per step."""
     folder = Path(folder)
     meta = json.loads((folder / META_FILE).read_text())
-    payload = load_state_file(folder / STATE_FILE, map_location=device)
+    payload = load_state_file(folder / STATE_FILE, map_location="cpu")
     unwrap(model).load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from fewsound.losses import fit_loss
-
-if TYPE_CHECKING:
-    pass
-
+from fewsound.losses import ReconstructionLoss
 from fewsound.train.batches import validation_crop
 from fewsound.train.config import TrainConfig
 from fewsound.train.step import unwrap
@@ -41,30 +38,82 @@ def choose_validation(clip_ids: Sequence[str], kinds: Sequence[str], n: int, n_l
     return subset, sorted(logged)
 
 
+@dataclass
+class DeviceValidation:
+    """What validation computes on the model's device (reconstructions and the paper's loss), before anything
+    goes to the CPU. Every tensor lives on the model's device; float32.
+
+    recs: [V, N] the model's reconstructions; losses: [V] their loss against the clips;
+    universal: [N] FewSound's universal INR alone (None for HyperSound); universal_losses: [V] (or None).
+    """
+
+    recs: torch.Tensor
+    losses: torch.Tensor
+    universal: torch.Tensor | None
+    universal_losses: torch.Tensor | None
+
+
 @torch.no_grad()
-def reconstruct(
-    model: torch.nn.Module, clips: np.ndarray, *, batch_size: int = 16, device: torch.device | None = None
-) -> np.ndarray:
-    """The model's reconstructions of validation clips [V, N] -> [V, N] (eval mode, no grad)."""
+def reconstruct_on_device(
+    model: torch.nn.Module,
+    clips: np.ndarray | torch.Tensor,
+    cfg: TrainConfig | None = None,
+    *,
+    batch_size: int = 16,
+    device: torch.device | None = None,
+) -> DeviceValidation:
+    """Reconstructions of clips [V, N] and, given `cfg`, their loss (and the universal INR's), all computed on
+    `device` (default: the model's) in batches of `batch_size` clips, in eval mode without grad. Nothing is
+    copied back to the host: the caller moves what it needs in one transfer. Without `cfg` the losses are empty.
+    """
     m = unwrap(model)
     was_training = m.training
     m.eval()
     device = device or next(m.parameters()).device
-    out = [
-        m(torch.from_numpy(np.ascontiguousarray(clips[i : i + batch_size])).to(device)).float().cpu().numpy()
-        for i in range(0, len(clips), batch_size)
-    ]
+    x_all = torch.as_tensor(np.ascontiguousarray(clips) if isinstance(clips, np.ndarray) else clips).to(device)
+    uni = universal_on_device(m, x_all.shape[1])
+    recs, losses, uni_losses = [], [], []
+    for i in range(0, len(x_all), batch_size):
+        x = x_all[i : i + batch_size]
+        rec = m(x).float()
+        recs.append(rec)
+        if cfg is not None:
+            loss = ReconstructionLoss(x, lambda_t=cfg.lambda_t, lambda_f=cfg.lambda_f, sr=cfg.model.sample_rate)
+            losses.append(loss(rec))
+            if uni is not None:
+                uni_losses.append(loss(uni.expand_as(x).contiguous()))
     m.train(was_training)
-    return np.concatenate(out) if out else np.zeros_like(clips)
+    empty = x_all.new_zeros((0,), dtype=torch.float32)
+    return DeviceValidation(
+        recs=torch.cat(recs) if recs else x_all.float(),
+        losses=torch.cat(losses) if losses else empty,
+        universal=uni,
+        universal_losses=(torch.cat(uni_losses) if uni_losses else empty) if uni is not None else None,
+    )
 
 
 @torch.no_grad()
-def universal_reconstruction(model: torch.nn.Module, n_samples: int) -> np.ndarray | None:
-    """FewSound's universal INR alone (delta = 0): [n_samples]; None for HyperSound (no universal weights)."""
+def universal_on_device(model: torch.nn.Module, n_samples: int) -> torch.Tensor | None:
+    """FewSound's universal INR alone (delta = 0) on the model's device: float32 [n_samples]; None for
+    HyperSound (no universal weights)."""
     m = unwrap(model)
     if m.config.kind != "fewsound":
         return None
-    return m.universal(n_samples).float().cpu().numpy().reshape(-1)
+    return m.universal(n_samples).float().reshape(-1)
+
+
+def reconstruct(
+    model: torch.nn.Module, clips: np.ndarray, *, batch_size: int = 16, device: torch.device | None = None
+) -> np.ndarray:
+    """The model's reconstructions of validation clips [V, N] -> [V, N] float32 (eval mode, no grad)."""
+    out = reconstruct_on_device(model, clips, batch_size=batch_size, device=device)
+    return out.recs.cpu().numpy()
+
+
+def universal_reconstruction(model: torch.nn.Module, n_samples: int) -> np.ndarray | None:
+    """FewSound's universal INR alone (delta = 0): [n_samples]; None for HyperSound (no universal weights)."""
+    uni = universal_on_device(model, n_samples)
+    return None if uni is None else uni.cpu().numpy()
 
 
 def validate(
@@ -75,53 +124,46 @@ def validate(
     ids: Sequence[str] | None = None,
     *,
     device: torch.device | None = None,
+    workers: int = 0,
 ) -> list[dict[str, Any]]:
     """Per-clip validation rows for clips [V, N] (already the validation crop): the loss and every metric of
     `cfg.val_metrics` for the model's reconstruction, and (FewSound) for the universal weights alone.
 
+    The reconstructions and the loss run on `device` (default: the model's) and reach the host in one transfer;
+    CDPAM runs on that device too. `workers` > 1: the CPU-only per-clip metrics (PESQ, STOI: C and numpy code,
+    PESQ's holding the GIL) run in that many processes, alongside the rest; the values are those of
+    `workers=0` (in this process), clip for clip.
+
     Row: {"clip_id", "kind", "loss", "universal_loss", "metrics": {...}, "universal": {...}}.
     """
-    from fewsound.metrics import evaluate
-
     clips = np.asarray(clips, dtype=np.float32)
     ids = list(ids) if ids is not None else [f"clip {i}" for i in range(len(clips))]
-    recs = reconstruct(model, clips, device=device)
-    uni = universal_reconstruction(model, clips.shape[1])
-    ref_t = torch.from_numpy(clips)
-
-    def loss(pred: np.ndarray) -> np.ndarray:  # [V, N] -> [V]
-        return fit_loss(
-            torch.from_numpy(pred), ref_t, lambda_t=cfg.lambda_t, lambda_f=cfg.lambda_f, sr=cfg.model.sample_rate
-        ).numpy()
-
-    losses = loss(recs)
+    on_device = reconstruct_on_device(model, clips, cfg, device=device)
+    metric_device = on_device.recs.device
+    recs, losses = on_device.recs.cpu().numpy(), on_device.losses.cpu().numpy()
+    uni = None if on_device.universal is None else on_device.universal.cpu().numpy()
     rows = [{"clip_id": ids[i], "kind": kinds[i], "loss": float(losses[i]), "metrics": {}} for i in range(len(clips))]
-    if uni is not None:
-        uni_b = np.broadcast_to(uni, clips.shape).copy()
-        uni_losses = loss(uni_b)
-        for r, ul in zip(rows, uni_losses):
+    if on_device.universal_losses is not None:
+        for r, ul in zip(rows, on_device.universal_losses.cpu().numpy()):
             r["universal_loss"], r["universal"] = float(ul), {}
     for kind in sorted(set(kinds)):
         idx = [i for i, k in enumerate(kinds) if k == kind]
-        names = [ids[i] for i in idx]
-        for i, res in zip(
-            idx, evaluate(clips[idx], recs[idx], cfg.model.sample_rate, kind, cfg.val_metrics, names=names)
-        ):
-            rows[i]["metrics"] = res
+        targets = [("metrics", recs[idx])]
         if uni is not None:
-            for i, res in zip(
-                idx,
-                evaluate(
-                    clips[idx],
-                    np.broadcast_to(uni, (len(idx), uni.shape[0])),
-                    cfg.model.sample_rate,
-                    kind,
-                    cfg.val_metrics,
-                    names=names,
-                ),
-            ):
-                rows[i]["universal"] = res
+            targets.append(("universal", np.broadcast_to(uni, (len(idx), uni.shape[0]))))
+        for key, pred in targets:
+            results = _metrics(clips[idx], pred, cfg, kind, [ids[i] for i in idx], metric_device, workers)
+            for i, res in zip(idx, results):
+                rows[i][key] = res
     return rows
+
+
+def _metrics(refs, recs, cfg: TrainConfig, kind: str, names: list[str], device: torch.device, workers: int):
+    from fewsound.metrics import evaluate
+
+    return evaluate(
+        refs, recs, cfg.model.sample_rate, kind, cfg.val_metrics, names=names, device=device, workers=workers
+    )
 
 
 def summarize_validation(rows: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -3,8 +3,9 @@ checkpoint if any, wrap in DDP (`prepare_model`), then per epoch: `fewsound.trai
 over ranks, validation every `val_every` epochs (metrics per rank, gathered on rank 0), and
 `ray.train.report` with a checkpoint written by rank 0 (state + meta.json with the state digest). Rank 0 alone
 talks to MLflow: curves, validation metrics, audio and spectrograms of the logged clips, and at the end the
-model (fewsound's own file and an MLflow PyTorch model). Rank 0 also writes the job log's progress: a line at
-most every 30 s within an epoch and one per epoch, with samples/s and the ETA of the whole run (`Progress`).
+model (fewsound's own file and an MLflow PyTorch model in the pickle-free "pt2" format). Rank 0 also writes the
+job log's progress: a line at most every 30 s within an epoch and one per epoch, with samples/s and the ETA of the
+whole run (`Progress`).
 """
 
 from __future__ import annotations
@@ -56,22 +57,37 @@ def _log_curve(run: Any, key: str, values: list[float], first_step: int) -> None
     run.client.log_batch(run.run_id, metrics=[Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)])
 
 
-def _log_final_model(run: Any, model: Any, uri: str) -> None:
+def _log_final_model(run: Any, model: Any, uri: str, clips: Any = None) -> None:
+    """The trained model twice: fewsound's own file (weights-only, `model_file/`) and an MLflow PyTorch model in
+    MLflow's "pt2" format (torch.export's graph and weights: `mlflow.pytorch.load_model` loads it without
+    unpickling any code, as MLflow requires by default). `clips` [V, N]: example input (two of them; seeded noise
+    when fewer), traced with a dynamic batch size."""
     import mlflow
     import mlflow.pytorch
+    import numpy as np
     import torch
+    from mlflow.models import infer_signature
 
     from fewsound.hyper import save_model
 
     with tempfile.TemporaryDirectory() as d:
         run.log_artifact(save_model(Path(d) / MODEL_FILE, model), "model_file")
+    model = model.cpu().eval()
+    n = model.config.clip_length
+    if clips is None or len(clips) < 2:  # a batch of 1 would be traced as a fixed batch size
+        clips = np.random.default_rng(0).standard_normal((2, n)) * 0.1
+    example = np.ascontiguousarray(clips[:2], dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run.run_id):
         # explicit requirements: inferring them would load the model in a subprocess (slow, and needs the GPU)
         mlflow.pytorch.log_model(
-            model.cpu(),
+            model,
             name="model",
-            serialization_format="pickle",
+            serialization_format="pt2",
+            input_example=example,
+            signature=infer_signature(example, output),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
 
@@ -146,6 +162,7 @@ class _Worker:
     run: Any  # MlflowRun on rank 0, NullLogger elsewhere
     start_epoch: int
     step: int
+    metric_workers: int = 0  # processes for the CPU-only validation metrics (PESQ, STOI): the worker's CPUs
 
 
 def _start_worker(config: dict[str, Any]) -> _Worker:
@@ -176,7 +193,7 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            meta = load_training_state(d, model, optimizer, scheduler, device=device)
+            meta = load_training_state(d, model, optimizer, scheduler)
         start_epoch, step = meta["epoch"] + 1, meta["step"]
         assert meta["digest_loaded"] == meta["digest"], "restored state differs from the checkpoint's"
         if rank == 0:
@@ -185,7 +202,8 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     elif rank == 0:
         run.log_metrics({"model/params": float(model.param_counts()["total"])}, step=0)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False)
-    return _Worker(cfg, rank, world, device, model, ddp, optimizer, scheduler, run, start_epoch, step)
+    metric_workers = int(config["cpus_per_worker"] or 0)
+    return _Worker(cfg, rank, world, device, model, ddp, optimizer, scheduler, run, start_epoch, step, metric_workers)
 
 
 def _train_metrics(w: _Worker, stats: Any, epoch: int) -> dict[str, float]:
@@ -209,14 +227,15 @@ def _train_metrics(w: _Worker, stats: Any, epoch: int) -> dict[str, float]:
 
 def _validate_epoch(w: _Worker, epoch: int, val: tuple, log_ids: set[str]) -> tuple[dict[str, float], list[dict]]:
     """Validation on every rank's clips, gathered on rank 0: (summary metrics, audio rows to log); both empty on
-    the other ranks. Audio (logged clips' reconstructions and FewSound's universal output) on audio epochs."""
+    the other ranks. Reconstructions and loss on the worker's device, PESQ/STOI in a pool of the worker's CPUs.
+    Audio (logged clips' reconstructions and FewSound's universal output) on audio epochs."""
     import torch.distributed as dist
 
     from fewsound.train import reconstruct, summarize_validation, universal_reconstruction, validate
 
     clips, ids, kinds = val
     length = w.cfg.model.clip_length
-    rows = validate(w.model, clips, kinds, w.cfg, ids, device=w.device) if len(ids) else []
+    rows = validate(w.model, clips, kinds, w.cfg, ids, device=w.device, workers=w.metric_workers) if len(ids) else []
     audio_rows = []
     if w.cfg.is_audio_epoch(epoch):
         pick = [i for i, c in enumerate(ids) if c in log_ids]
@@ -317,4 +336,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
     if w.rank == 0:
-        _log_final_model(w.run, unwrap(w.model), config["tracking_uri"])
+        _log_final_model(w.run, unwrap(w.model), config["tracking_uri"], val_cache[0] if val_cache else None)
