@@ -92,14 +92,14 @@ def peak_rss_mb() -> float:
 
 
 def planning_seconds(tasks: list, pack_size: int, slots: int, trials_per_slot: int) -> dict[str, float]:
-    """What run_sweep computes from the task list before Tune starts, timed alone (fresh copies of the tasks)."""
-    import copy
+    """What run_sweep computes from the task list before Tune starts, timed alone (on fresh copies of the tasks)."""
+    import dataclasses
 
     from fewsound.plan import bundle, pack
     from tune.sweep.driver import sweep_id
     from tune.sweep.plan import check_arguments
 
-    tasks = copy.deepcopy(tasks)
+    tasks = [dataclasses.replace(t) for t in tasks]  # fresh tasks: their keys not computed yet
     t = time.perf_counter()
     check_arguments("bench", tasks, 0.25, pack_size, 1, 1, trials_per_slot, None)
     sweep_id("bench", tasks)
@@ -336,11 +336,14 @@ def compare(cluster: bool) -> None:
         ("MLflow server CPU (s)", lambda r: r["mlflow_server_cpu_s"]["first_run"], "-"),
         ("bytes per fit (records+artifacts)", lambda r: r["bytes_per_fit"]["records_and_artifacts"], "-"),
     ]
+    rows.append(("load average before (1 min)", None, "-"))
     ns = sorted(have)
+    loads = {n: json.loads(runs[n].read_text())["machine"]["load_avg_before"][0] for n in ns}
     head = f"{'':36}" + "".join(f"{f'N={n:,}':>14}" for n in ns) + f"{'Ray anchor':>14}"
     print(head)
     for name, get, anchor in rows:
-        print(f"{name:36}" + "".join(f"{get(have[n])!s:>14}" for n in ns) + f"{anchor!s:>14}")
+        cells = [loads[n] if get is None else get(have[n]) for n in ns]
+        print(f"{name:36}" + "".join(f"{c!s:>14}" for c in cells) + f"{anchor!s:>14}")
     a, g = ANCHOR, GOALS
     print(
         f"anchor: Ray Tune's bookkeeping release test, {a['trials']:,} trials of {a['trial_seconds']} s on "
