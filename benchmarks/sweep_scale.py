@@ -54,6 +54,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,7 +71,8 @@ def tasks_for(n: int, clips: list, per_config: int, steps: int, length: int) -> 
     from fewsound.fit import FitConfig
     from fewsound.plan import FitTask
 
-    out, seed = [], 0
+    out: list = []
+    seed = 0
     while len(out) < n:
         cfg = FitConfig(family="nerf", steps=steps, seed=seed)
         k = min(per_config, n - len(out))
@@ -134,7 +136,7 @@ def metric_costs(corpus: str, clips: list, length: int, metrics: list[str], n: i
     return out
 
 
-def one_sweep(tasks: list, corpus: str, args: argparse.Namespace, address: str | None) -> tuple[object, float]:
+def one_sweep(tasks: list, corpus: str, args: argparse.Namespace, address: str | None) -> tuple[Any, float]:
     from tune.sweep import run_sweep
 
     t = time.perf_counter()
@@ -254,6 +256,7 @@ def nodes_and_fits(experiment: str) -> dict:
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Resources"].get("GPU", 0) > 0}
     client = MlflowClient(tracking_uri=tracking_uri())
     exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, experiment
     runs = search_runs(client, exp.experiment_id, "attributes.status = 'FINISHED'")
     per = collections.Counter(r.data.tags.get(NODE_TAG, "?") for r in runs if FIT_KEY_TAG in r.data.tags)
     kinds = collections.Counter("gpu_multi" if r.get("gpu_multi") else "gpu_spot" for r in nodes.values())
@@ -324,7 +327,7 @@ def compare(cluster: bool) -> None:
     if not have:
         print("no saved results to compare")
         return
-    rows = [
+    rows: list[tuple[str, Any, Any]] = [
         ("wall (s)", lambda r: r["wall_s"], "-"),
         ("fits/hour", lambda r: r["fits_per_hour"], "-"),
         ("orchestration, slot-s per fit", lambda r: r["overhead_slot_s_per_fit"], ANCHOR["overhead_s_per_trial"]),
