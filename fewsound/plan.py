@@ -15,6 +15,7 @@ as soon as it is done.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
 from typing import Any
 
@@ -36,11 +37,13 @@ class FitTask:
     def family(self) -> str:
         return self.cfg.family
 
-    @property
+    # computed once per task (a sweep looks keys up many times: planning, resume, packing, the summary); a frozen
+    # dataclass's cached_property lives in the instance's __dict__, outside its fields (equality, hashing)
+    @functools.cached_property
     def cfg_hash(self) -> str:
         return cfg_hash({"fit": self.cfg.key_hash(16), "length": self.length})
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         return f"{self.family}-{self.clip_id}-{self.cfg_hash}"
 
@@ -65,7 +68,7 @@ def pack(tasks: list[FitTask], pack_size: int) -> list[list[FitTask]]:
     assert pack_size >= 1
     groups: dict[tuple[str, int], list[FitTask]] = defaultdict(list)
     for t in tasks:
-        groups[(t.cfg.key_hash(16), t.length)].append(t)
+        groups[(t.cfg_hash, t.length)].append(t)
     packs = []
     for group in groups.values():
         for i in range(0, len(group), pack_size):

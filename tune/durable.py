@@ -107,10 +107,15 @@ def replay(
 def replay_targets(client: Any, root: str, sweep: str, parent_run_id: str, names: set[str] | None = None) -> int:
     """Log the sweep's pending targets (those of `names` only, when given) on the parent run under TARGETS_DIR,
     each then removed from the sweep's storage. Idempotent: two processes logging the same target write the same
-    bytes to the same artifact path. Returns how many were logged."""
-    pending = records.pending_targets(root, sweep)
-    if names is not None:
-        pending = [n for n in pending if n in names]
+    bytes to the same artifact path. Returns how many were logged.
+
+    With `names` (a pack's targets) each is looked up by name rather than by listing every target of the sweep,
+    which a trial would do once per pack; the listing (names=None, the driver's) also removes files left by a
+    process that died between `records.target_logged`'s two steps."""
+    if names is None:
+        pending = records.pending_targets(root, sweep)
+    else:
+        pending = sorted(n for n in names if not records.target_is_logged(root, sweep, n))
     done = 0
     with tempfile.TemporaryDirectory() as d:
         for name in pending:

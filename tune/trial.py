@@ -143,10 +143,11 @@ def run_pack(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> di
     not answer; the driver replays them), setup_seconds (the resume lookup and loading the clips), fit_seconds
     (the packed fit() calls, retries included), fit_cpu (their CPU seconds in the fitting thread: all of it with
     one torch thread, and unlike wall time not inflated by whatever shares the core), eval_seconds, eval_cpu,
-    record_seconds (writing the records), process_cpu (all threads of the trial's process: the fit, logging,
-    Ray's own threads; with `overlap` also the next pack's fit), log_seconds, seconds (the whole call), start/end
-    (epoch seconds, for concurrency accounting), fit_start/fit_end and eval_start/eval_end (epoch seconds of the
-    fit phase and of the evaluation), pid, torch_threads.
+    record_seconds (writing the records, their files' encoding included), artifact_seconds (of that, encoding
+    the targets and the fits' files: FLAC, spectrogram PNG), process_cpu (all threads of the trial's process: the
+    fit, logging, Ray's own threads; with `overlap` also the next pack's fit), log_seconds, seconds (the whole
+    call), start/end (epoch seconds, for concurrency accounting), fit_start/fit_end and eval_start/eval_end (epoch
+    seconds of the fit phase and of the evaluation), pid, torch_threads.
     """
     return finish_pack(fit_phase(pack, ctx, pack_index), ctx)
 
@@ -163,6 +164,10 @@ class Fitted:
     pack_index: int
     pid: str  # pack_id of the whole pack
     timing: dict[str, float]
+    # some fit of the pack had a record at the start (a retried trial, a re-run): runs of the pack may exist. Runs
+    # are only created from records, so without one there is nothing to look up (and the driver marked any run
+    # left RUNNING KILLED before Tune started)
+    recorded: bool = True
 
 
 def fit_phase(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> Fitted:
@@ -171,7 +176,8 @@ def fit_phase(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> F
     tasks = pack_from_config(pack)
     pid = pack_id(tasks)
     root = ctx.records_root
-    earlier = [r for t in tasks if (r := records.read_record(root, ctx.sweep, t.key)) and r.status == "FINISHED"]
+    found = [r for t in tasks if (r := records.read_record(root, ctx.sweep, t.key)) is not None]
+    earlier = [r for r in found if r.status == "FINISHED"]
     done_keys = {r.key for r in earlier}
     tasks = [t for t in tasks if t.key not in done_keys]
     clips = np.stack([load_clip(ctx.corpus, t.clip_id, t.length) for t in tasks]) if tasks else None
@@ -179,7 +185,7 @@ def fit_phase(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> F
     results, attempts, fit_seconds, fit_cpu = _fit_pack(tasks, clips, ctx)
     timing = {"start": start, "t0": t0, "cpu0": cpu0, "setup_seconds": setup_seconds, "fit_seconds": fit_seconds,
               "fit_cpu": fit_cpu, "fit_start": start, "fit_end": time.time()}  # fmt: skip
-    return Fitted(tasks, earlier, clips, results, attempts, pack_index, pid, timing)
+    return Fitted(tasks, earlier, clips, results, attempts, pack_index, pid, timing, bool(found))
 
 
 def finish_pack(f: Fitted, ctx: TrialContext) -> dict[str, float]:
@@ -197,17 +203,20 @@ def finish_pack(f: Fitted, ctx: TrialContext) -> dict[str, float]:
     t = time.perf_counter()
     log_curves = f.pack_index % max(1, ctx.curve_every_n_packs) == 0
     targets = _put_targets(tasks, results, clips, ctx)
+    files = [_artifact_files(task, results[i], targets[i][1]) if targets[i] else {} for i, task in enumerate(tasks)]
+    artifact_seconds = time.perf_counter() - t  # the targets' and the fits' files encoded (and targets written)
     new = [
         _write_record(
-            task, results[i], evals[i], eval_errors.get(i), targets[i], ctx, pid, f.attempts[i], log_curves and i == 0
+            task, results[i], evals[i], eval_errors.get(i), targets[i], files[i], ctx, pid, f.attempts[i],
+            log_curves and i == 0,
         )
         for i, task in enumerate(tasks)
-    ]
+    ]  # fmt: skip
     record_seconds = time.perf_counter() - t
 
     t = time.perf_counter()
     unlogged = [r for r in f.earlier if records.logged_run(ctx.records_root, ctx.sweep, r.key) is None]
-    kept = _log_records(ctx, pid, new + unlogged)
+    kept = _log_records(ctx, pid, new + unlogged, f.recorded)
     log_seconds = time.perf_counter() - t
     done = sum(r.status == "FINISHED" for r in new)
     timing = dict(f.timing)
@@ -220,6 +229,7 @@ def finish_pack(f: Fitted, ctx: TrialContext) -> dict[str, float]:
         **timing,
         "eval_seconds": eval_seconds,
         "record_seconds": record_seconds,
+        "artifact_seconds": artifact_seconds,
         "log_seconds": log_seconds,
         "seconds": time.perf_counter() - t0,
         "eval_cpu": eval_cpu,
@@ -309,6 +319,7 @@ def _write_record(
     ev: dict | None,
     eval_error: str | None,
     target: tuple[str, np.ndarray] | None,
+    files: dict[str, bytes],
     ctx: TrialContext,
     pid: str,
     attempts: int,
@@ -316,16 +327,15 @@ def _write_record(
 ) -> FitRecord:
     """One fit's record in the sweep's storage, written before anything is logged: FINISHED, or FAILED with the
     reason (diverged, or its evaluation failed); for a fit that did not diverge, its prediction's audio and the
-    spectrogram, and a reference to its clip's target (`target`: its name in the sweep's storage, and the audio)."""
+    spectrogram (`files`, from _artifact_files), and a reference to its clip's target (`target`: its name in the
+    sweep's storage, and the audio)."""
     reason = None
     if r.diverged:
         reason = f"diverged at step {r.diverged_step} (non-finite loss) after {attempts} attempt(s)"
     elif eval_error is not None:
         reason = f"evaluation failed: {eval_error}"
     spec = _run_spec(task, r, ev, ctx, pid, reason, attempts, curve)
-    files = {}
     if target is not None:
-        files = _artifact_files(task, r, target[1])
         spec["tags"][TARGET_AUDIO_TAG] = f"{TARGETS_DIR}/{target[0]}"
     rec = FitRecord(key=task.key, sweep=ctx.sweep, reason=reason, **spec)
     return records.write_record(ctx.records_root, rec, files)
@@ -353,9 +363,11 @@ def _put_targets(
     return out
 
 
-def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord]) -> int:
+def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord], recorded: bool = True) -> int:
     """Replay `recs` as child runs, a few at once (each mostly waits on the server). When the server does not
-    answer, the rest stay kept for the driver. Returns how many were not logged."""
+    answer, the rest stay kept for the driver. `recorded`: the pack's fits had records before this trial (else
+    their runs, which only records create, cannot exist: the search for them is skipped, one request per pack
+    whose cost grows with the experiment's runs). Returns how many were not logged."""
     if not recs:
         return 0
     if server_health(ctx.tracking_uri, HEALTH_TIMEOUT) is not None:
@@ -366,7 +378,8 @@ def _log_records(ctx: TrialContext, pid: str, recs: list[FitRecord]) -> int:
     targets = {rec.tags[TARGET_AUDIO_TAG].rpartition("/")[2] for rec in recs if TARGET_AUDIO_TAG in rec.tags}
     try:  # the targets first: a logged fit's reference resolves
         replay_targets(client, ctx.records_root, ctx.sweep, ctx.parent_run_id, targets)
-        runs = runs_by_key(client, exp_id, f"{tag_filter(SWEEP_TAG, ctx.sweep)} and {tag_filter(PACK_TAG, pid)}")
+        where = f"{tag_filter(SWEEP_TAG, ctx.sweep)} and {tag_filter(PACK_TAG, pid)}"
+        runs = runs_by_key(client, exp_id, where) if recorded else {}
     except Exception:
         return len(recs)
 

@@ -146,7 +146,10 @@ def run_sweep(
         summary = _summarize(s, plan, callback, n_trials, timings, t0)
         if progress:
             print_failures(name, s.parent.client, s.parent.experiment_id, s.sid, {t.key for t in s.todo})
+        timings["summarize"] = time.perf_counter() - t
+        t_tables = time.perf_counter()
         finish_parent(s.parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays audio
+        timings["tables_and_listen_page"] = time.perf_counter() - t_tables
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
     s.lease.release()
@@ -168,6 +171,7 @@ class _Opened:
     progress: bool
     todo: list[FitTask] = dataclasses.field(default_factory=list)
     replayed: int = 0
+    finished: dict[str, Any] = dataclasses.field(default_factory=dict)  # {key: FINISHED run} when step 1 ended
 
 
 def _open(name: str, tasks: list[FitTask], experiment: str, progress: bool, parent_run_id: str | None) -> _Opened:
@@ -184,8 +188,8 @@ def _open(name: str, tasks: list[FitTask], experiment: str, progress: bool, pare
             parent = MlflowRun(experiment, uri=uri, run_id=parent_run_id)
             parent.client.update_run(parent_run_id, status="RUNNING")
         s = _Opened(name, tasks, experiment, sid, uri, watch, lease, parent, progress)
-        finished, s.replayed = _log_kept_records(s, tasks)
-        s.todo = [t for t in tasks if t.key not in finished]
+        s.finished, s.replayed = _log_kept_records(s, tasks)
+        s.todo = [t for t in tasks if t.key not in s.finished]
         _mark_stale(parent.client, parent.experiment_id, {t.key for t in s.todo})
     return s
 
@@ -284,7 +288,8 @@ def _log_kept_records(s: _Opened, tasks: list[FitTask], after_tune: bool = False
 def _summarize(
     s: _Opened, plan: SweepPlan, callback: Progress, n_trials: int, timings: dict[str, float], t0: float
 ) -> SweepSummary:
-    finished = finished_runs(s.parent.client, s.parent.experiment_id)
+    # nothing ran (every fit was finished): the runs found at the start are the sweep's runs, not searched again
+    finished = s.finished if n_trials == 0 else finished_runs(s.parent.client, s.parent.experiment_id)
     rows = [row(t, finished[t.key]) for t in s.tasks if t.key in finished]
     skipped = len(s.tasks) - len(s.todo)
     summary = SweepSummary(
