@@ -97,7 +97,7 @@ def fit_all(args: argparse.Namespace) -> list[tuple[list[Any], list[Any], Any, l
     """Per family: (tasks, fit results, clips [B, N], evaluations): real fits of the corpus's first clips."""
     import numpy as np
 
-    from fewsound.data.shards import open_corpus
+    from fewsound.data.corpus import open_corpus
     from fewsound.fit import FitConfig
     from fewsound.plan import FitTask
     from tune.trial import TrialContext, _evaluate, _fit_pack, load_clip

@@ -190,6 +190,7 @@ def test_tests_run_with_cuda_hidden():
 # --- CPU means CPU: a real local Ray whose node lists two GPUs ------------------------------------------------
 
 
+@pytest.mark.integration  # a local Ray
 def test_a_ray_task_given_no_gpu_sees_none(monkeypatch):
     import ray
 
@@ -215,7 +216,7 @@ def test_a_ray_task_given_no_gpu_sees_none(monkeypatch):
 
 
 def test_the_grid_evaluation_asks_for_cpus_and_a_gpu_share():
-    from tune.hyper_eval import EVAL_CPUS, EVAL_GPU, eval_resources
+    from tune.hyper.evaluation import EVAL_CPUS, EVAL_GPU, eval_resources
 
     assert eval_resources([2.0], gpus=False) == {"num_cpus": 1.0}  # a 2-CPU machine: one left to the others
     assert eval_resources([4.0, 16.0], gpus=False) == {"num_cpus": float(EVAL_CPUS)}

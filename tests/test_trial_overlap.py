@@ -14,7 +14,7 @@ CORPUS = "builtin:inr-1.5s"
 
 def _packs(per_pack: int) -> list[dict]:
     """The built-in corpus's speech clips (PESQ and STOI apply), `per_pack` a pack."""
-    from fewsound.data.shards import open_corpus
+    from fewsound.data.corpus import open_corpus
     from fewsound.fit import FitConfig
     from fewsound.plan import FitTask, pack_to_config
 

@@ -141,7 +141,7 @@ def write_report(
     )
     if png:
         paths.append(png)
-    # a search's trials fit several clips each: it logs its own page (tune.search_report), which a page made from
+    # a search's trials fit several clips each: it logs its own page (tune.search.report), which a page made from
     # one row per run here would replace with one that has no audio
     if job != "search_inr" and (listen_clips is None or listen_clips > 0):
         paths.append(write_listen_page(uri, parent.info.run_id, rows, out / "listen.html", spec, listen_clips))

@@ -331,7 +331,7 @@ def _open_search_parent(spec: SearchSpec, sid: str, trials: int, max_params: int
 
 
 def _ended(parent: MlflowRun) -> Callable[[int], dict[str, Any] | None]:
-    """Trial number -> how its run ended (tune.study.prepare_resume's `ended`), for runs that ran every step or
+    """Trial number -> how its run ended (tune.search.study.prepare_resume's `ended`), for runs that ran every step or
     that ASHA stopped: a driver killed in the moment between a trial's end and its result reaching the driver
     finds the trial here instead of refitting it."""
     runs = search_runs(parent.client, parent.experiment_id, children_filter(parent.run_id, not_status="RUNNING"))
