@@ -1,5 +1,5 @@
 """What a sweep spends per fit outside the fit and the paper's metrics: bytes stored and CPU per step, the new way
-(tune/trial.py today) against the old way, measured in the same run on the same fits.
+(tune/sweep/trial.py today) against the old way, measured in the same run on the same fits.
 
     python benchmarks/fit_overhead.py [--clips 8] [--families nerf,siren] [--steps 50]
 
@@ -8,13 +8,13 @@ happens after the fit is measured), evaluated (MSE/PSNR: the paper's metrics are
 then each fit is stored and logged twice, against one real local MLflow server (fewsound's embedded server, a
 fresh store), one experiment per way:
 
-  new  through tune/trial.py's own functions, in run_pack's order: each clip's target once per sweep
-       (_put_targets: 16-bit FLAC), each fit's record (_write_record: 16-bit FLAC prediction + the numpy/Pillow
-       palette spectrogram), the child runs (_log_records -> tune.durable: the target on the parent run, the
+  new  through tune/sweep/trial.py's own functions, in run_pack's order: each clip's target once per sweep
+       (put_targets: 16-bit FLAC), each fit's record (write_record: 16-bit FLAC prediction + the numpy/Pillow
+       palette spectrogram), the child runs (log_records -> tune.sweep.durable: the target on the parent run, the
        files in the child run, then released from the record: one durable copy)
   old  the baseline: a matplotlib spectrogram (fewsound.report.save_spectrogram_png) and two float32 WAVs
        (gt.wav, pred.wav) per fit, written into the record and logged as the child run's artifacts through the
-       same _log_records, the record keeping its copy (what trial.py did before)
+       same log_records, the record keeping its copy (what trial.py did before)
 
 Per fit: CPU ms of each step (spectrogram, audio encode, record write, MLflow logging: this process, the client,
 all its threads; plus the tracking server's CPU from /proc via psutil), and bytes stored, read from disk after
@@ -66,7 +66,7 @@ def old_artifact_files(key: str, ref: Any, pred: Any, sr: int) -> tuple[dict[str
 
 @contextlib.contextmanager
 def records_keep_their_files() -> Iterator[None]:
-    """The baseline's logging: tune.durable's replay as before, the record keeping its copy of the files (no
+    """The baseline's logging: tune.sweep.durable's replay as before, the record keeping its copy of the files (no
     release once the run holds them)."""
     from fewsound import records
 
@@ -100,7 +100,8 @@ def fit_all(args: argparse.Namespace) -> list[tuple[list[Any], list[Any], Any, l
     from fewsound.data.corpus import open_corpus
     from fewsound.fit import FitConfig
     from fewsound.plan import FitTask
-    from tune.trial import TrialContext, _evaluate, _fit_pack, load_clip
+    from tune.sweep.context import TrialContext, load_clip
+    from tune.sweep.trial import _evaluate, _fit_pack
 
     infos = open_corpus(CORPUS).infos()[: args.clips]
     clips = np.stack([load_clip(CORPUS, i.clip_id, LENGTH) for i in infos])
@@ -118,31 +119,32 @@ def fit_all(args: argparse.Namespace) -> list[tuple[list[Any], list[Any], Any, l
 
 
 def run_new(fits: list, ctx: Any, clock: Clock) -> None:
-    """The new way, through tune/trial.py's functions in run_pack's order."""
+    """The new way, through tune/sweep/trial.py's functions in run_pack's order."""
     from fewsound.data.audio import flac_bytes
     from fewsound.report import spectrogram_png
-    from tune import trial
+    from tune.sweep import context as trial
+    from tune.sweep import record
 
     for tasks, results, clips, evals in fits:
         pid = trial.pack_id(tasks)
         c = time.process_time()
-        targets = trial._put_targets(tasks, results, clips, ctx)
+        targets = record.put_targets(tasks, results, clips, ctx)
         clock.add("target (encode + write, once per clip)", time.process_time() - c)
         recs = []
         for i, task in enumerate(tasks):
             pred, ref = results[i].reconstruction, clips[i]
             c0 = time.process_time()
-            spectrogram_png(ref, pred, task.cfg.sample_rate, title=task.key)  # the same calls _write_record makes,
+            spectrogram_png(ref, pred, task.cfg.sample_rate, title=task.key)  # the same calls write_record makes,
             c1 = time.process_time()  # timed one by one
             flac_bytes(pred, task.cfg.sample_rate)
             c2 = time.process_time()
-            recs.append(trial._write_record(task, results[i], evals[i], None, targets[i], ctx, pid, 1, False))
+            recs.append(record.write_record(task, results[i], evals[i], None, targets[i], ctx, pid, 1, False))
             c3 = time.process_time()
             clock.add("spectrogram", c1 - c0)
             clock.add("audio encode", c2 - c1)
-            clock.add("record write", (c3 - c2) - (c2 - c0))  # _write_record less its spectrogram and encode
+            clock.add("record write", (c3 - c2) - (c2 - c0))  # write_record less its spectrogram and encode
         s, c = clock.server_cpu(), time.process_time()
-        kept = trial._log_records(ctx, pid, recs)
+        kept = record.log_records(ctx, pid, recs)
         assert kept == 0, f"{kept} records not logged"
         clock.add("MLflow logging (client)", time.process_time() - c)
         clock.add("MLflow logging (server)", clock.server_cpu() - s)
@@ -150,16 +152,17 @@ def run_new(fits: list, ctx: Any, clock: Clock) -> None:
 
 def run_old(fits: list, ctx: Any, clock: Clock) -> None:
     """The baseline: the old files per fit, in the record and (a second copy) in the child run; the same logging
-    path (tune/trial.py's _log_records, so the same per-pack calls: health, run search)."""
+    path (tune/sweep/record.py's log_records, so the same per-pack calls: health, run search)."""
     from fewsound import records
     from fewsound.records import FitRecord
-    from tune import trial
+    from tune.sweep import context as trial
+    from tune.sweep import record
 
     for tasks, results, clips, evals in fits:
         pid = trial.pack_id(tasks)
         recs = []
         for i, task in enumerate(tasks):
-            spec = trial._run_spec(task, results[i], evals[i], ctx, pid, None, 1, False)
+            spec = record._run_spec(task, results[i], evals[i], ctx, pid, None, 1, False)
             files, audio_s, spec_s = old_artifact_files(task.key, clips[i], results[i].reconstruction, 22_050)
             c = time.process_time()
             rec = records.write_record(ctx.records_root, FitRecord(key=task.key, sweep=ctx.sweep, **spec), files)
@@ -169,7 +172,7 @@ def run_old(fits: list, ctx: Any, clock: Clock) -> None:
             recs.append(rec)
         s, c = clock.server_cpu(), time.process_time()
         with records_keep_their_files():
-            kept = trial._log_records(ctx, pid, recs)
+            kept = record.log_records(ctx, pid, recs)
         assert kept == 0, f"{kept} records not logged"
         clock.add("MLflow logging (client)", time.process_time() - c)
         clock.add("MLflow logging (server)", clock.server_cpu() - s)
@@ -192,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from fewsound import tracking
     from fewsound.tracking import get_or_create_experiment
-    from tune.durable import client_defaults
-    from tune.trial import TrialContext
+    from tune.sweep.context import TrialContext
+    from tune.sweep.durable import client_defaults
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clips", type=int, default=8)

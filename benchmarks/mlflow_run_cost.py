@@ -4,7 +4,7 @@ the client's CPU and the wall time per run, in the same run on the same machine.
     python benchmarks/mlflow_run_cost.py [--runs 300] [--repeats 2]
 
 A child run here is exactly what a sweep logs per fit when artifacts are off (fewsound.tracking.log_run, as
-tune/trial.py calls it): create the run with its tags (parent, sweep, pack, key, ...), one batch of params and
+tune/sweep/trial.py calls it): create the run with its tags (parent, sweep, pack, key, ...), one batch of params and
 final metrics, then mark it FINISHED - the params and tags of a real FitTask, the metrics of evaluate(). Two
 servers, each a fresh real `mlflow server` (one worker, SQLite store in its own temporary directory, proxied
 artifacts):

@@ -123,7 +123,7 @@ def metric_costs(corpus: str, clips: list, length: int, metrics: list[str], n: i
     import numpy as np
 
     from fewsound.metrics import evaluate
-    from tune.trial import load_clip
+    from tune.sweep.context import load_clip
 
     refs = np.stack([load_clip(corpus, c.clip_id, length) for c in clips[:n]])
     recs = refs + 0.01 * np.random.default_rng(0).standard_normal(refs.shape).astype(np.float32)

@@ -10,7 +10,7 @@
     release_files(root, sweep, key, files)        the files are in the logged run now: removed here
 
 A tracking server can be down, restarted or unreachable from a worker; a computed fit is too costly to throw
-away then. So a trial writes each fit's result here first, and logging it (tune.durable) is a replay of the
+away then. So a trial writes each fit's result here first, and logging it (tune.sweep.durable) is a replay of the
 record that may happen at once, later in the same sweep, or in a re-run of the same command.
 
 Each file has one durable copy at a time: here until its MLflow run holds it (the run is complete), then in

@@ -94,13 +94,13 @@ def test_an_uncommitted_record_is_not_listed(tmp_path):
 
 
 def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, tmp_path):
-    """tune.durable.replay_pending against the test session's MLflow server: each record once, a run left RUNNING
+    """tune.sweep.durable.replay_pending against the test session's MLflow server: each record once, a run left RUNNING
     by a logger that died is ended KILLED and replaced, a record whose run the store lost is logged again."""
     from mlflow.tracking import MlflowClient
 
     from fewsound.tracking import get_or_create_experiment
-    from tune.durable import replay_pending
     from tune.spine import FIT_KEY_TAG, SWEEP_TAG
+    from tune.sweep.durable import replay_pending
 
     client = MlflowClient(tracking_uri=env[1])
     exp = get_or_create_experiment(client, "t-replay")
@@ -163,13 +163,13 @@ def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, 
 
 def test_a_clips_target_is_stored_once_and_logged_once_on_the_parent(env, tmp_path):
     """fewsound.records' targets: written once per sweep, clip, length and rate whatever fits share it, logged by
-    tune.durable.replay_pending on the parent run, then removed from the sweep's storage (one durable copy)."""
+    tune.sweep.durable.replay_pending on the parent run, then removed from the sweep's storage (one durable copy)."""
     import soundfile as sf
     from mlflow.tracking import MlflowClient
 
     from fewsound.data.audio import flac_bytes
     from fewsound.tracking import get_or_create_experiment
-    from tune.durable import TARGETS_DIR, replay_pending
+    from tune.sweep.durable import TARGETS_DIR, replay_pending
 
     client = MlflowClient(tracking_uri=env[1])
     exp = get_or_create_experiment(client, "t-targets")
@@ -298,7 +298,7 @@ def _kill_embedded(home: Path) -> None:
 def test_the_embedded_server_is_restarted_twice_on_its_port_then_one_line(tmp_path, monkeypatch):
     from fewsound import tracking
     from fewsound.errors import TrackingError
-    from tune.durable import TrackingWatch
+    from tune.sweep.durable import TrackingWatch
 
     home = tmp_path / "home"
     monkeypatch.setenv("FEWSOUND_HOME", str(home))  # the driver's home, whose server.json names the embedded server
@@ -326,7 +326,7 @@ def test_the_embedded_server_is_restarted_twice_on_its_port_then_one_line(tmp_pa
 
 def test_a_remote_server_that_does_not_answer_is_one_line_after_the_wait(tmp_path):
     from fewsound.errors import TrackingError
-    from tune.durable import TrackingWatch
+    from tune.sweep.durable import TrackingWatch
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     root = str(tmp_path / "records")

@@ -1,4 +1,4 @@
-"""A trial evaluates pack k while it fits pack k + 1 (tune.trial.run_packs with overlap on, the default on a GPU):
+"""A trial evaluates pack k while it fits pack k + 1 (tune.sweep.trial.run_packs with overlap on, the default on a GPU):
 the timestamps of pack k's evaluation overlap pack k + 1's fit; with overlap off, each pack is finished before the
 next one fits. Real fits of built-in speech clips, real metrics (PESQ, STOI), real records and a real MLflow
 server (the session's)."""
@@ -29,7 +29,8 @@ def _run(env, overlap: bool, tmp_path) -> tuple[list[dict], list[str], str, str]
     from mlflow.tracking import MlflowClient
 
     from fewsound.tracking import get_or_create_experiment
-    from tune.trial import TrialContext, run_packs
+    from tune.sweep.context import TrialContext
+    from tune.sweep.trial import run_packs
 
     uri = env[1]
     client = MlflowClient(tracking_uri=uri)

@@ -99,7 +99,7 @@ def fit_and_score(params: dict[str, Any], ctx: SearchContext, *, report: Callabl
     trial); ASHA may end the trial inside it. Returns the final result."""
     from fewsound.fit import fit
     from fewsound.metrics import to_mlflow
-    from tune.trial import load_clip
+    from tune.sweep.context import load_clip
 
     cfg = to_fit_config(params["family"], _point(params), ctx.steps, ctx.seed, log_every=ctx.chunk_steps)
     run = _trial_run(params, cfg, ctx, reporting=report is not None)

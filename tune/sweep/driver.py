@@ -3,7 +3,7 @@
     summary = run_sweep("fit_inrs", tasks, corpus=DIR)
 
 1. Open (or, when re-run, reopen) the sweep's parent run; log the fit records kept in the sweep's storage that
-   are not logged yet (tune.durable: computed before, never refitted); list the keys that already have a FINISHED
+   are not logged yet (tune.sweep.durable: computed before, never refitted); list the keys that already have a FINISHED
    child run and skip them; mark runs of unfinished keys left RUNNING by a killed driver as KILLED.
 2. Start or join Ray and plan for the cluster's capacity (tune.ray_env: its ceiling where the cluster states one,
    so that pending trials make the autoscaler start nodes): trials ask for a GPU fraction when the cluster has or
@@ -37,7 +37,6 @@ from fewsound.data.corpus import corpus_location
 from fewsound.errors import Stopped
 from fewsound.plan import FitTask, bundle, pack, pack_to_config
 from fewsound.tracking import MlflowRun, git_commit, tracking_uri
-from tune.durable import TrackingWatch, client_defaults, replay_pending
 from tune.lease import SweepLease, take_lease
 from tune.ray_env import (
     init_ray,
@@ -54,6 +53,8 @@ from tune.spine import (
     mark_stale,
     open_keyed_run,
 )
+from tune.sweep.context import TrialContext
+from tune.sweep.durable import TrackingWatch, client_defaults, replay_pending
 from tune.sweep.plan import SweepPlan, check_arguments, plan_sweep
 from tune.sweep.progress import Progress, ServerWatch
 from tune.sweep.summary import (
@@ -64,7 +65,7 @@ from tune.sweep.summary import (
     record_crashed_trials,
     row,
 )
-from tune.trial import TrialContext, tune_trainable
+from tune.sweep.trial import tune_trainable
 
 
 def sweep_id(name: str, tasks: list[FitTask]) -> str:
@@ -175,7 +176,7 @@ class _Opened:
 
 
 def _open(name: str, tasks: list[FitTask], experiment: str, progress: bool, parent_run_id: str | None) -> _Opened:
-    """Step 1: the tracking server answers (tune.durable), this driver holds the sweep's lease (a second driver is
+    """Step 1: the tracking server answers (tune.sweep.durable), this driver holds the sweep's lease (a second driver is
     refused, tune.lease), the parent run is open, kept records are logged and `todo` lists the fits left."""
     uri, sid = tracking_uri(), sweep_id(name, tasks)
     watch = TrackingWatch(name, uri, records_root(experiment), sid)

@@ -8,11 +8,11 @@ from typing import Any
 
 from ray import tune
 
-from tune.durable import TrackingWatch
 from tune.spine import (
     eta_seconds,
     fmt_duration,
 )
+from tune.sweep.durable import TrackingWatch
 
 
 class Progress(tune.Callback):

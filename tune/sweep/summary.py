@@ -20,7 +20,7 @@ from tune.spine import (
     search_runs,
     tag_filter,
 )
-from tune.trial import TrialContext, pack_id
+from tune.sweep.context import TrialContext, pack_id
 
 
 @dataclasses.dataclass
