@@ -1,6 +1,8 @@
 """PostgreSQL as the tracking store, tested: a real PostgreSQL server (tests/postgres.py: a private cluster of
 Debian's `postgresql` binaries), the cluster's MLflow server on it (`python -m fewsound mlflow serve --store
-postgresql://...`, as cluster.yaml starts the head's server), and a real sweep and its re-run against it.
+postgresql://...`, as cluster.yaml starts the head's server), and a real sweep and its re-run against it:
+`jobs/fit_inrs.py --smoke-test`'s main() in this process (as tests/test_sweep.py runs it), on one local Ray
+started for the test, so the two runs share its start-up.
 
 The binaries must be installed (CI: scripts/ensure_postgres.sh): without them this test fails, saying what to
 install, rather than skipping.
@@ -8,22 +10,25 @@ install, rather than skipping.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from postgres import LocalPostgres  # tests/postgres.py (tests/ is on sys.path)
+from sweep_jobs import job  # tests/sweep_jobs.py
 
 from fewsound import tracking
 from tune.spine import FIT_KEY_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "fit_inrs-postgres"
-SWEEP = [sys.executable, str(REPO / "jobs" / "fit_inrs.py"), "--smoke-test", "--clips", "1",
-         "--experiment", EXPERIMENT]  # fmt: skip
+SWEEP = ["--smoke-test", "--clips", "1", "--experiment", EXPERIMENT]
 
 
 @pytest.fixture
@@ -32,32 +37,64 @@ def postgres(tmp_path):
         yield pg
 
 
-@pytest.fixture
-def serve(postgres, processes, tmp_path):
-    """`python -m fewsound mlflow serve` on the PostgreSQL store; its URI."""
+def spawn_server(postgres: LocalPostgres, processes, folder: Path) -> tuple[str, Callable[[], None]]:
+    """`python -m fewsound mlflow serve` on the PostgreSQL store, as cluster.yaml starts it on the head: its URI
+    and a function that waits until it answers."""
     port = tracking._free_port()
     cmd = [sys.executable, "-m", "fewsound", "mlflow", "serve", "--store", postgres.uri(), "--artifacts",
-           str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    log_path = tmp_path / "serve.log"
+           str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    log_path = folder / "serve.log"
     with open(log_path, "wb") as log:
-        proc = processes.start(cmd, stdout=log, stderr=log, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        proc = processes.start(cmd, stdout=log, stderr=log, cwd=folder, env=dict(os.environ, PYTHONPATH=str(REPO)))
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180  # the first start creates MLflow's tables (its migrations) in PostgreSQL
-    while (why := tracking.server_health(uri)) is not None:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"{uri}: {why}; {log_path.read_text()[-3000:]}"
-        time.sleep(0.5)
-    return uri
+
+    def wait() -> None:
+        deadline = time.monotonic() + 180  # its first start creates MLflow's tables (migrations) in PostgreSQL
+        while (why := tracking.server_health(uri)) is not None:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{uri}: {why}; {log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+    return uri, wait
 
 
-def test_a_sweep_and_its_rerun_on_a_postgresql_store(postgres, serve, processes, tmp_path):
+@pytest.fixture
+def sweep(postgres, processes, tmp_path, monkeypatch):
+    """(server URI, run): `run()` runs `jobs/fit_inrs.py SWEEP` in this process against the server (its home:
+    tmp_path/home) and returns (exit code, output). Ray starts once, after the environment is set (its workers
+    inherit it), while the server starts."""
+    import ray
+
+    from tune.ray_env import init_ray, quiet_defaults
+
+    uri, wait = spawn_server(postgres, processes, tmp_path)
+    monkeypatch.setenv("FEWSOUND_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("FEWSOUND_STORAGE", raising=False)
+    assert not ray.is_initialized()
+    quiet_defaults()
+    init_ray(num_cpus=2)
+    fit_inrs = job("fit_inrs")
+
+    def run() -> tuple[int, str]:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            rc = fit_inrs.main(SWEEP)
+        return rc, buf.getvalue()
+
+    try:
+        wait()
+        yield uri, run
+    finally:
+        ray.shutdown()
+
+
+def test_a_sweep_and_its_rerun_on_a_postgresql_store(postgres, sweep, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    home = tmp_path / "home"
-    env = dict(os.environ, FEWSOUND_HOME=str(home), MLFLOW_TRACKING_URI=serve, PYTHONPATH=str(REPO))
-    first = processes.run(SWEEP, env=env, cwd=tmp_path, timeout=600)
-    out = first.stdout + first.stderr
-    assert first.returncode == 0, out[-5000:]
+    serve, run = sweep
+    rc, out = run()
+    assert rc == 0, out[-5000:]
     assert "2 fits: 2 done now, 0 already finished, 0 failed" in out, out[-3000:]
 
     # the runs are in PostgreSQL: MLflow's client reads them from the database itself, not through the server
@@ -75,10 +112,9 @@ def test_a_sweep_and_its_rerun_on_a_postgresql_store(postgres, serve, processes,
     assert files >= {"audio/gt.wav", "audio/pred.wav"}, files  # the artifacts went through the same server
 
     # the re-run fits nothing; its fit records are deleted first, so what it knows comes from PostgreSQL
-    shutil.rmtree(home / "records")
-    again = processes.run(SWEEP, env=env, cwd=tmp_path, timeout=600)
-    out = again.stdout + again.stderr
-    assert again.returncode == 0, out[-5000:]
+    shutil.rmtree(tmp_path / "home" / "records")
+    rc, out = run()
+    assert rc == 0, out[-5000:]
     assert "2 fits: 2 already finished, 0 to run" in out, out[-3000:]
     assert "2 fits: 0 done now, 2 already finished, 0 failed" in out, out[-3000:]
     after = store.search_runs([exp.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'")
