@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "tests"))  # tests/postgres.py: the private PostgreSQL cluster
 
-STORES = "sqlite:1,sqlite:2,postgresql:2,postgresql:4"
+STORES = "sqlite:1,sqlite:2,sqlite:4,postgresql:2,postgresql:4"
 SWEEP = "load-bench"
 EXPERIMENT = "mlflow-load"
 SERVER_ERRORS = ("database is locked", "Traceback", "Exception on", "OperationalError", "WORKER TIMEOUT", "[ERROR]")
@@ -343,7 +343,10 @@ def one_store(kind: str, workers: int, plan: list, root: str, args) -> dict:
     from fewsound.tracking import get_or_create_experiment
 
     folder = Path(tempfile.mkdtemp(prefix=f"fewsound-load-{kind}-"))
-    with store(kind, folder) as (backend, db_pids), server(backend, workers, folder) as (uri, pid):
+    with contextlib.ExitStack() as clean:
+        clean.callback(shutil.rmtree, folder, ignore_errors=True)
+        backend, db_pids = clean.enter_context(store(kind, folder))
+        uri, pid = clean.enter_context(server(backend, workers, folder))
         client = MlflowClient(tracking_uri=uri)
         exp_id = get_or_create_experiment(client, EXPERIMENT)
         warm_up(client, exp_id, 2 * workers)
@@ -352,7 +355,7 @@ def one_store(kind: str, workers: int, plan: list, root: str, args) -> dict:
         ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
         shares = [plan[i :: args.procs] for i in range(args.procs)]
         procs = [ctx.Process(target=writer, args=(uri, exp_id, root, parent, s, args.log_threads, args.retries,
-                                                  ready, go, out)) for s in shares if s]  # fmt: skip
+                                                  ready, go, out), daemon=True) for s in shares if s]  # fmt: skip
         for p in procs:
             p.start()
         for _ in procs:
@@ -365,7 +368,6 @@ def one_store(kind: str, workers: int, plan: list, root: str, args) -> dict:
         for p in procs:
             p.join()
         wrong = check(client, exp_id, parent, plan, folder)
-    shutil.rmtree(folder, ignore_errors=True)
     made = sum(r[0] for r in results)
     errors = [e for r in results for e in r[1]] + wrong
     n = sum(len(keys) for packs in plan for _, keys in packs)
@@ -384,6 +386,7 @@ def one_store(kind: str, workers: int, plan: list, root: str, args) -> dict:
         "server_cpu_ms_per_run": round(1000 * (server_cpu.seconds + db_cpu.seconds) / max(1, made), 1),
         "server_cores": round((server_cpu.seconds + db_cpu.seconds) / wall, 2),
         "client_cpu_ms_per_run": round(1000 * sum(r[2] for r in results) / max(1, made), 1),
+        "load_avg_after": os.getloadavg(),  # the machine is shared: how busy it was meanwhile
     }
 
 
