@@ -33,4 +33,9 @@ timeout = 300  # a large artifact upload or search may take a while; the default
 # stop` waits before it kills the server, and than many schedulers' grace periods (docker stop: 10 s), which would
 # kill `fewsound mlflow serve` before its final backup. Requests in flight still get these seconds to finish.
 graceful_timeout = 5
+# How long an idle client connection stays open (gunicorn's default: 2 s). MLflow's client keeps its connections
+# for reuse, so with many trials logging at once a connection often sits idle for a few seconds between two of
+# its requests, and the server closing it just as the client sends on it aborts that request ("Connection
+# aborted"; benchmarks/mlflow_load.py counts such failures). Idle connections cost the gthread worker no thread.
+keepalive = 75
 loglevel = "warning"

@@ -33,7 +33,7 @@ class TrialContext:
     # orchestration. The child runs are logged either way.
     metrics: tuple[str, ...] | None = None
     records: str = ""  # where fit records are kept (fewsound.records); "": storage_root("records") of the worker
-    # evaluate, record and log a pack while the next one fits (tune.trial.overlaps); None: where fits run on a GPU
+    # evaluate, record and log a pack while the next one fits (tune.sweep.trial.overlaps); None: where fits run on a GPU
     overlap_evaluation: bool | None = None
 
     @property

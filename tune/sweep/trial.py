@@ -10,7 +10,7 @@ GPU, pack k is evaluated, recorded and logged in a background thread while pack 
 Nothing computed is lost: each finished fit is first written to the sweep's storage as a record
 (fewsound.records: tags, params, metrics, curves, status, the prediction's audio and the spectrogram; the clip's
 target audio once per sweep, clip and length), and its MLflow child run is a replay of that record
-(tune.durable.replay: idempotent); once the run holds the files they leave the record (one durable copy). When
+(tune.sweep.durable.replay: idempotent); once the run holds the files they leave the record (one durable copy). When
 the tracking server does not answer (one GET /health), the pack keeps its records and reports them as
 `fits_kept`; the driver logs them once the server is back, or a re-run of the same command does. Per fit, the
 child run costs a fixed, small number of HTTP calls: create_run (with every tag), one log_batch (params + metrics
