@@ -13,7 +13,8 @@ Each trial logs its fits exactly as a sweep's trial does (tune/sweep/record.py l
 the sweep's storage first (fewsound.records, with the files a fit has: audio/gt.wav, audio/pred.wav, a
 spectrogram PNG, and a loss curve on one fit in ten packs), then, pack by pack, one search for the pack's runs
 (tune.sweep.durable.runs_by_key) and each record replayed as one child run (tune.sweep.durable.replay:
-create_run with its tags, one log_batch of params + metrics (+ curve), the artifact uploads, set_terminated) by LOG_THREADS threads.
+create_run with its tags, one log_batch of params + metrics (+ curve), the artifact uploads, set_terminated) by
+LOG_THREADS threads.
 The records are written before the clock starts; what is timed is the logging only. The trials run in
 `--procs` processes (threads inside: a process per trial would take gigabytes on a small machine), each
 process with its own MLflow client, all released at once.
