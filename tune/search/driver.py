@@ -92,8 +92,10 @@ from tune.spine import (
 
 
 def search_id(spec: SearchSpec, max_params: int | None, points: list[tuple[str, dict[str, Any]]]) -> str:
-    """What defines a search (so that the same command finds its study again): not the number of trials."""
-    keys = ("families", "clips", "kind", "length", "steps", "chunks", "objective", "seed")
+    """What defines a search (so that the same command finds its study again): not the number of trials. The MLflow
+    experiment is part of it, as a sweep's records are per experiment: the same search logged to another experiment
+    is a study of its own there (it would otherwise find the other experiment's trials ended and log nothing)."""
+    keys = ("families", "clips", "kind", "length", "steps", "chunks", "objective", "seed", "experiment")
     what: dict[str, Any] = {k: getattr(spec, k) for k in keys}
     what.update(corpus=storage.name(str(spec.corpus)), weights=spec.weights, max_params=max_params)
     what["start_points"] = points
