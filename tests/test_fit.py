@@ -212,12 +212,13 @@ def test_a_single_clip_splits_its_samples_over_the_threads(speech_clips, monkeyp
         torch.set_num_threads(2)
         split = fit(cfg, clip, seeds=[7])[0]
         assert torch.get_num_threads() == 2
+        seen_in_split = dict(forwards)  # each fit has its own pool: the next fit's threads may get new idents
         again = fit(cfg, clip, seeds=[7])[0]
     finally:
         torch.set_num_threads(before)
     me = threading.get_ident()
-    workers = {w: seen for w, seen in forwards.items() if w != me}  # the final evaluation runs on the caller
-    assert len(workers) == 2 and all(seen == {(4096, 1)} for seen in workers.values()), dict(forwards)
+    workers = {w: seen for w, seen in seen_in_split.items() if w != me}  # the final evaluation runs on the caller
+    assert len(workers) == 2 and all(seen == {(4096, 1)} for seen in workers.values()), seen_in_split
     assert loss_threads == {(me, 2)}
     np.testing.assert_allclose(split.reconstruction, whole.reconstruction, rtol=0, atol=1e-4)
     assert [s for s, _ in split.history] == [s for s, _ in whole.history]
