@@ -374,12 +374,19 @@ def main() -> int:
     p.add_argument("--progress", action="store_true", help="the sweep's own progress lines")
     p.add_argument("--compare", action="store_true", help="only print the N = 1,000 vs 10,000 table")
     p.add_argument("--out", default=None, help="results file (default: results/sweep_scale_<N>[_cluster].json)")
+    p.add_argument("--keep-home", default=None, help="FEWSOUND_HOME to use and keep (its MLflow store, records)")
     args = p.parse_args()
     if args.compare:
         compare(args.cluster)
         return 0
     args.experiment = f"scale-{args.fits}"
-    home = Path(tempfile.mkdtemp(prefix="fewsound-scale-"))
+    if args.keep_home:
+        home = Path(args.keep_home).resolve()
+        if home.exists() and any(home.iterdir()):
+            p.error(f"--keep-home {home}: not empty (the benchmark needs a fresh home)")
+        home.mkdir(parents=True, exist_ok=True)
+    else:
+        home = Path(tempfile.mkdtemp(prefix="fewsound-scale-"))
     os.environ["FEWSOUND_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from fewsound import tracking
@@ -400,7 +407,8 @@ def main() -> int:
 
         ray.shutdown()
         tracking.stop_local_server(home)
-        shutil.rmtree(home, ignore_errors=True)
+        if not args.keep_home:
+            shutil.rmtree(home, ignore_errors=True)
     out = {
         "machine": {
             "cpus": os.cpu_count(),
