@@ -4,8 +4,8 @@ Runs in a Ray worker process. Actors are reused across trials, so the per-proces
 the MLflow client, and fewsound.metrics' CDPAM model) are built once per worker and live for many trials.
 Logging goes over HTTP to the tracking server, so artifacts reach it from any node of a cluster.
 
-A trial runs one or more packs (fewsound.plan.bundle), each in turn (run_pack: fit, evaluate, record, log); on a
-GPU, pack k is evaluated, recorded and logged in a background thread while pack k + 1 fits (run_packs).
+A trial runs one or more packs (fewsound.plan.bundle), each in turn (run_pack: fit, evaluate, record, log); pack k
+is logged in a background thread while pack k + 1 fits, and on a GPU also evaluated and recorded there (run_packs).
 
 Nothing computed is lost: each finished fit is first written to the sweep's storage as a record
 (fewsound.records: tags, params, metrics, curves, status, the prediction's audio and the spectrogram; the clip's
@@ -106,23 +106,35 @@ def fit_phase(pack: dict[str, Any], ctx: TrialContext, pack_index: int = 0) -> F
     return Fitted(tasks, earlier, clips, results, attempts, pack_index, pid, timing, bool(found))
 
 
+@dataclasses.dataclass
+class Recorded:
+    """A pack after its evaluation and records (`record_pack`): what logging it (`log_pack`) needs."""
+
+    fitted: Fitted
+    new: list[FitRecord]  # the records written now, one per fit computed now
+    timing: dict[str, float]  # eval_seconds, eval_cpu, eval_start, eval_end, record_seconds, artifact_seconds
+
+
 def finish_pack(f: Fitted, ctx: TrialContext) -> dict[str, float]:
     """Evaluate, record and log the fits of a fitted pack; returns run_pack's result. Safe in a thread other than
     the one fitting the next pack (nothing here is shared with a fit but the read-only corpus)."""
-    import torch
+    return log_pack(record_pack(f, ctx), ctx)
 
+
+def record_pack(f: Fitted, ctx: TrialContext) -> Recorded:
+    """Evaluate the fits of a fitted pack and write their records (and files): from here nothing is lost."""
     tasks, clips, results, pid = f.tasks, f.clips, f.results, f.pid
     eval_start = time.time()
     t, c = time.perf_counter(), time.thread_time()
     evals, eval_errors = _evaluate(tasks, results, clips, ctx)
-    eval_seconds, eval_cpu = time.perf_counter() - t, time.thread_time() - c
-    eval_end = time.time()
+    timing = {"eval_seconds": time.perf_counter() - t, "eval_cpu": time.thread_time() - c}
+    timing.update(eval_start=eval_start, eval_end=time.time())
 
     t = time.perf_counter()
     log_curves = f.pack_index % max(1, ctx.curve_every_n_packs) == 0
     targets = put_targets(tasks, results, clips, ctx)
     files = [artifact_files(task, results[i], targets[i][1]) if targets[i] else {} for i, task in enumerate(tasks)]
-    artifact_seconds = time.perf_counter() - t  # the targets' and the fits' files encoded (and targets written)
+    timing["artifact_seconds"] = time.perf_counter() - t  # the targets' and the fits' files encoded (and written)
     new = [
         write_record(
             task, results[i], evals[i], eval_errors.get(i), targets[i], files[i], ctx, pid, f.attempts[i],
@@ -130,30 +142,33 @@ def finish_pack(f: Fitted, ctx: TrialContext) -> dict[str, float]:
         )
         for i, task in enumerate(tasks)
     ]  # fmt: skip
-    record_seconds = time.perf_counter() - t
+    timing["record_seconds"] = time.perf_counter() - t
+    return Recorded(f, new, timing)
 
-    t = time.perf_counter()
-    unlogged = [r for r in f.earlier if records.logged_run(ctx.records_root, ctx.sweep, r.key) is None]
-    kept = log_records(ctx, pid, new + unlogged, f.recorded)
+
+def log_pack(r: Recorded, ctx: TrialContext) -> dict[str, float]:
+    """Log a recorded pack's fits (and any earlier record of the pack not logged yet) as child runs; returns
+    run_pack's result. Mostly waits on the tracking server."""
+    import torch
+
+    f, t = r.fitted, time.perf_counter()
+    log_start = time.time()
+    unlogged = [e for e in f.earlier if records.logged_run(ctx.records_root, ctx.sweep, e.key) is None]
+    kept = log_records(ctx, f.pid, r.new + unlogged, f.recorded)
     log_seconds = time.perf_counter() - t
-    done = sum(r.status == "FINISHED" for r in new)
-    timing = dict(f.timing)
+    done = sum(e.status == "FINISHED" for e in r.new)
+    timing = dict(f.timing, **r.timing)
     t0, cpu0 = timing.pop("t0"), timing.pop("cpu0")
     return {
         "fits_done": done,
-        "fits_failed": len(new) - done,
+        "fits_failed": len(r.new) - done,
         "fits_skipped": len(f.earlier),
         "fits_kept": kept,
         **timing,
-        "eval_seconds": eval_seconds,
-        "record_seconds": record_seconds,
-        "artifact_seconds": artifact_seconds,
         "log_seconds": log_seconds,
+        "log_start": log_start,
         "seconds": time.perf_counter() - t0,
-        "eval_cpu": eval_cpu,
         "process_cpu": time.process_time() - cpu0,
-        "eval_start": eval_start,
-        "eval_end": eval_end,
         "end": time.time(),
         "pid": os.getpid(),
         "torch_threads": torch.get_num_threads(),
@@ -253,7 +268,7 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
 def overlaps(ctx: TrialContext) -> bool:
     """Whether a trial evaluates a pack while it fits the next: ctx.overlap_evaluation, by default where the fits
     run on a GPU (the GPU need not wait for CPU metrics). On CPU the two would share the trial's cores (and the fit
-    loop's GIL), so packs finish in turn there."""
+    loop's GIL), so packs are evaluated in turn there (only their logging, which waits on the server, overlaps)."""
     if ctx.overlap_evaluation is not None:
         return ctx.overlap_evaluation
     import torch
@@ -262,10 +277,11 @@ def overlaps(ctx: TrialContext) -> bool:
 
 
 def run_packs(packs: list[dict[str, Any]], ctx: TrialContext, report: Any) -> list[str]:
-    """Every pack of a trial: fit (`fit_phase`), then evaluate, record and log (`finish_pack`); `report(result)`
-    per pack, in order, from this thread (result: run_pack's, plus `pack`). With `overlaps(ctx)`, pack k is
-    finished in a background thread while pack k + 1 fits here (at most one pack waits: k is reported before
-    k + 1 is handed over). A pack that raises is skipped; returns those errors (the trial then fails and Tune
+    """Every pack of a trial: fit (`fit_phase`), evaluate and record (`record_pack`), log (`log_pack`);
+    `report(result)` per pack, in order, from this thread (result: run_pack's, plus `pack`). Pack k's logging (its
+    round trips to the tracking server) runs in a background thread while pack k + 1 fits here; with
+    `overlaps(ctx)` (a GPU) so does its evaluation and recording. At most one pack waits: k is reported before
+    k + 1 is handed over. A pack that raises is skipped; returns those errors (the trial then fails and Tune
     retries it)."""
     errors: list[str] = []
     overlap = overlaps(ctx)
@@ -296,8 +312,14 @@ def run_packs(packs: list[dict[str, Any]], ctx: TrialContext, report: Any) -> li
             release_cached_memory()  # the pack's cached GPU blocks back to the card: a reused process must not grow
             if fitted is None:
                 continue
-            pending = (index, pool.submit(finish_pack, fitted, ctx))
-            if not overlap:
-                collect()  # wait for it: the next pack fits after
+            if overlap:
+                pending = (index, pool.submit(finish_pack, fitted, ctx))
+                continue
+            try:  # on the CPU the metrics would share the next fit's cores: evaluated and recorded in turn
+                recorded = record_pack(fitted, ctx)
+            except Exception as e:
+                errors.append(f"pack {index}: {type(e).__name__}: {e}")
+                continue
+            pending = (index, pool.submit(log_pack, recorded, ctx))
         collect()
     return errors
