@@ -64,7 +64,7 @@ def _sweep(corpus, tasks):
 
 def _summaries(client, s):
     from tune.spine import SWEEP_PARENT_TAG, search_runs, tag_filter
-    from tune.sweep.summary import SUMMARY_FILTER
+    from tune.sweep.summary_runs import SUMMARY_FILTER
 
     exp = client.get_experiment_by_name("summary-runs summary")
     assert exp is not None and exp.experiment_id == s.summary_experiment_id
@@ -138,7 +138,8 @@ def test_summary_runs_are_updated_in_place_when_a_row_changes_and_deleted_when_i
 
     from fewsound import tables
     from fewsound.tracking import MlflowRun
-    from tune.sweep.summary import SweepSummary, log_summary_runs
+    from tune.sweep.summary import SweepSummary
+    from tune.sweep.summary_runs import log_summary_runs
 
     uri = env[1]
     rows = [{"label": lab, "length": LENGTH, "clip_id": f"c{i}", "eval/psnr": 20.0 + i + 5 * (lab == "KAN")}

@@ -65,10 +65,10 @@ from tune.sweep.summary import (
     finish_parent,
     finished_runs,
     print_failures,
-    print_summary_runs,
     record_crashed_trials,
     summarize,
 )
+from tune.sweep.summary_runs import print_summary_runs
 from tune.sweep.trial import tune_trainable
 
 
