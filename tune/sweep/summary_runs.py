@@ -66,9 +66,6 @@ def runs_page_url(experiment_url: str, search_filter: str = "", order_by: str | 
     return f"{page}?{urllib.parse.urlencode(params, quote_via=urllib.parse.quote)}"
 
 
-STAT_SUFFIXES = ("mean", "std", "ci95_low", "ci95_high", "n")
-
-
 def summary_metrics(row: Any) -> dict[str, float]:
     """A table row's (fewsound.tables.Row) statistics as summary-run metrics: {metric key/stat: value}."""
     from fewsound.tables import COLUMNS
