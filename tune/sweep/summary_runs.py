@@ -194,7 +194,8 @@ def print_summary_runs(name: str, s: SweepSummary) -> None:
     """Where the summary runs and the best fits are in MLflow's UI."""
     metric = headline_metric(s.rows)
     print(
-        f"[{name}] {len(s.summary_runs)} summary runs (mean and 95% interval over clips per table row) in MLflow "
+        f"[{name}] {len(s.summary_runs)} summary run{'' if len(s.summary_runs) == 1 else 's'} (mean and 95% "
+        f"interval over clips per table row) in MLflow "
         f"experiment '{summary_experiment(s.experiment)}': {s.summary_ui_url(f'{metric}/mean' if metric else None)}",
         flush=True,
     )
