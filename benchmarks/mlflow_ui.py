@@ -13,6 +13,8 @@ fresh Chromium (nothing cached: what a first visit costs) and then once more in 
                 is visible; sorted by the headline metric's mean, best first
   compare       MLflow's comparison of the summary runs (every row's mean, std, 95% interval per metric side by
                 side; the link the sweep prints): time until every row and the headline metric's statistics show
+  best row run  the best summary run's own page: time until its description shows the row's best fits (ranked
+                by the sweep from the rows in hand, tune.sweep.summary_runs)
   best fits     the experiment's runs page sorted by the headline metric (eval/pesq, else eval/si_snr, eval/psnr,
                 ...), best first: time until its first rows are the best fits (as MlflowClient orders them)
 Times are milliseconds from the navigation's start (the page's performance.now()) until the rows are in the
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -226,7 +229,7 @@ def measure(uri: str, experiment: str, args: argparse.Namespace) -> dict:
     from mlflow.tracking import MlflowClient
 
     from fewsound.tracking import PARENT_TAG, ui_url
-    from tune.spine import tag_filter
+    from tune.spine import NOTE_TAG, tag_filter
     from tune.sweep.summary import SweepSummary
     from tune.sweep.summary_runs import headline_metric, runs_page_url
 
@@ -256,6 +259,13 @@ def measure(uri: str, experiment: str, args: argparse.Namespace) -> dict:
         stats = [f"{metric}/{k}" for k in ("mean", "std", "ci95_low", "ci95_high")]
         ready = f"(r, text) => {json.dumps(names + stats)}.every(n => text.includes(n))"
         pages["compare"] = measure_page(compare.compare_ui_url(), ready, args.timeout, shots, "compare")
+        top = next(r for r in summaries if r.info.run_name == best[0])
+        listed = re.search(r"^1\. \[([^\]]+)\]", top.data.tags.get(NOTE_TAG, ""), re.M)
+        if listed:  # the best row's run page: its description lists the row's best fits
+            ready = f"(r, text) => text.includes({json.dumps(listed.group(1))})"
+            url = ui_url(uri, sexp.experiment_id, top.info.run_id)
+            pages["best_row_run"] = measure_page(url, ready, args.timeout, shots, "best_row_run")
+            pages["best_row_run"].update(best_fit_listed=listed.group(1))
     if metric:
         best = best_fits(client, exp.experiment_id, metric)
         url = runs_page_url(fits_url, "", metric)

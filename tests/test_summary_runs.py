@@ -110,6 +110,12 @@ def test_a_sweep_logs_one_summary_run_per_table_row_with_the_tables_numbers_and_
     assert {t["metric"] for t in table} == {"MSE", "PSNR", "SI-SNR"}
     note = by_row[f"{table[0]['group']} | KAN"].data.tags[NOTE_TAG]
     assert "| SI-SNR (higher is better) |" in note and "The fits of this row" in note
+    # the description ranks the row's fits: the KAN fits by SI-SNR, best first
+    kan = sorted(
+        (r for r in kids if r.data.tags["fewsound.family"] == "kan"), key=lambda r: -r.data.metrics["eval/si_snr"]
+    )
+    listed = [line.split("[")[1].split("]")[0] for line in note.splitlines() if line[:3] in ("1. ", "2. ", "3. ")]
+    assert listed == [r.info.run_name for r in kan]
 
     # the sweep says where they are; the parent's description links them
     where = "in MLflow experiment 'summary-runs summary'"

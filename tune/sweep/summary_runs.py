@@ -7,7 +7,8 @@ parent's children sees fits only) while the summary experiment opens on a handfu
 statistics as metrics, per paper metric (fewsound.tables.COLUMNS, e.g. eval/pesq):
     eval/pesq/mean, eval/pesq/std (population, over clips), eval/pesq/ci95_low, eval/pesq/ci95_high (Student's t
     interval of the mean, rows of 2 or more clips), eval/pesq/n (clips in the row); model/params
-the row as Markdown in its description with a link to the row's fits (best first) in the fits' experiment, and
+the row as Markdown in its description with a link to the row's fits (best first) in the fits' experiment and its
+BEST_FITS best fits ranked here (MLflow's own sort of thousands of runs by a metric is slow), and
 tags: fewsound.role = summary, fewsound.summary (the row), fewsound.sweep, fewsound.sweep_parent (the parent run).
 They are the table's own numbers (fewsound.tables.build_table, computed once for the plot and the summaries),
 logged once and, when the sweep runs again, updated in place where a row changed: one search, then requests only
@@ -22,7 +23,7 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from fewsound.tracking import PARENT_TAG, MlflowRun
+from fewsound.tracking import PARENT_TAG, MlflowRun, ui_url
 from tune.spine import (
     LABEL_TAG,
     NOTE_TAG,
@@ -145,7 +146,37 @@ def _row_note(s: SweepSummary, group: str, row: Any) -> str:
         f"[The fits of this row]({runs_page_url(s.ui_url, where, metric)})"
         + (f", best {metric} first" if metric else ""),
     ]
+    if metric:  # ranked here, from the rows in hand: MLflow sorts thousands of runs by a metric slowly
+        lines += ["", f"Best fits by {metric}:"] + [
+            f"{i}. [{r.get('key', r.get('clip_id'))}]({ui_url(s.tracking_uri, s.experiment_id, r.get('run_id'))}) "
+            f"{r[metric]:.4g}"
+            for i, r in enumerate(best_fits(_fits_of(s.rows, group, row.label), metric, BEST_FITS), 1)
+        ]
     return "\n".join(lines)
+
+
+BEST_FITS = 5  # fits listed, best first, in each summary run's description
+
+
+def best_fits(rows: list[dict[str, Any]], metric: str, k: int) -> list[dict[str, Any]]:
+    """The `k` fits of `rows` best by `metric` (fewsound.tables.COLUMNS' direction), best first."""
+    import heapq
+
+    from fewsound.tables import COLUMNS
+
+    lower = any(key == metric and better == "lower" for _, key, better in COLUMNS)
+    have = [r for r in rows if isinstance(r.get(metric), float) and math.isfinite(r[metric])]
+    return heapq.nsmallest(k, have, key=lambda r: r[metric] if lower else -r[metric])
+
+
+def _fits_of(rows: list[dict[str, Any]], group: str, label: str) -> list[dict[str, Any]]:
+    """The fits in table row (`group`, `label`): its label, its group's clip length and dataset (fewsound.tables)."""
+    length, dataset = _group_length(group), group.rsplit(", ", 1)[0] if ", " in group else ""
+    return [
+        r
+        for r in rows
+        if str(r["label"]) == label and int(r["length"]) == length and str(r.get("group") or "") == dataset
+    ]
 
 
 def _group_length(group: str) -> int | None:
