@@ -46,9 +46,7 @@ import os
 import resource
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -266,57 +264,48 @@ def nodes_and_fits(experiment: str) -> dict:
     }
 
 
+def auth_token(root: Path) -> dict[str, str]:
+    """Ray's token authentication, on as in cluster.yaml and the tests' emulated cluster: a fresh token in a file
+    of `root` only this user reads, and the variables that make `ray start` and every driver use it. Ray reads
+    them when it is imported, so they are set in this process before anything imports Ray."""
+    token = root / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    assert "ray" not in sys.modules, "set Ray's authentication before Ray is imported"
+    os.environ.update(env)
+    return env
+
+
 @contextlib.contextmanager
 def emulated_cluster(root: Path) -> Iterator[str]:
-    """Ray's fake_multinode autoscaling cluster as tests/test_autoscaling.py starts it (node types mirroring
-    cluster.yaml, a 0-CPU head; no token authentication here), the ceiling set for the driver. Yields the GCS
-    address."""
-    import psutil
-
+    """Ray's fake_multinode autoscaling cluster as tests/test_autoscaling.py starts it (tests/support.py's RayHead:
+    free ports, its own temp dir; node types mirroring cluster.yaml, a 0-CPU head; token authentication on, see
+    auth_token), the ceiling set for the driver. Yields the GCS address."""
     sys.path.insert(0, str(ROOT / "tests"))
     import test_autoscaling as emu
+    from support import VENV_BIN, RayHead
 
-    ip = socket.gethostbyname(socket.gethostname())
-    gcs = f"{ip}:{emu._free_port()}"
-    config = root / "autoscaling.json"
-    config.write_text(json.dumps(emu.fake_cluster_config(gcs)))
-    temp_dir = Path(f"/tmp/fsbs_{secrets.token_hex(3)}")
     env = {**os.environ, **emu.CEILING, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "PATH": f"{emu.VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+    assert env.get("RAY_AUTH_MODE") == "token", "auth_token() first"
     env.pop("RAY_ADDRESS", None)
     os.environ.update(emu.CEILING)  # the driver plans for the ceiling: pending trials make the autoscaler grow
-    cmd = [str(emu.VENV_BIN / "ray"), "start", "--head", "--block", f"--autoscaling-config={config}",
-           "--num-cpus=0", "--num-gpus=0", f"--object-store-memory={emu.STORE['object_store_memory']}",
-           f"--port={gcs.rsplit(':', 1)[1]}", f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={emu._free_port()}", f"--ray-client-server-port={emu._free_port()}",
-           f"--dashboard-agent-listen-port={emu._free_port()}", f"--dashboard-agent-grpc-port={emu._free_port()}",
-           f"--metrics-export-port={emu._free_port()}", f"--runtime-env-agent-port={emu._free_port()}",
-           "--disable-usage-stats"]  # fmt: skip
-    log = open(root / "ray_head.log", "wb")
-    head = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    config = root / "autoscaling.json"
+    extra = [f"--autoscaling-config={config}", "--num-cpus=0", "--num-gpus=0",
+             f"--object-store-memory={emu.STORE['object_store_memory']}"]  # fmt: skip
+    head = RayHead(root, env, extra=extra, dashboard=True, host=socket.gethostbyname(socket.gethostname()), cwd=ROOT)
+    config.write_text(json.dumps(emu.fake_cluster_config(head.gcs)))
     try:
-        deadline = time.monotonic() + 180
-        while subprocess.run([str(emu.VENV_BIN / "ray"), "status", "--address", gcs], env=env,
-                             capture_output=True).returncode != 0:  # fmt: skip
-            assert head.poll() is None and time.monotonic() < deadline, (root / "ray_head.log").read_text()[-3000:]
-            time.sleep(2)
-        yield gcs
+        head.start(attempts=1)  # the autoscaling config names its GCS port
+        yield head.gcs
     finally:
         import ray
 
         ray.shutdown()
-        ours = psutil.Process(head.pid).children(recursive=True)
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        for proc in ours:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        log.close()
+        head.stop()  # the head, its autoscaler and the nodes it started
 
 
 def compare(cluster: bool) -> None:
@@ -389,6 +378,8 @@ def main() -> int:
         home = Path(tempfile.mkdtemp(prefix="fewsound-scale-"))
     os.environ["FEWSOUND_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if args.cluster:
+        auth_token(home)
     from fewsound import tracking
     from tune.ray_env import quiet_defaults
 

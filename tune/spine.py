@@ -29,7 +29,13 @@ from fewsound.tracking import PARENT_TAG, MlflowRun, get_or_create_experiment, t
 
 # --- the tag vocabulary: every tag a driver or a trial writes, named once -------------------------------------
 # PARENT_TAG ("mlflow.parentRunId", fewsound.tracking) makes a run a child run in MLflow's UI.
-ROLE_TAG = "fewsound.role"  # "parent" on a driver's parent run; "trial"/"start_point" on a search's trial runs
+ROLE_TAG = "fewsound.role"  # "parent" on a driver's parent run; "trial"/"start_point" on a search's trial runs;
+# SUMMARY_ROLE on a sweep's summary runs (one per row of its table: mean and 95% interval over clips per metric,
+# in the experiment "<experiment> summary", tune.sweep.summary)
+SUMMARY_ROLE = "summary"
+SUMMARY_TAG = "fewsound.summary"  # a summary run: the table row it summarizes ("<group> | <label>")
+SWEEP_PARENT_TAG = "fewsound.sweep_parent"  # a summary run: the parent run of its sweep's fits
+NOTE_TAG = "mlflow.note.content"  # a run's description in MLflow's UI (Markdown)
 JOB_TAG = "fewsound.job"  # the job that opened a parent run (fit_inrs, kan_ablation, search_inr, hyper_tables)
 COMMAND_TAG = "fewsound.command"  # the command line that opened a parent run
 SWEEP_TAG = "fewsound.sweep"  # a sweep's id, on its parent and every fit's run

@@ -15,11 +15,14 @@
    server does not answer; meanwhile the driver watches the server (and restarts its own embedded one).
 4. Log the records the trials kept, record a FAILED child run for every fit whose trial crashed beyond its
    retries (the sweep goes on), print one line per failed fit with its reason (the tag on its child run), then
-   log the per-clip results and the paper-style tables to the parent run. A tracking server that stays down ends
-   the sweep with one line (fewsound.errors.TrackingError): the records wait for the next run of the command.
+   log the per-clip results and the paper-style tables to the parent run, and one summary run per table row
+   beneath it (tune.sweep.summary: the row's mean and 95% interval per metric, what MLflow's UI lists and sorts).
+   A tracking server that stays down ends the sweep with one line (fewsound.errors.TrackingError): the records
+   wait for the next run of the command.
 
 Output: what the sweep asked for, one line per finished pack (done / failed / remaining / ETA / fits per hour),
-one line per failed fit. Trials' own output reaches the driver (and `ray job logs`).
+one line per failed fit, where the summary runs are in MLflow's UI. Trials' own output reaches the driver (and
+`ray job logs`).
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ from tune.sweep.summary import (
     finished_runs,
     print_failures,
     record_crashed_trials,
-    row,
+    summarize,
 )
+from tune.sweep.summary_runs import print_summary_runs
 from tune.sweep.trial import tune_trainable
 
 
@@ -144,13 +148,15 @@ def run_sweep(
 
     t = time.perf_counter()
     with s.watch.guard():  # 4.
-        summary = _summarize(s, plan, callback, n_trials, timings, t0)
+        summary = summarize(s, plan, callback.results, n_trials, timings, t0)
         if progress:
             print_failures(name, s.parent.client, s.parent.experiment_id, s.sid, {t.key for t in s.todo})
         timings["summarize"] = time.perf_counter() - t
         t_tables = time.perf_counter()
         finish_parent(s.parent, summary, table or {}, listen_clips if log_artifacts else 0)  # the page plays audio
         timings["tables_and_listen_page"] = time.perf_counter() - t_tables
+    if progress and summary.summary_runs:
+        print_summary_runs(name, summary)
     timings["report"] = time.perf_counter() - t
     summary.seconds = time.perf_counter() - t0
     s.lease.release()
@@ -284,34 +290,6 @@ def _log_kept_records(s: _Opened, tasks: list[FitTask], after_tune: bool = False
             when = "computed now, kept until MLflow answered" if after_tune else "computed earlier, not refitted"
             print(f"[{s.name}] logged {n} fit records from {s.watch.where} ({when})", flush=True)
     return finished, n
-
-
-def _summarize(
-    s: _Opened, plan: SweepPlan, callback: Progress, n_trials: int, timings: dict[str, float], t0: float
-) -> SweepSummary:
-    # nothing ran (every fit was finished): the runs found at the start are the sweep's runs, not searched again
-    finished = s.finished if n_trials == 0 else finished_runs(s.parent.client, s.parent.experiment_id)
-    rows = [row(t, finished[t.key]) for t in s.tasks if t.key in finished]
-    skipped = len(s.tasks) - len(s.todo)
-    summary = SweepSummary(
-        s.sid,
-        s.experiment,
-        s.parent.run_id,
-        s.uri,
-        len(s.tasks),
-        skipped,
-        len(rows) - skipped,
-        len(s.tasks) - len(rows),
-        time.perf_counter() - t0,
-        plan.resources,
-        rows,
-        packs=callback.results,
-        n_trials=n_trials,
-        timings=timings,
-        experiment_id=s.parent.experiment_id,
-    )
-    summary.replayed, summary.records = s.replayed, s.watch.where
-    return summary
 
 
 def _trial_context(

@@ -1,10 +1,15 @@
 """What a sweep reports at the end: one row per finished fit, a line per failed fit, a FAILED run for each fit whose
-trial crashed beyond its retries, and the parent run's tables, quality plot and listening page."""
+trial crashed beyond its retries, the parent run's tables, quality plot and listening page, and one summary run
+per row of its table (tune.sweep.summary_runs).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
+import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,7 @@ from tune.spine import (
     FAMILY_TAG,
     FIT_KEY_TAG,
     LABEL_TAG,
+    NOTE_TAG,
     PACK_TAG,
     REASON_TAG,
     SWEEP_TAG,
@@ -21,6 +27,7 @@ from tune.spine import (
     tag_filter,
 )
 from tune.sweep.context import TrialContext, pack_id
+from tune.sweep.summary_runs import log_summary_runs, parent_note, runs_page_url
 
 
 @dataclasses.dataclass
@@ -47,11 +54,28 @@ class SweepSummary:
     records: str = ""  # where the sweep's fit records are (fewsound.records)
 
     experiment_id: str | None = None
+    summary_runs: dict[str, str] = dataclasses.field(default_factory=dict)  # table row -> its summary run's id
+    summary_experiment_id: str | None = None  # the experiment of the summary runs (summary_experiment)
 
     @property
     def ui_url(self) -> str:
         """The sweep's experiment in MLflow's UI, opened on its runs."""
         return ui_url(self.tracking_uri, self.experiment_id)
+
+    def summary_ui_url(self, order_by: str | None = None) -> str:
+        """The summary experiment's runs page in MLflow's UI (one run per table row), sorted by metric `order_by`
+        (best first, in fewsound.tables.COLUMNS' direction) where given."""
+        return runs_page_url(ui_url(self.tracking_uri, self.summary_experiment_id), "", order_by)
+
+    def compare_ui_url(self) -> str:
+        """MLflow UI's comparison of the summary runs: every row's mean, std and interval per metric side by side."""
+        runs, exps = json.dumps(list(self.summary_runs.values())), json.dumps([self.summary_experiment_id])
+        page = ui_url(self.tracking_uri).partition("#")[0]
+        return f"{page}#/compare-runs?runs={urllib.parse.quote(runs)}&experiments={urllib.parse.quote(exps)}"
+
+    def fits_ui_url(self, order_by: str | None = None) -> str:
+        """The fits' experiment's runs page sorted by metric `order_by`, best first: the best fits."""
+        return runs_page_url(self.ui_url, "", order_by)
 
 
 def finished_runs(client: Any, exp_id: str) -> dict[str, Any]:
@@ -134,18 +158,49 @@ def finish_parent(parent: MlflowRun, s: SweepSummary, table: dict[str, Any], lis
             tables.write_results(Path(d), s.rows, **table)
             parent.log_artifact(d, "tables")  # results.csv, table.md, table.tex, table.csv
             s.table_markdown = (Path(d) / "table.md").read_text()
-            parent.log_artifact(_quality_plot(s.rows, table, Path(d) / "plots"), "plots")
+            built = tables.build_table(s.rows, **{"title": "Reconstruction metrics", **table})
+            parent.log_artifact(_quality_plot(built, Path(d) / "plots"), "plots")
+            s.summary_experiment_id, s.summary_runs = log_summary_runs(parent, s, built)
+            parent.set_tags({NOTE_TAG: parent_note(s)})
     log_listen_page(parent.uri, parent.run_id, s.rows, table, listen_clips)  # report/listen.html
     parent.end("FINISHED" if s.failed == 0 else "FAILED")
 
 
-def _quality_plot(rows: list[dict[str, Any]], table: dict[str, Any], out: Path) -> Path:
+def _quality_plot(table: Any, out: Path) -> Path:
     """plots/quality_vs_params.png of the parent run: each row of the table (mean over clips) at its parameter
     count, a series per clip length: which INR buys the most quality per parameter."""
     from fewsound import tables
     from fewsound.report import quality_vs_params_figure, save_figure
 
-    spec = {"title": "Reconstruction metrics", **table}
-    points = tables.quality_points(tables.build_table(rows, **spec))
-    title = f"{spec['title']}: quality vs parameter count"
+    points = tables.quality_points(table)
+    title = f"{table.title}: quality vs parameter count"
     return save_figure(quality_vs_params_figure(points, title=title), out / "quality_vs_params.png")
+
+
+def summarize(
+    s: Any, plan: Any, packs: list[dict[str, Any]], n_trials: int, timings: dict[str, float], t0: float
+) -> SweepSummary:
+    """The SweepSummary of an opened sweep `s` (tune.sweep.driver) after its trials: one row per finished fit."""
+    # nothing ran (every fit was finished): the runs found at the start are the sweep's runs, not searched again
+    finished = s.finished if n_trials == 0 else finished_runs(s.parent.client, s.parent.experiment_id)
+    rows = [row(t, finished[t.key]) for t in s.tasks if t.key in finished]
+    skipped = len(s.tasks) - len(s.todo)
+    summary = SweepSummary(
+        s.sid,
+        s.experiment,
+        s.parent.run_id,
+        s.uri,
+        len(s.tasks),
+        skipped,
+        len(rows) - skipped,
+        len(s.tasks) - len(rows),
+        time.perf_counter() - t0,
+        plan.resources,
+        rows,
+        packs=packs,
+        n_trials=n_trials,
+        timings=timings,
+        experiment_id=s.parent.experiment_id,
+    )
+    summary.replayed, summary.records = s.replayed, s.watch.where
+    return summary
