@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import REPO, free_port  # tests/support.py
+from support import REPO, free_port, kill_tree  # tests/support.py
 
 from fewsound import tracking
 from fewsound.errors import ConfigError
@@ -288,9 +288,8 @@ def test_the_cluster_server_wants_a_login_answers_only_its_hosts_and_a_job_logs_
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=90)
-        except subprocess.TimeoutExpired:  # never left running: its own session is the server and its gunicorn
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        except subprocess.TimeoutExpired:  # never left running (its gunicorn included)
+            kill_tree(server)
         finally:
             log.close()
     assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
