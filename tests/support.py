@@ -134,3 +134,20 @@ class RayHead:
         for p in ours:
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def kill_tree(proc: subprocess.Popen) -> int:
+    """SIGKILL to `proc` and every process under it (listed before the first kill, so none escapes by being
+    re-parented), even those in sessions of their own (a server's gunicorn); waits for `proc`: its exit code."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    code = proc.wait()  # first: reaped by psutil, its exit code would read 0
+    psutil.wait_procs(family[1:], timeout=10)
+    return code

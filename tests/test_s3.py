@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from s3 import MotoS3  # tests/s3.py (tests/ is on sys.path)
-from support import REPO, VENV_BIN, RayHead, free_port  # tests/support.py
+from support import REPO, VENV_BIN, RayHead, free_port, kill_tree  # tests/support.py
 
 pytestmark = pytest.mark.system
 
@@ -70,6 +70,8 @@ class Serve:
         self.proc.send_signal(signal.SIGTERM)  # what a scheduler or `docker stop` sends: final backup, then exit
         try:
             return self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:  # never left running (its gunicorn included)
+            return kill_tree(self.proc)
         finally:
             self.log.close()
 

@@ -29,12 +29,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import REPO, free_port  # tests/support.py
+from support import REPO, free_port, kill_tree  # tests/support.py
 
 from fewsound import tracking
 from fewsound.errors import ConfigError
 from fewsound.hyper import HyperConfig, build_model
-from fewsound.mlflow_server import CREDENTIALS_FILE, FLASK_SECRET_FILE, read_credentials
+from fewsound.mlflow_server import CREDENTIALS_FILE, FLASK_SECRET_FILE, make_secrets, read_credentials
 from fewsound.train import (
     META_FILE,
     STATE_FILE,
@@ -150,8 +150,9 @@ def test_checkpoints_are_plain_data_and_round_trip_exactly(tmp_path):
 
 
 def test_secrets_command_makes_private_random_files_and_keeps_existing_ones(tmp_path, processes):
-    laptop = tmp_path / "cluster"
+    laptop, other = tmp_path / "cluster", tmp_path / "other"
     run = [sys.executable, "-m", "fewsound", "mlflow", "secrets", "--dir", str(laptop)]
+    elsewhere = processes.start([*run[:-1], str(other)], cwd=REPO)  # another folder, meanwhile: its own secrets
     out = processes.run(run, cwd=REPO, timeout=120, check=True).stdout
     assert f"wrote {laptop / CREDENTIALS_FILE}" in out and f"wrote {laptop / FLASK_SECRET_FILE}" in out
     assert stat.S_IMODE(laptop.stat().st_mode) == 0o700
@@ -162,8 +163,7 @@ def test_secrets_command_makes_private_random_files_and_keeps_existing_ones(tmp_
     before = {n: (laptop / n).read_text() for n in (CREDENTIALS_FILE, FLASK_SECRET_FILE)}
     again = processes.run(run, cwd=REPO, timeout=120, check=True).stdout
     assert "kept" in again and {n: (laptop / n).read_text() for n in before} == before
-    other = tmp_path / "other"
-    processes.run([*run[:-1], str(other)], cwd=REPO, timeout=120, check=True)
+    assert elsewhere.wait(timeout=120) == 0
     assert read_credentials(other / CREDENTIALS_FILE)[1] != word  # random, not a fixed default
 
 
@@ -214,7 +214,7 @@ def test_the_cluster_server_wants_a_login_answers_only_its_hosts_and_a_job_logs_
     _, options = _cluster_serve_command(config)
     # the secret files: made on the laptop, then placed on the "node" where cluster.yaml's file_mounts put them
     laptop, node = tmp_path / "laptop" / ".fewsound" / "cluster", tmp_path / "node"
-    subprocess.run([sys.executable, "-m", "fewsound", "mlflow", "secrets", "--dir", str(laptop)], cwd=REPO, check=True)
+    make_secrets(laptop)  # what `python -m fewsound mlflow secrets --dir LAPTOP` runs (its command: test above)
     for remote, local in config["file_mounts"].items():
         if local.startswith("~/.fewsound/cluster/"):
             dest = node / Path(remote).relative_to("/home/ray")
@@ -257,10 +257,11 @@ def test_the_cluster_server_wants_a_login_answers_only_its_hosts_and_a_job_logs_
         assert _request(api, login=login, host="10.0.9.9:5000") == 403  # another private address (MLflow allows)
         assert login[1] not in (tmp_path / "serve.log").read_text()  # the secret never reaches the log
 
-        # a real job on a node: its MLflow client reads the login from ~/.mlflow/credentials, nothing else
+        # a real job on a node: its MLflow client reads the login from ~/.mlflow/credentials, nothing else (one
+        # clip: a parent run and its two child runs say as much as the smoke test's six)
         job_env = dict(env, HOME=str(node), MLFLOW_TRACKING_URI=uri, FEWSOUND_HOME=str(node / ".fewsound"))
         job = subprocess.run(
-            [sys.executable, "jobs/fit_inrs.py", "--smoke-test", "--experiment", "secure-smoke"],
+            [sys.executable, "jobs/fit_inrs.py", "--smoke-test", "--clips", "1", "--experiment", "secure-smoke"],
             cwd=REPO,
             env=job_env,
             capture_output=True,
@@ -287,6 +288,8 @@ def test_the_cluster_server_wants_a_login_answers_only_its_hosts_and_a_job_logs_
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=90)
+        except subprocess.TimeoutExpired:  # never left running (its gunicorn included)
+            kill_tree(server)
         finally:
             log.close()
-    assert server.returncode == 0
+    assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]

@@ -9,7 +9,6 @@ would kill every Ray on the machine, other people's test clusters included.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -18,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -122,10 +123,19 @@ def test_ddp_step_equals_single_process_step_on_the_whole_batch(tmp_path, speech
 # ------------------------------------------------------------------------------------------------ ray job submit
 
 
+class Head(NamedTuple):
+    env: dict[str, str]  # RAY_AUTH_* (the token), FEWSOUND_HOME = home, the venv's PATH
+    dashboard: str  # `ray job submit --address`
+    gcs: str  # a driver's RAY_ADDRESS
+    home: Path
+    pid: int  # `ray start --head --block`: every Ray process of the cluster is under it
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A private `ray start --head --block` with token authentication, started from the checkout as cluster.yaml
-    does (jobs submitted without --working-dir run there): (env for the CLI, dashboard address, home, pid)."""
+    does (jobs submitted without --working-dir run there), with the head's MLflow server in its FEWSOUND_HOME:
+    a Head (env for the CLI and drivers, dashboard address, GCS address, home, pid). Both job tests use it."""
     root = tmp_path_factory.mktemp("rayhead")
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))  # the documented way: RAY_AUTH_MODE=token + a token (here a file)
@@ -139,6 +149,9 @@ def ray_head(tmp_path_factory):
         "FEWSOUND_HOME": str(home),
         "RAY_USAGE_STATS_ENABLED": "0",
         "OMP_NUM_THREADS": "1",
+        # on SIGTERM the head stops at once; by default it first drains for up to 30 s, and a head that ran these
+        # jobs never finishes draining: the module's teardown waited the whole 30 s
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -152,7 +165,7 @@ def ray_head(tmp_path_factory):
         start_local_server(home)
         assert head.wait_ready(), head.log_path.read_text(errors="replace")[-3000:]
         assert head.proc is not None
-        yield env, head.dashboard, home, head.proc.pid
+        yield Head(env, head.dashboard, head.gcs, home, head.proc.pid)
     finally:
         head.stop()
         from fewsound.tracking import stop_local_server
@@ -180,18 +193,18 @@ def _ray(env, *args, timeout=600, cwd=REPO):
     )
 
 
-def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
+def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head, processes):
     """`ray job submit --working-dir . -- python jobs/train_fewsound.py --smoke-test` on a token-authenticated
     head, stopped after its first checkpoint; then exactly `ray job submit -- python jobs/train_fewsound.py
     --smoke-test` (RAY_ADDRESS set, no --working-dir: the head runs its checkout) resumes from that checkpoint (same
     state digest, later epochs only), finishes, and completes the same MLflow run."""
-    env, address, home, head_pid = ray_head
+    env, address, home = ray_head.env, ray_head.dashboard, ray_head.home
     entry = ["--", "python", "jobs/train_fewsound.py", "--smoke-test"]
-    # without the token the cluster refuses us: authentication is really on
+    # without the token the cluster refuses us: authentication is really on (asked while the first job starts)
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
     no_token["HOME"] = str(home.parent)  # no ~/.ray/auth_token there either
-    r = _ray(no_token, "job", "list", "--address", address, timeout=120)
-    assert r.returncode != 0, r.stdout
+    refused = processes.start([str(VENV_BIN / "ray"), "job", "list", "--address", address], cwd=REPO, env=no_token,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
     first = _ray(env, "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", *entry)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -203,7 +216,7 @@ def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
         time.sleep(0.3)
     # Freeze the training workers at once (SIGSTOP: no CLI start-up latency, so the job cannot finish
     # meanwhile on a fast machine), then stop the job the ordinary way: a kill in the middle of epoch 2 or 3.
-    frozen = _train_workers(head_pid)
+    frozen = _train_workers(ray_head.pid)
     assert frozen, "no RayTrainWorker process under our head node"
     for proc in frozen:
         proc.send_signal(signal.SIGSTOP)
@@ -211,8 +224,13 @@ def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
     for proc in frozen:
         if proc.is_running():
             proc.send_signal(signal.SIGCONT)  # let anything Ray did not reap exit on its own SIGTERM/SIGKILL
-    status = _ray(env, "job", "status", "--address", address, job_id).stdout
+    # `ray job stop` waits for the job to end and then logs the status the cluster gives it (stopped, succeeded,
+    # failed): the same answer as `ray job status`, without one more CLI start-up
+    status = stop.stdout + stop.stderr
+    assert stop.returncode == 0 and f"Job '{job_id}' was stopped" in status, status[-3000:]
     assert "stopped" in status.lower(), (status, stop.stdout[-2000:], stop.stderr[-2000:])
+    r = refused.communicate(timeout=120)
+    assert refused.returncode != 0, r[0]
     (run_dir,) = [p.parent for p in storage.glob("*/checkpoint_manager_snapshot.json")]
     digests = {
         int(p.parent.name.split("_")[1]): json.loads(p.read_text())["digest"] for p in run_dir.glob("epoch_*/meta.json")
@@ -251,58 +269,38 @@ def test_ray_job_submit_smoke_test_stopped_and_resumed(ray_head):
     assert logged, "the final model was not logged with mlflow.pytorch.log_model"
 
 
-def test_a_training_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
+def test_a_training_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(ray_head, processes, tmp_path):
     """SIGKILL of one Ray Train worker in the middle of epoch 2 (the OOM killer, a lost spot node): Ray Train
     restarts the worker group, which resumes from the last checkpoint (the same state digest), trains only the
-    epochs after it, and the run ends FINISHED with every epoch logged once."""
-    import psutil
+    epochs after it, and the run ends FINISHED with every epoch logged once.
 
-    home = tmp_path / "home"
-    env = dict(os.environ, FEWSOUND_HOME=str(home), PYTHONPATH=str(REPO), RAY_ADDRESS="")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, str(REPO / "jobs" / "train_fewsound.py"), "--smoke-test"]
+    The job's driver runs here against the module's head (as a driver on the head node does), so it shares the
+    head's start-up, prepared corpus and MLflow server; its run is its own: its own experiment and checkpoint
+    storage."""
+    experiment = "train_fewsound-smoke-killed"
+    env = dict(ray_head.env, RAY_ADDRESS=ray_head.gcs, PYTHONPATH=str(REPO))
+    snapshots = tmp_path / "train"
+    cmd = [sys.executable, str(REPO / "jobs" / "train_fewsound.py"), "--smoke-test", "--experiment", experiment,
+           "--storage", str(snapshots)]  # fmt: skip
     log = tmp_path / "train.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    started: dict[int, psutil.Process] = {}  # the job's processes (its local Ray), as seen while it ran
-
-    def note_family() -> None:
-        try:
-            family = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        started.update((p.pid, p) for p in family)
-
+        proc = processes.start(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 400
+    while not any("epoch_00001" in p.read_text() for p in snapshots.glob("*/checkpoint_manager_snapshot.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+    workers = _train_workers(ray_head.pid)
+    assert len(workers) == 2, workers
+    workers[1].send_signal(signal.SIGKILL)
+    # the checkpoints there are at the kill (Ray Train keeps only the latest few once training goes on)
+    (run_dir,) = [p.parent for p in snapshots.glob("*/checkpoint_manager_snapshot.json")]
+    metas = run_dir.glob("epoch_*/meta.json")
+    digests = {int(p.parent.name.split("_")[1]): json.loads(p.read_text())["digest"] for p in metas}
     try:
-        deadline = time.monotonic() + 400
-        snapshots = home / "train"
-        while not any("epoch_00001" in p.read_text() for p in snapshots.glob("*/checkpoint_manager_snapshot.json")):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
-        note_family()
-        workers = _train_workers(proc.pid)
-        assert len(workers) == 2, workers
-        workers[1].send_signal(signal.SIGKILL)
-        # the checkpoints there are at the kill (Ray Train keeps only the latest few once training goes on)
-        (run_dir,) = [p.parent for p in snapshots.glob("*/checkpoint_manager_snapshot.json")]
-        metas = run_dir.glob("epoch_*/meta.json")
-        digests = {int(p.parent.name.split("_")[1]): json.loads(p.read_text())["digest"] for p in metas}
-        deadline = time.monotonic() + 600
-        while proc.poll() is None:  # the restarted workers are the job's too
-            note_family()
-            assert time.monotonic() < deadline, log.read_text()[-5000:]
-            time.sleep(0.5)
-        assert proc.returncode == 0, log.read_text()[-5000:]
-    finally:
-        note_family()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        # only what this job started, if anything is left of it; a process already gone (or a pid reused by
-        # another: psutil checks the start time) is no error that would hide the test's own failure
-        for p in started.values():
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        proc.wait(timeout=600)  # the `processes` fixture kills the driver if it is still running at the end
+    except subprocess.TimeoutExpired:
+        raise AssertionError(log.read_text()[-5000:]) from None
+    assert proc.returncode == 0, log.read_text()[-5000:]
     out = log.read_text()
     m = re.search(r"resumed after epoch (\d+) \(step (\d+)\); state digest (\w+)", out)
     assert m, out[-5000:]
@@ -313,14 +311,11 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp
 
     from mlflow.tracking import MlflowClient
 
-    from fewsound.tracking import start_local_server, stop_local_server
+    from fewsound.tracking import start_local_server
 
-    try:
-        client = MlflowClient(tracking_uri=start_local_server(home))
-        exp = client.get_experiment_by_name("train_fewsound-smoke")
-        (run,) = client.search_runs([exp.experiment_id])
-        assert run.info.status == "FINISHED"
-        epochs = [int(x.value) for x in client.get_metric_history(run.info.run_id, "epoch")]
-        assert sorted(set(epochs)) == [0, 1, 2], epochs
-    finally:
-        stop_local_server(home)
+    client = MlflowClient(tracking_uri=start_local_server(ray_head.home))  # the head's server, already up
+    exp = client.get_experiment_by_name(experiment)
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    epochs = [int(x.value) for x in client.get_metric_history(run.info.run_id, "epoch")]
+    assert sorted(set(epochs)) == [0, 1, 2], epochs
