@@ -324,8 +324,8 @@ def test_the_embedded_server_is_restarted_twice_on_its_port_then_one_line(tmp_pa
         tracking.stop_local_server(home)
 
 
-def test_a_remote_server_that_does_not_answer_is_one_line_after_the_wait(tmp_path):
-    from fewsound.errors import TrackingError
+def test_a_remote_server_that_does_not_answer_is_one_line_after_the_wait(tmp_path, monkeypatch):
+    from fewsound.errors import ConfigError, TrackingError
     from tune.sweep.durable import TrackingWatch
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -333,7 +333,13 @@ def test_a_remote_server_that_does_not_answer_is_one_line_after_the_wait(tmp_pat
     records.write_record(root, _record("nerf-a-abc"))
     records.write_record(root, _record("nerf-b-abc"))
     records.mark_logged(root, "sw-1", "nerf-b-abc", "run1")
-    watch = TrackingWatch("t", uri, root, "sw-1", wait=3.0)
+    assert TrackingWatch("t", uri, root, "sw-1").wait == 20.0  # the default wait
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("FEWSOUND_TRACKING_WAIT", bad)
+        with pytest.raises(ConfigError, match=f"FEWSOUND_TRACKING_WAIT: '{bad}'"):
+            TrackingWatch("t", uri, root, "sw-1")
+    monkeypatch.setenv("FEWSOUND_TRACKING_WAIT", "3")  # what a driver waits (the kill test below sets it too)
+    watch = TrackingWatch("t", uri, root, "sw-1")
     assert watch.home is None  # not fewsound's embedded server: never restarted
     t = time.monotonic()
     with pytest.raises(TrackingError) as e:
@@ -389,7 +395,8 @@ def test_a_trial_worker_and_the_embedded_server_killed_mid_sweep_are_recovered_a
 def test_remote_server_killed_mid_sweep_is_one_line_then_a_rerun_logs_the_records_and_refits_nothing(tmp_path):
     home = tmp_path / "home"
     server = RemoteServer(tmp_path / "server").start()
-    env = _driver_env(home, server.uri)
+    # the driver waits 5 s (not 20) for the dead server to answer again: it is not restarted before the error
+    env = dict(_driver_env(home, server.uri), FEWSOUND_TRACKING_WAIT="5")
     cmd = [*DRIVER, "t-remote", str(FITS), STEPS, "4"]
     log = tmp_path / "first.log"
     proc = _start(cmd, env, log)
