@@ -23,6 +23,7 @@ from test_s3 import _healthy  # tests/ is on sys.path (rootdir-relative imports)
 
 from fewsound import records, storage
 from fewsound.records import FitRecord
+from tune.sweep.durable import TARGETS_DIR, TrackingWatch, replay_pending  # torch, at collection (not in a unit test)
 
 DRIVER = [sys.executable, str(REPO / "tests" / "durable_driver.py")]
 
@@ -100,7 +101,6 @@ def test_replay_is_idempotent_ends_a_half_logged_run_and_relogs_a_lost_run(env, 
 
     from fewsound.tracking import get_or_create_experiment
     from tune.spine import FIT_KEY_TAG, SWEEP_TAG
-    from tune.sweep.durable import replay_pending
 
     client = MlflowClient(tracking_uri=env[1])
     exp = get_or_create_experiment(client, "t-replay")
@@ -169,7 +169,6 @@ def test_a_clips_target_is_stored_once_and_logged_once_on_the_parent(env, tmp_pa
 
     from fewsound.data.audio import flac_bytes
     from fewsound.tracking import get_or_create_experiment
-    from tune.sweep.durable import TARGETS_DIR, replay_pending
 
     client = MlflowClient(tracking_uri=env[1])
     exp = get_or_create_experiment(client, "t-targets")
@@ -298,7 +297,6 @@ def _kill_embedded(home: Path) -> None:
 def test_the_embedded_server_is_restarted_twice_on_its_port_then_one_line(tmp_path, monkeypatch):
     from fewsound import tracking
     from fewsound.errors import TrackingError
-    from tune.sweep.durable import TrackingWatch
 
     home = tmp_path / "home"
     monkeypatch.setenv("FEWSOUND_HOME", str(home))  # the driver's home, whose server.json names the embedded server
@@ -324,16 +322,21 @@ def test_the_embedded_server_is_restarted_twice_on_its_port_then_one_line(tmp_pa
         tracking.stop_local_server(home)
 
 
-def test_a_remote_server_that_does_not_answer_is_one_line_after_the_wait(tmp_path):
-    from fewsound.errors import TrackingError
-    from tune.sweep.durable import TrackingWatch
+def test_a_remote_server_that_does_not_answer_is_one_line_after_the_wait(tmp_path, monkeypatch):
+    from fewsound.errors import ConfigError, TrackingError
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     root = str(tmp_path / "records")
     records.write_record(root, _record("nerf-a-abc"))
     records.write_record(root, _record("nerf-b-abc"))
     records.mark_logged(root, "sw-1", "nerf-b-abc", "run1")
-    watch = TrackingWatch("t", uri, root, "sw-1", wait=3.0)
+    assert TrackingWatch("t", uri, root, "sw-1").wait == 20.0  # the default wait
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("FEWSOUND_TRACKING_WAIT", bad)
+        with pytest.raises(ConfigError, match=f"FEWSOUND_TRACKING_WAIT: '{bad}'"):
+            TrackingWatch("t", uri, root, "sw-1")
+    monkeypatch.setenv("FEWSOUND_TRACKING_WAIT", "3")  # what a driver waits (the kill test below sets it too)
+    watch = TrackingWatch("t", uri, root, "sw-1")
     assert watch.home is None  # not fewsound's embedded server: never restarted
     t = time.monotonic()
     with pytest.raises(TrackingError) as e:
@@ -389,7 +392,8 @@ def test_a_trial_worker_and_the_embedded_server_killed_mid_sweep_are_recovered_a
 def test_remote_server_killed_mid_sweep_is_one_line_then_a_rerun_logs_the_records_and_refits_nothing(tmp_path):
     home = tmp_path / "home"
     server = RemoteServer(tmp_path / "server").start()
-    env = _driver_env(home, server.uri)
+    # the driver waits 5 s (not 20) for the dead server to answer again: it is not restarted before the error
+    env = dict(_driver_env(home, server.uri), FEWSOUND_TRACKING_WAIT="5")
     cmd = [*DRIVER, "t-remote", str(FITS), STEPS, "4"]
     log = tmp_path / "first.log"
     proc = _start(cmd, env, log)

@@ -5,9 +5,10 @@ the built-in corpus: trainings as child runs of one parent, evaluated, tabled, a
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
-from support import REPO, free_port  # tests/support.py
+from support import REPO  # tests/support.py
 
 from fewsound.hyper import HyperConfig
 from fewsound.hyper.catalogue import PAPER_DATASETS, paper_cells
@@ -94,22 +95,22 @@ def test_missing_rows_keep_the_table_shape():
 
 
 @pytest.mark.integration
-def test_grid_on_the_builtin_corpus_logs_one_parent_and_skips_on_rerun(tmp_path, monkeypatch, capsys):
+def test_grid_on_the_builtin_corpus_logs_one_parent_and_skips_on_rerun(env, tmp_path, monkeypatch, capsys):
     """Table 6 on two "datasets" that are both the built-in corpus: one training per target (the corpus is the
     same), four rows in two groups, every training a child of one parent with its evaluation; a re-run trains and
-    evaluates nothing and reopens the same parent."""
+    evaluates nothing and reopens the same parent. Logged to the test session's MLflow server (conftest's `env`:
+    started once for the sweep modules), trained under a home of its own."""
     import importlib.util
 
     import ray
     from mlflow.tracking import MlflowClient
 
-    from fewsound import tracking
     from tune.spine import EVAL_KEY_TAG as EVAL_TAG
 
     ray.shutdown()  # a Ray left by an earlier module has other servers in its workers' environment
     monkeypatch.setenv("FEWSOUND_HOME", str(tmp_path))
-    uri = tracking.start_local_server(home=tmp_path, port=free_port())
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uri = env[1]
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri
     spec = importlib.util.spec_from_file_location("hyper_tables", REPO / "jobs" / "hyper_tables.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
@@ -122,7 +123,6 @@ def test_grid_on_the_builtin_corpus_logs_one_parent_and_skips_on_rerun(tmp_path,
         _check_grid_runs(MlflowClient(uri), first, second, EVAL_TAG)
     finally:
         ray.shutdown()
-        tracking.stop_local_server(tmp_path)
 
 
 def _check_grid_runs(client, first: str, second: str, eval_tag: str) -> None:

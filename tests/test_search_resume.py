@@ -5,6 +5,8 @@ MLflow server of the test session). And the study's journal in an object store (
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import re
 import signal
@@ -41,9 +43,9 @@ def ended_runs(client) -> int:
 
 
 def study_trials(home) -> dict[int, tuple]:
-    """number -> (outcome, value, completed at, MLflow run id) of every trial of the (only) study in `home` that
-    counts towards --trials. A refit reproduces a seeded trial's outcome and value, not when it completed nor
-    the run it logged."""
+    """number -> (outcome, value, completed at, MLflow run id, configuration) of every trial of the (only) study in
+    `home` that counts towards --trials. A refit reproduces a seeded trial's outcome and value, not when it
+    completed nor the run it logged; the configuration (`configuration`) is what a refit fits again."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -52,10 +54,30 @@ def study_trials(home) -> dict[int, tuple]:
     [summary] = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     return {
-        t.number: (t.user_attrs["outcome"], t.value, t.datetime_complete, t.user_attrs.get("mlflow_run_id"))
+        t.number: (
+            t.user_attrs["outcome"],
+            t.value,
+            t.datetime_complete,
+            t.user_attrs.get("mlflow_run_id"),
+            configuration(json.loads(t.user_attrs["point"])),
+        )
         for t in study.get_trials()
         if t.user_attrs.get("outcome") in ("finished", "stopped_early", "failed")
     }
+
+
+def configuration(point: dict) -> tuple:
+    """A trial's configuration (its point: family, knobs, lr, widths) as its run logs it: `search.<knob>` params,
+    each as text. A trial's lr is sampled from a continuous range, so two trials of a search never share one."""
+    return tuple(sorted((k, str(v)) for k, v in point.items()))
+
+
+def fitted_configurations(runs: list) -> collections.Counter:
+    """How many times each configuration was fitted: one child run per fit started (interrupted ones included)."""
+    return collections.Counter(
+        tuple(sorted((k.removeprefix("search."), v) for k, v in r.data.params.items() if k.startswith("search.")))
+        for r in runs
+    )
 
 
 def _kill_driver_and_its_ray(proc: subprocess.Popen) -> None:
@@ -101,6 +123,7 @@ def test_sigkill_mid_search_then_rerun_continues_the_same_study(env, tmp_path):
     before = study_trials(home)
     assert 1 <= len(before) < TRIALS, f"{len(before)} trials ended before the kill: not mid-search"
 
+    rerun_ms = time.time() * 1000  # MLflow's start times are milliseconds since the epoch
     again = subprocess.run(CMD, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     # the trials the study had at the kill, plus any that ended just before it without the driver hearing of it
@@ -114,11 +137,18 @@ def test_sigkill_mid_search_then_rerun_continues_the_same_study(env, tmp_path):
     after = study_trials(home)
     assert len(after) == TRIALS  # the total is what was asked
     assert {n: after[n] for n in before} == before  # the trials that ended before the kill were not refitted
-    assert all(completed is not None and run_id for _, _, completed, run_id in before.values()), before
+    assert all(completed is not None and run_id for _, _, completed, run_id, _ in before.values()), before
     runs = {r.info.run_id: r for r in children(client, EXPERIMENT)[1]}
-    for number, (_, _, completed, run_id) in before.items():  # each one's run is the one it logged before the kill
+    for number, (_, _, completed, run_id, _) in before.items():  # each one's run is the one it logged before the kill
         assert run_id in runs and runs[run_id].info.start_time <= completed.timestamp() * 1000, (number, run_id)
     parent, kids = children(client, EXPERIMENT)  # the re-run reopened the same parent run
+    # the fits actually executed: the re-run started one run per trial it said it would run, and no configuration
+    # that a trial fitted before the kill was fitted again (a refit of it, even a new trial's, is one more run)
+    started_by_rerun = [r for r in kids if r.info.start_time >= rerun_ms]
+    assert len(started_by_rerun) == int(m.group(2)), [r.info.run_name for r in started_by_rerun]
+    fits = fitted_configurations(kids)
+    refitted = {n: fits[cfg] for n, (*_, cfg) in before.items() if fits[cfg] != 1}
+    assert not refitted, f"trials ended before the kill fitted again (trial: fits of its configuration): {refitted}"
     assert parent.info.status == "FINISHED" and parent.data.metrics["search/trials"] == TRIALS
     assert not [r for r in kids if r.info.status == "RUNNING"]
     interrupted = [r for r in kids if r.data.tags.get("fewsound.stopped_early", "").startswith("interrupted")]

@@ -25,6 +25,8 @@ CMD = [
     "--smoke-test",
     "--pack-size",
     "1",
+    "--listen-clips",
+    "0",  # no listening page: what resume leaves is the fits and their runs (test_sweep checks the page)
     "--experiment",
     EXPERIMENT,
 ]
@@ -127,25 +129,38 @@ def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_i
         runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else []
         return {r.info.run_id: r.data.tags[FIT_KEY_TAG] for r in runs if FIT_KEY_TAG in r.data.tags}
 
-    try:
-        while not done():
+    def parent_open() -> bool:  # the driver opens the sweep's parent run once it holds the sweep's lease
+        exp = client.get_experiment_by_name("test-stop")
+        return bool(exp and client.search_runs([exp.experiment_id], "tags.`fewsound.role` = 'parent'"))
+
+    def wait_for(event, what: str) -> None:
+        while not event():
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no fit finished within 10 minutes"
+            assert time.monotonic() < deadline, f"{what} within 10 minutes"
             time.sleep(0.2)
-        # a second terminal running the same command meanwhile is refused: no fit is computed twice
-        second = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
-        assert second.returncode == 2, second.stdout + second.stderr
-        line = second.stderr.strip().splitlines()[-1]
-        assert line.startswith("error: fit_inrs-") and "another driver is running this sweep" in line, second.stderr
-        assert f"(pid {proc.pid} on " in line and "Traceback" not in second.stderr
+
+    second = None
+    try:
+        wait_for(parent_open, "the sweep did not open its parent run")
+        # a second terminal running the same command meanwhile is refused: no fit is computed twice. It starts
+        # (a fresh interpreter: seconds of imports) while the first fits, not after its first fit: the first must
+        # still be fitting when the SIGTERM comes
+        second = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(done, "no fit finished")
+        second_out, second_err = second.communicate(timeout=300)
+        assert second.returncode == 2, second_out + second_err
+        line = second_err.strip().splitlines()[-1]
+        assert line.startswith("error: fit_inrs-") and "another driver is running this sweep" in line, second_err
+        assert f"(pid {proc.pid} on " in line and "Traceback" not in second_err
         assert proc.poll() is None
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
         stop_seconds = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in (proc, second):
+            if p is not None and p.poll() is None:
+                p.kill()
     assert proc.returncode == 143, out + err
     assert stop_seconds < 60, stop_seconds
     last = err.strip().splitlines()[-1]

@@ -22,6 +22,7 @@ it and where the results wait (TrackingError), and the next run of the same comm
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import time
@@ -31,13 +32,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fewsound import records, storage, tracking
-from fewsound.errors import FewsoundError, Stopped, TrackingError
+from fewsound.errors import ConfigError, FewsoundError, Stopped, TrackingError
 from fewsound.records import FitRecord
 from tune.spine import FIT_KEY_TAG, RECORD_TAG, SWEEP_TAG, runs_by_tag, search_runs, tag_filter
 
 TARGETS_DIR = "targets"  # the parent run's artifact folder of the sweep's targets
 LOG_THREADS = 4  # runs logged at once (each mostly waits on the server)
 HEALTH_TIMEOUT = 5.0  # seconds for GET /health (a loaded server answers it in milliseconds)
+WAIT_ENV, WAIT_DEFAULT = "FEWSOUND_TRACKING_WAIT", 20.0  # how long a server fewsound did not start is waited for
 # MLflow's documented client settings, as defaults (a user's values win): by default its client retries a failed
 # request 7 times with exponential backoff (minutes); a record waits safely instead, so fail fast.
 CLIENT_ENV = {
@@ -157,15 +159,31 @@ def kept_count(root: str, sweep: str) -> int:
         return 0
 
 
+def wait_seconds() -> float:
+    """$FEWSOUND_TRACKING_WAIT: seconds a driver waits for a tracking server it did not start to answer again
+    before it ends with one line (default 20). ConfigError, naming the variable, on anything but a number >= 0."""
+    text = os.environ.get(WAIT_ENV, "").strip()
+    if not text:
+        return WAIT_DEFAULT
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(WAIT_ENV, f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(WAIT_ENV, f"{text!r}: need a number of seconds >= 0")
+    return value
+
+
 class TrackingWatch:
     """The driver's view of the tracking server: `poll()` between packs, `ensure()` before the driver talks to
     MLflow. The embedded server (`tracking.local_server_home`) is restarted on its store and port up to
-    `max_restarts` times; any other server is waited for up to `wait` seconds, then reported."""
+    `max_restarts` times; any other server is waited for up to `wait` seconds (None: $FEWSOUND_TRACKING_WAIT, else
+    20), then reported."""
 
-    def __init__(self, name: str, uri: str, root: str, sweep: str, max_restarts: int = 2, wait: float = 20.0):
+    def __init__(self, name: str, uri: str, root: str, sweep: str, max_restarts: int = 2, wait: float | None = None):
         self.name, self.uri, self.root, self.sweep = name, uri, root, sweep
         self.home = tracking.local_server_home(uri)
-        self.max_restarts, self.wait = max_restarts, wait
+        self.max_restarts, self.wait = max_restarts, wait_seconds() if wait is None else wait
         self.restarts = 0
         self.last_poll = 0.0
         self.reported_down = False
