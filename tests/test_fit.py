@@ -568,21 +568,24 @@ def test_resume_from_checkpoint_is_bit_identical(crops, tmp_path):
 
 # --- each family learns real speech -----------------------------------------------------------------------------
 
-# PSNR threshold (dB) after 150 steps at the family's default lr on a 2,048-sample crop of real speech. Measured
-# (this crop, CPU): NeRF 39.0, SIREN 42.6, FINER 37.8, RFF 29.1, KAN 43.5, WIRE 29.3 (untrained nets: ~5-12 dB;
-# WIRE at its former defaults omega_i 20 / s0 10: 12.3, see fewsound/inr/wire.py).
+# PSNR threshold (dB) after LEARN_STEPS at the family's default lr on a 2,048-sample crop of real speech. Measured
+# (this crop, CPU) at 150 steps: NeRF 39.0, SIREN 42.6, FINER 37.8, RFF 29.1, KAN 43.5, WIRE 29.3 (untrained nets:
+# ~5-12 dB; WIRE at its former defaults omega_i 20 / s0 10: 12.3, see fewsound/inr/wire.py); the fast learners get
+# fewer steps, still well above their threshold (measured: KAN 43.7 dB at 60 steps, NeRF 37.7 and FINER 39.9 at 100).
 LEARNS = {"nerf": 30.0, "siren": 30.0, "finer": 30.0, "rff": 22.0, "kan": 30.0, "wire": 22.0}
+LEARN_STEPS = {"nerf": 100, "siren": 150, "finer": 100, "rff": 150, "kan": 60, "wire": 150}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_learns_real_speech(crops, family):
     clip = crops[0]
     assert clip.shape == (2048,)
+    steps = LEARN_STEPS[family]
     (untrained,) = fit(FitConfig(family=family, steps=0), clip)
-    (r,) = fit(FitConfig(family=family, steps=150, log_every=50), clip)
+    (r,) = fit(FitConfig(family=family, steps=steps, log_every=steps // 3), clip)
     got = float(psnr(clip[None], r.reconstruction[None])[0])
     before = float(psnr(clip[None], untrained.reconstruction[None])[0])
     assert not r.diverged
-    assert got > LEARNS[family], f"{family}: PSNR {got:.1f} dB after 150 steps (untrained {before:.1f} dB)"
+    assert got > LEARNS[family], f"{family}: PSNR {got:.1f} dB after {steps} steps (untrained {before:.1f} dB)"
     assert r.loss < 0.5 * untrained.loss
     assert r.history[0][1] > r.history[-1][1]
