@@ -131,8 +131,8 @@ class OutOfMemoryAbove:
 
 @pytest.mark.parametrize("family", ["kan", "siren"])
 def test_a_pack_that_runs_out_of_memory_is_split_and_ends_where_the_unsplit_pack_ends(speech_clips, family):
-    clips = crops_of(speech_clips, 4, 4096)
-    cfg = FitConfig(family=family, steps=5, log_every=1, dtype="float64")
+    clips = crops_of(speech_clips, 4, 2048)
+    cfg = FitConfig(family=family, steps=3, log_every=1, dtype="float64")
     seeds = [3, 4, 5, 6]
     unsplit = fit(cfg, clips, seeds=seeds, loss_fn=fit_loss, clips_per_chunk=4)
     oom = OutOfMemoryAbove(1)
@@ -152,7 +152,7 @@ def test_a_single_clip_that_does_not_fit_fails_the_fit(speech_clips):
     with pytest.raises(torch.OutOfMemoryError):
         fit(
             FitConfig(family="nerf", steps=2),
-            crops_of(speech_clips, 2, 4096),
+            crops_of(speech_clips, 2, 2048),
             loss_fn=OutOfMemoryAbove(0),
             clips_per_chunk=2,
         )

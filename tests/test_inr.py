@@ -364,9 +364,9 @@ def test_fast_contraction_gradcheck_and_tiling(monkeypatch):
     import fewsound.inr.kan as kan
 
     gen = torch.Generator().manual_seed(0)
-    x = (torch.rand(2, 37, 3, generator=gen, dtype=F64) * 2.8 - 1.4).requires_grad_(True)
+    x = (torch.rand(2, 23, 3, generator=gen, dtype=F64) * 2.8 - 1.4).requires_grad_(True)
     coef = torch.randn(2, 2, 3, 12, generator=gen, dtype=F64, requires_grad=True)
-    # tiny tiles and chunks: many tiles, a ragged last one
+    # tiny tiles and chunks (10 samples per chunk, 5 per tile here): 23 samples make 3 chunks, 5 tiles, ragged last ones
     monkeypatch.setattr(kan, "_TILE_ELEMENTS", 3 * 14 * 2 * 5)
     monkeypatch.setattr(kan, "_CHUNK_PAIRS", 2 * 3 * 10)
     assert torch.autograd.gradcheck(lambda a, c: spline_contract_fast(a, c, 10, 2, (-1.0, 1.0)), (x, coef))

@@ -167,7 +167,7 @@ def test_cdpam_equals_the_package(speech, monkeypatch):
 
     from fewsound.metrics.cdpam import cdpam_distance, load_cdpam
 
-    x, y = speech[:2, :11025], add_noise(speech[:2, :11025], 10.0)
+    x, y = speech[:2, :5513], add_noise(speech[:2, :5513], 10.0)  # 1/4 s: the package's network is slow on CPU
     ours = cdpam_distance(x, y, SR, device="cpu")
     assert load_cdpam("cpu") is load_cdpam("cpu")  # loaded once per process and device
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -184,15 +184,28 @@ def test_cdpam_equals_the_package(speech, monkeypatch):
     assert np.all(ours > 0.05)
 
 
-@pytest.mark.parametrize("n", [11025, 7776])  # odd and even lengths through the four stride-2 (polyphase) layers
-def test_cdpam_fft_convolutions_equal_the_direct_ones(speech, n):
+@pytest.fixture(scope="module")
+def fft_and_direct():
+    """CDPAM with FFT convolutions (the process's model, as evaluate() uses it: its weight spectra are made once)
+    and with direct ones."""
+    from fewsound.metrics.cdpam import CDPAMModel, load_cdpam
+
+    fft = load_cdpam("cpu")
+    assert fft.conv == "fft"
+    return fft, CDPAMModel("cpu", conv="direct")
+
+
+# Odd and even lengths through the four stride-2 (polyphase) layers: 2065 = 16 * 129 + 1 stays odd at each of them
+# (a stride-2 layer keeps ceil(n / 2)), 2080 = 16 * 130 stays even; both leave a ragged last overlap-save block.
+@pytest.mark.parametrize("n", [2065, 2080])
+def test_cdpam_fft_convolutions_equal_the_direct_ones(speech, fft_and_direct, n):
     import torch
 
     from fewsound.metrics.cdpam import CDPAMModel, cdpam_inputs
 
     x = cdpam_inputs(speech[:2, :n], SR)
     y = cdpam_inputs(add_noise(speech[:2, :n], 15.0), SR)
-    fft, direct = CDPAMModel("cpu", conv="fft"), CDPAMModel("cpu", conv="direct")
+    fft, direct = fft_and_direct
     assert torch.allclose(fft.embed(x), direct.embed(x), rtol=0, atol=2e-6)  # unit-norm embeddings
     d_fft, d_direct = fft.distance(x, y), direct.distance(x, y)
     assert torch.allclose(d_fft, d_direct, rtol=1e-5, atol=1e-7)
@@ -200,24 +213,25 @@ def test_cdpam_fft_convolutions_equal_the_direct_ones(speech, n):
         CDPAMModel("cpu", conv="winograd")
 
 
-def test_cdpam_keeps_reference_embeddings_and_reuses_them(speech):
+def test_cdpam_keeps_reference_embeddings_and_reuses_them(speech, fft_and_direct, monkeypatch):
     import torch
 
-    from fewsound.metrics.cdpam import CDPAMModel, cdpam_inputs
+    from fewsound.metrics.cdpam import cdpam_inputs
 
-    model = CDPAMModel("cpu")
-    x = cdpam_inputs(speech[:2, :8000], SR)
-    y1, y2 = (cdpam_inputs(add_noise(speech[:2, :8000], db), SR) for db in (10.0, 30.0))
+    model = fft_and_direct[0]
+    model.forget_refs()  # what other tests kept
+    x = cdpam_inputs(speech[:2, :4000], SR)
+    y1, y2 = (cdpam_inputs(add_noise(speech[:2, :4000], db), SR) for db in (10.0, 30.0))
     seen = []
     embed = model.embed
-    model.embed = lambda a: seen.append(len(a)) or embed(a)
+    monkeypatch.setattr(model, "embed", lambda a: seen.append(len(a)) or embed(a))
     first = model.distance(x, y1)
     assert seen == [4]  # both references and both reconstructions, in one pass
     again = model.distance(x, y2)
     assert seen == [4, 2]  # the references' embeddings were kept
     assert torch.equal(model.distance(x, y1), first)  # and give the same numbers
     assert again[0] < first[0] and again[1] < first[1]  # 30 dB is closer than 10 dB
-    model.REF_CACHE = 1
+    monkeypatch.setattr(model, "REF_CACHE", 1)
     model.distance(x[:1], y1[:1])
     assert len(model._refs) == 1
     model.forget_refs()
@@ -230,8 +244,9 @@ def test_cdpam_keeps_reference_embeddings_and_reuses_them(speech):
 
 @pytest.fixture(scope="module")
 def degraded(speech):
-    """For one clip (1 s): {family: [row(mild), row(strong)]} from evaluate() with every metric."""
-    x = speech[0, :SR]
+    """For one clip (0.5 s: PESQ and STOI apply from 1/4 s): {family: [row(mild), row(strong)]} from evaluate()
+    with every metric."""
+    x = speech[0, : SR // 2]
     cases = {
         "noise": [add_noise(x, 20.0), add_noise(x, 5.0)],
         "low_pass": [low_pass(x, 4000.0), low_pass(x, 1000.0)],
