@@ -146,7 +146,7 @@ def summary_runs(client: Any, uri: str, exp: Any, parent: Any, summarize: bool) 
     from fewsound.tracking import MlflowRun
     from tune.report import collect
     from tune.spine import SUMMARY_ROLE, SWEEP_PARENT_TAG, SWEEP_TAG, search_runs, tag_filter
-    from tune.sweep.summary import SweepSummary
+    from tune.sweep.result import SweepSummary
     from tune.sweep.summary_runs import log_summary_runs, summary_experiment
 
     def found() -> tuple[Any, list[Any]]:
@@ -178,7 +178,7 @@ def make_experiment(client: Any, uri: str, n: int) -> str:
     from fewsound import tables
     from fewsound.tracking import PARENT_TAG, MlflowRun, log_run
     from tune.spine import FAMILY_TAG, FIT_KEY_TAG, JOB_TAG, LABEL_TAG, N_FITS_TAG, ROLE_TAG, SWEEP_TAG
-    from tune.sweep.summary import SweepSummary
+    from tune.sweep.result import SweepSummary
     from tune.sweep.summary_runs import log_summary_runs
 
     name, sid = f"ui-bench-{n}", f"ui-bench-{n}"
@@ -230,7 +230,7 @@ def measure(uri: str, experiment: str, args: argparse.Namespace) -> dict:
 
     from fewsound.tracking import PARENT_TAG, ui_url
     from tune.spine import NOTE_TAG, tag_filter
-    from tune.sweep.summary import SweepSummary
+    from tune.sweep.result import SweepSummary
     from tune.sweep.summary_runs import headline_metric, runs_page_url
 
     client = MlflowClient(tracking_uri=uri)

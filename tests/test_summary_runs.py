@@ -144,7 +144,7 @@ def test_summary_runs_are_updated_in_place_when_a_row_changes_and_deleted_when_i
 
     from fewsound import tables
     from fewsound.tracking import MlflowRun
-    from tune.sweep.summary import SweepSummary
+    from tune.sweep.result import SweepSummary
     from tune.sweep.summary_runs import log_summary_runs
 
     uri = env[1]

@@ -5,16 +5,13 @@ per row of its table (tune.sweep.summary_runs).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from fewsound.plan import FitTask
-from fewsound.tracking import MlflowRun, ui_url
+from fewsound.tracking import MlflowRun
 from tune.spine import (
     FAMILY_TAG,
     FIT_KEY_TAG,
@@ -27,55 +24,8 @@ from tune.spine import (
     tag_filter,
 )
 from tune.sweep.context import TrialContext, pack_id
-from tune.sweep.summary_runs import log_summary_runs, parent_note, runs_page_url
-
-
-@dataclasses.dataclass
-class SweepSummary:
-    sweep: str
-    experiment: str
-    parent_run_id: str
-    tracking_uri: str
-    n_fits: int
-    skipped: int
-    done: int
-    failed: int
-    seconds: float
-    resources: dict[str, float]
-    rows: list[dict[str, Any]]  # one per finished fit: key, label, family, clip_id, length, kind, metrics...
-    table_markdown: str = ""  # the paper-style table regenerated from `rows`
-    # One dict per pack that reported: what run_pack returned (fits_done, fit_seconds, eval_seconds, log_seconds,
-    # start, end, pid, torch_threads), assigned_CPU / assigned_GPU (the resources the scheduler granted its
-    # trial), pack and trial (indices). A trial runs one or more packs in turn.
-    packs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    n_trials: int = 0  # Tune trials run
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per driver phase
-    replayed: int = 0  # of `skipped`: fits logged at the start from records (computed before, not refitted)
-    records: str = ""  # where the sweep's fit records are (fewsound.records)
-
-    experiment_id: str | None = None
-    summary_runs: dict[str, str] = dataclasses.field(default_factory=dict)  # table row -> its summary run's id
-    summary_experiment_id: str | None = None  # the experiment of the summary runs (summary_experiment)
-
-    @property
-    def ui_url(self) -> str:
-        """The sweep's experiment in MLflow's UI, opened on its runs."""
-        return ui_url(self.tracking_uri, self.experiment_id)
-
-    def summary_ui_url(self, order_by: str | None = None) -> str:
-        """The summary experiment's runs page in MLflow's UI (one run per table row), sorted by metric `order_by`
-        (best first, in fewsound.tables.COLUMNS' direction) where given."""
-        return runs_page_url(ui_url(self.tracking_uri, self.summary_experiment_id), "", order_by)
-
-    def compare_ui_url(self) -> str:
-        """MLflow UI's comparison of the summary runs: every row's mean, std and interval per metric side by side."""
-        runs, exps = json.dumps(list(self.summary_runs.values())), json.dumps([self.summary_experiment_id])
-        page = ui_url(self.tracking_uri).partition("#")[0]
-        return f"{page}#/compare-runs?runs={urllib.parse.quote(runs)}&experiments={urllib.parse.quote(exps)}"
-
-    def fits_ui_url(self, order_by: str | None = None) -> str:
-        """The fits' experiment's runs page sorted by metric `order_by`, best first: the best fits."""
-        return runs_page_url(self.ui_url, "", order_by)
+from tune.sweep.result import SweepSummary
+from tune.sweep.summary_runs import log_summary_runs, parent_note
 
 
 def finished_runs(client: Any, exp_id: str) -> dict[str, Any]:

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-import urllib.parse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fewsound.tracking import PARENT_TAG, MlflowRun, ui_url
 from tune.spine import (
@@ -35,36 +34,14 @@ from tune.spine import (
     search_runs,
     tag_filter,
 )
+from tune.sweep.result import SweepSummary, runs_page_url
 
-if TYPE_CHECKING:
-    from tune.sweep.summary import SweepSummary
-
-STAT_SUFFIXES = ("mean", "std", "ci95_low", "ci95_high", "n")
 SUMMARY_FILTER = tag_filter(ROLE_TAG, SUMMARY_ROLE)
 
 
 def summary_experiment(experiment: str) -> str:
     """The experiment of the summary runs of a sweep logged to `experiment`."""
     return f"{experiment} summary"
-
-
-def runs_page_url(experiment_url: str, search_filter: str = "", order_by: str | None = None) -> str:
-    """An experiment's runs page in MLflow's UI (`experiment_url`: fewsound.tracking.ui_url) with its search box
-    set to `search_filter` and its rows sorted by metric `order_by`, best first (in fewsound.tables.COLUMNS'
-    direction). The UI keeps its search in these URL parameters on the runs page itself (the experiment's page
-    redirects there and drops them)."""
-    from fewsound.tables import COLUMNS
-
-    page, _, query = experiment_url.partition("?")
-    params = dict(urllib.parse.parse_qsl(query))
-    if search_filter:
-        params["searchFilter"] = search_filter
-    if order_by:
-        base = order_by.rsplit("/", 1)[0] if order_by.rsplit("/", 1)[-1] in STAT_SUFFIXES else order_by
-        lower = any(key == base and better == "lower" for _, key, better in COLUMNS)
-        params.update(orderByKey=f"metrics.`{order_by}`", orderByAsc="true" if lower else "false")
-    page = page if page.endswith("/runs") else f"{page}/runs"
-    return f"{page}?{urllib.parse.urlencode(params, quote_via=urllib.parse.quote)}"
 
 
 def summary_metrics(row: Any) -> dict[str, float]:
