@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import sys
 
@@ -28,6 +27,7 @@ import ray
 
 from fewsound.errors import ConfigError
 from fewsound.storage import storage_root
+from tune.spine import env_number
 
 __all__ = [
     "GPU_FRACTIONS",
@@ -122,19 +122,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     return ray.cluster_resources()
 
 
-def _setting(name: str) -> float | None:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(name, f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise ConfigError(name, f"{text!r}: need a number >= 0")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class Capacity:
     """What a job plans for: the cluster's CPUs and GPUs at its ceiling (or now, where no ceiling is set)."""
@@ -157,7 +144,7 @@ class Capacity:
 def capacity(cluster: dict) -> Capacity:
     """The cluster's capacity: the larger of its ceiling (FEWSOUND_MAX_GPUS/_CPUS) and `cluster` (what is up)."""
     now_cpus, now_gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    max_cpus, max_gpus = _setting("FEWSOUND_MAX_CPUS"), _setting("FEWSOUND_MAX_GPUS")
+    max_cpus, max_gpus = env_number("FEWSOUND_MAX_CPUS"), env_number("FEWSOUND_MAX_GPUS")
     return Capacity(
         cpus=max(now_cpus, max_cpus or 0.0),
         gpus=max(now_gpus, max_gpus or 0.0),
@@ -212,7 +199,7 @@ def fraction_text(resources: dict[str, float]) -> str:
 
 
 def _train_node() -> tuple[float | None, float | None]:
-    return _setting("FEWSOUND_TRAIN_GPUS"), _setting("FEWSOUND_TRAIN_CPUS")
+    return env_number("FEWSOUND_TRAIN_GPUS"), env_number("FEWSOUND_TRAIN_CPUS")
 
 
 def choose_scaling(cluster: dict, num_workers: int | None = None):

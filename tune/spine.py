@@ -16,6 +16,7 @@ page (and 1,000 when a caller forgets the argument), so `search_runs` here alway
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 from ray import tune
 
+from fewsound.errors import ConfigError
 from fewsound.tracking import PARENT_TAG, MlflowRun, get_or_create_experiment, tracking_uri
 
 # --- the tag vocabulary: every tag a driver or a trial writes, named once -------------------------------------
@@ -281,3 +283,18 @@ class StopOnSignal:
                 os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
             else:
                 os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
+
+
+def env_number(name: str) -> float | None:
+    """Environment setting `name` as a number >= 0, None where unset or empty. ConfigError, naming the variable,
+    on anything else."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(name, f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(name, f"{text!r}: need a number >= 0")
+    return value

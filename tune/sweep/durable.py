@@ -22,7 +22,6 @@ it and where the results wait (TrackingError), and the next run of the same comm
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import tempfile
 import time
@@ -32,9 +31,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fewsound import records, storage, tracking
-from fewsound.errors import ConfigError, FewsoundError, Stopped, TrackingError
+from fewsound.errors import FewsoundError, Stopped, TrackingError
 from fewsound.records import FitRecord
-from tune.spine import FIT_KEY_TAG, RECORD_TAG, SWEEP_TAG, runs_by_tag, search_runs, tag_filter
+from tune.spine import FIT_KEY_TAG, RECORD_TAG, SWEEP_TAG, env_number, runs_by_tag, search_runs, tag_filter
 
 TARGETS_DIR = "targets"  # the parent run's artifact folder of the sweep's targets
 LOG_THREADS = 4  # runs logged at once (each mostly waits on the server)
@@ -162,16 +161,8 @@ def kept_count(root: str, sweep: str) -> int:
 def wait_seconds() -> float:
     """$FEWSOUND_TRACKING_WAIT: seconds a driver waits for a tracking server it did not start to answer again
     before it ends with one line (default 20). ConfigError, naming the variable, on anything but a number >= 0."""
-    text = os.environ.get(WAIT_ENV, "").strip()
-    if not text:
-        return WAIT_DEFAULT
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(WAIT_ENV, f"{text!r} is not a number of seconds") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise ConfigError(WAIT_ENV, f"{text!r}: need a number of seconds >= 0")
-    return value
+    value = env_number(WAIT_ENV)
+    return WAIT_DEFAULT if value is None else value
 
 
 class TrackingWatch:
