@@ -20,7 +20,7 @@ once, when it initialises).
 Numerics (`set_numerics`, applied wherever fewsound resolves a device): float32 matmuls and cuDNN convolutions run
 in full float32, not TF32. TF32 keeps 10 mantissa bits (relative step 2**-11); SIREN's and FINER's first layers
 compute phases of omega_0 * t with omega_0 = 2000 rad, where a 2**-11 relative error is about one radian of phase,
-the same failure as bfloat16 autocast (see fewsound.inr.base.full_precision). Convolutions (CDPAM, the
+the same failure as bfloat16 autocast (see INR.autocast_safe in fewsound.inr.base). Convolutions (CDPAM, the
 hypernetworks' encoders) stay float32 too, so a metric or a training step computed on a GPU matches the CPU's to
 float32 rounding. Speed in reduced precision is asked for explicitly (`FitConfig.precision="bf16"`), never implied
 by the device.

@@ -222,3 +222,27 @@ def test_the_grid_evaluation_asks_for_cpus_and_a_gpu_share():
     assert eval_resources([4.0, 16.0], gpus=False) == {"num_cpus": float(EVAL_CPUS)}
     assert eval_resources([0.0, 8.0], gpus=True) == {"num_cpus": float(EVAL_CPUS), "num_gpus": EVAL_GPU}
     assert eval_resources([], gpus=True)["num_cpus"] == 1.0  # never a 0-CPU (one-thread, unaccounted) evaluation
+
+
+# --- the first GPU's one call, where there is none ------------------------------------------------------------
+
+
+def test_gpu_check_says_there_is_no_cuda_device_and_runs_nothing(processes, tmp_path):
+    """benchmarks/gpu_check.sh on a machine without CUDA: one line on stderr saying so, exit 2, no step run and
+    nothing written (neither its log under benchmarks/results/ nor anything in $OUT)."""
+    import sys
+
+    from conftest import NO_GPUS
+    from support import REPO
+
+    log = REPO / "benchmarks" / "results" / "gpu_check.log"
+    before = log.stat().st_mtime_ns if log.exists() else None
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=NO_GPUS, OUT=str(tmp_path), PYTHON=sys.executable)
+    env.pop("FEWSOUND_TEST_GPU", None)
+    done = processes.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device here" in lines[0] and "nothing run" in lines[0], done.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert (log.stat().st_mtime_ns if log.exists() else None) == before

@@ -5,9 +5,10 @@
 Elsewhere every test here is skipped ("no CUDA device"); tests/conftest.py hides the GPUs from every other test
 (CUDA_VISIBLE_DEVICES) unless FEWSOUND_TEST_GPU=1, so the CPU tests mean the same on a GPU machine.
 
-Determinism. On the CPU a fit is bitwise reproducible: same config, seeds and clips give the same bits (a resumed
-fit ends bit-identical to an uninterrupted one, a chunk's result does not depend on which worker thread ran it;
-tests/test_fit.py checks these with equality). On CUDA results agree to float rounding only: the STFT's backward
+Determinism. On the CPU a fit on one thread is bitwise reproducible: same config, seeds and clips give the same
+bits (a resumed fit ends bit-identical to an uninterrupted one; tests/test_fit.py checks it with equality); a pack's
+chunks run on worker threads agree with the chunks run in sequence to float32 rounding (a worker thread's
+vectorized reductions may round differently). On CUDA results agree to float rounding only: the STFT's backward
 (the loss's five resolutions) and index_add/scatter-add kernels sum with atomics, whose order varies from run to
 run, and cuBLAS may pick different kernels for different batch sizes (a pack of B vs a single clip). So here packed
 == separate and resumed == uninterrupted are checked to a tolerance, never bitwise. Matmuls and convolutions run
@@ -98,6 +99,32 @@ def test_a_pack_beyond_its_memory_share_is_split_on_the_real_device(speech_clips
         assert not s.diverged and s.loss == pytest.approx(r.loss, rel=1e-4)
 
 
+def test_a_claimed_share_caps_the_process_and_cached_memory_goes_back(monkeypatch):
+    """claim_gpu_share(1/4), as a 1/4-GPU trial calls it: an allocation beyond a quarter of the card raises
+    torch.OutOfMemoryError (what split_on_oom handles), chunks are sized for the quarter, and
+    release_cached_memory (between packs) hands the allocator's freed blocks back to the card."""
+    from fewsound import device as dev
+
+    monkeypatch.setattr(dev, "_share", 1.0)  # restored after the test (the cap itself is lifted below)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    try:
+        assert dev.claim_gpu_share(0.25) == 0.25
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(int(0.3 * total), dtype=torch.uint8, device="cuda")
+        block = torch.empty(int(0.1 * total), dtype=torch.uint8, device="cuda")
+        free, _ = torch.cuda.mem_get_info()
+        want = dev.clips_per_chunk("wire", 65_536, 64, free_bytes=free, total_bytes=total, share=0.25)
+        assert dev.cuda_clips_per_chunk(torch.device("cuda"), "wire", 65_536, 64) == want
+        del block
+        assert torch.cuda.memory_reserved() >= int(0.1 * total)  # freed, still cached by the allocator
+        dev.release_cached_memory()
+        assert torch.cuda.memory_reserved() < int(0.1 * total)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+
 def test_chunks_are_sized_from_the_free_memory_of_the_share():
     from fewsound import device as dev
 
@@ -117,7 +144,7 @@ def test_a_sweep_of_quarter_gpu_trials_shares_the_real_gpu(env):
     s = sweep(corpus, seed=11, experiment="test-gpu-real", num_cpus=4, num_gpus=1)
     assert s.resources == {"cpu": 1, "gpu": 0.25} and (s.done, s.failed) == (8, 0)
     assert {t["device"] for t in s.packs} == {"cuda"}  # a real device in every trial, not the CPU
-    assert all(t["assigned_GPU"] == 0.25 for t in s.packs)
+    assert all(t["assigned_GPU"] == 0.25 and t["gpu_share"] == 0.25 for t in s.packs)  # each process capped
     assert max_overlap(s.packs) <= 4
 
 

@@ -61,6 +61,7 @@ def test_quarter_gpu_trials_run_four_at_a_time_on_one_logical_gpu(corpus):
     assert (s.done, s.failed, len(s.packs), s.n_trials) == (8, 0, 8, 8)
     for t in s.packs:  # what the scheduler granted each trial, as the trial saw it
         assert (t["assigned_GPU"], t["assigned_CPU"], t["torch_threads"]) == (0.25, 1.0, 1)
+        assert t["gpu_share"] == 1.0  # a logical GPU without CUDA: no memory cap (tests/test_gpu.py: 0.25 on CUDA)
     assert max_overlap(s.packs) == 4  # 4 CPUs and 4 quarters of the GPU: never more, and it got there
     assert len({t["pid"] for t in s.packs}) == 4  # four reused actors
 

@@ -48,7 +48,9 @@ class SweepSummary:
     table_markdown: str = ""  # the paper-style table regenerated from `rows`
     # One dict per pack that reported: what run_pack returned (fits_done, fit_seconds, eval_seconds, log_seconds,
     # start, end, pid, torch_threads), assigned_CPU / assigned_GPU (the resources the scheduler granted its
-    # trial), pack and trial (indices). A trial runs one or more packs in turn.
+    # trial), device / cuda_visible_devices (where its fits ran, as the trial saw it), gpu_share (the memory share
+    # its process is capped at: 1.0 where nothing is capped), pack and trial (indices). A trial runs one or more
+    # packs in turn.
     packs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     n_trials: int = 0  # Tune trials run
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per driver phase

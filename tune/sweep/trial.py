@@ -254,8 +254,10 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     client_defaults()  # fail fast on an unreachable server: the records wait for the driver
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # one torch thread per CPU the trial was given
-    claim_gpu_share(assigned.get("GPU"))  # a GPU share: this process capped at it, its packs' chunks sized for it
+    # a GPU share: this process capped at it, its packs' chunks sized for it (1.0 where nothing is capped: no CUDA)
+    share = claim_gpu_share(assigned.get("GPU"))
     extra = {f"assigned_{k}": float(v) for k, v in assigned.items()}
+    extra["gpu_share"] = share
     extra["trial"] = int(config["trial"]["index"])
     # where the fits run, as the trial sees it (a 0-GPU trial: "cpu", with CUDA_VISIBLE_DEVICES "")
     extra["device"] = str(resolve_device("auto"))
