@@ -760,9 +760,13 @@ def _save_checkpoint(path, identity, step, params, pack: _PackState, optimizer) 
 
 
 def _load_checkpoint(path, identity, params, good, state, optimizer, device):
-    """Restore a checkpoint into the fit's tensors in place; ConfigError if it belongs to another fit."""
+    """Restore a checkpoint into the fit's tensors in place; ConfigError if it belongs to another fit.
+
+    Read onto the host, then copied to `device`: the optimizer's state ends as a fresh optimizer's after a step
+    (moments on their parameter's device, AdamW's `step` a 0-dim CPU tensor). Read straight onto a GPU, `step` would
+    stay there and the optimizer would read it back with `.item()` every step: a host sync per tensor per step."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated/corrupt file: atomic writes make this unlikely, but say so clearly
         raise ConfigError(path, f"unreadable checkpoint ({type(e).__name__}: {e})") from None
     for key, want in identity.items():

@@ -566,6 +566,37 @@ def test_resume_from_checkpoint_is_bit_identical(crops, tmp_path):
     assert fresh[0].steps == cfg.steps
 
 
+def resumed_optimizer_state(tmp_path: Path, crops, device: torch.device) -> dict[str, tuple[str, str]]:
+    """A CPU fit's checkpoint (2 steps) restored by fit's loader into a pack on `device`: per AdamW state key, the
+    device types its tensors were left on."""
+    from fewsound.fit import _load_checkpoint, _PackState
+
+    cfg = FitConfig(family="nerf", steps=2, checkpoint_every=2, device="cpu")
+    fit(cfg, crops[:2], checkpoint_dir=tmp_path)
+    path = tmp_path / CHECKPOINT_NAME
+    ckpt = torch.load(path, weights_only=True)
+    identity = {k: ckpt[k] for k in ("key", "family", "seeds", "clips_sha")}
+    params, _ = cfg.build_inr().init(ckpt["seeds"], device=device)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    optimizer = torch.optim.AdamW(list(params.values()))
+    pack = _PackState(params, 2, device, torch.float32)
+    assert _load_checkpoint(path, identity, params, pack.good, pack.state, optimizer, device)[0] == 2
+    assert {t.device.type for t in pack.state.values()} == {device.type}
+    kinds: dict[str, set[str]] = collections.defaultdict(set)
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            kinds[k].add(v.device.type)
+    return {k: tuple(sorted(v)) for k, v in kinds.items()}
+
+
+def test_a_resumed_fit_keeps_the_optimizer_step_on_the_host(crops, tmp_path):
+    """Restored into a pack on another device (the meta device here: what any non-CPU device shows, without one;
+    tests/test_gpu.py: CUDA), AdamW's moments go to the parameters' device and its `step` stays a CPU tensor, as in
+    a fresh optimizer: read onto the device, AdamW would read `step` back to the host every step."""
+    layout = resumed_optimizer_state(tmp_path, crops, torch.device("meta"))
+    assert layout == {"step": ("cpu",), "exp_avg": ("meta",), "exp_avg_sq": ("meta",)}
+
+
 # --- each family learns real speech -----------------------------------------------------------------------------
 
 # PSNR threshold (dB) after LEARN_STEPS at the family's default lr on a 2,048-sample crop of real speech. Measured

@@ -209,6 +209,16 @@ def test_validation_runs_on_the_gpu_and_matches_the_cpu_to_rounding(speech_clips
         assert g["metrics"].keys() == c["metrics"].keys()
 
 
+def test_a_resumed_fit_keeps_the_optimizer_step_on_the_host(tmp_path, speech_clips):
+    """fewsound.fit's checkpoint restored into a pack on CUDA: AdamW's moments on the GPU, its `step` on the host
+    (as a fresh optimizer's), so the resumed fit's steps do not read `step` back from the device."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_fit import resumed_optimizer_state
+
+    layout = resumed_optimizer_state(tmp_path, speech(speech_clips, 2, 4096), torch.device("cuda"))
+    assert layout == {"step": ("cpu",), "exp_avg": ("cuda",), "exp_avg_sq": ("cuda",)}
+
+
 def test_a_resumed_optimizer_steps_on_the_gpu_without_host_syncs(tmp_path, speech_clips):
     """After a resume on CUDA, AdamW's state has the layout of a fresh optimizer's (moments on the GPU in float32,
     `step` a 0-dim float32 CPU tensor), and its steps run with CUDA's sync debug mode set to "error". Read straight
