@@ -140,7 +140,8 @@ def test_packed_fit_equals_separate_fits(crops, fits64, family):
 @pytest.mark.parametrize("family", ["kan", "siren"])
 def test_chunked_pack_equals_whole_pack_and_separate_fits(crops, fits64, family):
     """A pack run in chunks of clips (gradients per chunk, one optimizer step for the pack) ends where the whole
-    pack and each separate fit end (float64); the CPU picks chunks by clip length, CUDA the whole pack."""
+    pack and each separate fit end (float64); the CPU picks chunks by clip length, CUDA the whole pack when no
+    family is given (with one, what the process's GPU share holds: tests/test_gpu.py)."""
     cfg = FitConfig(family=family, steps=FIT64_STEPS, log_every=1, dtype="float64")
     seeds = (3, 4, 5)
     whole = fits64(family, (0, 1, 2), seeds, 3)

@@ -104,6 +104,7 @@ def test_a_claimed_share_caps_the_process_and_cached_memory_goes_back(monkeypatc
     torch.OutOfMemoryError (what split_on_oom handles), chunks are sized for the quarter, and
     release_cached_memory (between packs) hands the allocator's freed blocks back to the card."""
     from fewsound import device as dev
+    from fewsound.fit import auto_clips_per_chunk
 
     monkeypatch.setattr(dev, "_share", 1.0)  # restored after the test (the cap itself is lifted below)
     total = torch.cuda.get_device_properties(0).total_memory
@@ -116,6 +117,7 @@ def test_a_claimed_share_caps_the_process_and_cached_memory_goes_back(monkeypatc
         free, _ = torch.cuda.mem_get_info()
         want = dev.clips_per_chunk("wire", 65_536, 64, free_bytes=free, total_bytes=total, share=0.25)
         assert dev.cuda_clips_per_chunk(torch.device("cuda"), "wire", 65_536, 64) == want
+        assert auto_clips_per_chunk(torch.device("cuda"), 64, 65_536, family="wire") == want < 64  # what fit() uses
         del block
         assert torch.cuda.memory_reserved() >= int(0.1 * total)  # freed, still cached by the allocator
         dev.release_cached_memory()
