@@ -175,6 +175,34 @@ def test_resolving_a_device_sets_full_float32_numerics():
         dev.set_numerics()
 
 
+def tf32_on() -> None:
+    """Torch's TF32 switches on (what a user's code, or another library in the process, may have done)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+
+
+def full_float32() -> bool:
+    return (
+        torch.get_float32_matmul_precision() == "highest"
+        and not torch.backends.cuda.matmul.allow_tf32
+        and not torch.backends.cudnn.allow_tf32
+    )
+
+
+def test_loading_cdpam_sets_full_float32_numerics():
+    """CDPAM (convolutions) runs at fewsound's numerics whoever loads it: a sweep's evaluation, the evaluate
+    command, a training's validation."""
+    from fewsound.metrics.cdpam import load_cdpam
+
+    tf32_on()
+    try:
+        load_cdpam("cpu")
+        assert full_float32()
+    finally:
+        dev.set_numerics()
+
+
 def test_claiming_a_share_without_cuda_caps_nothing():
     assert not torch.cuda.is_available()
     assert dev.claim_gpu_share(0.25) == 1.0 and dev._share == 1.0

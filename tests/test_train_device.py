@@ -151,3 +151,19 @@ def test_a_resume_continues_bitwise_for_several_steps(tmp_path, speech_clips):
         train_step(b, batch, opt_b, scheduler=sched_b)
         assert state_digest(a, opt_a, sched_a) == state_digest(b, opt_b, sched_b)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_training_runs_at_full_float32_numerics(speech_clips):
+    """The training loop (and Ray Train's workers, through the same fewsound.fit.resolve_device) sets fewsound's
+    numerics: the encoders' convolutions and the matmuls in full float32 on a GPU, whatever the process had set."""
+    from test_device import full_float32, tf32_on
+
+    from fewsound.device import set_numerics
+    from fewsound.train import train
+
+    tf32_on()
+    try:
+        model, history, _ = train(tiny(epochs=1, samples_per_epoch=4), speech(speech_clips, 6, 4 * CLIP))
+        assert len(history) == 1 and full_float32()
+    finally:
+        set_numerics()

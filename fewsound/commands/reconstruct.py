@@ -33,13 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from fewsound.data.audio import load_audio, save_audio
     from fewsound.errors import ConfigError
+    from fewsound.fit import resolve_device
     from fewsound.hyper import load_model, reconstruct_long
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device or "auto")  # CUDA when present; fewsound's numerics (no TF32)
     model = load_model(args.model, map_location=device)
     cfg = model.config
     window = cfg.clip_length

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from cdpam.models import FINnet
 
+from fewsound.device import set_numerics
 from fewsound.metrics.common import as_batch, check_pair, resample_paper
 
 CDPAM_SR = 22_050
@@ -219,7 +220,9 @@ def default_device() -> str:
 
 
 def load_cdpam(device: str | torch.device | None = None) -> CDPAMModel:
-    """The process-wide CDPAM model for `device` (default: CUDA when present), loaded on first use only."""
+    """The process-wide CDPAM model for `device` (default: CUDA when present), loaded on first use only. Sets
+    fewsound's numerics (its convolutions without TF32: fewsound.device.set_numerics), whoever called it."""
+    set_numerics()
     dev = torch.device(device or default_device())
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())

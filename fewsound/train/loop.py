@@ -35,11 +35,12 @@ def train(
     """Single-process training on in-memory segments (tests, benchmarks, notebooks; the job uses Ray Train).
 
     Returns (model, per-epoch stats, validation summaries). `on_epoch(stats, summary_or_None)` is called after
-    every epoch.
+    every epoch. `device`: a torch device, or "auto" (CUDA when present); runs at fewsound's numerics (no TF32).
     """
+    from fewsound.fit import resolve_device
     from fewsound.hyper import build_model
 
-    device = torch.device(device)
+    device = resolve_device(device)  # also fewsound's numerics (no TF32: fewsound.device.set_numerics)
     model = build_model(cfg.model, verbose=False).to(device)
     optimizer, scheduler = make_optimizer(model, cfg)
     length = cfg.model.clip_length

@@ -171,6 +171,7 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     import ray.train.torch
     import torch
 
+    from fewsound.fit import resolve_device
     from fewsound.hyper import build_model
     from fewsound.tracking import MlflowRun, NullLogger
     from fewsound.train import load_training_state, make_optimizer, torch_threads, train_config_from_dict
@@ -182,6 +183,7 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(torch_threads(config["cpus_per_worker"]))
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")  # fake GPUs
+    device = resolve_device(device)  # fewsound's numerics: the encoders' convolutions without TF32 (set_numerics)
     model = build_model(cfg.model, verbose=False).to(device)  # it logs its description (once: print would repeat)
     optimizer, scheduler = make_optimizer(model, cfg)
     run = (
