@@ -60,6 +60,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, model_path, capsys):
         ((model_path, model_path, tmp_path / "o5.wav"), "fewsound-tiny.pt"),
         ((model_path, empty, tmp_path / "o6.wav"), "empty.wav"),
         ((model_path, wav, tmp_path / "o7.wav", "--overlap", "4096"), "--overlap"),
+        ((model_path, wav, tmp_path / "o8.wav", "--device", "nonsense"), "nonsense"),
     ]
     for argv, needle in cases:
         rc, err = _run(capsys, *argv)
