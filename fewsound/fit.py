@@ -55,6 +55,7 @@ from fewsound.config import cfg_hash, to_dict
 from fewsound.device import cuda_clips_per_chunk, release_cached_memory, set_numerics, split_on_oom
 from fewsound.errors import AudioError, ConfigError
 from fewsound.losses import RESOLUTIONS, ReconstructionLoss
+from fewsound.safe_load import load_weights_only
 
 # Per-family default learning rate (constant). KAN: the paper's ablation base. Others: our sweep, see docstring.
 DEFAULT_LR: dict[str, float] = {
@@ -765,10 +766,8 @@ def _load_checkpoint(path, identity, params, good, state, optimizer, device):
     Read onto the host, then copied to `device`: the optimizer's state ends as a fresh optimizer's after a step
     (moments on their parameter's device, AdamW's `step` a 0-dim CPU tensor). Read straight onto a GPU, `step` would
     stay there and the optimizer would read it back with `.item()` every step: a host sync per tensor per step."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated/corrupt file: atomic writes make this unlikely, but say so clearly
-        raise ConfigError(path, f"unreadable checkpoint ({type(e).__name__}: {e})") from None
+    # weights-only: a replaced file carrying a pickled object is refused in one line, its code never runs
+    ckpt = load_weights_only(path, "cpu", what="fit checkpoint")
     for key, want in identity.items():
         if ckpt.get(key) != want:
             raise ConfigError(path, f"checkpoint is for another fit ({key}: {ckpt.get(key)!r} != {want!r})")

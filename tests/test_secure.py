@@ -1,9 +1,10 @@
 """Secure by default on a shared cluster (issue 26): no code runs from a checkpoint, and the cluster's MLflow server
 wants a login and answers only its own addresses.
 
-- A training checkpoint that someone replaced with one carrying a pickled object (whose unpickling would run code)
-  is refused by resuming, by model loading and by `jobs/evaluate_fewsound.py --model FOLDER`, with one line naming
-  the file, and the code never runs (a marker file it would create never appears).
+- A training checkpoint, a packed fit's checkpoint or a FewSound model file that someone replaced with one carrying
+  a pickled object (whose unpickling would run code) is refused by resuming, by model loading and by
+  `jobs/evaluate_fewsound.py --model FOLDER`, with one line naming the file (never torch's advice to load it with
+  weights_only=False), and the code never runs (a marker file it would create never appears).
 - The MLflow server started with cluster.yaml's own command line (`python -m fewsound mlflow serve ...`, only the
   paths, the bucket and the port swapped for local ones) with the secret files of `python -m fewsound mlflow
   secrets` placed where cluster.yaml's file_mounts put them: 401 without the login, 403 for a Host header that is
@@ -116,6 +117,46 @@ def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path, proces
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: {resumed.value}"
     assert not marker.exists()
+
+
+def _planted_refusal(path: Path, load, marker: Path) -> str:
+    """Plant an object that creates `marker` when unpickled into the dict saved at `path`, show the full unpickler
+    would run it, then call `load()`: it must raise a one-line ConfigError naming `path`, and run nothing."""
+    payload = torch.load(path, weights_only=True)
+    control = marker.with_name(marker.name + "-control")
+    payload["planted"] = _RunsCode(f"open({str(control)!r}, 'w').write('pwned')")
+    torch.save(payload, control.with_suffix(".pt"))
+    torch.load(control.with_suffix(".pt"), weights_only=False)
+    assert control.read_text() == "pwned"  # the planted object is real: the full unpickler runs its code
+    payload["planted"] = _RunsCode(f"open({str(marker)!r}, 'w').write('pwned')")
+    torch.save(payload, path)
+    with pytest.raises(ConfigError) as e:
+        load()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: refused: it holds a pickled Python object (exec)"), msg
+    assert "could run code" in msg and "weights_only=False" not in msg  # never torch's advice to load it unsafely
+    assert not marker.exists()
+    return msg
+
+
+def test_a_fit_checkpoint_or_model_file_carrying_code_is_refused_and_runs_nothing(tmp_path, speech_clips):
+    """The other two files fewsound writes with torch.save: a packed fit's checkpoint (what a sweep's trial resumes
+    from, in the shared storage) and a FewSound model file (what evaluate/reconstruct --model read)."""
+    from fewsound.fit import CHECKPOINT_NAME, FitConfig, fit
+    from fewsound.hyper import load_model, save_model
+
+    x = speech_clips[0].load(sr=22_050)[4096 : 4096 + 2048]
+    cfg = FitConfig(family="kan", steps=2, checkpoint_every=1)
+    fit(cfg, x, checkpoint_dir=tmp_path / "fit")
+    msg = _planted_refusal(
+        tmp_path / "fit" / CHECKPOINT_NAME, lambda: fit(cfg, x, checkpoint_dir=tmp_path / "fit"), tmp_path / "ran"
+    )
+    assert "fit checkpoints hold only tensors and plain data" in msg
+
+    model_file = save_model(tmp_path / "model.pt", build_model(_tiny().model, verbose=False))
+    assert load_model(model_file).config == _tiny().model  # the file as written loads
+    msg = _planted_refusal(model_file, lambda: load_model(model_file), tmp_path / "ran-model")
+    assert "model files hold only tensors and plain data" in msg
 
 
 def test_checkpoints_are_plain_data_and_round_trip_exactly(tmp_path):

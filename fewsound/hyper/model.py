@@ -30,6 +30,7 @@ from fewsound.errors import ConfigError
 from fewsound.hyper.config import HyperConfig
 from fewsound.hyper.encoders import build_encoder
 from fewsound.inr import build_inr, coordinates
+from fewsound.safe_load import load_weights_only
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
@@ -340,10 +341,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", *, ve
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "no such model file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
-        raise ConfigError(path, f"not a readable fewsound model checkpoint ({type(e).__name__})") from e
+    payload = load_weights_only(
+        path, map_location, what="model file", unreadable="not a readable fewsound model checkpoint"
+    )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConfigError(path, f"not a fewsound model checkpoint (no '{FORMAT}' format tag)")
     cfg = from_dict(HyperConfig, payload["config"])

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import pickle
-import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import torch
 
 from fewsound.config import to_dict
 from fewsound.errors import ConfigError
+from fewsound.safe_load import load_weights_only
 from fewsound.train.config import TrainConfig, train_config_from_dict
 from fewsound.train.step import unwrap
 
@@ -106,19 +105,7 @@ def load_state_file(path: Path, map_location: torch.device | str = "cpu") -> dic
     never an object whose unpickling would run code. ConfigError (one line, naming the file) for a file that
     holds anything else or is unreadable. Checkpoints of every fewsound release load (they always held only
     tensors and plain data; the "format" tag is new)."""
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"a pickled Python object ({found.group(1)})" if found else "a pickled Python object"
-        raise ConfigError(
-            path,
-            f"refused: it holds {what}, which could run code when loaded; fewsound's training checkpoints hold "
-            "only tensors and plain data, so this file was not written by fewsound or was altered",
-        ) from None
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file is the user's input
-        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        raise ConfigError(path, f"unreadable training checkpoint ({why})") from None
+    payload = load_weights_only(path, map_location, what="training checkpoint")
     if not isinstance(payload, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= payload.keys():
         raise ConfigError(path, "not a fewsound training checkpoint (no model/optimizer/scheduler/epoch)")
     if payload.get("format", STATE_FORMAT) != STATE_FORMAT:
