@@ -12,7 +12,10 @@ import os
 import pytest
 from sweep_jobs import job
 
-from tune.search.heldout import recording
+from fewsound.search_space import start_point
+from tune.search.heldout import configurations, recording, validation_tasks
+from tune.search.results import SearchSummary
+from tune.search.study import START_KEY
 from tune.spine import FIT_KEY_TAG, SWEEP_TAG
 
 ARGV = [
@@ -88,3 +91,40 @@ def test_bad_validation_options_are_a_one_line_error_before_any_fit(home, capsys
     assert job("search_inr").main(["--smoke-test", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and where in err[0]
+
+
+def _row(number: int, params: dict, objective: float, start: str | None = None, outcome: str = "finished") -> dict:
+    """A search's trial row as tune.search.results makes them (the fields the held-out validation reads)."""
+    return {"number": number, "params": params, "objective": objective, START_KEY: start, "outcome": outcome}
+
+
+def test_every_start_point_and_the_top_k_are_refitted_once_each_at_the_validation_steps_and_length(speech_clips):
+    """What validate_search refits: the start points (the paper's first, a --start-from point too), then the K best
+    trials that are not start points by the objective (a trial stopped by ASHA is not one of them); a trial that
+    is the paper's configuration under another name is refitted once; every refit runs the validation's steps on
+    the validation's length, with the search's seed, on every held-out clip."""
+    paper, mine = start_point("kan"), start_point("kan", {"grid_size": 16})
+    other, third = start_point("kan", {"grid_size": 12}), start_point("kan", {"spline_order": 2})
+    rows = [
+        _row(0, mine, 1.80, "grid16"),
+        _row(1, paper, 1.70, "paper"),
+        _row(2, other, 2.10),
+        _row(3, dict(paper), 2.05),  # TPE suggested the paper's configuration again
+        _row(4, third, 2.00),
+        _row(5, start_point("kan", {"grid_size": 20}), 2.50, outcome="stopped"),
+    ]
+    summary = SearchSummary(
+        "e", "p", "http://127.0.0.1:1", "max", 6, 5, 1, 0, 0, 0, best=rows[2], starts=[rows[1], rows[0]],
+        comparison_markdown="", seconds=0.0,
+    )  # fmt: skip
+    configs, winner = configurations(summary, rows, 2, ("kan",))
+    assert [label for label, _ in configs] == ["paper config", "grid16", "best (trial 2)", "#2 (trial 3)"]
+    assert winner == "best (trial 2)" and configs[2][1] == other
+    assert configurations(summary, rows, 0, ("kan",))[0] == configs[:2]  # --validate-top 0: the start points
+
+    clips = speech_clips[:3]
+    tasks, same = validation_tasks(configs, clips, 32_768, 10_000, 7)
+    assert same == {"#2 (trial 3)": "paper config"}
+    assert [(t.label, t.clip_id) for t in tasks] == [(n, c.clip_id) for n, _ in configs[:3] for c in clips]
+    assert {(t.cfg.steps, t.cfg.seed, t.length) for t in tasks} == {(10_000, 7, 32_768)}
+    assert tasks[0].cfg.inr["grid_size"] != tasks[3].cfg.inr["grid_size"] == 16  # each label its own configuration
