@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from support import free_port  # tests/support.py
@@ -24,6 +26,25 @@ def test_server_is_reused_and_backed_by_sqlite(server):
     assert uri.startswith("http://127.0.0.1:")
     assert tracking.start_local_server(home=home) == uri  # second job: same server, no new process
     assert (home / "mlflow.db").exists()
+
+
+def test_the_embedded_server_listens_on_loopback_only_and_wants_no_login(server):
+    """The laptop's server (issue 26): bound to 127.0.0.1 only, so no other address of the machine reaches it (not
+    0.0.0.0, not ::), and answered without a login (no authentication app)."""
+    import urllib.request
+
+    _, uri = server
+    port = int(uri.rsplit(":", 1)[1])
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # Linux's socket tables: local address, state (0A: LISTEN)
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:
+                listening.add(address)
+    assert listening == {"0100007F"}, listening  # 127.0.0.1, in the table's little-endian hex
+    with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30) as r:
+        assert r.status == 200  # no Authorization header sent
 
 
 def test_parent_child_runs_with_params_metrics_artifacts(server, tmp_path):
