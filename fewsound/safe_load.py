@@ -20,8 +20,9 @@ import torch
 
 from fewsound.errors import ConfigError
 
-# torch's weights-only unpickler says this first when it refuses what the file holds (a global it does not allow)
+# torch's weights-only unpickler says this first when it refuses what a file holds, then the reason after _DETAIL
 _REFUSED = "Weights only load failed"
+_DETAIL = "WeightsUnpickler error:"
 
 
 def load_weights_only(
@@ -34,18 +35,21 @@ def load_weights_only(
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if _REFUSED not in str(e):
-            raise ConfigError(path, f"{unreadable} (UnpicklingError: {_first_line(e)})") from None
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        obj = f"a pickled Python object ({found.group(1)})" if found else "a pickled Python object"
+        # torch's weights-only unpickler refuses a global (a class or function to call: what runs code) by name;
+        # anything else it refuses (an opcode it does not know: a foreign or garbled file) is an unreadable file
+        detail = str(e).split(_DETAIL, 1)[-1].strip()
+        found = re.search(r"GLOBAL ([\w.]+)", detail) if _REFUSED in str(e) else None
+        if found is None:
+            raise ConfigError(path, f"{unreadable} (UnpicklingError: {_first_line(detail)})") from None
         raise ConfigError(
             path,
-            f"refused: it holds {obj}, which could run code when loaded; fewsound's {what}s hold only tensors and "
-            "plain data, so this file was not written by fewsound or was altered",
+            f"refused: it holds a pickled Python object ({found.group(1)}), which could run code when loaded; "
+            f"fewsound's {what}s hold only tensors and plain data, so this file was not written by fewsound or was "
+            "altered",
         ) from None
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file is the user's input
         raise ConfigError(path, f"{unreadable} ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
+def _first_line(text: object) -> str:
+    return (str(text).strip().splitlines() or [""])[0]

@@ -152,6 +152,13 @@ def test_a_fit_checkpoint_or_model_file_carrying_code_is_refused_and_runs_nothin
         tmp_path / "fit" / CHECKPOINT_NAME, lambda: fit(cfg, x, checkpoint_dir=tmp_path / "fit"), tmp_path / "ran"
     )
     assert "fit checkpoints hold only tensors and plain data" in msg
+    (tmp_path / "fit" / CHECKPOINT_NAME).write_bytes(b"not a checkpoint at all")  # garbage is no pickled object
+    with pytest.raises(ConfigError) as e:
+        fit(cfg, x, checkpoint_dir=tmp_path / "fit")
+    garbage = str(e.value)
+    assert (
+        garbage.startswith(f"{tmp_path / 'fit' / CHECKPOINT_NAME}: unreadable fit checkpoint (") and "\n" not in garbage
+    )
 
     model_file = save_model(tmp_path / "model.pt", build_model(_tiny().model, verbose=False))
     assert load_model(model_file).config == _tiny().model  # the file as written loads
