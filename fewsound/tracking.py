@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
-from fewsound.errors import ConfigError
+from fewsound.errors import ConfigError, TrackingError
 from fewsound.storage import default_home
 
 DEFAULT_PORT = 5000
@@ -407,9 +407,26 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+# What MLflow's REST client calls a 401 and a 403 (MlflowException.error_code).
+REFUSED_CODES = {"UNAUTHENTICATED": "wants a login", "PERMISSION_DENIED": "refused this login"}
+
+
 def get_or_create_experiment(client: Any, name: str) -> str:
-    """The id of experiment `name`, created if missing, marked as a model-training experiment (see above)."""
-    exp = client.get_experiment_by_name(name)
+    """The id of experiment `name`, created if missing, marked as a model-training experiment (see above).
+    A server that wants a login (or refuses the one given) is a one-line TrackingError: every driver opens its
+    experiment here first, before any work starts."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        exp = client.get_experiment_by_name(name)
+    except MlflowException as e:
+        if e.error_code not in REFUSED_CODES:
+            raise
+        raise TrackingError(
+            client.tracking_uri,
+            f"the tracking server {REFUSED_CODES[e.error_code]}: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD, or put them in ~/.mlflow/credentials (README: From laptop to cluster)",
+        ) from None
     if exp is None:
         try:
             return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})

@@ -308,6 +308,14 @@ def test_the_cluster_server_wants_a_login_answers_only_its_hosts_and_a_job_logs_
         # a real job on a node: its MLflow client reads the login from ~/.mlflow/credentials, nothing else (one
         # clip: a parent run and its two child runs say as much as the smoke test's six)
         job_env = dict(env, HOME=str(node), MLFLOW_TRACKING_URI=uri, FEWSOUND_HOME=str(node / ".fewsound"))
+        # a job on a machine without the login: one line that says so, before any work (no fit, no traceback)
+        stranger = dict(job_env, HOME=str(tmp_path / "stranger"))
+        cmd = [sys.executable, "jobs/fit_inrs.py", "--smoke-test", "--clips", "1", "--experiment", "secure-smoke"]
+        refused = subprocess.run(cmd, cwd=REPO, env=stranger, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-3000:]
+        assert "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert f"{uri}: the tracking server wants a login" in refused.stderr, refused.stderr[-3000:]
+        assert not (node / ".fewsound" / "records").exists()  # nothing fitted
         job = subprocess.run(
             [sys.executable, "jobs/fit_inrs.py", "--smoke-test", "--clips", "1", "--experiment", "secure-smoke"],
             cwd=REPO,
