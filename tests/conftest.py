@@ -11,7 +11,8 @@ explicit `@pytest.mark.system` / `@pytest.mark.integration`):
 
 Two session-wide homes (each a FEWSOUND_HOME with its own MLflow server on a free port, its prepared corpus):
 `home` for the sweep-job modules (test_ablation, test_search, test_report_job, test_listen_browser), `env` for the
-sweep-engine modules (test_sweep, test_sweep_gpu, test_sweep_resume), so servers, corpora and Ray start once."""
+sweep-engine modules (test_sweep, test_sweep_gpu, test_sweep_resume), so servers, corpora and Ray start once (once per
+worker process under `pytest -n 2`, which keeps a module in one worker: `--dist loadfile`)."""
 
 from __future__ import annotations
 

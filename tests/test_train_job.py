@@ -82,6 +82,7 @@ def test_ddp_step_equals_single_process_step_on_the_whole_batch(tmp_path, speech
     batch = peak_normalize_batch(np.stack([c.load()[11_025 : 11_025 + CLIP] for c in speech_clips[:4]]))
     np.save(tmp_path / "batch.npy", batch)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    ray.shutdown()  # a local Ray an earlier module of this process left (its order differs under pytest -n)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         TorchTrainer(
