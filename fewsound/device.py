@@ -36,6 +36,8 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
+from fewsound.errors import ConfigError
+
 T = TypeVar("T")
 
 # Bytes autograd keeps per clip and per sample for one training step of each family at its default (Table 1)
@@ -166,6 +168,18 @@ def set_numerics() -> None:
     torch.set_float32_matmul_precision("highest")  # also sets torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto": CUDA when present, else the CPU; else `device` itself. Sets fewsound's numerics (no TF32: set_numerics
+    above) for whatever runs on it. A device torch does not know is a one-line ConfigError."""
+    set_numerics()
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError("device", str(e)) from None
 
 
 def _load_table(path: Path = CLIP_MEMORY_RESULT) -> dict[str, float]:

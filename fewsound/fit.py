@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from fewsound.config import cfg_hash, to_dict
-from fewsound.device import cuda_clips_per_chunk, release_cached_memory, set_numerics, split_on_oom
+from fewsound.device import cuda_clips_per_chunk, release_cached_memory, resolve_device, split_on_oom
 from fewsound.errors import AudioError, ConfigError
 from fewsound.losses import RESOLUTIONS, ReconstructionLoss
 from fewsound.safe_load import load_weights_only
@@ -204,18 +204,6 @@ class FitResult:
             "cost/steps_per_s": self.steps_per_s,
             "model/params": float(self.num_params),
         }
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto": CUDA when present, else the CPU; else `device` itself. Sets fewsound's numerics (no TF32, see
-    fewsound.device.set_numerics) for whatever runs on it."""
-    set_numerics()
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError("device", str(e)) from None
 
 
 # On the CPU a pack's forward/backward runs in chunks of about this many samples (clips * N): one 1.5 s clip.

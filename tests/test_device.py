@@ -162,7 +162,7 @@ def test_a_single_clip_that_does_not_fit_fails_the_fit(speech_clips):
 
 
 def test_resolving_a_device_sets_full_float32_numerics():
-    from fewsound.fit import resolve_device
+    from fewsound.device import resolve_device
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -225,7 +225,7 @@ def test_a_ray_task_given_no_gpu_sees_none(monkeypatch):
     from tune.ray_env import cpu_means_cpu
 
     def probe(hide: bool) -> tuple[str | None, str, str]:
-        from fewsound.fit import resolve_device
+        from fewsound.device import resolve_device
         from fewsound.metrics.cdpam import default_device
 
         if hide:

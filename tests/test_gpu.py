@@ -47,7 +47,7 @@ def speech(speech_clips, n: int, length: int) -> np.ndarray:
 
 
 def test_auto_means_cuda_with_full_float32_numerics_and_cdpam_on_the_gpu():
-    from fewsound.fit import resolve_device
+    from fewsound.device import resolve_device
     from fewsound.metrics.cdpam import default_device
 
     assert resolve_device("auto").type == "cuda" and default_device() == "cuda"

@@ -154,7 +154,7 @@ def test_a_resume_continues_bitwise_for_several_steps(tmp_path, speech_clips):
 
 
 def test_training_runs_at_full_float32_numerics(speech_clips):
-    """The training loop (and Ray Train's workers, through the same fewsound.fit.resolve_device) sets fewsound's
+    """The training loop (and Ray Train's workers, through the same fewsound.device.resolve_device) sets fewsound's
     numerics: the encoders' convolutions and the matmuls in full float32 on a GPU, whatever the process had set."""
     from test_device import full_float32, tf32_on
 

@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fewsound.data.audio import load_audio, save_audio
+    from fewsound.device import resolve_device
     from fewsound.errors import ConfigError
-    from fewsound.fit import resolve_device
     from fewsound.hyper import load_model, reconstruct_long
 
     device = resolve_device(args.device or "auto")  # CUDA when present; fewsound's numerics (no TF32)

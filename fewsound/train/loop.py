@@ -37,7 +37,7 @@ def train(
     Returns (model, per-epoch stats, validation summaries). `on_epoch(stats, summary_or_None)` is called after
     every epoch. `device`: a torch device, or "auto" (CUDA when present); runs at fewsound's numerics (no TF32).
     """
-    from fewsound.fit import resolve_device
+    from fewsound.device import resolve_device
     from fewsound.hyper import build_model
 
     device = resolve_device(device)  # also fewsound's numerics (no TF32: fewsound.device.set_numerics)

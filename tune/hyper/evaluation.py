@@ -59,7 +59,7 @@ def evaluate_run(run_id: str, tracking: str, corpus: str, *, label: str, **optio
     import ray
     import torch
 
-    from fewsound.fit import resolve_device
+    from fewsound.device import resolve_device
     from fewsound.hyper.trained import load_trained
     from tune.ray_env import cpu_means_cpu
 

@@ -171,7 +171,7 @@ def _start_worker(config: dict[str, Any]) -> _Worker:
     import ray.train.torch
     import torch
 
-    from fewsound.fit import resolve_device
+    from fewsound.device import resolve_device
     from fewsound.hyper import build_model
     from fewsound.tracking import MlflowRun, NullLogger
     from fewsound.train import load_training_state, make_optimizer, torch_threads, train_config_from_dict

@@ -244,8 +244,7 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     import ray.tune
     import torch
 
-    from fewsound.device import claim_gpu_share
-    from fewsound.fit import resolve_device
+    from fewsound.device import claim_gpu_share, resolve_device
     from tune.ray_env import cpu_means_cpu, quiet_exits
 
     cpu_means_cpu()  # before anything asks torch about CUDA: a trial given no GPU runs on the CPU
