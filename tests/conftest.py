@@ -86,6 +86,29 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    heaviest_files_first(items)
+
+
+# Under `pytest -n 2 --dist loadfile` each worker takes whole files in this order: the files with system tests first,
+# then integration, then unit files (seconds each), so that the last minutes share out small files instead of one
+# worker running a long system file while the other waits. Tests keep their order within a file (a stable sort).
+_FILE_ORDER = {"system": 0, "gpu": 1, "integration": 2, "unit": 3}
+
+
+def heaviest_files_first(items) -> None:
+    rank: dict[str, int] = {}
+    for item in items:
+        path = str(item.path)
+        rank[path] = min(rank.get(path, _FILE_ORDER["unit"]), _FILE_ORDER[item.stash[TIER]])
+    items.sort(key=lambda item: rank[str(item.path)])
+
+
+def pytest_configure(config):
+    # pytest-xdist's loadfile scheduler would hand out the files with the most tests first (--loadscope-reorder,
+    # its default): the unit files, leaving the long system files with few tests for the end. Keep the order
+    # pytest_collection_modifyitems gives (heaviest_files_first).
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_report_header(config):
@@ -93,6 +116,18 @@ def pytest_report_header(config):
 
 
 TIER = pytest.StashKey[str]()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_outlives_its_module():
+    """A local Ray that a module's tests started in this process (a job's main(), run_sweep) is shut down when the
+    module ends: an idle Ray costs several percent of a core, and the next modules would run beside it."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 class _NoProcesses:

@@ -66,18 +66,14 @@ def test_quarter_gpu_trials_run_four_at_a_time_on_one_logical_gpu(corpus):
     assert len({t["pid"] for t in s.packs}) == 4  # four reused actors
 
 
-def test_without_gpus_the_same_sweep_asks_for_cpus_only(corpus):
+def test_without_gpus_the_same_sweep_asks_for_cpus_only_and_its_trials_hide_the_nodes_gpus(corpus, monkeypatch):
+    """On a Ray without GPUs the same sweep asks for CPUs only. Ray leaves CUDA_VISIBLE_DEVICES alone in a 0-GPU
+    worker: a Ray started where it lists two devices would let every CPU trial see them (and put its fits on
+    cuda:0). The trial hides them (tune.ray_env.cpu_means_cpu). One sweep shows both."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the environment the local Ray and its workers start in
     s = sweep(corpus, seed=2, experiment="test-gpu", num_cpus=2)
     assert s.resources == {"cpu": 1}
     assert (s.done, s.failed) == (8, 0)
     assert all("assigned_GPU" not in t and t["assigned_CPU"] == 1.0 and t["torch_threads"] == 1 for t in s.packs)
     assert max_overlap(s.packs) <= 2
-
-
-def test_a_trial_given_no_gpu_hides_the_gpus_of_its_node(corpus, monkeypatch):
-    """Ray leaves CUDA_VISIBLE_DEVICES alone in a 0-GPU worker: a Ray started where it lists two devices would let
-    every CPU trial see them (and put its fits on cuda:0). The trial hides them (tune.ray_env.cpu_means_cpu)."""
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the environment the local Ray and its workers start in
-    s = sweep(corpus, seed=3, experiment="test-gpu", num_cpus=2)
-    assert s.resources == {"cpu": 1} and (s.done, s.failed) == (8, 0)
     assert {(t["device"], t["cuda_visible_devices"]) for t in s.packs} == {("cpu", "")}

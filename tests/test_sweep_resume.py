@@ -1,6 +1,7 @@
-"""Resume: SIGKILL the job's driver mid-sweep, run the same command again, and every fit ends with exactly one
-FINISHED run; the fits finished (or only recorded, fewsound.records) before the kill are not redone. The job runs
-as a subprocess, as a user runs it (its own local Ray, the shared MLflow server of the test session)."""
+"""Resume: SIGTERM the job's driver mid-sweep, then SIGKILL it mid-sweep, run the same command again, and every fit
+ends with exactly one FINISHED run; the fits finished (or only recorded, fewsound.records) before a stop are not
+redone. The job runs as a subprocess, as a user runs it (its own local Ray, the shared MLflow server of the test
+session)."""
 
 from __future__ import annotations
 
@@ -63,74 +64,15 @@ def _is_agent(p: psutil.Process) -> bool:
         return False
 
 
-def test_sigkill_mid_sweep_then_rerun_finishes_every_fit_exactly_once(job_env, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    environ, uri = job_env
-    client = MlflowClient(tracking_uri=uri)
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(CMD, cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT)
+def _sigterm_mid_sweep(environ: dict, client) -> dict[str, str]:
+    """Run the sweep, refuse a second driver of it, SIGTERM the first once a fit finished: the trials stop, the
+    driver ends within seconds with one line and exit code 143, nothing is recorded FAILED, no run stays RUNNING.
+    Returns the FINISHED runs (run id -> fit key)."""
+    proc = subprocess.Popen(CMD, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
-    try:
-        while not finished(client):  # kill as soon as one fit is FINISHED (6 fits, 1 per trial, 2 at a time)
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()
-            assert time.monotonic() < deadline, "no fit finished within 10 minutes"
-            time.sleep(0.2)
-        family = psutil.Process(proc.pid).children(recursive=True)  # its local Ray: GCS, raylet, workers
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    # Ray's processes share the driver's fate: wait until the ones that run trials are gone, so none logs anything
-    # afterwards (Ray's dashboard and runtime-env agents may linger: they are ended here, by pid)
-    workers = [p for p in family if not _is_agent(p)]
-    _, alive = psutil.wait_procs(workers, timeout=60)
-    assert not alive, [(p.pid, p.name()) for p in alive]
-    for p in family:
-        if p.is_running() and _is_agent(p):
-            p.kill()
-    before = finished(client)
-    assert 1 <= len(before) < 6, f"{len(before)} fits finished before the kill: not mid-sweep"
-    records = recorded(environ)  # every FINISHED run's fit, and maybe a fit computed but not logged yet
-    assert set(before.values()) <= set(records)
-
-    again = subprocess.run(CMD, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stdout + again.stderr
-    n = len(records)
-    assert f"6 fits: {n} already finished, {6 - n} to run" in again.stdout
-    assert f"6 fits: {6 - n} done now, {n} already finished, 0 failed" in again.stdout
-    assert {k: v for k, v in recorded(environ).items() if k in records} == records  # none computed again
-
-    after = finished(client)
-    keys = list(after.values())
-    assert len(keys) == 6 and len(set(keys)) == 6  # every fit exactly one FINISHED run
-    assert set(before) <= set(after)  # the runs finished before the kill are the ones that count: not redone
-    parent, kids = children(client, EXPERIMENT)  # the re-run reopened the same parent run
-    assert parent.info.status == "FINISHED"
-    assert not [r for r in kids if r.info.status == "RUNNING"]  # a fit in flight at the kill was marked KILLED
-
-
-@pytest.mark.system
-def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_it(job_env, tmp_path):
-    """A second driver of the running sweep is refused. SIGTERM (a scheduler, `kill`): the trials stop, the
-    driver ends within seconds with one line and exit code 143, nothing is recorded FAILED, no run stays
-    RUNNING; the same command then fits only what was left."""
-    from mlflow.tracking import MlflowClient
-
-    environ, uri = job_env
-    client = MlflowClient(tracking_uri=uri)
-    cmd = [*CMD[:-1], "test-stop"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-
-    def done() -> dict[str, str]:
-        exp = client.get_experiment_by_name("test-stop")
-        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else []
-        return {r.info.run_id: r.data.tags[FIT_KEY_TAG] for r in runs if FIT_KEY_TAG in r.data.tags}
 
     def parent_open() -> bool:  # the driver opens the sweep's parent run once it holds the sweep's lease
-        exp = client.get_experiment_by_name("test-stop")
+        exp = client.get_experiment_by_name(EXPERIMENT)
         return bool(exp and client.search_runs([exp.experiment_id], "tags.`fewsound.role` = 'parent'"))
 
     def wait_for(event, what: str) -> None:
@@ -145,8 +87,8 @@ def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_i
         # a second terminal running the same command meanwhile is refused: no fit is computed twice. It starts
         # (a fresh interpreter: seconds of imports) while the first fits, not after its first fit: the first must
         # still be fitting when the SIGTERM comes
-        second = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(done, "no fit finished")
+        second = subprocess.Popen(CMD, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: finished(client), "no fit finished")
         second_out, second_err = second.communicate(timeout=300)
         assert second.returncode == 2, second_out + second_err
         line = second_err.strip().splitlines()[-1]
@@ -166,18 +108,75 @@ def test_sigterm_stops_the_sweep_in_seconds_with_one_line_and_a_rerun_finishes_i
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped by SIGTERM: ") and "re-run the same command" in last, err
     assert "Traceback" not in out + err  # nor the trials' (Ray ends their actors with SIGTERM: tune.ray_env)
-    before = done()
-    parent, kids = children(client, "test-stop")
+    parent, kids = children(client, EXPERIMENT)
     assert parent.info.status == "KILLED"
     assert {r.info.status for r in kids} <= {"FINISHED", "KILLED"}, [(r.info.run_name, r.info.status) for r in kids]
+    return finished(client)
 
-    again = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
+
+def _sigkill_mid_sweep(environ: dict, client, log_path: Path, already: dict[str, str]) -> dict[str, str]:
+    """Run the sweep again and SIGKILL its driver as soon as one more fit is FINISHED; wait until the Ray processes
+    that run trials are gone. Returns the FINISHED runs."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(CMD, cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    try:
+        while len(finished(client)) <= len(already):  # 6 fits, 1 per trial, 2 at a time
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "no fit finished within 10 minutes"
+            time.sleep(0.2)
+        family = psutil.Process(proc.pid).children(recursive=True)  # its local Ray: GCS, raylet, workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Ray's processes share the driver's fate: wait until the ones that run trials are gone, so none logs anything
+    # afterwards (Ray's dashboard and runtime-env agents may linger: they are ended here, by pid)
+    workers = [p for p in family if not _is_agent(p)]
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, [(p.pid, p.name()) for p in alive]
+    for p in family:
+        if p.is_running() and _is_agent(p):
+            p.kill()
+    return finished(client)
+
+
+@pytest.mark.system
+def test_sigterm_then_sigkill_mid_sweep_then_a_rerun_finishes_every_fit_exactly_once(job_env, tmp_path):
+    """One sweep stopped twice, as a scheduler (SIGTERM) and the OOM killer or a lost node (SIGKILL of the driver)
+    stop it, then finished by the same command: after the SIGTERM the command fits only what was left; every fit
+    ends with exactly one FINISHED run, and the fits finished (or only recorded, fewsound.records) before the kill
+    are not redone."""
+    from mlflow.tracking import MlflowClient
+
+    environ, uri = job_env
+    client = MlflowClient(tracking_uri=uri)
+    stopped = _sigterm_mid_sweep(environ, client)
+
+    before = _sigkill_mid_sweep(environ, client, tmp_path / "killed.log", stopped)
+    killed_log = (tmp_path / "killed.log").read_text()
+    # the run after the SIGTERM fitted only what was left (and a fit in flight at the SIGTERM is fitted again)
+    assert f"6 fits: {len(stopped)} already finished, {6 - len(stopped)} to run" in killed_log, killed_log[-3000:]
+    assert set(stopped) <= set(before)
+    assert len(stopped) < len(before) < 6, f"{len(before)} fits finished before the kill: not mid-sweep"
+    records = recorded(environ)  # every FINISHED run's fit, and maybe a fit computed but not logged yet
+    assert set(before.values()) <= set(records)
+
+    again = subprocess.run(CMD, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"6 fits: {6 - len(before)} done now, {len(before)} already finished, 0 failed" in again.stdout
-    after = done()
-    assert sorted(after.values()) == sorted(set(after.values())) and len(after) == 6
-    assert set(before) <= set(after)
-    assert children(client, "test-stop")[0].info.status == "FINISHED"
+    n = len(records)
+    assert f"6 fits: {n} already finished, {6 - n} to run" in again.stdout
+    assert f"6 fits: {6 - n} done now, {n} already finished, 0 failed" in again.stdout
+    assert {k: v for k, v in recorded(environ).items() if k in records} == records  # none computed again
+
+    after = finished(client)
+    keys = list(after.values())
+    assert len(keys) == 6 and len(set(keys)) == 6  # every fit exactly one FINISHED run
+    assert set(before) <= set(after)  # the runs finished before the kill are the ones that count: not redone
+    parent, kids = children(client, EXPERIMENT)  # the re-runs reopened the same parent run
+    assert parent.info.status == "FINISHED"
+    assert not [r for r in kids if r.info.status == "RUNNING"]  # a fit in flight at the kill was marked KILLED
 
 
 def test_stop_on_signal_turns_signals_into_a_flag_and_restores_the_handlers():
