@@ -66,6 +66,25 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def _serves(pid: int | None, uri: str) -> bool:
+    """Whether process `pid` (an `mlflow server`) or one of its children (gunicorn) listens on `uri`'s port. Two
+    homes may start a server on the default port at once: the one that lost the port must not take the other's
+    answers for its own."""
+    import psutil
+
+    port = int(uri.rsplit(":", 1)[1])
+    try:
+        root = psutil.Process(pid) if pid else None
+        family = [root, *root.children(recursive=True)] if root else []
+    except psutil.Error:
+        return False
+    for proc in family:
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections("tcp")):
+                return True
+    return False
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -86,7 +105,7 @@ def start_local_server(home: Path | None = None, port: int | None = None, timeou
             uri = json.loads(state.read_text())["uri"]
         except (ValueError, KeyError):
             uri = None
-        if uri and _healthy(uri):
+        if uri and _healthy(uri) and _serves(json.loads(state.read_text()).get("pid"), uri):
             return uri
     fixed = port is not None
     if port is not None and not _port_free(port):
@@ -101,14 +120,14 @@ def start_local_server(home: Path | None = None, port: int | None = None, timeou
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 break
-            if _healthy(uri):
+            if _healthy(uri) and _serves(proc.pid, uri):  # not another home's server that took the port first
                 state.write_text(json.dumps({"uri": uri, "pid": proc.pid, "home": str(home)}))
                 return uri
             time.sleep(0.5)
         else:
             proc.terminate()
             raise ConfigError(home / "server.log", f"the MLflow server did not answer on {uri} within {timeout:.0f} s")
-        lost_port = "address already in use" in (home / "server.log").read_text(errors="replace")[-2000:]
+        lost_port = "address already in use" in (home / "server.log").read_text(errors="replace")[-2000:].lower()
         if fixed or not lost_port:
             break
     raise ConfigError(home / "server.log", f"the MLflow server exited with code {proc.returncode}; see the log")

@@ -20,10 +20,16 @@ from test_sweep import REPO, children  # tests/ is on sys.path (rootdir-relative
 from tune.spine import FIT_KEY_TAG
 
 EXPERIMENT = "test-resume"
+# 5 clips x 2 families: fits enough that the sweep is still mid-way at both stops (the SIGTERM comes once a second
+# driver has been refused, and fits go on meanwhile)
+CLIPS = 5
+FITS = 2 * CLIPS
 CMD = [
     sys.executable,
     str(REPO / "jobs" / "fit_inrs.py"),
     "--smoke-test",
+    "--clips",
+    str(CLIPS),
     "--pack-size",
     "1",
     "--listen-clips",
@@ -121,7 +127,7 @@ def _sigkill_mid_sweep(environ: dict, client, log_path: Path, already: dict[str,
         proc = subprocess.Popen(CMD, cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     try:
-        while len(finished(client)) <= len(already):  # 6 fits, 1 per trial, 2 at a time
+        while len(finished(client)) <= len(already):  # 1 fit per trial, 2 trials at a time
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "no fit finished within 10 minutes"
             time.sleep(0.2)
@@ -157,22 +163,24 @@ def test_sigterm_then_sigkill_mid_sweep_then_a_rerun_finishes_every_fit_exactly_
     before = _sigkill_mid_sweep(environ, client, tmp_path / "killed.log", stopped)
     killed_log = (tmp_path / "killed.log").read_text()
     # the run after the SIGTERM fitted only what was left (and a fit in flight at the SIGTERM is fitted again)
-    assert f"6 fits: {len(stopped)} already finished, {6 - len(stopped)} to run" in killed_log, killed_log[-3000:]
+    assert f"{FITS} fits: {len(stopped)} already finished, {FITS - len(stopped)} to run" in killed_log, killed_log[
+        -3000:
+    ]
     assert set(stopped) <= set(before)
-    assert len(stopped) < len(before) < 6, f"{len(before)} fits finished before the kill: not mid-sweep"
+    assert len(stopped) < len(before) < FITS, f"{len(before)} fits finished before the kill: not mid-sweep"
     records = recorded(environ)  # every FINISHED run's fit, and maybe a fit computed but not logged yet
     assert set(before.values()) <= set(records)
 
     again = subprocess.run(CMD, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     n = len(records)
-    assert f"6 fits: {n} already finished, {6 - n} to run" in again.stdout
-    assert f"6 fits: {6 - n} done now, {n} already finished, 0 failed" in again.stdout
+    assert f"{FITS} fits: {n} already finished, {FITS - n} to run" in again.stdout
+    assert f"{FITS} fits: {FITS - n} done now, {n} already finished, 0 failed" in again.stdout
     assert {k: v for k, v in recorded(environ).items() if k in records} == records  # none computed again
 
     after = finished(client)
     keys = list(after.values())
-    assert len(keys) == 6 and len(set(keys)) == 6  # every fit exactly one FINISHED run
+    assert len(keys) == FITS and len(set(keys)) == FITS  # every fit exactly one FINISHED run
     assert set(before) <= set(after)  # the runs finished before the kill are the ones that count: not redone
     parent, kids = children(client, EXPERIMENT)  # the re-runs reopened the same parent run
     assert parent.info.status == "FINISHED"

@@ -258,3 +258,40 @@ def test_mlflow_status_and_stop_commands(tmp_path, monkeypatch, capsys):
         urllib.request.urlopen(f"{uri}/health", timeout=2)
     assert cli("status")[0] == 1
     assert "no MLflow server was running" in cli("stop")[1]
+
+
+@pytest.mark.integration  # starts two embedded MLflow servers
+def test_two_homes_starting_servers_at_once_each_get_their_own(tmp_path):
+    """Both try the default port at the same moment; the one that loses it must not take the other's answers on
+    that port for its own server (its runs would land in the other home's store): it starts on a free port."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    homes = [tmp_path / "a", tmp_path / "b"]
+    uris: dict[Path, str] = {}
+    errors: list[BaseException] = []
+
+    def start(home: Path) -> None:
+        try:
+            uris[home] = tracking.start_local_server(home)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(h,)) for h in homes]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len(set(uris.values())) == 2, uris
+        for home in homes:  # each URI is served from its own home's store
+            MlflowClient(uris[home]).create_experiment(f"only-in-{home.name}")
+            assert tracking.start_local_server(home) == uris[home]
+        for home, other in (homes, homes[::-1]):
+            names = {e.name for e in MlflowClient(uris[home]).search_experiments()}
+            assert f"only-in-{home.name}" in names and f"only-in-{other.name}" not in names
+    finally:
+        for home in homes:
+            tracking.stop_local_server(home)
