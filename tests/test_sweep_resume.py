@@ -85,7 +85,7 @@ def _sigterm_mid_sweep(environ: dict, client) -> dict[str, str]:
         while not event():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, f"{what} within 10 minutes"
-            time.sleep(0.2)
+            time.sleep(0.5)  # each look is a search of the runs: the server works for it
 
     second = None
     try:
@@ -130,7 +130,7 @@ def _sigkill_mid_sweep(environ: dict, client, log_path: Path, already: dict[str,
         while len(finished(client)) <= len(already):  # 1 fit per trial, 2 trials at a time
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "no fit finished within 10 minutes"
-            time.sleep(0.2)
+            time.sleep(0.5)
         family = psutil.Process(proc.pid).children(recursive=True)  # its local Ray: GCS, raylet, workers
         proc.send_signal(signal.SIGKILL)
         proc.wait()
