@@ -283,6 +283,37 @@ def test_a_crashing_trial_is_retried_then_its_fits_are_failed_with_the_reason(ra
     )
 
 
+def test_every_worker_of_a_job_quiets_exits_from_its_start(ray_local):
+    """init_ray's setup hook runs in each worker before anything else (a trial actor that Ray ends with SIGTERM
+    before its trainable ran included): there a SystemExit raised in a finalizer prints nothing, and any other
+    exception raised there still prints."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def unraisables() -> tuple[bool, str, str]:  # a plain task: no trainable, no call to quiet_exits
+        import contextlib
+        import io
+        import sys
+
+        class Finalizer:
+            def __init__(self, exc: BaseException):
+                self.exc = exc
+
+            def __del__(self):
+                raise self.exc  # Python cannot raise from a finalizer: it goes to sys.unraisablehook
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            Finalizer(SystemExit(1))  # freed at once (reference counting): what Ray's SIGTERM handler raises
+            quiet = err.getvalue()
+            Finalizer(ValueError("a real error"))
+        return getattr(sys.unraisablehook, "fewsound_quiet_exits", False), quiet, err.getvalue()
+
+    hooked, quiet, loud = ray.get(unraisables.remote())
+    assert hooked and quiet == ""
+    assert "Exception ignored in" in loud and "ValueError: a real error" in loud, loud
+
+
 def test_packs_bundled_into_one_trial_report_one_by_one_and_a_crashing_pack_spares_the_others(ray_local, client, env):
     from tune.jobs import corpus_clips, resolve_corpus
     from tune.sweep import run_sweep

@@ -21,13 +21,13 @@ import contextlib
 import dataclasses
 import logging
 import os
-import sys
 
 import ray
 
 from fewsound.errors import ConfigError
 from fewsound.storage import storage_root
 from tune.spine import env_number
+from tune.worker_setup import WORKER_SETUP_HOOK, quiet_exits
 
 __all__ = [
     "GPU_FRACTIONS",
@@ -67,23 +67,6 @@ QUIET_ENV = {
 WORKER_ENV = ("MLFLOW_TRACKING_URI", *QUIET_ENV)
 
 
-def quiet_exits() -> None:
-    """In a trial's worker: Ray ends a reused actor with SIGTERM, whose handler raises SystemExit wherever the
-    worker happens to be. Landing in a finalizer (a WeakSet callback of a finished thread), Python prints it as
-    "Exception ignored in ... SystemExit" with a traceback, into the sweep's output. The process is exiting
-    anyway: such exits are not printed (sys.unraisablehook); every other unraisable exception still is."""
-    if getattr(sys.unraisablehook, "fewsound_quiet_exits", False):
-        return
-    default = sys.unraisablehook
-
-    def hook(unraisable: "sys.UnraisableHookArgs") -> None:
-        if not isinstance(unraisable.exc_value, (SystemExit, KeyboardInterrupt)):
-            default(unraisable)
-
-    hook.fewsound_quiet_exits = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
-
-
 def quiet_defaults() -> None:
     """Turn the libraries' chatter off unless the user set these variables (see QUIET_ENV)."""
     for k, v in QUIET_ENV.items():
@@ -108,12 +91,17 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     (address="local": never attach by accident to another Ray on the same machine). Returns the resources up now.
 
     Workers' output reaches the driver (log_to_driver): what a failing trial prints is in the terminal and in
-    `ray job logs`. num_cpus/num_gpus: of a local Ray started here (default: the machine's, at least 2 CPUs).
+    `ray job logs`. Every worker of the job runs tune.worker_setup's hook first (runtime_env's
+    worker_process_setup_hook). num_cpus/num_gpus: of a local Ray started here (default: the machine's, at least
+    2 CPUs).
     """
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         env_vars = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
-        kw = dict(runtime_env={"env_vars": env_vars} if env_vars else None, logging_level=logging.WARNING)
+        runtime_env: dict = {"worker_process_setup_hook": WORKER_SETUP_HOOK}  # from each worker's start
+        if env_vars:
+            runtime_env["env_vars"] = env_vars
+        kw = dict(runtime_env=runtime_env, logging_level=logging.WARNING)
         if address:
             ray.init(address=address, **kw)
         else:
