@@ -102,10 +102,11 @@ def start_local_server(home: Path | None = None, port: int | None = None, timeou
     state = home / "server.json"
     if state.exists():
         try:
-            uri = json.loads(state.read_text())["uri"]
-        except (ValueError, KeyError):
-            uri = None
-        if uri and _healthy(uri) and _serves(json.loads(state.read_text()).get("pid"), uri):
+            saved = json.loads(state.read_text())
+            uri, pid = saved["uri"], saved.get("pid")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            uri = pid = None
+        if uri and _healthy(uri) and _serves(pid, uri):
             return uri
     fixed = port is not None
     if port is not None and not _port_free(port):
